@@ -1,0 +1,212 @@
+"""The transformer: GPT-2 and LLaMA families side by side in one readable file.
+
+| part            | gpt2                          | llama                                 |
+|-----------------|-------------------------------|---------------------------------------|
+| position        | learned absolute embedding    | RoPE rotation of q and k              |
+| norm            | LayerNorm (with bias)         | RMSNorm                               |
+| MLP             | GELU (tanh approx), 4x        | SwiGLU: down(silu(gate(x)) * up(x))   |
+| K/V heads       | n_head                        | n_kv_head (grouped-query attention)   |
+| biases          | yes                           | no                                    |
+| output head     | tied to the token embedding   | tied or separate                      |
+
+`forward(tokens, cache=None, start_pos=0)` covers training (no cache), prefill (many tokens into an
+empty cache), decode (one token) and speculative verification (k tokens appended, later cropped).
+Shapes: B batch, T new tokens, S = start_pos + T visible positions, C n_embd, nh heads, hd head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight: LayerNorm without centring or bias (computed in fp32)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.family == "gpt2":
+        return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+    return RMSNorm(cfg.n_embd, cfg.norm_eps)
+
+
+# ----------------------------------------------------------------------------- RoPE (llama)
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotation speed of each of the head_dim/2 channel pairs: theta^(-2i/hd), optionally llama3-scaled."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    s = cfg.rope_scaling
+    if s is not None:
+        # Llama 3.1: slow channels (wavelength > old_ctx/low) are slowed by `factor`, fast ones
+        # (wavelength < old_ctx/high) are kept, and the band between is blended linearly.
+        old_ctx = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_ctx / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+        smooth = smooth.clamp(0.0, 1.0)  # 0: long wavelength (scale), 1: short wavelength (keep)
+        inv_freq = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
+    return inv_freq.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, nh, T, hd) by position. Layout: channel i pairs with channel i + hd/2
+    ("rotate half", as Hugging Face stores LLaMA weights; GGUF/Meta weights are permuted on import)."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, nh, T, hd/2) each
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.type_as(x)
+
+
+# ----------------------------------------------------------------------------- blocks
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, nh * hd, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, nkv * hd, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, nkv * hd, bias=cfg.bias)
+        self.o_proj = nn.Linear(nh * hd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rope, mask, cache: KVCache | None, start_pos: int):
+        cfg = self.cfg
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, start_pos)  # (B, nkv, S, hd), S = start_pos + T
+        if cfg.n_kv_head != cfg.n_head:  # GQA: each K/V head serves n_head/n_kv_head query heads
+            rep = cfg.n_head // cfg.n_kv_head
+            k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
+            v = v.repeat_interleave(rep, dim=1)
+        p_drop = self.dropout if self.training else 0.0
+        if cfg.attn_impl == "sdpa":
+            causal = mask is not None and mask.shape[0] == mask.shape[1]  # square = plain causal: fast path
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask,
+                                               dropout_p=p_drop, is_causal=causal)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(cfg.head_dim))  # (B, nh, T, S)
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            att = F.softmax(att.float(), dim=-1).type_as(q)
+            att = F.dropout(att, p_drop, self.training)
+            y = att @ v  # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
+        return F.dropout(self.o_proj(y), p_drop, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.family = cfg.family
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+        if cfg.family == "llama":
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        if self.family == "gpt2":
+            h = F.gelu(self.up_proj(x), approximate="tanh")
+        else:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # SwiGLU
+        return self.dropout(self.down_proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope, mask, cache, start_pos):
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, start_pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ----------------------------------------------------------------------------- the model
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        if cfg.family == "gpt2":
+            self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
+        else:
+            t = torch.arange(cfg.block_size, dtype=torch.float32)
+            angles = torch.outer(t, rope_inv_freq(cfg))  # (block_size, hd/2)
+            self.register_buffer("rope_cos", angles.cos(), persistent=False)
+            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() counts a tied matrix once
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) at positions start_pos..start_pos+T-1 -> logits (B, T, vocab), or
+        (B, 1, vocab) with last_only. Without a cache the model sees only `tokens` (start_pos
+        then just shifts the positions); with one, it also sees the cache's first start_pos positions."""
+        cfg = self.config
+        B, T = tokens.shape
+        end = start_pos + T
+        if end > cfg.block_size:
+            raise ValueError(f"sequence of {end} positions exceeds the model's context (block_size={cfg.block_size})")
+        x = self.tok_emb(tokens)  # (B, T, C)
+        rope = None
+        if cfg.family == "gpt2":
+            x = x + self.pos_emb(torch.arange(start_pos, end, device=tokens.device))
+        else:
+            rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])  # (T, hd/2) each
+        x = self.drop(x)
+        # Causal mask for the cached case: query i (absolute position start_pos + i) sees keys
+        # 0..start_pos+i, i.e. a (T, S) lower triangle shifted right by start_pos. One new token
+        # sees everything, so it needs no mask.
+        S = end if cache is not None else T
+        mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=tokens.device).tril(S - T)
+        for block in self.blocks:
+            x = block(x, rope, mask, cache, start_pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))  # (B, T, vocab)
