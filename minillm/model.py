@@ -64,6 +64,12 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv_freq.float()
 
 
+def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's rotation angles, (block_size, head_dim/2) each."""
+    angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), rope_inv_freq(cfg))
+    return angles.cos(), angles.sin()
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, nh, T, hd) by position. Layout: channel i pairs with channel i + hd/2
     ("rotate half", as Hugging Face stores LLaMA weights; GGUF/Meta weights are permuted on import)."""
@@ -158,10 +164,9 @@ class Transformer(nn.Module):
         if cfg.family == "gpt2":
             self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd)
         else:
-            t = torch.arange(cfg.block_size, dtype=torch.float32)
-            angles = torch.outer(t, rope_inv_freq(cfg))  # (block_size, hd/2)
-            self.register_buffer("rope_cos", angles.cos(), persistent=False)
-            self.register_buffer("rope_sin", angles.sin(), persistent=False)
+            cos, sin = rope_tables(cfg)  # (block_size, hd/2) each
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
@@ -179,6 +184,15 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def _apply(self, fn, recurse=True):
+        # .to(device / dtype) goes through here. Keep the RoPE tables float32 whatever the weights
+        # become: angles rounded to bf16 would be off by whole radians at long positions.
+        super()._apply(fn, recurse)
+        if self.config.family == "llama":
+            device = self.rope_cos.device
+            self.rope_cos, self.rope_sin = (t.to(device) for t in rope_tables(self.config))
+        return self
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied matrix once

@@ -1,0 +1,214 @@
+"""Our weights format: one .safetensors file is a whole model.
+
+Tensors are stored under the model's own state-dict names (see model.py):
+
+    tok_emb.weight                         (vocab_size, n_embd)
+    pos_emb.weight                         (block_size, n_embd)        gpt2 only
+    blocks.{i}.attn_norm.weight / .bias    (n_embd,)                   bias: gpt2 only
+    blocks.{i}.attn.{q,k,v,o}_proj.weight  q,o: (n_head*hd, n_embd)-ish; k,v: (n_kv_head*hd, n_embd)
+    blocks.{i}.attn.{q,k,v,o}_proj.bias    when config.bias
+    blocks.{i}.mlp_norm.weight / .bias
+    blocks.{i}.mlp.{up,down}_proj.weight   (mlp_hidden, n_embd), (n_embd, mlp_hidden)
+    blocks.{i}.mlp.gate_proj.weight        llama only
+    norm.weight / .bias                    final norm
+    lm_head.weight                         only when tie_embeddings is False
+
+The safetensors metadata (string -> string) holds:
+    format      "minillm/1" (FORMAT below; a different version is refused)
+    config      ModelConfig as JSON
+    tokenizer   the tokenizer's full description as JSON (char vocab, or BPE ranks + regex + specials)
+    provenance  JSON: where the weights came from (converted source, or training run: step, val loss, data sha256)
+
+Training state for --resume (optimizer moments, step, RNG states) goes to a second file,
+NAME.train.safetensors, written by save_train_state. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .model import Transformer
+from .tokenizer import tokenizer_from_dict
+
+FORMAT = "minillm/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated, of another format, or disagrees with its config."""
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write to a temp file in the same directory, then rename over `path`: a crash mid-write
+    leaves the old file (if any) intact and no half-written file under the final name."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save {path}: directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def model_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """The state dict we store: a tied lm_head is the embedding, so it is left out."""
+    sd = model.state_dict()
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config must hold, with its shape (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {k: tuple(v.shape) for k, v in model_tensors(model).items()}
+
+
+def save_model(path: str | Path, model: Transformer, tokenizer, provenance: dict | None = None) -> None:
+    """Save weights + config + tokenizer + provenance to one .safetensors file, atomically."""
+    cfg = model.config
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}")
+    metadata = {
+        "format": FORMAT,
+        "config": cfg.to_json(),
+        "tokenizer": json.dumps(tokenizer.to_dict()),
+        "provenance": json.dumps(provenance or {}),
+    }
+    atomic_save(model_tensors(model), path, metadata)
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    tokenizer: object
+    config: ModelConfig
+    provenance: dict
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Loaded:
+    """Load and validate a checkpoint: format version, every expected tensor present with its shape, no extras."""
+    path = Path(path)
+    meta = read_metadata(path)
+    fmt = meta.get("format")
+    if fmt != FORMAT:
+        raise CheckpointError(f"{path}: format {fmt!r} is not {FORMAT!r} (not a minillm checkpoint, or another version)")
+    for key in ("config", "tokenizer"):
+        if key not in meta:
+            raise CheckpointError(f"{path}: metadata has no {key!r} entry")
+    cfg = ModelConfig.from_dict(json.loads(meta["config"]))
+    tokenizer = tokenizer_from_dict(json.loads(meta["tokenizer"]))
+    provenance = json.loads(meta.get("provenance", "{}"))
+
+    expected = expected_shapes(cfg)
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            found = set(f.keys())
+            missing, extra = sorted(set(expected) - found), sorted(found - set(expected))
+            if missing:
+                raise CheckpointError(f"{path}: missing tensor {missing[0]!r} (expected shape {expected[missing[0]]})"
+                                      + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+            if extra:
+                raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} not used by this config"
+                                      + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
+            for name in expected:
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected[name]:
+                    raise CheckpointError(f"{path}: tensor {name!r} has shape {shape}, config expects {expected[name]}")
+                tensors[name] = f.get_tensor(name)
+    except CheckpointError:
+        raise
+    except Exception as e:  # data section shorter than the header says, etc.
+        raise CheckpointError(f"{path}: cannot read tensors ({e}); the file may be truncated") from e
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if cfg.tie_embeddings:
+        tensors["lm_head.weight"] = tensors["tok_emb.weight"]
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.eval()
+    return Loaded(model, tokenizer, cfg, provenance)
+
+
+# ----------------------------------------------------------------------------- training state
+
+def train_state_path(model_path: str | Path) -> Path:
+    p = Path(model_path)
+    return p.with_name(p.name.removesuffix(".safetensors") + ".train.safetensors")
+
+
+def save_train_state(path: str | Path, optimizer: torch.optim.Optimizer, state: dict,
+                     rng: dict[str, torch.Tensor], model: Transformer) -> None:
+    """The latest weights as `model.{name}`, optimizer moments as `opt.{param_index}.{name}`, RNG
+    states as `rng.{name}`; JSON metadata: `state` (iter, best val, ...), the optimizer's param
+    groups and its scalar entries. (The model file keeps the best-val weights; resuming needs the latest.)"""
+    tensors = {f"model.{k}": v for k, v in model_tensors(model).items()}
+    scalars = {}
+    opt = optimizer.state_dict()
+    for idx, st in opt["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                tensors[f"opt.{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = float(v)
+    for k, v in rng.items():
+        tensors[f"rng.{k}"] = v
+    metadata = {"format": FORMAT + "-train", "state": json.dumps(state),
+                "opt_scalars": json.dumps(scalars), "param_groups": json.dumps(opt["param_groups"])}
+    atomic_save(tensors, path, metadata)
+
+
+def load_train_state(path: str | Path, optimizer: torch.optim.Optimizer,
+                     model: Transformer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore the model's weights and the optimizer in place; return (state, rng tensors)."""
+    path = Path(path)
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT + "-train":
+        raise CheckpointError(f"{path}: not a minillm training-state file (format {meta.get('format')!r})")
+    weights, opt_state, rng = {}, {}, {}
+    with safe_open(str(path), framework="pt") as f:
+        for name in f.keys():
+            kind, rest = name.split(".", 1)
+            if kind == "model":
+                weights[rest] = f.get_tensor(name)
+            elif kind == "opt":
+                idx, k = rest.split(".", 1)
+                opt_state.setdefault(int(idx), {})[k] = f.get_tensor(name)
+            else:
+                rng[rest] = f.get_tensor(name)
+    if model.config.tie_embeddings:
+        weights["lm_head.weight"] = weights["tok_emb.weight"]
+    model.load_state_dict(weights, strict=True)
+    for key, v in json.loads(meta["opt_scalars"]).items():
+        idx, k = key.split(".", 1)
+        opt_state.setdefault(int(idx), {})[k] = torch.tensor(v)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": json.loads(meta["param_groups"])})
+    return json.loads(meta["state"]), rng

@@ -1,0 +1,289 @@
+"""The training loop behind train.py: AdamW, warmup + cosine LR, clipping, accumulation,
+periodic eval, best-val checkpoints, exact resume.
+
+Files written for a run named NAME in out_dir:
+    NAME.safetensors         the best-val model (our format: weights + config + tokenizer + provenance)
+    NAME.train.safetensors   the latest training state: weights, optimizer moments, step, RNG states
+    NAME.loss.png            train/val loss curve (when matplotlib is installed)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, data
+from .config import ModelConfig, preset
+from .model import Transformer
+from .tokenizer import CharTokenizer
+
+# Training presets: the model shape comes from config.PRESETS of the same name.
+TRAIN_PRESETS: dict[str, dict] = {
+    # nanoGPT's CPU config for shakespeare_char: reaches val ~1.88 in 2000 iters
+    "baby": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, eval_iters=20),
+    # nanoGPT's GPU config: val ~1.47 after 5000 iters (needs a GPU to be quick)
+    "shakespeare": dict(batch_size=64, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, eval_iters=200),
+}
+
+
+@dataclass
+class TrainConfig:
+    name: str = "shakespeare-char"  # output file stem in out_dir
+    out_dir: str = "weights"
+    data: str | None = None  # a text file; default: tinyshakespeare (local copy, cache or download)
+    preset: str = "baby"  # model shape + training schedule
+    family: str = "gpt2"  # gpt2 | llama
+    # model overrides (None: the preset's value)
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_kv_head: int | None = None
+    n_embd: int | None = None
+    block_size: int | None = None
+    mlp_hidden: int | None = None
+    dropout: float | None = None
+    attn_impl: str = "sdpa"
+    # optimisation (None: the preset's value)
+    batch_size: int | None = None
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_iters: int | None = None
+    stop_after: int | None = None  # stop at this iteration (schedule still follows max_iters); continue with resume
+    lr: float | None = None
+    min_lr: float | None = None
+    warmup_iters: int | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables
+    eval_interval: int | None = None
+    eval_iters: int | None = None
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | mps
+    compile: bool = False
+    resume: bool = False
+    plot: bool = True
+    progress: bool = True
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the preset's values filled in for every None."""
+        if self.preset not in TRAIN_PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(TRAIN_PRESETS)}")
+        filled = {k: v for k, v in TRAIN_PRESETS[self.preset].items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **filled)
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        over = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size",
+                                             "mlp_hidden", "dropout") if getattr(self, k) is not None}
+        return preset(self.preset, family=self.family, vocab_size=vocab_size, attn_impl=self.attn_impl, **over)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    model_path: Path
+    best_val: float
+    final_train: float
+    final_val: float
+    iters: int
+    ms_per_iter: float  # median over training steps (eval steps excluded)
+    tokens_per_s: float
+    wall_s: float
+    history: list = field(default_factory=list)  # (iter, train loss) per step
+    evals: list = field(default_factory=list)  # (iter, train loss, val loss) per eval
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def lr_at(it: int, tc: TrainConfig) -> float:
+    """Linear warmup to lr, then cosine decay to min_lr at max_iters."""
+    if it < tc.warmup_iters:
+        return tc.lr * (it + 1) / (tc.warmup_iters + 1)
+    progress = min(1.0, (it - tc.warmup_iters) / max(1, tc.max_iters - tc.warmup_iters))
+    return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """Weight decay on 2-D weights (matmuls, embeddings) only; never on biases and norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def estimate_loss(model, splits: dict[str, np.ndarray], tc: TrainConfig, device, autocast) -> dict[str, float]:
+    """Mean loss over eval_iters batches per split; the same batches at every eval (own generator)."""
+    model.eval()
+    out = {}
+    for name, ids in splits.items():
+        gen = torch.Generator().manual_seed(tc.seed + 1)
+        losses = []
+        for _ in range(tc.eval_iters):
+            x, y = data.get_batch(ids, model.config.block_size, tc.batch_size, gen, device)
+            with autocast():
+                logits = model(x)
+            losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
+        out[name] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+def save_loss_plot(path: Path, history, evals) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history:
+        ax.plot(*zip(*history), lw=0.5, alpha=0.5, label="train (batch)")
+    if evals:
+        it, tr, va = zip(*evals)
+        ax.plot(it, tr, "o-", label="train (eval)")
+        ax.plot(it, va, "o-", label="val (eval)")
+    ax.set_xlabel("iteration"), ax.set_ylabel("cross-entropy loss"), ax.legend(), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def train(tc: TrainConfig, log=print) -> TrainResult:
+    t_start = time.perf_counter()
+    tc = tc.resolved()
+    device = pick_device(tc.device)
+    out_dir = Path(tc.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = out_dir / f"{tc.name}.safetensors"
+    state_path = checkpoint.train_state_path(model_path)
+
+    text_path = data.resolve_text_path(tc.data)
+    text = data.read_text(text_path)
+    data_sha = data.file_sha256(text_path)
+    if tc.resume:
+        if not state_path.is_file():
+            raise FileNotFoundError(f"--resume: no training state at {state_path}")
+        tokenizer = checkpoint.load_model(model_path).tokenizer
+    else:
+        tokenizer = CharTokenizer.from_text(text)
+    ids = np.array(tokenizer.encode(text), dtype=np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32)
+    train_ids, val_ids = data.split_train_val(ids)
+
+    torch.manual_seed(tc.seed)
+    cfg = tc.model_config(tokenizer.vocab_size)
+    model = Transformer(cfg).to(device)
+    optimizer = make_optimizer(model, tc, device)
+    batch_gen = torch.Generator().manual_seed(tc.seed)
+    start_iter, best_val, evals, history = 0, float("inf"), [], []
+    if tc.resume:
+        state, rng = checkpoint.load_train_state(state_path, optimizer, model)
+        if state["config"] != cfg.to_dict():
+            raise ValueError(f"--resume: {state_path} was trained with config {state['config']}, not {cfg.to_dict()}")
+        start_iter, best_val, evals = state["iter"], state["best_val"], [tuple(e) for e in state["evals"]]
+        batch_gen.set_state(rng["batch"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+        log(f"resumed from {state_path} at iter {start_iter} (best val {best_val:.4f})")
+
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    step_model = torch.compile(model) if tc.compile else model
+    tokens_per_iter = tc.batch_size * tc.grad_accum * cfg.block_size
+    log(f"model: {cfg.family}, {model.num_params() / 1e6:.2f}M parameters, vocab {cfg.vocab_size}; "
+        f"data: {text_path} ({len(train_ids):,} train / {len(val_ids):,} val tokens); "
+        f"{tokens_per_iter:,} tokens/iter on {device}{' (bf16 autocast)' if use_bf16 else ''}")
+
+    def rng_states() -> dict[str, torch.Tensor]:
+        r = {"batch": batch_gen.get_state(), "torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            r["cuda"] = torch.cuda.get_rng_state()
+        return r
+
+    def evaluate_and_save(it: int) -> dict[str, float]:
+        nonlocal best_val
+        losses = estimate_loss(model, {"train": train_ids, "val": val_ids}, tc, device, autocast)
+        evals.append((it, losses["train"], losses["val"]))
+        saved = ""
+        if losses["val"] < best_val:
+            best_val = losses["val"]
+            provenance = {"source": "minillm train.py", "data": str(text_path), "data_sha256": data_sha,
+                          "step": it, "val_loss": losses["val"], "train_loss": losses["train"],
+                          "train_config": dataclasses.asdict(tc)}
+            checkpoint.save_model(model_path, model, tokenizer, provenance)
+            saved = f" -> saved {model_path}"
+        state = {"iter": it, "best_val": best_val, "evals": evals, "config": cfg.to_dict()}
+        checkpoint.save_train_state(state_path, optimizer, state, rng_states(), model)
+        log(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}{saved}")
+        return losses
+
+    stop = tc.max_iters if tc.stop_after is None else min(tc.stop_after, tc.max_iters)
+    step_ms = []
+    bar = None
+    if tc.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=stop - start_iter, desc="train", unit="it", dynamic_ncols=True)
+    model.train()
+    for it in range(start_iter, stop):
+        if it % tc.eval_interval == 0 and not (tc.resume and it == start_iter):
+            evaluate_and_save(it)
+        t0 = time.perf_counter()
+        lr = lr_at(it, tc)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        for _ in range(tc.grad_accum):
+            x, y = data.get_batch(train_ids, cfg.block_size, tc.batch_size, batch_gen, device)
+            with autocast():
+                logits = step_model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / tc.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        if not math.isfinite(loss_sum):
+            if bar:
+                bar.close()
+            kept = f"the last good checkpoint is kept at {model_path}" if model_path.exists() else "no checkpoint was written"
+            raise TrainingDiverged(f"loss became {loss_sum} at iter {it} (lr {lr:.2e}); stopping: {kept}")
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_ms.append((time.perf_counter() - t0) * 1000)
+        history.append((it + 1, loss_sum))
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_iter / step_ms[-1] * 1000:,.0f}")
+    if bar:
+        bar.close()
+    final = evaluate_and_save(stop)
+    wall = time.perf_counter() - t_start
+    ms = statistics.median(step_ms) if step_ms else float("nan")
+    if tc.plot:
+        plot_path = out_dir / f"{tc.name}.loss.png"
+        if save_loss_plot(plot_path, history, evals):
+            log(f"loss curve: {plot_path}")
+    log(f"done: {stop} iters, best val {best_val:.4f}, median {ms:.1f} ms/iter "
+        f"({tokens_per_iter / ms * 1000:,.0f} tokens/s), wall {wall:.1f} s")
+    return TrainResult(model_path, best_val, final["train"], final["val"], stop, ms,
+                       tokens_per_iter / ms * 1000, wall, history, evals)
+
