@@ -29,7 +29,9 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: off)")
     p.add_argument("--seed", type=int, default=1337, help="same seed, same text")
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--sliding-window", action="store_true", help="keep going past the context by re-reading its last half")
+    p.add_argument("--sliding-window", action=argparse.BooleanOptionalAction, default=True,
+                   help="past the context, keep going by re-reading its last half (default: on; "
+                        "--no-sliding-window makes running out of context an error)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: as stored")
     args = p.parse_args(argv)

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
-from .model import Transformer
+from .model import Transformer, rope_tables
 from .tokenizer import tokenizer_from_dict
 
 FORMAT = "minillm/1"
@@ -153,6 +153,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     model.load_state_dict(tensors, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
+    if cfg.family == "llama":  # the RoPE tables were built on meta: give them real storage before .to()
+        model.rope_cos, model.rope_sin = rope_tables(cfg)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
     return Loaded(model, tokenizer, cfg, provenance)

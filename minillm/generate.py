@@ -63,9 +63,13 @@ def stream_tokens(model, prompt_ids: list[int], max_new_tokens: int, params: Sam
     ctx = model.config.block_size
     stats = stats if stats is not None else GenStats()
     stats.prompt_tokens = len(prompt_ids)
-    if len(prompt_ids) >= ctx and not sliding_window:
-        raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {ctx}, and at least one "
-                         f"position must stay free for generation (shorten the prompt, or ask for a sliding window)")
+    if not sliding_window:
+        if len(prompt_ids) >= ctx:
+            raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {ctx}, and at least one "
+                             f"position must stay free for generation (shorten the prompt, or ask for a sliding window)")
+        if len(prompt_ids) + max_new_tokens - 1 > ctx:  # the last token is sampled, never fed back
+            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                             f"context of {ctx} positions (lower max_new_tokens, or ask for a sliding window)")
     device = model.tok_emb.weight.device
     cache = KVCache.for_model(model, batch_size=1)
     history = list(prompt_ids[-(ctx // 2):] if len(prompt_ids) >= ctx else prompt_ids)

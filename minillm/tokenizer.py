@@ -1,0 +1,182 @@
+"""Tokenizers: characters, or byte-level BPE through tiktoken; and a UTF-8-safe streaming decoder.
+
+Both kinds describe themselves completely with `to_dict()`, which the checkpoint stores as JSON, so
+a model file needs no tokenizer file beside it. `tokenizer_from_dict` rebuilds either kind.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import regex
+import tiktoken
+import tiktoken.load
+
+# tiktoken's pattern for GPT-2 (r50k_base): contractions, letters, numbers, other symbols, spaces.
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_EOT = "<|endoftext|>"
+DIGIT_SPLIT = regex.compile(r"(\p{N})")
+
+
+class CharTokenizer:
+    """One id per character of the training text's alphabet (sorted), as nanoGPT's shakespeare_char."""
+
+    kind = "char"
+    bos_id = eos_id = None
+    eos_ids: frozenset[int] = frozenset()
+    chat_template = None
+
+    def __init__(self, chars: str | list[str]):
+        self.chars = sorted(set(chars))
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(text)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError:
+            unknown = list(dict.fromkeys(c for c in text if c not in self.stoi))
+            raise ValueError(f"characters not in this model's vocabulary (built from its training text): "
+                             f"{', '.join(map(repr, unknown))}") from None
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def token_bytes(self, id: int) -> bytes:
+        return self.chars[id].encode("utf-8")
+
+    def to_dict(self) -> dict:
+        return {"kind": "char", "chars": "".join(self.chars)}
+
+
+class BPETokenizer:
+    """Byte-level BPE: merge ranks + a pre-tokenizer regex + special tokens, run by tiktoken."""
+
+    kind = "bpe"
+
+    def __init__(self, name: str, pat_str: str, mergeable_ranks: dict[bytes, int], special_tokens: dict[str, int],
+                 bos_token: str | None = None, eos_tokens: list[str] | None = None, add_bos: bool = False,
+                 chat_template: str | None = None, pre_split_digits: bool = False):
+        self.name, self.pat_str, self.ranks, self.special_tokens = name, pat_str, mergeable_ranks, special_tokens
+        self.bos_token, self.eos_tokens, self.add_bos = bos_token, list(eos_tokens or []), add_bos
+        self.chat_template, self.pre_split_digits = chat_template, pre_split_digits
+        for tok in [bos_token, *self.eos_tokens]:
+            if tok is not None and tok not in special_tokens:
+                raise ValueError(f"tokenizer {name!r}: {tok!r} is named as BOS/EOS but is not a special token")
+        self.enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
+        self.bos_id = special_tokens[bos_token] if bos_token else None
+        self.eos_ids = frozenset(special_tokens[t] for t in self.eos_tokens)
+        self.eos_id = special_tokens[self.eos_tokens[0]] if self.eos_tokens else None
+        self._id_bytes = {i: t for t, i in mergeable_ranks.items()}
+        self._id_bytes.update({i: t.encode("utf-8") for t, i in special_tokens.items()})
+
+    @classmethod
+    def gpt2(cls, path: str | None = None) -> "BPETokenizer":
+        """GPT-2's BPE: ranks from `path`, else $MINILLM_DATA_DIR/gpt2/gpt2.tiktoken, else tiktoken's own
+        download (cached by tiktoken)."""
+        if path is None and os.environ.get("MINILLM_DATA_DIR"):
+            local = Path(os.environ["MINILLM_DATA_DIR"]) / "gpt2" / "gpt2.tiktoken"
+            path = str(local) if local.is_file() else None
+        if path is not None:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"GPT-2 rank file not found: {path}")
+            ranks = tiktoken.load.load_tiktoken_bpe(path)
+        else:
+            try:
+                ranks = tiktoken.get_encoding("gpt2")._mergeable_ranks
+            except Exception as e:
+                raise RuntimeError(f"could not load GPT-2's BPE ranks ({e}). Pass the r50k_base rank file "
+                                   f"(gpt2.tiktoken) as a path, or set MINILLM_DATA_DIR=DIR with DIR/gpt2/gpt2.tiktoken") from e
+        return cls("gpt2", GPT2_PAT, ranks, {GPT2_EOT: 50256}, eos_tokens=[GPT2_EOT])
+
+    @property
+    def vocab_size(self) -> int:
+        return max([*self.ranks.values(), *self.special_tokens.values()]) + 1
+
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Special-token strings in the text become their ids (as Hugging Face tokenizers do);
+        allow_special=False encodes them as plain text instead."""
+        # pre_split_digits (SmolLM2's "smollm" pre-tokenizer): every digit is its own piece, and the
+        # regex then runs on each piece between digits separately (so "$" means the piece's end).
+        pieces = DIGIT_SPLIT.split(text) if self.pre_split_digits else [text]
+        ids = []
+        for piece in pieces:
+            if piece:
+                ids += self.enc.encode(piece, allowed_special="all") if allow_special else self.enc.encode_ordinary(piece)
+        return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids) -> bytes:
+        return b"".join(self.token_bytes(int(i)) for i in ids)
+
+    def token_bytes(self, id: int) -> bytes:
+        try:
+            return self._id_bytes[id]
+        except KeyError:
+            raise ValueError(f"token id {id} is not in tokenizer {self.name!r}") from None
+
+    def to_dict(self) -> dict:
+        ordered = sorted(self.ranks.items(), key=lambda kv: kv[1])
+        return {"kind": "bpe", "name": self.name, "pat_str": self.pat_str,
+                "ranks": [base64.b64encode(t).decode("ascii") for t, _ in ordered],
+                "rank_ids": None if all(r == i for i, (_, r) in enumerate(ordered)) else [r for _, r in ordered],
+                "special_tokens": self.special_tokens, "bos_token": self.bos_token, "eos_tokens": self.eos_tokens,
+                "add_bos": self.add_bos, "chat_template": self.chat_template, "pre_split_digits": self.pre_split_digits}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BPETokenizer":
+        rank_ids = d.get("rank_ids") or range(len(d["ranks"]))
+        ranks = {base64.b64decode(t): r for t, r in zip(d["ranks"], rank_ids)}
+        return cls(d["name"], d["pat_str"], ranks, d["special_tokens"], d.get("bos_token"), d.get("eos_tokens"),
+                   d.get("add_bos", False), d.get("chat_template"), d.get("pre_split_digits", False))
+
+
+def tokenizer_from_dict(d: dict) -> CharTokenizer | BPETokenizer:
+    kind = d.get("kind")
+    if kind == "char":
+        return CharTokenizer(d["chars"])
+    if kind == "bpe":
+        return BPETokenizer.from_dict(d)
+    raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'char' or 'bpe')")
+
+
+class IncrementalDecoder:
+    """Turn a stream of token ids into text pieces without ever splitting a UTF-8 character.
+
+    A byte-level BPE token can end in the middle of a multi-byte character (an emoji is often two
+    or three tokens). Bytes are buffered until they form complete characters; only those are emitted."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.buffer = b""
+
+    def feed(self, token_id: int) -> str:
+        self.buffer += self.tokenizer.token_bytes(token_id)
+        cut = complete_utf8_prefix(self.buffer)
+        text, self.buffer = self.buffer[:cut], self.buffer[cut:]
+        return text.decode("utf-8", errors="replace")
+
+    def flush(self) -> str:
+        text, self.buffer = self.buffer.decode("utf-8", errors="replace"), b""
+        return text
+
+
+def complete_utf8_prefix(b: bytes) -> int:
+    """Length of the longest prefix of b that does not end inside an unfinished UTF-8 sequence."""
+    for back in range(1, min(4, len(b)) + 1):  # look at most 4 bytes back for a lead byte
+        byte = b[-back]
+        if byte & 0xC0 != 0x80:  # not a continuation byte: a lead (or ASCII) byte
+            need = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
+            return len(b) if back >= need else len(b) - back
+    return len(b)  # only continuation bytes: invalid anyway, emit (as U+FFFD)

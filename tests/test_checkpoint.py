@@ -1,0 +1,149 @@
+"""Our format: round trip, atomic save, and a clear error for every kind of bad file."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from minillm import checkpoint
+from minillm.checkpoint import CheckpointError, load_model, save_model
+from minillm.config import preset
+from minillm.model import Transformer
+from minillm.tokenizer import CharTokenizer
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def saved(request, tmp_path):
+    torch.manual_seed(0)
+    tok = CharTokenizer.from_text(TEXT)
+    extra = dict(n_kv_head=2, tie_embeddings=False) if request.param == "llama" else {}
+    model = Transformer(preset("nano", family=request.param, vocab_size=tok.vocab_size, **extra)).eval()
+    path = tmp_path / "m.safetensors"
+    save_model(path, model, tok, {"source": "test", "step": 7})
+    return path, model, tok
+
+
+def test_roundtrip_same_logits_config_tokenizer(saved):
+    path, model, tok = saved
+    loaded = load_model(path)
+    x = torch.tensor([tok.encode("Before we")])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
+    assert loaded.config == model.config
+    assert loaded.tokenizer.encode(TEXT) == tok.encode(TEXT)
+    assert loaded.provenance == {"source": "test", "step": 7}
+    assert (loaded.model.lm_head.weight is loaded.model.tok_emb.weight) == model.config.tie_embeddings
+    meta = checkpoint.read_metadata(path)
+    assert meta["format"] == "minillm/1" and json.loads(meta["config"])["family"] == model.config.family
+
+
+def test_load_in_bfloat16(saved):
+    path, model, tok = saved
+    loaded = load_model(path, dtype=torch.bfloat16)
+    assert loaded.model.tok_emb.weight.dtype == torch.bfloat16
+
+
+def rewrite(path, edit_tensors=None, edit_meta=None):
+    """Write a variant of a checkpoint (tensors and metadata edited) to path.bad.safetensors."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = f.metadata()
+    (edit_tensors or (lambda t: None))(tensors)
+    (edit_meta or (lambda m: None))(meta)
+    bad = path.with_suffix(".bad.safetensors")
+    save_file(tensors, bad, metadata=meta)
+    return bad
+
+
+def test_missing_tensor_named(saved):
+    path, model, _ = saved
+    bad = rewrite(path, lambda t: t.pop("blocks.1.attn.k_proj.weight"))
+    hd = model.config.head_dim * model.config.n_kv_head
+    with pytest.raises(CheckpointError, match=rf"missing tensor 'blocks.1.attn.k_proj.weight' \(expected shape \({hd}, 32\)\)"):
+        load_model(bad)
+
+
+def test_extra_tensor_named(saved):
+    path, _, _ = saved
+    bad = rewrite(path, lambda t: t.__setitem__("blocks.9.mlp.up_proj.weight", torch.zeros(2, 2)))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'blocks.9.mlp.up_proj.weight'"):
+        load_model(bad)
+
+
+def test_misshapen_tensor_named(saved):
+    path, _, _ = saved
+    bad = rewrite(path, lambda t: t.__setitem__("norm.weight", torch.ones(31)))
+    with pytest.raises(CheckpointError, match=r"tensor 'norm.weight' has shape \(31,\), config expects \(32,\)"):
+        load_model(bad)
+
+
+def test_wrong_format_version(saved):
+    path, _, _ = saved
+    bad = rewrite(path, edit_meta=lambda m: m.__setitem__("format", "minillm/99"))
+    with pytest.raises(CheckpointError, match="format 'minillm/99' is not 'minillm/1'"):
+        load_model(bad)
+
+
+def test_truncated_file(saved):
+    path, _, _ = saved
+    data = path.read_bytes()
+    for cut in (len(data) - 100, 20):  # data section cut short; header cut short
+        bad = path.with_name(f"cut{cut}.safetensors")
+        bad.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=str(bad.name)):
+            load_model(bad)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        load_model(tmp_path / "nope.safetensors")
+
+
+def test_save_is_atomic(saved, monkeypatch):
+    """A crash during the write leaves the previous file intact and no temp file behind."""
+    path, model, tok = saved
+    before = path.read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt("killed mid-save")
+    monkeypatch.setattr(checkpoint, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(path, model, tok)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(path.parent)) == [path.name]
+
+
+def test_save_into_missing_directory(saved, tmp_path):
+    _, model, tok = saved
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        save_model(tmp_path / "no" / "such" / "m.safetensors", model, tok)
+
+
+def test_training_state_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(preset("nano", vocab_size=20))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randint(0, 20, (2, 8))).sum().backward()
+    opt.step()
+    path = tmp_path / "s.train.safetensors"
+    rng_state = torch.get_rng_state()
+    checkpoint.save_train_state(path, opt, {"iter": 3}, {"torch": rng_state}, model)
+    model2 = Transformer(preset("nano", vocab_size=20))
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
+    state, rng = checkpoint.load_train_state(path, opt2, model2)
+    assert state == {"iter": 3} and torch.equal(rng["torch"], rng_state)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        for name in s1[k]:
+            assert torch.equal(torch.as_tensor(s1[k][name]).float(), torch.as_tensor(s2[k][name]).float())
+    assert b"pickle" not in path.read_bytes()[:200]

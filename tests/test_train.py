@@ -1,0 +1,94 @@
+"""The trainer: it learns, resume is exact, divergence stops cleanly, flags parse."""
+
+import pytest
+import torch
+
+import train as train_cli
+from minillm import trainer
+from minillm.checkpoint import load_model, train_state_path
+from minillm.trainer import TrainConfig, TrainingDiverged, lr_at, train
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory, shakespeare_text):
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_text(shakespeare_text[:30_000])
+    return path
+
+
+def tiny(tmp_path, data, **kw):
+    base = dict(name="t", out_dir=str(tmp_path), data=str(data), n_layer=2, n_head=2, n_embd=32, block_size=16,
+                batch_size=4, max_iters=30, eval_interval=10, eval_iters=2, warmup_iters=5, dropout=0.1,
+                progress=False, plot=False)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_resume_continues_exactly(tmp_path, small_text, family):
+    full = train(tiny(tmp_path / "a", small_text, family=family), log=lambda *a: None)
+    first = train(tiny(tmp_path / "b", small_text, family=family, stop_after=20), log=lambda *a: None)
+    assert first.iters == 20
+    rest = train(tiny(tmp_path / "b", small_text, family=family, resume=True), log=lambda *a: None)
+    assert [h for h in full.history if h[0] > 20] == rest.history  # same losses, bit for bit
+    assert full.evals == rest.evals
+    a, b = load_model(full.model_path), load_model(rest.model_path)
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_best_val_checkpoint_and_provenance(tmp_path, small_text):
+    res = train(tiny(tmp_path, small_text, plot=True), log=lambda *a: None)
+    loaded = load_model(res.model_path)
+    prov = loaded.provenance
+    assert prov["val_loss"] == pytest.approx(res.best_val) == pytest.approx(min(e[2] for e in res.evals))
+    assert len(prov["data_sha256"]) == 64 and prov["step"] in [e[0] for e in res.evals]
+    assert train_state_path(res.model_path).is_file()
+    assert (tmp_path / "t.loss.png").stat().st_size > 1000
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode("ROMEO")) == "ROMEO"
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, small_text, monkeypatch):
+    real = trainer.F.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        loss = real(*a, **k)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == 15:
+                return loss * float("nan")
+        return loss
+    monkeypatch.setattr(trainer.F, "cross_entropy", poisoned)
+    path = tmp_path / "t.safetensors"
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at iter 14.*last good checkpoint is kept"):
+        train(tiny(tmp_path, small_text), log=lambda *a: None)
+    assert load_model(path).provenance["step"] in (0, 10)
+
+
+def test_lr_schedule():
+    tc = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    assert lr_at(0, tc) == pytest.approx(1e-3 / 11)
+    assert lr_at(10, tc) == pytest.approx(1e-3)
+    assert lr_at(60, tc) == pytest.approx(5.5e-4)
+    assert lr_at(110, tc) == pytest.approx(1e-4)
+
+
+def test_cli_flags(tmp_path):
+    tc = train_cli.parse_args(["--family", "llama", "--n-layer", "3", "--lr", "3e-4", "--no-plot", "--data", "x.txt"])
+    assert (tc.family, tc.n_layer, tc.lr, tc.plot, tc.data) == ("llama", 3, 3e-4, False, "x.txt")
+    r = tc.resolved()
+    assert (r.batch_size, r.max_iters, r.min_lr, r.warmup_iters) == (12, 2000, 1e-4, 100)
+    assert r.model_config(65).n_layer == 3 and r.model_config(65).n_embd == 128
+    with pytest.raises(SystemExit):
+        train_cli.parse_args(["--n-layers", "3"])  # unknown flag rejected
+    assert train_cli.main(["--data", str(tmp_path / "missing.txt")]) == 2
+
+
+@pytest.mark.slow
+def test_baby_learns_shakespeare(tmp_path):
+    """300 iterations of the baby preset on real tinyshakespeare get val loss well under the
+    4.17 of an untrained model (nanoGPT's curve is at ~2.4 at iter 250)."""
+    res = train(TrainConfig(out_dir=str(tmp_path), max_iters=300, eval_interval=300, progress=False, plot=False),
+                log=lambda *a: None)
+    assert res.evals[0][2] > 4.0
+    assert res.final_val < 2.6
