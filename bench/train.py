@@ -25,9 +25,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from minillm.config import preset
+from minillm.data import resolve_text_path
 from minillm.model import Transformer
 
-DATA = Path("/work/shared/data/tinyshakespeare/input.txt")
 ROWS = ("ours", "ours-manual", "ours-llama", "hf-sdpa", "hf-eager")
 
 
@@ -97,12 +97,9 @@ def main():
     assert all(r in ROWS for r in rows), f"--rows must come from {ROWS}"
 
     torch.manual_seed(0)
-    text = DATA.read_text() if DATA.is_file() else None
-    if text:
-        stoi = {c: i for i, c in enumerate(sorted(set(text)))}
-        ids = torch.tensor([stoi[c] for c in text])
-    else:  # no data: random tokens
-        ids = torch.randint(0, 65, (100_000,))
+    text = resolve_text_path().read_text()  # tinyshakespeare: local copy, cache or download
+    stoi = {c: i for i, c in enumerate(sorted(set(text)))}
+    ids = torch.tensor([stoi[c] for c in text])
     gen = torch.Generator().manual_seed(1337)
     n_batches = args.warmup + args.rounds * args.steps
     starts = torch.randint(len(ids) - 65, (n_batches, args.batch), generator=gen)

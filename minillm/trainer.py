@@ -126,7 +126,8 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=device.type == "cuda")
+    cuda = device.type == "cuda"  # fused kernel on CUDA; multi-tensor (foreach) updates elsewhere, not a per-tensor loop
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=cuda, foreach=not cuda)
 
 
 @torch.no_grad()
