@@ -54,28 +54,36 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
 @torch.inference_mode()
 def stream_tokens(model, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
                   generator: torch.Generator | None = None, eos_ids: set[int] = frozenset(),
-                  sliding_window: bool = False, stats: GenStats | None = None) -> Iterator[int]:
-    """Yield up to max_new_tokens new token ids for one prompt, using the KV cache."""
+                  sliding_window: bool = False, stats: GenStats | None = None,
+                  cache: KVCache | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens new token ids, using the KV cache.
+
+    With `cache` given, the model also sees the cache's first cache.length positions (earlier turns of
+    a chat) and `prompt_ids` are appended after them; afterwards the cache holds the prompt and the
+    emitted tokens (all of them when stopped by EOS; all but the last when stopped by max_new_tokens)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not prompt_ids:
         raise ValueError("the prompt is empty (and the tokenizer adds no BOS token): give at least one token")
+    if cache is not None and sliding_window:
+        raise ValueError("sliding_window needs a fresh cache (it re-reads the context); do not pass one")
     ctx = model.config.block_size
     stats = stats if stats is not None else GenStats()
     stats.prompt_tokens = len(prompt_ids)
+    start = cache.length if cache is not None else 0
     if not sliding_window:
-        if len(prompt_ids) >= ctx:
-            raise ValueError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {ctx}, and at least one "
+        if start + len(prompt_ids) >= ctx:
+            raise ValueError(f"the prompt is {start + len(prompt_ids)} tokens; the model's context is {ctx}, and at least one "
                              f"position must stay free for generation (shorten the prompt, or ask for a sliding window)")
-        if len(prompt_ids) + max_new_tokens - 1 > ctx:  # the last token is sampled, never fed back
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                             f"context of {ctx} positions (lower max_new_tokens, or ask for a sliding window)")
+        if start + len(prompt_ids) + max_new_tokens - 1 > ctx:  # the last token is sampled, never fed back
+            raise ValueError(f"prompt ({start + len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"model's context of {ctx} positions (lower max_new_tokens, or ask for a sliding window)")
     device = model.tok_emb.weight.device
-    cache = KVCache.for_model(model, batch_size=1)
+    cache = cache if cache is not None else KVCache.for_model(model, batch_size=1)
     history = list(prompt_ids[-(ctx // 2):] if len(prompt_ids) >= ctx else prompt_ids)
 
     t0 = time.perf_counter()
-    logits = model(torch.tensor([history], device=device), cache, 0, last_only=True)[:, -1]
+    logits = model(torch.tensor([history], device=device), cache, start, last_only=True)[:, -1]
     for i in range(max_new_tokens):
         token = int(sample(logits, params, generator))
         now = time.perf_counter()

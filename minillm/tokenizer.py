@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+from collections import Counter
 from pathlib import Path
 
 import regex
@@ -17,20 +18,21 @@ import tiktoken.load
 # tiktoken's pattern for GPT-2 (r50k_base): contractions, letters, numbers, other symbols, spaces.
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 GPT2_EOT = "<|endoftext|>"
-DIGIT_SPLIT = regex.compile(r"(\p{N})")
+DIGIT_SPLIT = regex.compile(r"(\p{N})")  # capturing, so split() keeps each digit as its own piece
 
 
 class CharTokenizer:
     """One id per character of the training text's alphabet (sorted), as nanoGPT's shakespeare_char."""
 
     kind = "char"
-    bos_id = eos_id = None
-    eos_ids: frozenset[int] = frozenset()
-    chat_template = None
+    bos_id: int | None = None
+    eos_id: int | None = None
+    chat_template: str | None = None
 
     def __init__(self, chars: str | list[str]):
-        self.chars = sorted(set(chars))
+        self.chars: list[str] = sorted(set(chars))
         self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.eos_ids: set[int] = set()  # a char model has no end-of-text token
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":
@@ -49,17 +51,30 @@ class CharTokenizer:
                              f"{', '.join(map(repr, unknown))}") from None
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
+        return "".join(self.chars[i] for i in map(self._check, ids))
 
     def token_bytes(self, id: int) -> bytes:
-        return self.chars[id].encode("utf-8")
+        return self.chars[self._check(id)].encode("utf-8")
+
+    def _check(self, id) -> int:
+        id = int(id)
+        if not 0 <= id < len(self.chars):  # a negative id would silently index from the end
+            raise ValueError(f"token id {id} is outside this char vocabulary (size {len(self.chars)})")
+        return id
 
     def to_dict(self) -> dict:
         return {"kind": "char", "chars": "".join(self.chars)}
 
 
 class BPETokenizer:
-    """Byte-level BPE: merge ranks + a pre-tokenizer regex + special tokens, run by tiktoken."""
+    """Byte-level BPE: merge ranks + a pre-tokenizer regex + special tokens, run by tiktoken.
+
+    Ids need not be contiguous (GGUF vocabularies have holes); vocab_size is max id + 1.
+    pre_split_digits=True is SmolLM2's "smollm" pre-tokenizer (Hugging Face's Digits(individual)
+    then ByteLevel): special tokens are cut out first, then every digit (Unicode category N) becomes
+    a piece of its own, and pat_str runs on each stretch between digits separately (so "$" in it
+    means that stretch's end). A pat_str branch for digits would not do: " 12" must give " ", "1", "2".
+    """
 
     kind = "bpe"
 
@@ -72,12 +87,23 @@ class BPETokenizer:
         for tok in [bos_token, *self.eos_tokens]:
             if tok is not None and tok not in special_tokens:
                 raise ValueError(f"tokenizer {name!r}: {tok!r} is named as BOS/EOS but is not a special token")
-        self.enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
-        self.bos_id = special_tokens[bos_token] if bos_token else None
-        self.eos_ids = frozenset(special_tokens[t] for t in self.eos_tokens)
-        self.eos_id = special_tokens[self.eos_tokens[0]] if self.eos_tokens else None
         self._id_bytes = {i: t for t, i in mergeable_ranks.items()}
         self._id_bytes.update({i: t.encode("utf-8") for t, i in special_tokens.items()})
+        n_ids = len(mergeable_ranks) + len(special_tokens)
+        if len(self._id_bytes) != n_ids:  # tiktoken would panic (in Rust) or silently shadow a token
+            counts = Counter([*mergeable_ranks.values(), *special_tokens.values()])
+            dups = sorted(i for i, c in counts.items() if c > 1)
+            raise ValueError(f"tokenizer {name!r}: ids used by more than one token: {dups[:10]}")
+        self._vocab_size = max(self._id_bytes) + 1
+        # explicit_n_vocab makes tiktoken check the count, which only holds when the ids are 0..n-1
+        contiguous = self._vocab_size == n_ids
+        self.enc = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks,
+                                     special_tokens=special_tokens, explicit_n_vocab=n_ids if contiguous else None)
+        self.bos_id = special_tokens[bos_token] if bos_token else None
+        self.eos_ids: set[int] = {special_tokens[t] for t in self.eos_tokens}
+        self.eos_id = special_tokens[self.eos_tokens[0]] if self.eos_tokens else None
+        longest_first = sorted(special_tokens, key=len, reverse=True)
+        self._special_split = regex.compile("(" + "|".join(map(regex.escape, longest_first)) + ")") if special_tokens else None
 
     @classmethod
     def gpt2(cls, path: str | None = None) -> "BPETokenizer":
@@ -88,7 +114,7 @@ class BPETokenizer:
             path = str(local) if local.is_file() else None
         if path is not None:
             if not Path(path).is_file():
-                raise FileNotFoundError(f"GPT-2 rank file not found: {path}")
+                raise FileNotFoundError(f"GPT-2 rank file not found: {path} (it is tiktoken's r50k_base.tiktoken)")
             ranks = tiktoken.load.load_tiktoken_bpe(path)
         else:
             try:
@@ -100,18 +126,24 @@ class BPETokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return max([*self.ranks.values(), *self.special_tokens.values()]) + 1
+        return self._vocab_size
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Special-token strings in the text become their ids (as Hugging Face tokenizers do);
-        allow_special=False encodes them as plain text instead."""
-        # pre_split_digits (SmolLM2's "smollm" pre-tokenizer): every digit is its own piece, and the
-        # regex then runs on each piece between digits separately (so "$" means the piece's end).
-        pieces = DIGIT_SPLIT.split(text) if self.pre_split_digits else [text]
-        ids = []
-        for piece in pieces:
-            if piece:
-                ids += self.enc.encode(piece, allowed_special="all") if allow_special else self.enc.encode_ordinary(piece)
+        allow_special=False encodes them as plain text instead. add_bos prepends bos_id."""
+        if not self.pre_split_digits:
+            ids = self.enc.encode(text, allowed_special="all") if allow_special else self.enc.encode_ordinary(text)
+        else:
+            ids = []
+            # split() with a capturing group alternates: plain text, special, plain text, ...
+            parts = self._special_split.split(text) if allow_special and self._special_split else [text]
+            for k, part in enumerate(parts):
+                if k % 2:
+                    ids.append(self.special_tokens[part])
+                    continue
+                for piece in DIGIT_SPLIT.split(part):
+                    if piece:
+                        ids += self.enc.encode_ordinary(piece)
         return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
 
     def decode(self, ids) -> str:

@@ -243,7 +243,7 @@ def train(tc: TrainConfig, log=print) -> TrainResult:
     bar = None
     if tc.progress:
         from tqdm import tqdm
-        bar = tqdm(total=stop - start_iter, desc="train", unit="it", dynamic_ncols=True)
+        bar = tqdm(total=stop - start_iter, desc="train", unit="it", dynamic_ncols=True, mininterval=1.0)
     model.train()
     for it in range(start_iter, stop):
         if it % tc.eval_interval == 0 and not (tc.resume and it == start_iter):

@@ -1,0 +1,33 @@
+"""python -m minillm.convert SRC --out weights/NAME.safetensors [--dtype float32|bfloat16|float16]"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from . import DTYPES, ConvertError, convert
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m minillm.convert",
+                                 description="Convert a Hugging Face model (local directory or hub id: GPT-2, "
+                                             "LLaMA-style) or a GGUF file into minillm's .safetensors format.")
+    ap.add_argument("src", help="HF model directory, hub id (e.g. gpt2, HuggingFaceTB/SmolLM2-135M), or file.gguf")
+    ap.add_argument("--out", required=True, help="output file, e.g. weights/NAME.safetensors (its directory must exist)")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="stored weight dtype (default float32)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        out = convert(args.src, args.out, dtype=args.dtype, progress=not args.quiet)
+    except (ConvertError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    size = out.stat().st_size
+    print(f"wrote {out} ({size / 1e6:.1f} MB, {args.dtype}) in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""GGUF files (llama.cpp) -> Source: metadata -> config, tokenizer.ggml.* -> BPE tokenizer, tensors dequantized.
+
+Read with the `gguf` package (GGUFReader memory-maps the file; nothing is loaded until a tensor is
+dequantized). Supported: `general.architecture` = llama (LLaMA, SmolLM2, Llama 3.x without rope_freqs),
+tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the K-quants that gguf.quants can dequantize.
+
+GGUF (llama arch)                       ours
+    token_embd.weight                   tok_emb.weight
+    blk.{i}.attn_norm.weight            blocks.{i}.attn_norm.weight
+    blk.{i}.attn_q.weight / attn_k      blocks.{i}.attn.q_proj / k_proj .weight  (un-permuted: rope.py)
+    blk.{i}.attn_v / attn_output        blocks.{i}.attn.v_proj / o_proj .weight
+    blk.{i}.ffn_norm.weight             blocks.{i}.mlp_norm.weight
+    blk.{i}.ffn_gate / ffn_up / ffn_down  blocks.{i}.mlp.gate_proj / up_proj / down_proj .weight
+    output_norm.weight                  norm.weight
+    output.weight (absent: tied)        lm_head.weight
+GGUF lists a tensor's shape fastest-dimension first (ne0 = in_features), so the numpy array is
+reshaped to the reversed shape, (out, in), which is nn.Linear's layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..tokenizer import BPETokenizer
+from . import GGUF_PRE, ConvertError, Source, Tensor, ranks_from_vocab
+from .rope import unpermute
+
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def _fields(reader) -> dict:
+    out = {}
+    for k, f in reader.fields.items():
+        try:
+            out[k] = f.contents()
+        except Exception:  # a value type the reader cannot decode: leave it out, we never need those
+            pass
+    return out
+
+
+def config_from_gguf(meta: dict, shapes: dict[str, tuple]) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ConvertError(f"GGUF architecture {arch!r} is not supported (supported: 'llama')")
+
+    def get(key, default=None):
+        v = meta.get(f"{arch}.{key}", default)
+        if v is None:
+            raise ConvertError(f"GGUF metadata has no {arch}.{key}")
+        return v
+
+    n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
+    if int(meta.get(f"{arch}.rope.dimension_count", n_embd // n_head)) != n_embd // n_head:
+        raise ConvertError("GGUF rope.dimension_count != head_dim (partial rotary) is not supported")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", None) or "rope_freqs.weight" in shapes:
+        raise ConvertError(f"GGUF rope scaling ({scaling if scaling != 'none' else 'rope_freqs.weight'}) is not supported")
+    vocab = shapes["token_embd.weight"][0] if "token_embd.weight" in shapes else len(meta.get("tokenizer.ggml.tokens", []))
+    # the file stores eps as float32 (1e-5 -> 9.99999975e-06): take the shortest decimal that rounds to it
+    eps = float(str(np.float32(get("attention.layer_norm_rms_epsilon"))))
+    return ModelConfig(family="llama", vocab_size=int(vocab), block_size=int(get("context_length")),
+                       n_layer=int(get("block_count")), n_head=n_head, n_embd=n_embd,
+                       n_kv_head=int(meta.get(f"{arch}.attention.head_count_kv", n_head)),
+                       mlp_hidden=int(get("feed_forward_length")), bias=False, norm_eps=eps,
+                       rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+                       tie_embeddings="output.weight" not in shapes, attn_impl="sdpa")
+
+
+def tokenizer_from_gguf(meta: dict, name: str) -> BPETokenizer:
+    model = meta.get("tokenizer.ggml.model")
+    if model in ("llama", "t5", "rwkv"):
+        raise ConvertError(f"GGUF tokenizer model {model!r} is SentencePiece-style; SentencePiece tokenizers "
+                           f"(Llama 2, TinyLlama, ...) are not supported, only byte-level BPE ('gpt2')")
+    if model != "gpt2":
+        raise ConvertError(f"GGUF tokenizer model {model!r} is not supported (only 'gpt2' byte-level BPE)")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE:
+        raise ConvertError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: {', '.join(sorted(GGUF_PRE))}")
+    pat, split_digits = GGUF_PRE[pre]
+    tokens = meta["tokenizer.ggml.tokens"]
+    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (CONTROL, USER_DEFINED, UNUSED)}
+    if any(ty == BYTE for ty in types):
+        raise ConvertError("GGUF tokenizer has <0xNN> byte tokens (SentencePiece byte fallback): not supported")
+    vocab = {t: i for i, t in enumerate(tokens) if t not in specials}
+    ranks = ranks_from_vocab(vocab, meta.get("tokenizer.ggml.merges") or [], specials, name)
+
+    def tok(key):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) and tokens[int(i)] in specials else None
+
+    bos = tok("bos_token_id")
+    eos = [t for t in (tok("eos_token_id"), tok("eot_token_id"), tok("eom_token_id")) if t]
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    return BPETokenizer(name, pat, ranks, specials, bos_token=bos, eos_tokens=list(dict.fromkeys(eos)), add_bos=add_bos,
+                        chat_template=meta.get("tokenizer.chat_template"), pre_split_digits=split_digits)
+
+
+def _dequantize(t, transform=None):
+    def load():
+        from gguf.quants import dequantize
+        try:
+            a = dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ConvertError(f"GGUF tensor {t.name!r}: type {t.tensor_type.name} cannot be dequantized ({e})") from e
+        if a.dtype == np.dtype("uint16") and t.tensor_type.name == "BF16":  # older gguf: bf16 raw bits
+            a = (a.astype(np.uint32) << 16).view(np.float32)
+        x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(tuple(reversed([int(n) for n in t.shape])))
+        return transform(x) if transform else x
+    return load
+
+
+def load_gguf(path: Path) -> Source:
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ConvertError("reading GGUF needs the `gguf` package: pip install gguf") from None
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:
+        raise ConvertError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated") from e
+    meta = _fields(reader)
+    by_name = {t.name: t for t in reader.tensors}
+    shapes = {n: tuple(int(x) for x in reversed(t.shape)) for n, t in by_name.items()}  # (out, in)
+    cfg = config_from_gguf(meta, shapes)
+    C, H, hd = cfg.n_embd, cfg.mlp_hidden, cfg.head_dim
+
+    tensors: dict[str, Tensor] = {}
+    used = set()
+
+    def take(ours, theirs, shape, transform=None):
+        if theirs not in by_name:
+            raise ConvertError(f"GGUF has no tensor {theirs!r} (needed for {ours!r})")
+        if shapes[theirs] != shape:
+            raise ConvertError(f"GGUF tensor {theirs!r} has shape {shapes[theirs]}, but the metadata implies {shape}")
+        tensors[ours] = Tensor(shape, _dequantize(by_name[theirs], transform), theirs)
+        used.add(theirs)
+
+    take("tok_emb.weight", "token_embd.weight", (cfg.vocab_size, C))
+    for i in range(cfg.n_layer):
+        g, b = f"blk.{i}.", f"blocks.{i}."
+        take(f"{b}attn_norm.weight", f"{g}attn_norm.weight", (C,))
+        take(f"{b}attn.q_proj.weight", f"{g}attn_q.weight", (cfg.n_head * hd, C), lambda w: unpermute(w, cfg.n_head))
+        take(f"{b}attn.k_proj.weight", f"{g}attn_k.weight", (cfg.n_kv_head * hd, C), lambda w: unpermute(w, cfg.n_kv_head))
+        take(f"{b}attn.v_proj.weight", f"{g}attn_v.weight", (cfg.n_kv_head * hd, C))
+        take(f"{b}attn.o_proj.weight", f"{g}attn_output.weight", (C, cfg.n_head * hd))
+        take(f"{b}mlp_norm.weight", f"{g}ffn_norm.weight", (C,))
+        take(f"{b}mlp.gate_proj.weight", f"{g}ffn_gate.weight", (H, C))
+        take(f"{b}mlp.up_proj.weight", f"{g}ffn_up.weight", (H, C))
+        take(f"{b}mlp.down_proj.weight", f"{g}ffn_down.weight", (C, H))
+    take("norm.weight", "output_norm.weight", (C,))
+    if not cfg.tie_embeddings:
+        take("lm_head.weight", "output.weight", (cfg.vocab_size, C))
+    unused = sorted(set(by_name) - used)
+    if unused:
+        raise ConvertError(f"GGUF tensor {unused[0]!r} is not used by a llama model ({len(unused)} unused); "
+                           f"unsupported architecture variant?")
+    tokenizer = tokenizer_from_gguf(meta, path.stem)
+    provenance = {"source": str(Path(path).resolve()), "source_format": "gguf",
+                  "general.name": meta.get("general.name"), "general.file_type": meta.get("general.file_type")}
+    return Source(cfg, tokenizer, tensors, provenance)

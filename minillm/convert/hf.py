@@ -1,0 +1,400 @@
+"""Hugging Face model directories (and hub ids) -> Source: config, tokenizer, and the tensor name map.
+
+Supported: GPT2LMHeadModel and LlamaForCausalLM (also SmolLM/SmolLM2, TinyLlama's weights, Llama 3.x),
+weights as model.safetensors, sharded *.safetensors with model.safetensors.index.json, or
+pytorch_model.bin (sharded too), read with torch.load(weights_only=True): no pickle code ever runs.
+
+The name maps below are the whole story of how their models become ours:
+
+GPT-2 (HF name, after an optional "transformer." prefix)   ours
+    wte.weight, wpe.weight                                   tok_emb.weight, pos_emb.weight
+    h.{i}.ln_1.*, h.{i}.ln_2.*                               blocks.{i}.attn_norm.*, blocks.{i}.mlp_norm.*
+    h.{i}.attn.c_attn.weight  (in, 3C), .bias (3C,)         blocks.{i}.attn.{q,k,v}_proj: transposed, split in 3
+    h.{i}.attn.c_proj, h.{i}.mlp.c_fc, h.{i}.mlp.c_proj      attn.o_proj, mlp.up_proj, mlp.down_proj: transposed
+    ln_f.*                                                   norm.*
+GPT-2 uses Conv1D layers, which store weights as (in, out), the transpose of nn.Linear's (out, in).
+Old checkpoints also hold h.{i}.attn.bias / masked_bias: the causal-mask buffers, not weights (ignored).
+
+LLaMA (HF name)                                              ours
+    model.embed_tokens.weight                                tok_emb.weight
+    model.layers.{i}.input_layernorm.weight                  blocks.{i}.attn_norm.weight
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight         blocks.{i}.attn.{q,k,v,o}_proj.weight (as is:
+                                                             HF's rotate-half RoPE layout is ours, see rope.py)
+    model.layers.{i}.post_attention_layernorm.weight         blocks.{i}.mlp_norm.weight
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight          blocks.{i}.mlp.{gate,up,down}_proj.weight
+    model.norm.weight, lm_head.weight (untied only)          norm.weight, lm_head.weight
+A tied model's lm_head.weight, if saved anyway, is a copy of the embedding and is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..tokenizer import GPT2_PAT, BPETokenizer
+from . import LLAMA3_PAT, ConvertError, Source, Tensor, ranks_from_vocab
+
+SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
+MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama"}
+
+
+# ----------------------------------------------------------------------------- hub
+
+def download_hub(repo_id: str) -> Path:
+    """Download a hub model's config, weights and tokenizer files (huggingface_hub, cached)."""
+    hint = (f"download it on a machine with internet access (e.g. `huggingface-cli download {repo_id} --local-dir DIR`) "
+            f"and pass the local directory instead")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ConvertError(f"{repo_id!r} is not a local path and huggingface_hub is not installed to fetch it from the hub; "
+                           f"pip install huggingface_hub, or {hint}") from None
+    text_files = ["*.json", "merges.txt", "vocab.json", "tokenizer.model", "*.jinja"]
+    try:
+        d = Path(snapshot_download(repo_id, allow_patterns=text_files + ["*.safetensors"]))
+        if not list(d.glob("*.safetensors")):  # older repos: pytorch_model*.bin only
+            d = Path(snapshot_download(repo_id, allow_patterns=text_files + ["pytorch_model*.bin"]))
+    except Exception as e:
+        raise ConvertError(f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                           f"If you are offline, {hint}") from e
+    return d
+
+
+# ----------------------------------------------------------------------------- weights
+
+class Weights:
+    """Names and shapes of every tensor in a HF directory, read lazily (safetensors) or once (.bin)."""
+
+    def __init__(self, d: Path):
+        self.dir = d
+        self.where: dict[str, Path] = {}  # tensor name -> file
+        self._open: dict[Path, object] = {}
+        self._bin: dict[Path, dict] = {}
+        files = self._files(d)
+        for f in files:
+            for name in self._names(f):
+                self.where[name] = f
+
+    @staticmethod
+    def _files(d: Path) -> list[Path]:
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if (d / index).is_file():
+                weight_map = json.loads((d / index).read_text())["weight_map"]
+                files = sorted({d / f for f in weight_map.values()})
+                absent = [f.name for f in files if not f.is_file()]
+                if absent:
+                    raise ConvertError(f"{d / index} names shard {absent[0]}, which is missing")
+                return files
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if (d / single).is_file():
+                return [d / single]
+        raise ConvertError(f"{d}: no weights found (expected model.safetensors, sharded *.safetensors with "
+                           f"model.safetensors.index.json, or pytorch_model.bin)")
+
+    def _names(self, f: Path) -> list[str]:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+            try:
+                h = safe_open(str(f), framework="pt")
+                names = list(h.keys())
+            except Exception as e:
+                raise ConvertError(f"{f}: not a readable safetensors file ({e}); it may be truncated") from e
+            self._open[f] = h
+            return names
+        try:  # weights_only: tensors and plain containers only, no arbitrary pickled code
+            sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise ConvertError(f"{f}: cannot be loaded safely with torch.load(weights_only=True) ({e}); "
+                                   f"only plain tensor state dicts are accepted") from e
+            sd = torch.load(str(f), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConvertError(f"{f}: cannot be loaded safely with torch.load(weights_only=True) "
+                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                               f"only plain tensor state dicts are accepted, nothing was executed") from e
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ConvertError(f"{f}: not a state dict of tensors")
+        self._bin[f] = sd
+        return list(sd)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        f = self.where[name]
+        if f in self._bin:
+            return tuple(self._bin[f][name].shape)
+        return tuple(self._open[f].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self.where[name]
+        t = self._bin[f][name] if f in self._bin else self._open[f].get_tensor(name)
+        return t.float() if t.is_floating_point() else t
+
+
+# ----------------------------------------------------------------------------- config
+
+def _rope(c: dict) -> tuple[float, dict | None]:
+    """rope_theta and llama3 scaling from either transformers 5 (`rope_parameters`) or 4 (`rope_theta`, `rope_scaling`)."""
+    params = c.get("rope_parameters") or {}
+    scaling = c.get("rope_scaling") or params
+    theta = float(params.get("rope_theta", c.get("rope_theta", 10000.0)))
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise ConvertError(f"rope scaling type {kind!r} is not supported (only llama3 scaling)")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return theta, {k: scaling[k] for k in keys}
+
+
+def config_from_hf(c: dict) -> ModelConfig:
+    arch = (c.get("architectures") or [None])[0]
+    family = SUPPORTED.get(arch) if arch else MODEL_TYPES.get(c.get("model_type"))
+    if family is None:
+        raise ConvertError(f"unsupported architecture {arch or c.get('model_type')!r}; "
+                           f"supported: {', '.join(SUPPORTED)} (and SmolLM/TinyLlama/Llama 3.x, which are LlamaForCausalLM)")
+    try:
+        if family == "gpt2":
+            act = c.get("activation_function", "gelu_new")
+            if act not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise ConvertError(f"GPT-2 activation {act!r} is not supported (ours is tanh-approximated GELU)")
+            if not c.get("scale_attn_weights", True) or c.get("scale_attn_by_inverse_layer_idx", False):
+                raise ConvertError("GPT-2 attention scaling variants (scale_attn_weights=False, "
+                                   "scale_attn_by_inverse_layer_idx) are not supported")
+            return ModelConfig(family="gpt2", vocab_size=c["vocab_size"], block_size=c["n_positions"],
+                               n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
+                               mlp_hidden=c.get("n_inner") or 4 * c["n_embd"], bias=True,
+                               norm_eps=c.get("layer_norm_epsilon", 1e-5),
+                               tie_embeddings=c.get("tie_word_embeddings", True), attn_impl="sdpa")
+        if c.get("hidden_act", "silu") != "silu":
+            raise ConvertError(f"LLaMA activation {c['hidden_act']!r} is not supported (SwiGLU uses silu)")
+        attn_bias, mlp_bias = bool(c.get("attention_bias", False)), bool(c.get("mlp_bias", False))
+        if attn_bias != mlp_bias:
+            raise ConvertError("attention_bias != mlp_bias is not supported (our bias flag covers every linear layer)")
+        n_head = c["num_attention_heads"]
+        if c.get("head_dim") not in (None, c["hidden_size"] // n_head):
+            raise ConvertError(f"head_dim {c['head_dim']} != hidden_size/num_attention_heads is not supported")
+        theta, scaling = _rope(c)
+        return ModelConfig(family="llama", vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
+                           n_layer=c["num_hidden_layers"], n_head=n_head, n_embd=c["hidden_size"],
+                           n_kv_head=c.get("num_key_value_heads") or n_head, mlp_hidden=c["intermediate_size"],
+                           bias=attn_bias, norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=theta,
+                           rope_scaling=scaling, tie_embeddings=c.get("tie_word_embeddings", False), attn_impl="sdpa")
+    except KeyError as e:
+        raise ConvertError(f"config.json has no {e.args[0]!r}, which a {family} model needs") from None
+
+
+# ----------------------------------------------------------------------------- name maps
+
+def _gpt2_map(cfg: ModelConfig, w: Weights) -> tuple[dict[str, Tensor], set[str]]:
+    pre = "transformer." if "transformer.wte.weight" in w.where else ""
+    C, H = cfg.n_embd, cfg.mlp_hidden
+    m: dict[str, Tensor] = {}
+
+    def take(ours, theirs, want_shape, fn=lambda t: t, out_shape=None):
+        name = pre + theirs
+        if name not in w.where:
+            raise ConvertError(f"missing tensor {name!r} (needed for {ours!r})")
+        got = w.shape(name)
+        if got != want_shape:
+            raise ConvertError(f"tensor {name!r} has shape {got}, but config.json implies {want_shape}: "
+                               f"config and weights disagree")
+        m[ours] = Tensor(out_shape or want_shape, lambda: fn(w.get(name)), name)
+        used.add(name)
+
+    used: set[str] = set()
+    take("tok_emb.weight", "wte.weight", (cfg.vocab_size, C))
+    take("pos_emb.weight", "wpe.weight", (cfg.block_size, C))
+    for i in range(cfg.n_layer):
+        h, b = f"h.{i}.", f"blocks.{i}."
+        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            take(f"{b}{ours}.weight", f"{h}{theirs}.weight", (C,))
+            take(f"{b}{ours}.bias", f"{h}{theirs}.bias", (C,))
+        for j, x in enumerate("qkv"):  # c_attn: (C, 3C) Conv1D = [q | k | v] columns
+            take(f"{b}attn.{x}_proj.weight", f"{h}attn.c_attn.weight", (C, 3 * C),
+                 lambda t, j=j: t[:, j * C:(j + 1) * C].t(), (C, C))
+            take(f"{b}attn.{x}_proj.bias", f"{h}attn.c_attn.bias", (3 * C,), lambda t, j=j: t[j * C:(j + 1) * C], (C,))
+        for ours, theirs, shape in (("attn.o_proj", "attn.c_proj", (C, C)), ("mlp.up_proj", "mlp.c_fc", (C, H)),
+                                    ("mlp.down_proj", "mlp.c_proj", (H, C))):
+            take(f"{b}{ours}.weight", f"{h}{theirs}.weight", shape, lambda t: t.t(), shape[::-1])
+            take(f"{b}{ours}.bias", f"{h}{theirs}.bias", (shape[1],))
+    take("norm.weight", "ln_f.weight", (C,))
+    take("norm.bias", "ln_f.bias", (C,))
+    if not cfg.tie_embeddings:
+        pre = ""  # lm_head sits outside the "transformer." prefix
+        take("lm_head.weight", "lm_head.weight", (cfg.vocab_size, C))
+    ignore = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$|^lm_head\.weight$")
+    return m, {n for n in w.where if n not in used and not ignore.match(n)}
+
+
+def _llama_map(cfg: ModelConfig, w: Weights) -> tuple[dict[str, Tensor], set[str]]:
+    C, H, hd = cfg.n_embd, cfg.mlp_hidden, cfg.head_dim
+    m: dict[str, Tensor] = {}
+    used: set[str] = set()
+
+    def take(ours, name, shape):
+        if name not in w.where:
+            raise ConvertError(f"missing tensor {name!r} (needed for {ours!r})")
+        got = w.shape(name)
+        if got != shape:
+            raise ConvertError(f"tensor {name!r} has shape {got}, but config.json implies {shape}: config and weights disagree")
+        m[ours] = Tensor(shape, lambda: w.get(name), name)
+        used.add(name)
+
+    take("tok_emb.weight", "model.embed_tokens.weight", (cfg.vocab_size, C))
+    for i in range(cfg.n_layer):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        take(f"{b}attn_norm.weight", f"{h}input_layernorm.weight", (C,))
+        take(f"{b}mlp_norm.weight", f"{h}post_attention_layernorm.weight", (C,))
+        for x, rows in (("q", cfg.n_head * hd), ("k", cfg.n_kv_head * hd), ("v", cfg.n_kv_head * hd)):
+            take(f"{b}attn.{x}_proj.weight", f"{h}self_attn.{x}_proj.weight", (rows, C))
+            if cfg.bias:
+                take(f"{b}attn.{x}_proj.bias", f"{h}self_attn.{x}_proj.bias", (rows,))
+        take(f"{b}attn.o_proj.weight", f"{h}self_attn.o_proj.weight", (C, cfg.n_head * hd))
+        for x, shape in (("gate", (H, C)), ("up", (H, C)), ("down", (C, H))):
+            take(f"{b}mlp.{x}_proj.weight", f"{h}mlp.{x}_proj.weight", shape)
+            if cfg.bias:
+                take(f"{b}mlp.{x}_proj.bias", f"{h}mlp.{x}_proj.bias", (shape[0],))
+        if cfg.bias:
+            take(f"{b}attn.o_proj.bias", f"{h}self_attn.o_proj.bias", (C,))
+    take("norm.weight", "model.norm.weight", (C,))
+    if not cfg.tie_embeddings:
+        take("lm_head.weight", "lm_head.weight", (cfg.vocab_size, C))
+    ignore = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$|^lm_head\.weight$")
+    return m, {n for n in w.where if n not in used and not ignore.match(n)}
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def _special(tok) -> str | None:
+    if tok is None or isinstance(tok, str):
+        return tok
+    return tok.get("content")
+
+
+def _pre_tokenizer(pt: dict | None, where: Path) -> tuple[str, bool]:
+    """tokenizer.json's pre_tokenizer -> (regex, split digits first). Only byte-level forms we reproduce exactly."""
+    steps = pt.get("pretokenizers", []) if pt and pt.get("type") == "Sequence" else [pt] if pt else []
+    kinds = [s.get("type") for s in steps]
+    if kinds and kinds[-1] == "ByteLevel" and steps[-1].get("add_prefix_space"):
+        raise ConvertError(f"{where}: ByteLevel with add_prefix_space=True is not supported")
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return GPT2_PAT, False  # GPT-2
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return GPT2_PAT, True  # SmolLM/SmolLM2
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        split = steps[0]
+        pattern = (split.get("pattern") or {}).get("Regex")
+        if pattern and split.get("behavior") == "Isolated" and not split.get("invert"):
+            return pattern, False  # Llama 3 (and other tiktoken-style regexes)
+    if "Metaspace" in kinds:
+        raise ConvertError(f"{where}: a SentencePiece tokenizer (Metaspace); SentencePiece tokenizers "
+                           f"(Llama 2, TinyLlama, ...) are not supported, only byte-level BPE")
+    raise ConvertError(f"{where}: unsupported pre-tokenizer {kinds or None}; supported: GPT-2 ByteLevel, "
+                       f"Digits+ByteLevel (SmolLM), Split(regex)+ByteLevel (Llama 3)")
+
+
+def tokenizer_from_hf(d: Path, name: str) -> BPETokenizer:
+    """tokenizer.json (preferred), or vocab.json + merges.txt (GPT-2), or a tiktoken tokenizer.model (Llama 3)."""
+    tc_path = d / "tokenizer_config.json"
+    tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
+    specials: dict[str, int] = {}
+    for i, t in (tc.get("added_tokens_decoder") or {}).items():
+        specials[t["content"]] = int(i)
+    tj_path = d / "tokenizer.json"
+    add_bos = tc.get("add_bos_token")
+    if tj_path.is_file():
+        tj = json.loads(tj_path.read_text(encoding="utf-8"))
+        model = tj.get("model") or {}
+        if model.get("type") != "BPE":
+            raise ConvertError(f"{tj_path}: tokenizer model {model.get('type')!r} is not supported (only byte-level BPE)")
+        if model.get("byte_fallback") or tj.get("normalizer"):
+            raise ConvertError(f"{tj_path}: a SentencePiece-style BPE (byte_fallback / normalizer); SentencePiece "
+                               f"tokenizers (Llama 2, TinyLlama, ...) are not supported, only byte-level BPE")
+        pat, split_digits = _pre_tokenizer(tj.get("pre_tokenizer"), tj_path)
+        for t in tj.get("added_tokens") or []:
+            specials[t["content"]] = t["id"]
+        ranks = ranks_from_vocab(model["vocab"], model.get("merges") or [], specials, name)
+        post = tj.get("post_processor") or {}
+        if add_bos is None and post.get("type") == "TemplateProcessing":
+            first = (post.get("single") or [{}])[0]
+            add_bos = "SpecialToken" in first
+            if add_bos and not tc.get("bos_token"):
+                tc["bos_token"] = first["SpecialToken"]["id"]
+    elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
+        lines = (d / "merges.txt").read_text(encoding="utf-8").splitlines()
+        merges = [ln for ln in lines if ln and not ln.startswith("#version")]
+        if "<|endoftext|>" in vocab:
+            specials.setdefault("<|endoftext|>", vocab["<|endoftext|>"])
+        pat, split_digits = GPT2_PAT, False
+        ranks = ranks_from_vocab(vocab, merges, specials, name)
+    elif (d / "tokenizer.model").is_file():
+        raw = (d / "tokenizer.model").read_bytes()
+        try:
+            import base64
+            ranks = {}
+            for line in raw.decode("ascii").splitlines():
+                if line:
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok)] = int(rank)
+        except (UnicodeDecodeError, ValueError):
+            raise ConvertError(f"{d / 'tokenizer.model'}: a SentencePiece model; SentencePiece tokenizers "
+                               f"(Llama 2, TinyLlama, ...) are not supported, only byte-level BPE") from None
+        if not specials:  # Meta's Llama 3 layout: 256 special tokens after the ranks
+            n = len(ranks)
+            names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+                     "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
+                     "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+            names += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(names) + 2)]
+            specials = {t: n + i for i, t in enumerate(names)}
+            tc.setdefault("bos_token", "<|begin_of_text|>")
+            tc.setdefault("eos_token", "<|end_of_text|>")
+            add_bos = True if add_bos is None else add_bos
+        pat, split_digits = LLAMA3_PAT, False
+    else:
+        raise ConvertError(f"{d}: no tokenizer found (expected tokenizer.json, vocab.json + merges.txt, "
+                           f"or a tiktoken tokenizer.model)")
+
+    bos = _special(tc.get("bos_token"))
+    eos = [_special(tc.get("eos_token"))]
+    gen = d / "generation_config.json"
+    if gen.is_file():  # instruct models often list extra stop ids (e.g. Llama 3's <|eot_id|>)
+        ids = json.loads(gen.read_text()).get("eos_token_id")
+        by_id = {i: t for t, i in specials.items()}
+        eos += [by_id[i] for i in ([ids] if isinstance(ids, int) else ids or []) if i in by_id]
+    eos = list(dict.fromkeys(t for t in eos if t in specials))
+    bos = bos if bos in specials else None
+    chat = tc.get("chat_template")
+    if chat is None and (d / "chat_template.jinja").is_file():
+        chat = (d / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(chat, list):  # several named templates: keep the default one
+        chat = next((t["template"] for t in chat if t.get("name") == "default"), None)
+    try:
+        return BPETokenizer(name, pat, ranks, specials, bos_token=bos, eos_tokens=eos, add_bos=bool(add_bos and bos),
+                            chat_template=chat, pre_split_digits=split_digits)
+    except ValueError as e:
+        raise ConvertError(f"{d}: tokenizer cannot be built ({e})") from e
+
+
+# ----------------------------------------------------------------------------- entry
+
+def load_hf_dir(d: Path) -> Source:
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise ConvertError(f"{d}: no config.json (not a Hugging Face model directory)")
+    c = json.loads(cfg_path.read_text())
+    cfg = config_from_hf(c)
+    w = Weights(d)
+    tensors, unused = (_gpt2_map if cfg.family == "gpt2" else _llama_map)(cfg, w)
+    if unused:
+        first = sorted(unused)[0]
+        raise ConvertError(f"tensor {first!r} in {w.where[first].name} is not used by a {cfg.family} model "
+                           f"({len(unused)} unused); unsupported architecture variant?")
+    name = d.resolve().name
+    tokenizer = tokenizer_from_hf(d, name)
+    provenance = {"source": str(d.resolve()), "source_format": "huggingface",
+                  "architecture": (c.get("architectures") or [c.get("model_type")])[0]}
+    return Source(cfg, tokenizer, tensors, provenance)
