@@ -11,7 +11,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-import regex
+import regex  # tiktoken's own dependency; unlike re it knows \p{N}
 import tiktoken
 import tiktoken.load
 
@@ -102,8 +102,8 @@ class BPETokenizer:
         self.bos_id = special_tokens[bos_token] if bos_token else None
         self.eos_ids: set[int] = {special_tokens[t] for t in self.eos_tokens}
         self.eos_id = special_tokens[self.eos_tokens[0]] if self.eos_tokens else None
-        longest_first = sorted(special_tokens, key=len, reverse=True)
-        self._special_split = regex.compile("(" + "|".join(map(regex.escape, longest_first)) + ")") if special_tokens else None
+        longest_first = "|".join(regex.escape(t) for t in sorted(special_tokens, key=len, reverse=True))
+        self._special_split = regex.compile(f"({longest_first})") if special_tokens else None
 
     @classmethod
     def gpt2(cls, path: str | None = None) -> "BPETokenizer":
@@ -120,8 +120,8 @@ class BPETokenizer:
             try:
                 ranks = tiktoken.get_encoding("gpt2")._mergeable_ranks
             except Exception as e:
-                raise RuntimeError(f"could not load GPT-2's BPE ranks ({e}). Pass the r50k_base rank file "
-                                   f"(gpt2.tiktoken) as a path, or set MINILLM_DATA_DIR=DIR with DIR/gpt2/gpt2.tiktoken") from e
+                raise RuntimeError(f"could not load GPT-2's BPE ranks ({e}). Pass tiktoken's r50k_base rank file "
+                                   f"as a path, or put it at $MINILLM_DATA_DIR/gpt2/gpt2.tiktoken") from e
         return cls("gpt2", GPT2_PAT, ranks, {GPT2_EOT: 50256}, eos_tokens=[GPT2_EOT])
 
     @property
@@ -209,6 +209,6 @@ def complete_utf8_prefix(b: bytes) -> int:
     for back in range(1, min(4, len(b)) + 1):  # look at most 4 bytes back for a lead byte
         byte = b[-back]
         if byte & 0xC0 != 0x80:  # not a continuation byte: a lead (or ASCII) byte
-            need = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
+            need = 1 if byte < 0xC0 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4 if byte < 0xF8 else 1
             return len(b) if back >= need else len(b) - back
     return len(b)  # only continuation bytes: invalid anyway, emit (as U+FFFD)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import tiktoken
 from hypothesis import given, settings, strategies as st
 
 from minillm.tokenizer import GPT2_PAT, BPETokenizer, CharTokenizer, IncrementalDecoder, tokenizer_from_dict
@@ -15,9 +16,13 @@ def gpt2(data_dir):
 
 def test_char_roundtrip_and_vocab(shakespeare_text):
     tok = CharTokenizer.from_text(shakespeare_text)
-    assert tok.vocab_size == 65
-    ids = tok.encode(shakespeare_text[:5000])
-    assert tok.decode(ids) == shakespeare_text[:5000]
+    assert tok.vocab_size == 65 and tok.encode("\n !") == [0, 1, 2]  # sorted: id = index
+    ids = tok.encode(shakespeare_text)
+    assert len(ids) == len(shakespeare_text) and tok.decode(ids) == shakespeare_text
+    assert tok.eos_ids == set() and isinstance(tok.eos_ids, set) and tok.eos_id is None and tok.bos_id is None
+    assert tok.token_bytes(tok.encode("a")[0]) == b"a"
+    with pytest.raises(ValueError, match="outside"):
+        tok.decode([-1])
 
 
 def test_char_unknown_characters_listed(shakespeare_text):
@@ -34,8 +39,24 @@ def test_gpt2_ids(gpt2, text, ids):
 
 
 def test_gpt2_special_as_text(gpt2):
-    assert 50256 not in gpt2.encode("<|endoftext|>", allow_special=False)
-    assert gpt2.eos_ids == {50256} and gpt2.vocab_size == 50257
+    ids = gpt2.encode("a<|endoftext|>", allow_special=False)
+    assert 50256 not in ids and gpt2.decode(ids) == "a<|endoftext|>"
+    assert gpt2.eos_ids == {50256} and isinstance(gpt2.eos_ids, set) and gpt2.eos_id == 50256 and gpt2.bos_id is None
+    assert gpt2.vocab_size == 50257 and gpt2.token_bytes(50256) == b"<|endoftext|>"
+
+
+def test_gpt2_file_lookup(monkeypatch, tmp_path, data_dir):
+    monkeypatch.setenv("MINILLM_DATA_DIR", str(data_dir))
+    assert BPETokenizer.gpt2().encode("Hello world") == [15496, 995]
+    with pytest.raises(FileNotFoundError, match="r50k_base"):
+        BPETokenizer.gpt2(str(tmp_path / "missing.tiktoken"))
+    monkeypatch.setenv("MINILLM_DATA_DIR", str(tmp_path))  # no file there: falls back to tiktoken's download
+
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(RuntimeError, match=r"no network.*r50k_base.*MINILLM_DATA_DIR/gpt2/gpt2\.tiktoken"):
+        BPETokenizer.gpt2()
 
 
 def test_gpt2_whole_shakespeare(gpt2, shakespeare_text):
@@ -51,6 +72,12 @@ def test_json_roundtrip(make, gpt2, shakespeare_text):
     assert again.vocab_size == tok.vocab_size
 
 
+def test_duplicate_ids_rejected():
+    ranks = {bytes([b]): b for b in range(256)}
+    with pytest.raises(ValueError, match=r"more than one token: \[7\]"):
+        BPETokenizer("t", GPT2_PAT, ranks, {"<s>": 7})
+
+
 def test_non_contiguous_ranks_roundtrip():
     ranks = {bytes([b]): b for b in range(256)} | {b"ab": 300}
     tok = BPETokenizer("t", GPT2_PAT, ranks, {"<s>": 400}, bos_token="<s>", add_bos=True)
@@ -60,9 +87,16 @@ def test_non_contiguous_ranks_roundtrip():
 
 
 def test_pre_split_digits(gpt2):
-    tok = BPETokenizer("digits", GPT2_PAT, gpt2.ranks, gpt2.special_tokens, pre_split_digits=True)
-    pieces = [tok.decode([i]) for i in tok.encode(" 12345 x9")]
-    assert pieces == [" ", "1", "2", "3", "4", "5", " x", "9"]
+    assert [gpt2.decode([i]) for i in gpt2.encode(" 12345")] == [" 123", "45"]  # without: merged
+    ranks = gpt2.ranks | {b"  ": 50257}  # a double-space token, as SmolLM2 has
+    tok = BPETokenizer("digits", GPT2_PAT, ranks, {"<|r12|>": 50258}, pre_split_digits=True)
+    pieces = lambda text, **kw: [tok.decode([i]) for i in tok.encode(text, **kw)]
+    assert pieces(" 12345 x9") == [" ", "1", "2", "3", "4", "5", " x", "9"]
+    assert pieces("a  1") == ["a", "  ", "1"]  # the regex runs on "a  " alone, so \s++$ takes both spaces
+    assert pieces("7<|r12|>8") == ["7", "<|r12|>", "8"]  # specials are cut out before digits
+    assert "<|r12|>" not in pieces("<|r12|>", allow_special=False)
+    again = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
+    assert again.pre_split_digits and again.encode("x 2024<|r12|>") == tok.encode("x 2024<|r12|>")
 
 
 def test_unknown_kind():
@@ -87,10 +121,14 @@ def test_streamed_pieces_join_to_full_decode(gpt2, text):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.text(alphabet="abc日本🤖\n", max_size=40))
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60)
+       | st.text(alphabet="aé日本🤖👍🏽\u0301 \n", max_size=30))
 def test_streamed_char_pieces(text):
-    tok = CharTokenizer("abc日本🤖\n")
-    assert "".join(stream(tok, tok.encode(text))) == text
+    tok = CharTokenizer.from_text(text)
+    ids = tok.encode(text)
+    pieces = stream(tok, ids)
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert all("\ufffd" not in p for p in pieces) or "\ufffd" in text
 
 
 def test_partial_character_is_held_back(gpt2):
