@@ -1,17 +1,22 @@
 """Datasets: find (or download and checksum) the text, split it 90/10, cut random blocks.
 
-Lookup order for tinyshakespeare: an explicit `--data PATH`, then
-`$MINILLM_DATA_DIR/tinyshakespeare/input.txt`, then the cache (`$MINILLM_CACHE_DIR`, default
-~/.cache/minillm), then a download into the cache. Any other text file works via `--data`.
+Where the text comes from, first match wins:
+  1. an explicit path (`train.py --data PATH`); any UTF-8 text file, no checksum;
+  2. `$MINILLM_DATA_DIR/<name>/input.txt`;
+  3. the cache, `cache_dir()/<name>/input.txt` (`$MINILLM_CACHE_DIR`, default ~/.cache/minillm);
+  4. a download from the dataset's public URL into the cache.
+Copies found in 2 and 3, and every download, are checked against the known sha256.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
+import shutil
 import tempfile
-import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,67 +24,93 @@ import torch
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-TINYSHAKESPEARE_REL = Path("tinyshakespeare") / "input.txt"
+
+
+@dataclass(frozen=True)
+class RemoteText:
+    """A named text dataset: where to fetch it and what it must hash to."""
+    url: str
+    sha256: str
+    size: int  # bytes, for the reader's information
+
+
+DATASETS: dict[str, RemoteText] = {
+    "tinyshakespeare": RemoteText(TINYSHAKESPEARE_URL, TINYSHAKESPEARE_SHA256, 1_115_394),
+}
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MINILLM_CACHE_DIR", Path.home() / ".cache" / "minillm"))
+    """Where downloads go: $MINILLM_CACHE_DIR, else ~/.cache/minillm."""
+    env = os.environ.get("MINILLM_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "minillm"
 
 
 def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 
 
 def check_sha256(path: Path, expected: str) -> Path:
+    """Return path if its sha256 is `expected`, else raise ValueError naming file and both hashes."""
     found = file_sha256(path)
     if found != expected:
-        raise ValueError(f"{path}: sha256 {found} does not match the expected {expected} (corrupt or different file)")
+        raise ValueError(f"{path}: sha256 mismatch: expected {expected}, found {found} "
+                         "(a corrupt or different file; replace or delete it)")
     return path
 
 
 def download(url: str, dest: Path, sha256: str | None = None) -> Path:
-    """Fetch url to dest atomically: a temp file in dest's directory, verified, then renamed."""
+    """Fetch url to dest atomically: a temp file beside dest, verified, then renamed over it.
+
+    A failed or mismatching download leaves dest as it was (absent, or the old file)."""
+    dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
-            while chunk := resp.read(1 << 20):
-                out.write(chunk)
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
+                shutil.copyfileobj(resp, out, 1 << 20)
+        except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
+            raise RuntimeError(
+                f"download failed: {url} ({e}). Supply the file yourself: pass --data PATH, "
+                f"or set MINILLM_DATA_DIR=DIR with DIR/{dest.parent.name}/{dest.name}, "
+                f"or put it at {dest}") from e
         if sha256 is not None:
-            check_sha256(Path(tmp), sha256)
+            check_sha256(tmp, sha256)
         os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError) as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise RuntimeError(
-            f"could not download {url} ({e}). Supply the file yourself: pass --data PATH, or set "
-            f"MINILLM_DATA_DIR=DIR with DIR/{TINYSHAKESPEARE_REL}, or place it at {dest}") from e
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return dest
 
 
-def resolve_text_path(data: str | None = None) -> Path:
-    """The text file to train on: `data` if given, else tinyshakespeare from the first place that has it."""
+def resolve_text_path(data: str | Path | None = None, name: str = "tinyshakespeare") -> Path:
+    """The text file to train on: `data` if given, else dataset `name` from the first place that has it."""
     if data is not None:
-        path = Path(data)
+        path = Path(data).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"dataset file not found: {path}")
         return path
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r} (known: {', '.join(DATASETS)}); pass a file path instead")
+    remote = DATASETS[name]
+    rel = Path(name) / "input.txt"
     env = os.environ.get("MINILLM_DATA_DIR")
-    if env and (Path(env) / TINYSHAKESPEARE_REL).is_file():
-        return check_sha256(Path(env) / TINYSHAKESPEARE_REL, TINYSHAKESPEARE_SHA256)
-    cached = cache_dir() / TINYSHAKESPEARE_REL
+    if env and (Path(env).expanduser() / rel).is_file():
+        return check_sha256(Path(env).expanduser() / rel, remote.sha256)
+    cached = cache_dir() / rel
     if cached.is_file():
-        return check_sha256(cached, TINYSHAKESPEARE_SHA256)
-    return download(TINYSHAKESPEARE_URL, cached, TINYSHAKESPEARE_SHA256)
+        return check_sha256(cached, remote.sha256)
+    return download(remote.url, cached, remote.sha256)
 
 
 def read_text(path: str | Path) -> str:
+    """The file's text as UTF-8; a ValueError naming the file if it is not UTF-8."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -87,21 +118,27 @@ def read_text(path: str | Path) -> str:
 
 
 def split_train_val(ids: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """First 90% for training, last 10% for validation (as nanoGPT's prepare scripts)."""
+    """First (1 - val_fraction) of the ids for training, the rest for validation (as nanoGPT)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     n = int(len(ids) * (1 - val_fraction))
-    if n == len(ids) or n == 0:
-        raise ValueError(f"dataset of {len(ids)} tokens is too small to split {1 - val_fraction:.0%}/{val_fraction:.0%}")
+    if n == 0 or n == len(ids):
+        raise ValueError(f"dataset of {len(ids)} tokens is too small to split "
+                         f"{1 - val_fraction:.0%}/{val_fraction:.0%} with neither part empty")
     return ids[:n], ids[n:]
 
 
-def get_batch(ids: np.ndarray, block_size: int, batch_size: int, generator: torch.Generator,
+def get_batch(data: np.ndarray, block_size: int, batch_size: int, generator: torch.Generator,
               device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """batch_size random contiguous blocks: x = ids[i:i+block], y = ids[i+1:i+1+block] (int64)."""
-    if len(ids) <= block_size:
-        raise ValueError(f"data split has {len(ids)} tokens, need more than block_size={block_size}")
-    starts = torch.randint(len(ids) - block_size, (batch_size,), generator=generator).tolist()
-    x = torch.from_numpy(np.stack([ids[i:i + block_size] for i in starts]).astype(np.int64))
-    y = torch.from_numpy(np.stack([ids[i + 1:i + 1 + block_size] for i in starts]).astype(np.int64))
-    if torch.device(device).type == "cuda":
+    """batch_size random contiguous blocks: x = data[i:i+block_size], y = data[i+1:i+1+block_size].
+
+    Returns int64 tensors of shape (batch_size, block_size) on device."""
+    if len(data) <= block_size:
+        raise ValueError(f"data has {len(data)} tokens, need more than block_size={block_size}")
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+    index = starts[:, None] + np.arange(block_size)  # (batch_size, block_size) positions
+    x = torch.from_numpy(np.asarray(data[index], dtype=np.int64))
+    y = torch.from_numpy(np.asarray(data[index + 1], dtype=np.int64))
+    if torch.device(device).type == "cuda":  # pinned host memory lets the copy overlap compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
