@@ -104,6 +104,10 @@ class BPETokenizer:
         self.eos_id = special_tokens[self.eos_tokens[0]] if self.eos_tokens else None
         longest_first = "|".join(regex.escape(t) for t in sorted(special_tokens, key=len, reverse=True))
         self._special_split = regex.compile(f"({longest_first})") if special_tokens else None
+        # Some vocabularies (SmolLM2's) lack a few ASCII control bytes; tiktoken cannot encode a byte
+        # it has no rank for, and Hugging Face's tokenizer drops such characters, so we drop them too.
+        missing = [b for b in range(128) if bytes([b]) not in mergeable_ranks]
+        self._drop = regex.compile("[" + "".join(regex.escape(chr(b)) for b in missing) + "]") if missing else None
 
     @classmethod
     def gpt2(cls, path: str | None = None) -> "BPETokenizer":
@@ -130,7 +134,10 @@ class BPETokenizer:
 
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Special-token strings in the text become their ids (as Hugging Face tokenizers do);
-        allow_special=False encodes them as plain text instead. add_bos prepends bos_id."""
+        allow_special=False encodes them as plain text instead. add_bos prepends bos_id.
+        ASCII characters the vocabulary has no byte token for are dropped (see __init__)."""
+        if self._drop is not None:
+            text = self._drop.sub("", text)
         if not self.pre_split_digits:
             ids = self.enc.encode(text, allowed_special="all") if allow_special else self.enc.encode_ordinary(text)
         else:

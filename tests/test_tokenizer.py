@@ -86,6 +86,12 @@ def test_non_contiguous_ranks_roundtrip():
     assert again.vocab_size == 401
 
 
+def test_ascii_bytes_missing_from_vocab_are_dropped():
+    ranks = {bytes([b]): i for i, b in enumerate(b for b in range(256) if b not in (0x04, 0x13))}
+    tok = BPETokenizer("gappy", GPT2_PAT, ranks, {})
+    assert tok.decode(tok.encode("a\x04b\x13c")) == "abc"  # tiktoken alone panics on these bytes
+
+
 def test_pre_split_digits(gpt2):
     assert [gpt2.decode([i]) for i in gpt2.encode(" 12345")] == [" 123", "45"]  # without: merged
     ranks = gpt2.ranks | {b"  ": 50257}  # a double-space token, as SmolLM2 has

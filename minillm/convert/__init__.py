@@ -27,6 +27,7 @@ refused with a clear error.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -205,7 +206,7 @@ def write_checkpoint(src: Source, out: str | Path, dtype: torch.dtype = torch.fl
     itemsize = torch.empty((), dtype=dtype).element_size()
     for name in names:
         shape = list(src.tensors[name].shape)
-        nbytes = itemsize * int(torch.tensor(shape).prod().item() if shape else 1)
+        nbytes = itemsize * math.prod(shape)
         header[name] = {"dtype": _ST_DTYPE[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": FORMAT, "config": src.config.to_json(),
@@ -234,6 +235,9 @@ def write_checkpoint(src: Source, out: str | Path, dtype: torch.dtype = torch.fl
                 f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
                 del t
         _validate_written(tmp, src.config)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it owner-only; give it a normal file's mode
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

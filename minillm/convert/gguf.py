@@ -110,7 +110,8 @@ def _dequantize(t, transform=None):
             raise ConvertError(f"GGUF tensor {t.name!r}: type {t.tensor_type.name} cannot be dequantized ({e})") from e
         if a.dtype == np.dtype("uint16") and t.tensor_type.name == "BF16":  # older gguf: bf16 raw bits
             a = (a.astype(np.uint32) << 16).view(np.float32)
-        x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).reshape(tuple(reversed([int(n) for n in t.shape])))
+        shape = tuple(reversed([int(n) for n in t.shape]))  # (out, in)
+        x = torch.from_numpy(a.astype(np.float32)).reshape(shape)  # astype copies: the memmap is read-only
         return transform(x) if transform else x
     return load
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..tokenizer import GPT2_PAT, BPETokenizer
+from ..tokenizer import GPT2_PAT, BPETokenizer, CharTokenizer
 from . import LLAMA3_PAT, ConvertError, Source, Tensor, ranks_from_vocab
 
 SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
@@ -296,8 +296,8 @@ def _pre_tokenizer(pt: dict | None, where: Path) -> tuple[str, bool]:
                        f"Digits+ByteLevel (SmolLM), Split(regex)+ByteLevel (Llama 3)")
 
 
-def tokenizer_from_hf(d: Path, name: str) -> BPETokenizer:
-    """tokenizer.json (preferred), or vocab.json + merges.txt (GPT-2), or a tiktoken tokenizer.model (Llama 3)."""
+def tokenizer_from_hf(d: Path, name: str) -> BPETokenizer | CharTokenizer:
+    """tokenizer.json (preferred; also a single-character WordLevel vocabulary), or vocab.json + merges.txt (GPT-2), or a tiktoken tokenizer.model (Llama 3)."""
     tc_path = d / "tokenizer_config.json"
     tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
     specials: dict[str, int] = {}
@@ -308,6 +308,11 @@ def tokenizer_from_hf(d: Path, name: str) -> BPETokenizer:
     if tj_path.is_file():
         tj = json.loads(tj_path.read_text(encoding="utf-8"))
         model = tj.get("model") or {}
+        vocab = model.get("vocab") or {}
+        if model.get("type") == "WordLevel" and all(len(t) == 1 for t in vocab) and \
+                sorted(vocab, key=vocab.get) == sorted(vocab) == [t for t, _ in sorted(vocab.items())] and \
+                sorted(vocab.values()) == list(range(len(vocab))):
+            return CharTokenizer("".join(vocab))  # one id per character, as minillm.export writes char vocabularies
         if model.get("type") != "BPE":
             raise ConvertError(f"{tj_path}: tokenizer model {model.get('type')!r} is not supported (only byte-level BPE)")
         if model.get("byte_fallback") or tj.get("normalizer"):
@@ -343,16 +348,9 @@ def tokenizer_from_hf(d: Path, name: str) -> BPETokenizer:
         except (UnicodeDecodeError, ValueError):
             raise ConvertError(f"{d / 'tokenizer.model'}: a SentencePiece model; SentencePiece tokenizers "
                                f"(Llama 2, TinyLlama, ...) are not supported, only byte-level BPE") from None
-        if not specials:  # Meta's Llama 3 layout: 256 special tokens after the ranks
-            n = len(ranks)
-            names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-                     "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
-                     "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
-            names += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(names) + 2)]
-            specials = {t: n + i for i, t in enumerate(names)}
-            tc.setdefault("bos_token", "<|begin_of_text|>")
-            tc.setdefault("eos_token", "<|end_of_text|>")
-            add_bos = True if add_bos is None else add_bos
+        if not specials:
+            raise ConvertError(f"{d / 'tokenizer.model'}: a tiktoken rank file without its special tokens; put the "
+                               f"model's tokenizer_config.json (added_tokens_decoder) beside it")
         pat, split_digits = LLAMA3_PAT, False
     else:
         raise ConvertError(f"{d}: no tokenizer found (expected tokenizer.json, vocab.json + merges.txt, "

@@ -1,0 +1,307 @@
+"""Hugging Face -> minillm: tiny random GPT-2 / LLaMA models saved with save_pretrained, converted,
+and compared with transformers (logits with and without our KV cache, greedy generation), plus the
+tokenizer paths and every bad input we promise a clear error for."""
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from minillm.checkpoint import load_model  # noqa: E402
+from minillm.convert import LLAMA3_PAT, ConvertError, bytes_to_token, convert, merges_from_ranks  # noqa: E402
+from minillm.convert.__main__ import main as convert_main  # noqa: E402
+from minillm.export import hf_tokenizer_files  # noqa: E402
+from minillm.kv_cache import KVCache  # noqa: E402
+from minillm.tokenizer import BPETokenizer  # noqa: E402
+
+TOL = 1e-4  # fp32; observed max |diff| ~1e-6 on these models
+
+LLAMA_CASES = {
+    "llama-gqa-tied-theta1e4": dict(tie_word_embeddings=True, rope_theta=10000.0),
+    "llama-gqa-untied-theta5e5": dict(tie_word_embeddings=False, rope_theta=500000.0),
+    "llama-gqa-untied-llama3-scaling": dict(tie_word_embeddings=False, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}),
+}
+GPT2_CASES = {"gpt2-tied": dict(tie_word_embeddings=True), "gpt2-untied": dict(tie_word_embeddings=False)}
+
+
+# ----------------------------------------------------------------------------- tiny HF checkpoints
+
+def write_gpt2_tokenizer(d, ranks):
+    """vocab.json + merges.txt as GPT-2 ships them (printable byte alphabet), with <|endoftext|> last."""
+    vocab = {bytes_to_token(b): r for b, r in ranks.items()}
+    vocab["<|endoftext|>"] = len(ranks)
+    (d / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    merges = [f"{bytes_to_token(a)} {bytes_to_token(b)}" for a, b in merges_from_ranks(ranks)]
+    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def llama3_style_tokenizer(ranks) -> BPETokenizer:
+    n = len(ranks)
+    return BPETokenizer("tiny-llama3", LLAMA3_PAT, ranks, {"<|begin_of_text|>": n, "<|end_of_text|>": n + 1},
+                        bos_token="<|begin_of_text|>", eos_tokens=["<|end_of_text|>"], add_bos=True,
+                        chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+
+def write_llama3_tokenizer(d, ranks):
+    """tokenizer.json (Split(Llama-3 regex) + ByteLevel, BOS added by the post-processor) + tokenizer_config.json."""
+    for name, content in hf_tokenizer_files(llama3_style_tokenizer(ranks), 128).items():
+        (d / name).write_text(json.dumps(content), encoding="utf-8")
+
+
+def make_hf(family, case, d, ranks, seed=0):
+    torch.manual_seed(seed)
+    V = len(ranks) + 2
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                      initializer_range=0.1, bos_token_id=V - 2, eos_token_id=V - 2, **case)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                       rms_norm_eps=1e-5, initializer_range=0.1, bos_token_id=V - 2,
+                                       eos_token_id=V - 1, **case)
+        model = transformers.LlamaForCausalLM(cfg)
+    model.eval()
+    model.save_pretrained(d)
+    (write_gpt2_tokenizer if family == "gpt2" else write_llama3_tokenizer)(d, ranks)
+    return model
+
+
+def greedy_ours(model, prompt, n):
+    """Prefill the prompt into a KV cache, then one token at a time, always the argmax."""
+    cache = KVCache.for_model(model, max_len=len(prompt) + n)
+    logits = model(torch.tensor([prompt]), cache=cache, start_pos=0, last_only=True)
+    out, pos = [], len(prompt)
+    for _ in range(n):
+        t = int(logits[0, -1].argmax())
+        out.append(t)
+        logits = model(torch.tensor([[t]]), cache=cache, start_pos=pos)
+        pos += 1
+    return out
+
+
+def greedy_hf(model, prompt, n):
+    model.generation_config.eos_token_id = None  # never stop early
+    model.generation_config.pad_token_id = 0
+    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module", params=[*GPT2_CASES, *LLAMA_CASES])
+def converted(request, tmp_path_factory, gpt2_ranks_512):
+    name = request.param
+    family = "gpt2" if name.startswith("gpt2") else "llama"
+    case = GPT2_CASES.get(name) or LLAMA_CASES[name]
+    d = tmp_path_factory.mktemp(name)
+    hf = make_hf(family, case, d / "hf", gpt2_ranks_512)
+    out = convert(d / "hf", d / "ours.safetensors", progress=False)
+    return name, hf, load_model(out), d
+
+
+# ----------------------------------------------------------------------------- parity
+
+def test_logits_match(converted):
+    name, hf, ours, _ = converted
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, hf.config.vocab_size, (3, 40), generator=g)
+    with torch.no_grad():
+        ref = hf(x).logits
+        for impl in ("sdpa", "manual"):
+            ours.model.config.attn_impl = impl
+            diff = (ours.model(x) - ref).abs().max().item()
+            assert diff <= TOL, f"{name} {impl}: max |diff| {diff}"
+    ours.model.config.attn_impl = "sdpa"
+
+
+def test_cached_logits_match(converted):
+    """Prefill 12 positions into our KV cache, then decode one position at a time: same logits as HF's full pass."""
+    name, hf, ours, _ = converted
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, hf.config.vocab_size, (2, 30), generator=g)
+    with torch.no_grad():
+        ref = hf(x).logits
+        cache = KVCache.for_model(ours.model, batch_size=2)
+        parts = [ours.model(x[:, :12], cache=cache, start_pos=0)]
+        for t in range(12, 30):
+            parts.append(ours.model(x[:, t:t + 1], cache=cache, start_pos=t))
+        diff = (torch.cat(parts, 1) - ref).abs().max().item()
+    assert diff <= TOL, f"{name}: cached max |diff| {diff}"
+
+
+def test_greedy_32_matches_generate(converted):
+    name, hf, ours, _ = converted
+    prompt = [5, 300, 77, 12, 480, 9, 256, 33]
+    with torch.no_grad():
+        assert greedy_ours(ours.model, prompt, 32) == greedy_hf(hf, prompt, 32), name
+
+
+def test_config_and_tokenizer_carried(converted, shakespeare_text):
+    name, hf, ours, d = converted
+    cfg = ours.config
+    assert cfg.vocab_size == hf.config.vocab_size and cfg.tie_embeddings == hf.config.tie_word_embeddings
+    if cfg.family == "llama":
+        assert (cfg.n_head, cfg.n_kv_head) == (4, 2)
+        assert cfg.rope_theta == LLAMA_CASES[name]["rope_theta"]
+        assert (cfg.rope_scaling is not None) == ("rope_scaling" in LLAMA_CASES[name])
+    hf_tok = transformers.AutoTokenizer.from_pretrained(d / "hf")
+    text = shakespeare_text[:5000] + " 1234 héllo 👋 <|endoftext|>\n\n  x"
+    assert ours.tokenizer.encode(text) == hf_tok(text)["input_ids"]
+    ids = ours.tokenizer.encode(text)
+    assert ours.tokenizer.decode(ids[1:] if ours.tokenizer.add_bos else ids) == text
+    if cfg.family == "llama":
+        assert ours.tokenizer.add_bos and ours.tokenizer.encode("hi")[0] == ours.tokenizer.bos_id
+        assert ours.tokenizer.chat_template
+    prov = ours.provenance
+    assert prov["source_format"] == "huggingface" and prov["dtype"] == "float32"
+
+
+# ----------------------------------------------------------------------------- other weight layouts, dtypes, CLI
+
+def test_sharded_and_bin_weights(tmp_path, gpt2_ranks_512):
+    hf = make_hf("llama", LLAMA_CASES["llama-gqa-untied-theta5e5"], tmp_path / "sharded", gpt2_ranks_512)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    bin_dir = tmp_path / "bin"
+    shutil.copytree(tmp_path / "sharded", bin_dir)
+    for f in bin_dir.glob("model*.safetensors*"):
+        f.unlink()
+    torch.save(hf.state_dict(), bin_dir / "pytorch_model.bin")
+    x = torch.randint(0, hf.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        ref = hf(x).logits
+        for src in ("sharded", "bin"):
+            out = convert(tmp_path / src, tmp_path / f"{src}.safetensors", progress=False)
+            assert (load_model(out).model(x) - ref).abs().max().item() <= TOL
+
+
+def test_cli_and_dtype(tmp_path, gpt2_ranks_512, capsys):
+    hf = make_hf("gpt2", GPT2_CASES["gpt2-tied"], tmp_path / "hf", gpt2_ranks_512)
+    out = tmp_path / "m.safetensors"
+    assert convert_main([str(tmp_path / "hf"), "--out", str(out), "--dtype", "bfloat16", "--quiet"]) == 0
+    loaded = load_model(out)
+    assert loaded.model.tok_emb.weight.dtype == torch.bfloat16
+    x = torch.randint(0, hf.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        diff = (loaded.model.float()(x) - hf(x).logits).abs().max().item()
+    assert diff < 0.05  # bf16 weights: ~3 significant digits
+    assert convert_main([str(tmp_path / "nope"), "--out", str(out)]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bad inputs: clear error, nothing written
+
+@pytest.fixture
+def hf_dir(tmp_path, gpt2_ranks_512):
+    make_hf("llama", LLAMA_CASES["llama-gqa-tied-theta1e4"], tmp_path / "hf", gpt2_ranks_512)
+    (tmp_path / "out").mkdir()
+    return tmp_path / "hf"
+
+
+def _fails(src, out_dir, match):
+    with pytest.raises(ConvertError, match=match):
+        convert(src, out_dir / "m.safetensors", progress=False)
+    assert list(out_dir.iterdir()) == [], "nothing may be written on failure"
+
+
+def _edit_config(d, **kv):
+    c = json.loads((d / "config.json").read_text())
+    c.update(kv)
+    (d / "config.json").write_text(json.dumps(c))
+
+
+def test_truncated_safetensors(hf_dir):
+    f = hf_dir / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    _fails(hf_dir, hf_dir.parent / "out", "truncated")
+
+
+def test_unknown_architecture(hf_dir):
+    _edit_config(hf_dir, architectures=["BertForMaskedLM"], model_type="bert")
+    _fails(hf_dir, hf_dir.parent / "out", "unsupported architecture 'BertForMaskedLM'")
+
+
+def test_missing_tensor(hf_dir):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(hf_dir / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    _fails(hf_dir, hf_dir.parent / "out", "missing tensor 'model.layers.1.mlp.up_proj.weight'")
+
+
+def test_config_disagrees_with_shapes(hf_dir):
+    _edit_config(hf_dir, intermediate_size=128)
+    _fails(hf_dir, hf_dir.parent / "out", "config.json implies")
+
+
+def test_unused_tensor(hf_dir):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(hf_dir / "model.safetensors")
+    sd["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)
+    save_file(sd, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    _fails(hf_dir, hf_dir.parent / "out", "q_norm.weight.*not used")
+
+
+def test_output_directory_missing(hf_dir):
+    with pytest.raises(ConvertError, match="does not exist"):
+        convert(hf_dir, hf_dir.parent / "no" / "such" / "m.safetensors", progress=False)
+    assert not (hf_dir.parent / "no").exists()
+
+
+class _Evil:
+    marker = None
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_unsafe_bin_refused(hf_dir):
+    marker = hf_dir.parent / "pwned"
+    evil = _Evil()
+    evil.marker = marker
+    (hf_dir / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "x": evil}, hf_dir / "pytorch_model.bin")
+    _fails(hf_dir, hf_dir.parent / "out", "weights_only")
+    assert not marker.exists(), "pickled code must never run"
+
+
+def test_sentencepiece_tokenizer_refused(hf_dir):
+    tj = json.loads((hf_dir / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False}
+    (hf_dir / "tokenizer.json").write_text(json.dumps(tj))
+    _fails(hf_dir, hf_dir.parent / "out", "SentencePiece.*not supported")
+    (hf_dir / "tokenizer.json").unlink()
+    (hf_dir / "tokenizer.model").write_bytes(b"\n\x0e\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02\xff\xfe")  # protobuf-ish
+    _fails(hf_dir, hf_dir.parent / "out", "SentencePiece.*not supported")
+
+
+# ----------------------------------------------------------------------------- hub ids
+
+def test_hub_id_offline(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ConvertError, match=r"'HuggingFaceTB/SmolLM2-135M'.*local directory"):
+        convert("HuggingFaceTB/SmolLM2-135M", tmp_path / "m.safetensors", progress=False)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
+    with pytest.raises(ConvertError, match=r"'gpt2'.*huggingface_hub is not installed.*local directory"):
+        convert("gpt2", tmp_path / "m.safetensors", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_id_downloads_then_converts(monkeypatch, tmp_path, gpt2_ranks_512):
+    import huggingface_hub
+    make_hf("gpt2", GPT2_CASES["gpt2-tied"], tmp_path / "snap", gpt2_ranks_512)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **k: str(tmp_path / "snap"))
+    out = convert("openai-community/gpt2", tmp_path / "m.safetensors", progress=False)
+    assert load_model(out).config.family == "gpt2"
