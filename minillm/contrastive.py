@@ -1,0 +1,159 @@
+"""Contrastive decoding: prefer tokens the big "expert" likes much more than the small "amateur" does.
+
+Two objectives, both restricted to the plausible head V_head = {j : z_e[j] >= log(alpha) + max z_e}
+(the adaptive plausibility constraint; softmax's normaliser cancels on both sides, so this is the same
+set as {j : p_e[j] >= alpha * max p_e}, computed without tiny probabilities):
+
+* objective="obrien" (default; O'Brien & Lewis 2023): score = (1+beta)·z_e - beta·z_a on raw logits.
+* objective="li" (Li et al. 2022): score = log p_e - log p_a / tau, with the amateur's log-probs
+  divided by the amateur temperature tau (as the reference code does: it scales log-probs, it does
+  not re-softmax).
+
+Conversion, for the argmax (greedy) only: (1+beta)·z_e - beta·z_a = (1+beta)·(z_e - w·z_a) with
+amateur weight w = beta/(1+beta) in [0, 1), and log-softmax normalisers are constant per step, so
+O'Brien's beta picks the same token as Li's objective with 1/tau = w, i.e. tau = (1+beta)/beta
+(beta = 0.5 is tau = 3: a gentle contrast; Li's GPT-2 setting tau = 0.5 is w = 2). Sampling is not
+invariant: with `params.temperature > 0` we sample from softmax(score / temperature) of the chosen
+objective (the O'Brien score is (1+beta) times sharper than z_e - w·z_a).
+
+Scores are computed in float32 and masked AFTER the subtraction (masked_fill -inf), so -inf amateur
+logits or -inf - (-inf) outside the head cannot produce a NaN that is ever chosen.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .kv_cache import KVCache
+from .sampling import SamplingParams, sample
+
+OBJECTIVES = ("obrien", "li")
+AMATEUR_CONTEXTS = ("full", "last_prompt_token")
+
+
+def amateur_weight(beta: float) -> float:
+    """O'Brien's beta as the amateur weight w of z_e - w·z_a (same argmax)."""
+    return beta / (1 + beta)
+
+
+def beta_to_li_tau(beta: float) -> float:
+    """The Li amateur temperature tau whose greedy choice equals O'Brien's beta (tau = 1/w)."""
+    return (1 + beta) / beta if beta > 0 else math.inf
+
+
+def plausible_head(z_expert: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Bool mask (B, V) of V_head: z_e >= log(alpha) + max z_e. Never empty for alpha <= 1 (the argmax stays)."""
+    z = z_expert.float()
+    return z >= z.max(-1, keepdim=True).values + math.log(alpha)
+
+
+def contrastive_scores(z_expert: torch.Tensor, z_amateur: torch.Tensor, alpha: float = 0.1, beta: float = 0.5,
+                       objective: str = "obrien", amateur_temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, V) of both models -> (scores (B, V) float32, -inf outside V_head; head mask (B, V))."""
+    z_e, z_a = z_expert.float(), z_amateur.float()
+    if objective == "obrien":
+        scores = (1 + beta) * z_e - beta * z_a
+    elif objective == "li":
+        scores = z_e.log_softmax(-1) - z_a.log_softmax(-1) / amateur_temperature
+    else:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    # An amateur logit of -inf makes a head token's score +inf: keep it the winner but finite, so a
+    # softmax over the scores (sampling) stays defined.
+    scores = scores.clamp_max(1e30)  # finite even after dividing by a sampling temperature down to ~1e-8
+    head = plausible_head(z_e, alpha)
+    return scores.masked_fill(~head, float("-inf")), head
+
+
+@dataclass
+class CDStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    head_sizes: list[int] = field(default_factory=list)  # |V_head| at each step
+    differs_from_expert: int = 0  # steps where the chosen token != the expert's argmax
+    amateur_weight: float = float("nan")  # w of z_e - w·z_a (obrien) or 1/tau (li)
+    expert_s: float = 0.0
+    amateur_s: float = 0.0
+    stopped_by: str = ""
+
+    @property
+    def differs_fraction(self) -> float:
+        return self.differs_from_expert / len(self.head_sizes) if self.head_sizes else float("nan")
+
+    @property
+    def mean_head_size(self) -> float:
+        return sum(self.head_sizes) / len(self.head_sizes) if self.head_sizes else float("nan")
+
+    def summary(self) -> str:
+        return (f"mean |V_head| {self.mean_head_size:.2f} | differs from expert argmax on {self.differs_fraction:.1%} of "
+                f"{len(self.head_sizes)} steps | amateur weight {self.amateur_weight:.3f} | "
+                f"expert {self.expert_s:.3f}s, amateur {self.amateur_s:.3f}s")
+
+
+@torch.inference_mode()
+def contrastive_stream(expert, amateur, prompt_ids: list[int], max_new_tokens: int, alpha: float = 0.1,
+                       beta: float = 0.5, objective: str = "obrien", amateur_temperature: float = 1.0,
+                       amateur_context: str = "full", params: SamplingParams = SamplingParams(temperature=0),
+                       generator: torch.Generator | None = None, eos_ids: set[int] = frozenset(),
+                       stats: CDStats | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens ids chosen by contrastive decoding (batch 1). Greedy by default;
+    `params` with temperature > 0 samples from softmax(score / T) (top-k/top-p apply to the scores).
+
+    amateur_context="full": the amateur reads the whole prompt; "last_prompt_token" (Li et al.'s main
+    setting): it reads only the last prompt token, at position 0, then the generated tokens."""
+    ve, va = expert.config.vocab_size, amateur.config.vocab_size
+    if ve != va:
+        raise ValueError(f"expert and amateur must share a tokenizer and vocabulary: expert vocab_size {ve}, "
+                         f"amateur vocab_size {va}")
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    if not beta >= 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if not amateur_temperature > 0:
+        raise ValueError(f"amateur_temperature must be > 0, got {amateur_temperature}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if amateur_context not in AMATEUR_CONTEXTS:
+        raise ValueError(f"amateur_context must be one of {AMATEUR_CONTEXTS}, got {amateur_context!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    a_prompt = list(prompt_ids) if amateur_context == "full" else [prompt_ids[-1]]
+    for name, model, n in (("expert", expert, len(prompt_ids)), ("amateur", amateur, len(a_prompt))):
+        if n + max_new_tokens - 1 > model.config.block_size:
+            raise ValueError(f"prompt ({n} tokens for the {name}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                             f"{name}'s context of {model.config.block_size}")
+    stats = stats if stats is not None else CDStats()
+    stats.prompt_tokens = len(prompt_ids)
+    stats.amateur_weight = amateur_weight(beta) if objective == "obrien" else 1 / amateur_temperature
+    device = expert.tok_emb.weight.device
+    e_cache = KVCache.for_model(expert, 1, max(1, len(prompt_ids) + max_new_tokens - 1))
+    a_cache = KVCache.for_model(amateur, 1, max(1, len(a_prompt) + max_new_tokens - 1))
+
+    def forward(model, cache, ids):
+        t0 = time.perf_counter()
+        z = model(torch.tensor([ids], device=device), cache, cache.length, last_only=True)[:, -1]
+        return z, time.perf_counter() - t0
+
+    stats.stopped_by = "max_new_tokens"
+    e_in, a_in = list(prompt_ids), a_prompt
+    for _ in range(max_new_tokens):
+        z_e, dt = forward(expert, e_cache, e_in)
+        stats.expert_s += dt
+        z_a, dt = forward(amateur, a_cache, a_in)
+        stats.amateur_s += dt
+        scores, head = contrastive_scores(z_e, z_a, alpha, beta, objective, amateur_temperature)
+        token = int(sample(scores, params, generator))  # greedy: argmax over V_head (the rest is -inf)
+        stats.head_sizes.append(int(head.sum()))
+        stats.differs_from_expert += int(token != int(z_e.argmax(-1)))
+        if token in eos_ids:
+            stats.stopped_by = "eos"
+            return
+        stats.new_tokens += 1
+        yield token
+        e_in = a_in = [token]

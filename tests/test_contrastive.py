@@ -1,0 +1,174 @@
+"""Contrastive decoding: invariants on tiny random models and hand-made logits."""
+
+import math
+
+import pytest
+import torch
+
+from minillm.config import ModelConfig
+from minillm.contrastive import (CDStats, amateur_weight, beta_to_li_tau, contrastive_scores, contrastive_stream,
+                                 plausible_head)
+from minillm.generate import stream_tokens
+from minillm.model import Transformer
+from minillm.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models, many small ops: intra-op threads only add synchronisation on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(family, seed, n_layer=2, n_embd=32, vocab=40):
+    torch.manual_seed(seed)
+    extra = dict(n_kv_head=2) if family == "llama" else {}
+    return Transformer(ModelConfig(family=family, vocab_size=vocab, block_size=64, n_layer=n_layer, n_head=4,
+                                   n_embd=n_embd, tie_embeddings=False, **extra)).eval()
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def pair(request):
+    # scale the expert's head so its distribution is peaked enough for a non-trivial V_head
+    expert, amateur = tiny(request.param, 0), tiny(request.param, 1, n_layer=1, n_embd=16)
+    with torch.no_grad():
+        expert.lm_head.weight.mul_(SCALE)
+        amateur.lm_head.weight.mul_(SCALE)
+    return expert, amateur
+
+
+PROMPT = [5, 9, 2, 11]
+SCALE = 40  # untied lm_head scaled: |V_head| ~ 2-6 at alpha 0.01-0.1, and the contrast changes choices
+
+
+def test_beta_zero_alpha_one_and_self_amateur_give_expert_greedy(pair):
+    expert, amateur = pair
+    want = list(stream_tokens(expert, PROMPT, 25, GREEDY))
+    assert list(contrastive_stream(expert, amateur, PROMPT, 25, beta=0.0)) == want
+    assert list(contrastive_stream(expert, amateur, PROMPT, 25, alpha=1.0, beta=3.0)) == want
+    assert list(contrastive_stream(expert, expert, PROMPT, 25, beta=2.0)) == want
+
+
+def test_contrast_changes_choices_and_stats(pair):
+    expert, amateur = pair
+    stats = CDStats()
+    got = list(contrastive_stream(expert, amateur, PROMPT, 25, alpha=0.01, beta=2.0, stats=stats))
+    assert len(got) == 25 and stats.new_tokens == 25 and len(stats.head_sizes) == 25
+    assert all(h >= 1 for h in stats.head_sizes)
+    assert stats.differs_from_expert > 0  # the test can fail: a contrast that never bites is caught
+    assert stats.amateur_weight == pytest.approx(2 / 3)
+
+
+def test_li_objective_with_converted_tau_matches_obrien_greedy(pair):
+    expert, amateur = pair
+    for ctx in ("full", "last_prompt_token"):
+        a = list(contrastive_stream(expert, amateur, PROMPT, 20, alpha=0.05, beta=0.5, amateur_context=ctx))
+        b = list(contrastive_stream(expert, amateur, PROMPT, 20, alpha=0.05, objective="li",
+                                    amateur_temperature=beta_to_li_tau(0.5), amateur_context=ctx))
+        assert a == b
+
+
+def test_last_prompt_token_context_uses_only_last_token(pair):
+    """The amateur reads [last prompt token] at position 0, then the generated tokens (vs an uncached reference)."""
+    expert, amateur = pair
+    a = list(contrastive_stream(expert, amateur, PROMPT, 15, alpha=0.01, beta=2.0, amateur_context="last_prompt_token"))
+    # Reference: recompute each step without caches, amateur reading PROMPT[-1:] + generated.
+    ids = []
+    with torch.no_grad():
+        for _ in range(15):
+            z_e = expert(torch.tensor([PROMPT + ids]))[:, -1]
+            z_a = amateur(torch.tensor([PROMPT[-1:] + ids]))[:, -1]
+            scores, _ = contrastive_scores(z_e, z_a, 0.01, 2.0)
+            ids.append(int(scores.argmax()))
+    assert a == ids
+
+
+def test_full_context_cached_equals_uncached(pair):
+    expert, amateur = pair
+    got = list(contrastive_stream(expert, amateur, PROMPT, 15, alpha=0.01, beta=1.0))
+    ids = []
+    with torch.no_grad():
+        for _ in range(15):
+            z_e, z_a = expert(torch.tensor([PROMPT + ids]))[:, -1], amateur(torch.tensor([PROMPT + ids]))[:, -1]
+            ids.append(int(contrastive_scores(z_e, z_a, 0.01, 1.0)[0].argmax()))
+    assert got == ids
+
+
+def test_head_mask_hand_made():
+    # expert probs ∝ exp(z): with alpha = 0.1 the threshold is max + log 0.1 = 3 - 2.303 = 0.697
+    z_e = torch.tensor([[3.0, 2.0, 0.7, 0.69, -5.0]])
+    z_a = torch.tensor([[5.0, 0.0, -3.0, -10.0, -10.0]])
+    scores, head = contrastive_scores(z_e, z_a, alpha=0.1, beta=0.5)
+    assert head.tolist() == [[True, True, True, False, False]]
+    # (1+b) z_e - b z_a on the head: 4.5-2.5=2.0, 3-0=3.0, 1.05+1.5=2.55
+    torch.testing.assert_close(scores[0, :3], torch.tensor([2.0, 3.0, 2.55]))
+    assert torch.isinf(scores[0, 3:]).all() and (scores[0, 3:] < 0).all()
+    assert int(scores.argmax()) == 1  # token 3 would score 1.035+5 = 6.035 unmasked: the mask matters
+    # probability-space mask p >= alpha * max p selects the same set
+    p = z_e.softmax(-1)
+    assert torch.equal(p >= 0.1 * p.max(), head)
+
+
+def test_chosen_token_in_head_and_head_never_empty_random():
+    g = torch.Generator().manual_seed(0)
+    for alpha in (0.001, 0.01, 0.1, 0.5, 1.0):  # 2,000 random rows each
+        z_e = torch.randn(2000, 50, generator=g) * 4
+        z_a = torch.randn(2000, 50, generator=g) * 4
+        z_a[:, :5] = float("-inf")  # -inf amateur logits must not produce NaN
+        for obj in ("obrien", "li"):
+            scores, head = contrastive_scores(z_e, z_a, alpha, 0.5, obj, 0.5)
+            assert head.any(-1).all()
+            assert not torch.isnan(scores).any()
+            choice = scores.argmax(-1)
+            assert head.gather(-1, choice[:, None]).all()
+            assert torch.equal(head, plausible_head(z_e.softmax(-1).log(), alpha))
+        # sampling from the scores also stays in the head
+        probs = (scores / 0.7).softmax(-1)
+        assert not torch.isnan(probs).any() and (probs[~head] == 0).all()
+
+
+def test_bf16_inputs_no_nan():
+    z_e = (torch.randn(2, 30) * 10).bfloat16()
+    z_a = torch.full((2, 30), float("-inf")).bfloat16()
+    z_a[:, 0] = 0
+    scores, head = contrastive_scores(z_e, z_a)
+    assert scores.dtype == torch.float32 and not torch.isnan(scores).any() and head.any(-1).all()
+
+
+def test_sampling_option_is_seeded_and_in_head(pair):
+    expert, amateur = pair
+    params = SamplingParams(temperature=1.0)
+    s = CDStats()
+    a = list(contrastive_stream(expert, amateur, PROMPT, 20, params=params, generator=torch.Generator().manual_seed(1), stats=s))
+    b = list(contrastive_stream(expert, amateur, PROMPT, 20, params=params, generator=torch.Generator().manual_seed(1)))
+    assert a == b and len(a) == 20
+
+
+def test_mismatched_vocab_and_bad_params_rejected():
+    e, a = tiny("gpt2", 0, vocab=40), tiny("gpt2", 1, vocab=41)
+    with pytest.raises(ValueError, match="vocab_size 40.*vocab_size 41"):
+        list(contrastive_stream(e, a, PROMPT, 5))
+    with pytest.raises(ValueError, match="alpha"):
+        list(contrastive_stream(e, e, PROMPT, 5, alpha=0))
+    with pytest.raises(ValueError, match="objective"):
+        list(contrastive_stream(e, e, PROMPT, 5, objective="x"))
+    with pytest.raises(ValueError, match="amateur_context"):
+        list(contrastive_stream(e, e, PROMPT, 5, amateur_context="x"))
+
+
+def test_eos_stops(pair):
+    expert, amateur = pair
+    full = list(contrastive_stream(expert, amateur, PROMPT, 20, alpha=0.01, beta=1.0))
+    eos = full[5]
+    s = CDStats()
+    got = list(contrastive_stream(expert, amateur, PROMPT, 20, alpha=0.01, beta=1.0, eos_ids={eos}, stats=s))
+    assert got == full[:full.index(eos)] and s.stopped_by == "eos"
+
+
+def test_conversions():
+    assert amateur_weight(0.5) == pytest.approx(1 / 3)
+    assert beta_to_li_tau(0.5) == pytest.approx(3.0) and math.isinf(beta_to_li_tau(0))
