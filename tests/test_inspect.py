@@ -1,0 +1,226 @@
+"""The inspector: it never changes outputs, the lens ends at the model's own distribution, attention
+maps are exact probability rows and exactly causal, the sampling trace matches generate(), errors, JSON."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minillm.checkpoint import save_model
+from minillm.config import preset
+from minillm.generate import make_generator, stream_tokens
+from minillm.inspect import (Capture, head_scores, inspect_prompt, lens_logits, main, token_text,
+                             trace_sampling)
+from minillm.model import Transformer
+from minillm.sampling import SamplingParams
+from minillm.tokenizer import CharTokenizer
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CHARS = " \nabcdefghijklmnopqrstuvwxyzABCDE:.,!?'"
+FAMILIES = {
+    "gpt2": dict(family="gpt2"),
+    "llama-gqa": dict(family="llama", n_kv_head=2),
+    "llama-untied": dict(family="llama", n_kv_head=1, tie_embeddings=False),
+}
+PROMPT = "hello world:\nto be, or not!"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = CharTokenizer(CHARS)
+    assert t.vocab_size == len(CHARS)
+    return t
+
+
+def make(name, attn_impl="manual", vocab=None):
+    torch.manual_seed(0)
+    cfg = preset("nano", vocab_size=vocab or len(CHARS), attn_impl=attn_impl, **FAMILIES[name])
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("attn_impl", ["manual", "sdpa"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_hooks_do_not_change_logits(name, attn_impl, tok):
+    model = make(name, attn_impl)
+    x = torch.tensor([tok.encode(PROMPT)])
+    with torch.no_grad():
+        plain = model(x)[0]
+        model.config.attn_impl = "manual"
+        plain_manual = model(x)[0]
+        model.config.attn_impl = attn_impl
+    rep = inspect_prompt(model, tok, PROMPT)
+    assert model.config.attn_impl == attn_impl  # restored
+    assert torch.equal(rep.logits, plain_manual)  # bit for bit: the inspector runs the explicit path
+    if attn_impl == "manual":
+        assert torch.equal(rep.logits, plain)
+    else:
+        assert (rep.logits - plain).abs().max().item() <= 1e-5  # SDPA vs written-out attention
+    with torch.no_grad():  # and the model is untouched afterwards: no hooks left behind
+        assert torch.equal(model(x)[0], plain)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_captured_attention_is_what_the_model_multiplied(name, tok):
+    """o_proj(probs @ v) rebuilt from the captured maps equals the attention module's output exactly."""
+    model = make(name, "sdpa")
+    x = torch.tensor([tok.encode(PROMPT)])
+    seen = []
+    hooks = [b.attn.register_forward_hook(lambda m, a, o: seen.append((m, a[0], o))) for b in model.blocks]
+    with torch.no_grad(), Capture(model) as cap:
+        model(x)
+    for h in hooks:
+        h.remove()
+    cfg = model.config
+    for (attn, inp, out), probs in zip(seen, cap.attention):
+        B, T, _ = inp.shape
+        v = attn.v_proj(inp).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)
+        v = v.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)
+        y = (probs.type_as(v) @ v).transpose(1, 2).reshape(B, T, -1)
+        assert torch.equal(attn.o_proj(y), out)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logit_lens_last_layer_is_the_output_distribution(name, tok):
+    model = make(name, "sdpa")
+    x = torch.tensor([tok.encode(PROMPT)])
+    with torch.no_grad(), Capture(model) as cap:
+        out = model(x)
+        lens = lens_logits(model, cap.residual[-1])
+    assert len(cap.residual) == model.config.n_layer + 1  # embedding + every block
+    assert torch.equal(lens.softmax(-1), out.softmax(-1))
+    rep = inspect_prompt(model, tok, PROMPT)
+    probs = rep.logits.softmax(-1)
+    assert rep.lens["final_rank"][-1] == [1] * len(rep.ids)
+    assert rep.lens["top_id"][-1] == rep.lens["final_id"] == probs.argmax(-1).tolist()
+    assert rep.lens["final_p"][-1] == probs.max(-1).values.tolist()
+    assert len(rep.lens["layers"]) == model.config.n_layer + 1
+
+
+@pytest.mark.parametrize("attn_impl", ["manual", "sdpa"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_attention_rows_sum_to_one_and_are_causal(name, attn_impl, tok):
+    model = make(name, attn_impl)
+    rep = inspect_prompt(model, tok, PROMPT)
+    T, cfg = len(rep.ids), model.config
+    assert len(rep.attention) == cfg.n_layer
+    for a in rep.attention:
+        assert a.shape == (cfg.n_head, T, T)
+        assert (a.sum(-1) - 1).abs().max().item() <= 1e-6
+        assert torch.all(torch.triu(a, diagonal=1) == 0)  # exactly zero above the diagonal
+        assert torch.all(a >= 0)
+    assert len(rep.heads) == cfg.n_layer * cfg.n_head
+
+
+def test_prefill_numbers(tok):
+    model = make("gpt2")
+    rep = inspect_prompt(model, tok, PROMPT, top=3)
+    ids = rep.ids
+    ce = F.cross_entropy(rep.logits[:-1], torch.tensor(ids[1:]))  # nats per token
+    assert rep.perplexity == pytest.approx(math.exp(ce.item()), rel=1e-5)
+    assert len(rep.prefill) == len(ids) and rep.prefill[-1]["next"] is None
+    for r in rep.prefill[:-1]:
+        nx = r["next"]
+        assert nx["surprisal_bits"] == pytest.approx(-math.log2(nx["p"]), rel=1e-5)
+        assert len(r["top"]) == 3 and r["top"][0]["p"] >= r["top"][1]["p"] >= r["top"][2]["p"]
+        assert (nx["rank"] == 1) == (nx["id"] == r["top"][0]["id"])
+    assert inspect_prompt(model, tok, "a").perplexity is None  # one token: nothing predicted
+
+
+def test_head_scores_on_known_patterns():
+    T = 5
+    prev = torch.zeros(T, T)
+    prev[0, 0] = 1
+    prev[torch.arange(1, T), torch.arange(0, T - 1)] = 1
+    first = torch.zeros(T, T)
+    first[:, 0] = 1
+    uniform = torch.tril(torch.ones(T, T))
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    s = head_scores(torch.stack([prev, first, uniform]))
+    assert s["prev_token"].tolist()[:2] == [1.0, 0.0] and s["first_token"].tolist()[:2] == [0.0, 1.0]
+    assert s["entropy_bits"][:2].tolist() == [0.0, 0.0]
+    want = sum(math.log2(i + 1) for i in range(1, T)) / (T - 1)
+    assert s["entropy_bits"][2].item() == pytest.approx(want, rel=1e-6)
+
+
+def test_prompt_longer_than_context_is_an_error(tok):
+    model = make("llama-gqa", "sdpa")
+    with pytest.raises(ValueError, match="context is 32"):
+        inspect_prompt(model, tok, "a" * 33)
+    assert len(inspect_prompt(model, tok, "a" * 32).ids) == 32  # exactly the context is fine
+    with pytest.raises(ValueError, match="empty"):
+        inspect_prompt(model, tok, "")
+    assert model.config.attn_impl == "sdpa"
+
+
+def test_capture_restores_on_error(tok):
+    model = make("gpt2", "sdpa")
+    with pytest.raises(IndexError), Capture(model):
+        model(torch.tensor([[len(CHARS) + 5]]))  # id outside the embedding
+    assert model.config.attn_impl == "sdpa" and not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("params", [SamplingParams(top_k=4), SamplingParams(temperature=0.8, top_p=0.5),
+                                    SamplingParams(temperature=0)])
+def test_trace_matches_generate(params, tok):
+    model = make("llama-gqa", "sdpa")
+    ids = tok.encode("to be")
+    steps = trace_sampling(model, tok, ids, 12, params, seed=3)
+    want = list(stream_tokens(model, ids, 12, params, make_generator(3, torch.device("cpu"))))
+    assert [s["id"] for s in steps] == want
+    for s in steps:
+        assert s["p_sampler"] > 0 and s["p_model"] > 0
+        assert s["id"] in [a["id"] for a in s["alternatives"]] or s["n_kept"] > 5
+        if params.top_k:
+            assert s["n_kept"] == 4 and sum(a["p_sampler"] for a in s["alternatives"]) == pytest.approx(1, rel=1e-5)
+        if params.greedy:
+            assert s["n_kept"] == 1 and s["p_sampler"] == 1.0
+    with pytest.raises(ValueError, match="context"):
+        trace_sampling(model, tok, ids, 40, params)
+
+
+def test_token_text():
+    t = CharTokenizer(" \nab\t")
+    assert [token_text(t, i) for i in t.encode(" \n\tab")] == ["·", "\\n", "\\t", "a", "b"]
+    assert token_text(t, 99) == "<id 99>"  # a padded vocabulary's unused id
+    assert token_text(CharTokenizer("abcdefghij"), 0, width=3) == "a"
+
+
+def test_cli_json_and_pngs(tmp_path, tok, capsys):
+    model = make("llama-gqa", "sdpa", vocab=len(CHARS) + 3)  # padded vocab: ids the tokenizer lacks
+    path = tmp_path / "tiny.safetensors"
+    save_model(path, model, tok, {"source": "test"})
+    out, js = tmp_path / "png", tmp_path / "r.json"
+    main(["--model", str(path), "--prompt", "to be,\\nor not", "--out", str(out), "--json", str(js),
+          "--generate", "4", "--top-k", "5", "--top", "3"])
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "logit lens" in printed and "sampling trace" in printed
+    d = json.loads(js.read_text())
+    for key in ("info", "ids", "tokens", "prefill", "perplexity", "mean_surprisal_bits", "logit_lens", "heads",
+                "attention", "trace"):
+        assert key in d, key
+    T = len(d["ids"])
+    assert d["tokens"][6] == "\\n" and T == 13  # the \n escape became a newline token
+    assert set(d["prefill"][0]) == {"pos", "id", "token", "top", "next"} and len(d["prefill"][0]["top"]) == 3
+    assert set(d["logit_lens"]) >= {"layers", "top_token", "top_p", "final_rank", "final_p"}
+    assert len(d["attention"]) == 2 and len(d["attention"][0]) == 4 and len(d["attention"][0][0]) == T
+    assert set(d["heads"][0]) == {"layer", "head", "entropy_bits", "prev_token", "first_token"}
+    assert len(d["trace"]) == 4 and d["trace"][0]["n_kept"] == 5
+    names = {p.name for p in out.iterdir()}
+    assert names == {"logit_lens.png", "attn_layer00.png", "attn_layer01.png", "attn_overview.png", "head_scores.png"}
+
+
+def test_module_name_does_not_shadow_stdlib_inspect():
+    import inspect as std_inspect
+
+    import minillm.inspect as ours
+    assert std_inspect is not ours and hasattr(std_inspect, "signature")
+    r = subprocess.run([sys.executable, "-m", "minillm.inspect", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "--prompt" in r.stdout and "Warning" not in r.stderr
