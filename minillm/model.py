@@ -101,16 +101,22 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start_pos)  # (B, nkv, S, hd), S = start_pos + T
-        if cfg.n_kv_head != cfg.n_head:  # GQA: each K/V head serves n_head/n_kv_head query heads
-            rep = cfg.n_head // cfg.n_kv_head
-            k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
-            v = v.repeat_interleave(rep, dim=1)
+        gqa = cfg.n_kv_head != cfg.n_head  # GQA: each K/V head serves rep = n_head/n_kv_head query heads
         p_drop = self.dropout if self.training else 0.0
-        if cfg.attn_impl == "sdpa":
-            causal = mask is not None and mask.shape[0] == mask.shape[1]  # square = plain causal: fast path
+        if cfg.attn_impl == "sdpa" and gqa and T == 1 and mask is None:
+            # Decode: the rep query heads sharing a K/V head become rep query rows of that head, so
+            # the cached K/V are read once and never copied per query head.
+            y = F.scaled_dot_product_attention(q.reshape(B, cfg.n_kv_head, -1, cfg.head_dim), k, v, dropout_p=p_drop)
+            y = y.reshape(B, cfg.n_head, T, cfg.head_dim)  # (B, nh, 1, hd)
+        elif cfg.attn_impl == "sdpa":
+            causal = mask is not None and mask.dim() == 2 and mask.shape[0] == mask.shape[1]  # square = plain causal: fast path
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask,
-                                               dropout_p=p_drop, is_causal=causal)
+                                               dropout_p=p_drop, is_causal=causal, enable_gqa=gqa)
         else:
+            if gqa:
+                rep = cfg.n_head // cfg.n_kv_head
+                k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
+                v = v.repeat_interleave(rep, dim=1)
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(cfg.head_dim))  # (B, nh, T, S)
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))
@@ -198,10 +204,15 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied matrix once
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, left_pad: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) at positions start_pos..start_pos+T-1 -> logits (B, T, vocab), or
         (B, 1, vocab) with last_only. Without a cache the model sees only `tokens` (start_pos
-        then just shifts the positions); with one, it also sees the cache's first start_pos positions."""
+        then just shifts the positions); with one, it also sees the cache's first start_pos positions.
+
+        left_pad (B,) ints, for a batch of prompts of different lengths padded on the left: row b's
+        first left_pad[b] slots (of the cache, or of `tokens` when there is none) are padding. Its
+        real tokens then count positions from 0, and no query attends to its padding, so each row
+        gets what it would get alone."""
         cfg = self.config
         B, T = tokens.shape
         end = start_pos + T
@@ -209,16 +220,29 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {end} positions exceeds the model's context (block_size={cfg.block_size})")
         x = self.tok_emb(tokens)  # (B, T, C)
         rope = None
+        pos = torch.arange(start_pos, end, device=tokens.device)  # (T,) slot of each new token
+        if left_pad is not None:  # per-row positions: count from the row's first real token
+            left_pad = left_pad.to(tokens.device).view(B, 1)
+            pos = (pos - left_pad).clamp_min(0)  # (B, T); padding slots get position 0 (never seen)
         if cfg.family == "gpt2":
-            x = x + self.pos_emb(torch.arange(start_pos, end, device=tokens.device))
+            x = x + self.pos_emb(pos)
         else:
-            rope = (self.rope_cos[start_pos:end], self.rope_sin[start_pos:end])  # (T, hd/2) each
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, hd/2) each, or (B, T, hd/2)
+            if left_pad is not None:
+                rope = tuple(t.unsqueeze(1) for t in rope)  # (B, 1, T, hd/2): the same for every head
         x = self.drop(x)
         # Causal mask for the cached case: query i (absolute position start_pos + i) sees keys
         # 0..start_pos+i, i.e. a (T, S) lower triangle shifted right by start_pos. One new token
         # sees everything, so it needs no mask.
         S = end if cache is not None else T
         mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=tokens.device).tril(S - T)
+        if left_pad is not None:
+            # Hide padding keys from every query, except that a padding query sees itself: a row of
+            # all -inf would softmax to NaN, and 0 * NaN would then leak into the real rows.
+            key = torch.arange(end - S, end, device=tokens.device)  # (S,) slot of each key
+            own = key == torch.arange(start_pos, end, device=tokens.device)[:, None]  # (T, S)
+            causal = mask if mask is not None else torch.ones(T, S, dtype=torch.bool, device=tokens.device)
+            mask = (causal & ((key >= left_pad)[:, None, :] | own)).unsqueeze(1)  # (B, 1, T, S)
         for block in self.blocks:
             x = block(x, rope, mask, cache, start_pos)
         if last_only:

@@ -1,0 +1,171 @@
+"""sample.py: every method wired to the library (greedy speculative and beta = 0 contrastive equal
+plain greedy), the sampler flags, stop strings, stats on stderr, and clear errors for bad flag
+combinations. Tiny random models are saved to a temporary directory; main() runs in-process (one
+subprocess run checks the real entry point)."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minillm.checkpoint import save_model
+from minillm.config import preset
+from minillm.model import Transformer
+from minillm.tokenizer import CharTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "ROMEO:\nWhat light through yonder window breaks?\nJULIET:\nAy me!\n"
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+CLI = load_cli()
+
+
+def lively(model: Transformer) -> Transformer:
+    """Larger random weights (untied head), so that greedy output varies and the two models disagree."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 if "emb" in name else 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """A target, a draft/amateur (same tokenizer, different weights, llama family) and a model with
+    another tokenizer."""
+    d = tmp_path_factory.mktemp("cli")
+    tok = CharTokenizer.from_text(TEXT)
+    torch.manual_seed(0)
+    big = preset("nano", vocab_size=tok.vocab_size, block_size=64, tie_embeddings=False)
+    save_model(d / "target.safetensors", lively(Transformer(big)), tok)
+    torch.manual_seed(1)
+    small = preset("nano", family="llama", n_layer=1, vocab_size=tok.vocab_size, block_size=64, tie_embeddings=False)
+    save_model(d / "small.safetensors", lively(Transformer(small)), tok)
+    other = CharTokenizer.from_text(TEXT + "XYZ")
+    save_model(d / "other.safetensors", Transformer(preset("nano", vocab_size=other.vocab_size)), other)
+    return {k: str(d / f"{k}.safetensors") for k in ("target", "small", "other")}
+
+
+def run(capsys, *args):
+    code = CLI.main([*args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_sample_is_reproducible_and_streams(ckpts, capsys):
+    args = ["--model", ckpts["target"], "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "5"]
+    c1, a, err = run(capsys, *args)
+    c2, b, _ = run(capsys, *args)
+    _, c, _ = run(capsys, *args[:-1], "6")
+    assert c1 == c2 == 0 and a == b != c
+    assert a.startswith("ROMEO:") and len(a) == len("ROMEO:") + 20 + 1
+    assert "tokens/s" in err and "stopped by max_new_tokens" in err
+
+
+def greedy_text(capsys, ckpts, n=30):
+    code, out, _ = run(capsys, "--model", ckpts["target"], "--prompt", "Ay", "--max-new-tokens", str(n), "--method", "greedy")
+    assert code == 0
+    return out
+
+
+@pytest.mark.parametrize("k", [["--k", "1"], ["--k", "3"], ["--k", "2", "--adaptive-k"]])
+def test_greedy_speculative_equals_greedy_and_prints_stats(ckpts, capsys, k):
+    want = greedy_text(capsys, ckpts)
+    code, out, err = run(capsys, "--model", ckpts["target"], "--prompt", "Ay", "--max-new-tokens", "30",
+                         "--method", "speculative", "--draft", ckpts["small"], *k, "--temperature", "0")
+    assert code == 0, err
+    assert out == want and "acceptance rate 1.000" not in err  # the draft was wrong at times
+    for needle in ("acceptance histogram (target calls with 0..", "acceptance probs: [", "mean accepted:",
+                   "tokens per target call", "target: ", "draft: ", "tokens/s"):
+        assert needle in err, needle
+
+
+def test_sampled_speculative_is_seeded(ckpts, capsys):
+    args = ["--model", ckpts["target"], "--prompt", "Ay", "--max-new-tokens", "25", "--method", "speculative",
+            "--draft", ckpts["small"], "--top-k", "10", "--seed", "3"]
+    assert run(capsys, *args)[1] == run(capsys, *args)[1]
+
+
+def test_contrastive_with_beta_zero_is_greedy_and_prints_stats(ckpts, capsys):
+    want = greedy_text(capsys, ckpts)
+    code, out, err = run(capsys, "--model", ckpts["target"], "--prompt", "Ay", "--max-new-tokens", "30",
+                         "--method", "contrastive", "--amateur", ckpts["small"], "--beta", "0")
+    assert code == 0, err
+    assert out == want and "mean |V_head|" in err and "differs from expert argmax" in err
+    code, out, err = run(capsys, "--model", ckpts["target"], "--prompt", "Ay", "--max-new-tokens", "30",
+                         "--method", "contrastive", "--amateur", ckpts["small"], "--beta", "2", "--alpha", "0.5",
+                         "--amateur-context", "last_prompt_token")
+    assert code == 0 and len(out) == len("Ay") + 30 + 1 and out != want
+    assert "differs from expert argmax on 0.0%" not in err
+
+
+def test_sampler_flags_reach_the_sampler(ckpts, capsys):
+    """--no-repeat-ngram-size 2 on greedy: the output never repeats a character bigram."""
+    code, out, err = run(capsys, "--model", ckpts["target"], "--prompt", "Ay", "--max-new-tokens", "30",
+                         "--method", "greedy", "--no-repeat-ngram-size", "2", "--repetition-penalty", "1.1",
+                         "--presence-penalty", "0.1", "--frequency-penalty", "0.1")
+    assert code == 0, err
+    text = out[:-1]
+    grams = [text[i:i + 2] for i in range(len(text) - 1)]
+    assert len(grams) == len(set(grams))
+    code, out, err = run(capsys, "--model", ckpts["target"], "--prompt", "Ay", "--max-new-tokens", "10",
+                         "--min-p", "0.1", "--typical-p", "0.9", "--top-p", "0.95", "--top-k", "20")
+    assert code == 0, err
+
+
+def test_stop_strings_cut_the_output(ckpts, capsys):
+    full = greedy_text(capsys, ckpts)[:-1]  # "Ay" + 30 new characters
+    stop = full[12:14]
+    code, out, err = run(capsys, "--model", ckpts["target"], "--prompt", "Ay", "--max-new-tokens", "30",
+                         "--method", "greedy", "--stop", "\u2603", "--stop", stop)
+    assert code == 0 and out == full[:full.find(stop, 2)] + "\n" and "stopped by stop" in err
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--method", "speculative"], "--method speculative needs --draft PATH"),
+    (["--method", "contrastive"], "--method contrastive needs --amateur PATH"),
+    (["--draft", "X"], "--draft is used only by --method speculative (got --method sample)"),
+    (["--method", "greedy", "--amateur", "X"], "--amateur is used only by --method contrastive"),
+    (["--method", "greedy", "--temperature", "0.5"], "--method greedy means temperature 0; got --temperature 0.5"),
+    (["--adaptive-k"], "--adaptive-k is used only by --method speculative"),
+    (["--method", "speculative", "--draft", "OTHER"], "has a different tokenizer from --model"),
+    (["--method", "contrastive", "--amateur", "OTHER"], "has a different tokenizer from --model"),
+    (["--method", "speculative", "--draft", "SMALL", "--k", "-1"], "k (draft tokens per step) must be >= 0"),
+    (["--method", "contrastive", "--amateur", "SMALL", "--alpha", "0"], "alpha must be in (0, 1]"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--min-p", "2"], "min_p must be in [0, 1]"),
+    (["--typical-p", "0"], "typical_p must be in (0, 1]"),
+    (["--repetition-penalty", "0"], "repetition_penalty must be a finite number > 0"),
+    (["--no-repeat-ngram-size", "-2"], "no_repeat_ngram_size must be an integer >= 0"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--stop", ""], "stop strings must be non-empty strings"),
+    (["--prompt", "QQ"], "'Q'"),
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+])
+def test_bad_flags_are_clear_errors(ckpts, capsys, extra, match):
+    extra = [{"OTHER": ckpts["other"], "SMALL": ckpts["small"]}.get(a, a) for a in extra]
+    code, out, err = run(capsys, "--model", ckpts["target"], "--max-new-tokens", "5", *extra)
+    assert code == 2 and match in err, err
+
+
+def test_missing_model_file(capsys, tmp_path):
+    code, _, err = run(capsys, "--model", str(tmp_path / "nope.safetensors"))
+    assert code == 2 and "nope.safetensors" in err
+
+
+def test_entry_point_runs(ckpts):
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", ckpts["target"], "--prompt", "Ay",
+                        "--max-new-tokens", "8", "--method", "speculative", "--draft", ckpts["small"]],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Ay") and len(r.stdout) == len("Ay") + 8 + 1 and "mean accepted" in r.stderr
