@@ -16,8 +16,17 @@ O'Brien's beta picks the same token as Li's objective with 1/tau = w, i.e. tau =
 invariant: with `params.temperature > 0` we sample from softmax(score / temperature) of the chosen
 objective (the O'Brien score is (1+beta) times sharper than z_e - w·z_a).
 
-Scores are computed in float32 and masked AFTER the subtraction (masked_fill -inf), so -inf amateur
-logits or -inf - (-inf) outside the head cannot produce a NaN that is ever chosen.
+Scores are computed in float32 and masked AFTER the subtraction (masked_fill -inf). Before
+subtracting, each model's logits are shifted so that their maximum is 0 (a per-row constant: it
+changes neither the argmax nor a softmax over the scores) and the amateur's -inf entries are floored
+at -1e30. Inside the head the expert term is then bounded (between (1+beta)·log(alpha) and 0) and the
+amateur term is finite, so no inf - inf (huge logits) or 0·inf (beta = 0) can make a NaN; scores are
+clamped to +-1e30 so a softmax over them (sampling) stays defined. Scores are therefore reported up to
+that constant: compare them within a step, not across steps.
+
+Tracing (optional, `trace=callable`): after each step the callable receives a CDStep with both
+models' logits, the scores, the V_head mask and the chosen token (the loop's own tensors; nothing
+extra is computed when no trace is given). The inspector prints these.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -55,18 +64,34 @@ def plausible_head(z_expert: torch.Tensor, alpha: float) -> torch.Tensor:
 def contrastive_scores(z_expert: torch.Tensor, z_amateur: torch.Tensor, alpha: float = 0.1, beta: float = 0.5,
                        objective: str = "obrien", amateur_temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (B, V) of both models -> (scores (B, V) float32, -inf outside V_head; head mask (B, V))."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     z_e, z_a = z_expert.float(), z_amateur.float()
+    head = plausible_head(z_e, alpha)
+    # Shift both to max 0 (scores move by a per-row constant) and floor the amateur's -inf: no NaN below.
+    z_e = z_e - z_e.max(-1, keepdim=True).values  # in V_head: log(alpha) <= z_e <= 0
+    z_a = (z_a - z_a.max(-1, keepdim=True).values).clamp_min(-1e30)  # finite, <= 0
     if objective == "obrien":
         scores = (1 + beta) * z_e - beta * z_a
-    elif objective == "li":
+    else:  # "li"
         scores = z_e.log_softmax(-1) - z_a.log_softmax(-1) / amateur_temperature
-    else:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    # An amateur logit of -inf makes a head token's score +inf: keep it the winner but finite, so a
-    # softmax over the scores (sampling) stays defined.
-    scores = scores.clamp_max(1e30)  # finite even after dividing by a sampling temperature down to ~1e-8
-    head = plausible_head(z_e, alpha)
+    # A floored (-inf) amateur logit makes a head token's score huge: keep it the winner but finite, so
+    # a softmax over the scores stays defined even after dividing by a sampling temperature down to ~1e-8.
+    scores = scores.clamp(-1e30, 1e30)
     return scores.masked_fill(~head, float("-inf")), head
+
+
+@dataclass
+class CDStep:
+    """One contrastive decoding step, as a `trace` callable receives it (batch 1; tensors (1, V) float32,
+    the loop's own: read them, do not modify them)."""
+    step: int  # 0-based index of the new token
+    z_expert: torch.Tensor  # the expert's next-token logits
+    z_amateur: torch.Tensor  # the amateur's next-token logits
+    scores: torch.Tensor  # contrastive scores (up to a per-row constant), -inf outside V_head
+    head: torch.Tensor  # bool mask of V_head
+    token: int  # the chosen token (argmax of scores when greedy, else sampled from them)
+    expert_token: int  # the expert's own argmax
 
 
 @dataclass
@@ -99,12 +124,13 @@ def contrastive_stream(expert, amateur, prompt_ids: list[int], max_new_tokens: i
                        beta: float = 0.5, objective: str = "obrien", amateur_temperature: float = 1.0,
                        amateur_context: str = "full", params: SamplingParams = SamplingParams(temperature=0),
                        generator: torch.Generator | None = None, eos_ids: set[int] = frozenset(),
-                       stats: CDStats | None = None) -> Iterator[int]:
+                       stats: CDStats | None = None, trace: Callable[[CDStep], None] | None = None) -> Iterator[int]:
     """Yield up to max_new_tokens ids chosen by contrastive decoding (batch 1). Greedy by default;
     `params` with temperature > 0 samples from softmax(score / T) (top-k/top-p apply to the scores).
 
     amateur_context="full": the amateur reads the whole prompt; "last_prompt_token" (Li et al.'s main
-    setting): it reads only the last prompt token, at position 0, then the generated tokens."""
+    setting): it reads only the last prompt token, at position 0, then the generated tokens.
+    `trace` gets a CDStep after every step (also the step that picks an EOS id)."""
     ve, va = expert.config.vocab_size, amateur.config.vocab_size
     if ve != va:
         raise ValueError(f"expert and amateur must share a tokenizer and vocabulary: expert vocab_size {ve}, "
@@ -142,15 +168,18 @@ def contrastive_stream(expert, amateur, prompt_ids: list[int], max_new_tokens: i
 
     stats.stopped_by = "max_new_tokens"
     e_in, a_in = list(prompt_ids), a_prompt
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         z_e, dt = forward(expert, e_cache, e_in)
         stats.expert_s += dt
         z_a, dt = forward(amateur, a_cache, a_in)
         stats.amateur_s += dt
         scores, head = contrastive_scores(z_e, z_a, alpha, beta, objective, amateur_temperature)
         token = int(sample(scores, params, generator))  # greedy: argmax over V_head (the rest is -inf)
+        expert_token = int(z_e.argmax(-1))
         stats.head_sizes.append(int(head.sum()))
-        stats.differs_from_expert += int(token != int(z_e.argmax(-1)))
+        stats.differs_from_expert += int(token != expert_token)
+        if trace is not None:
+            trace(CDStep(step, z_e.float(), z_a.float(), scores, head, token, expert_token))
         if token in eos_ids:
             stats.stopped_by = "eos"
             return

@@ -1,7 +1,9 @@
 """Look inside a running model: per-position predictions, the logit lens, attention maps, a sampling trace.
 
     python -m minillm.inspect --model weights/shakespeare-char.safetensors --prompt "ROMEO:\\nWhat light" \\
-        [--out DIR] [--json FILE] [--top 5] [--generate N --temperature T --top-k K --top-p P --seed S]
+        [--out DIR] [--json FILE] [--top 5] [--generate N --method sample|greedy|contrastive|speculative
+        --temperature T --top-k K --top-p P --min-p M --seed S] [--draft PATH --k K --adaptive-k]
+        [--amateur PATH --alpha A --beta B --objective obrien|li --amateur-temperature T --amateur-context C]
 
 What it computes, in the order it prints:
   1. Prefill view: for each prompt position, the token, the model's top-k guesses for the next token,
@@ -14,8 +16,16 @@ What it computes, in the order it prints:
      layer; attn_overview.png, all heads small), and per head: mean attention entropy (bits), previous-
      token score (mean attention to position i-1) and first-token score (mean attention to position 0),
      both averaged over query positions 2..T-1 where the two differ (head_scores.png).
-  4. With --generate N: a plain-sampling trace; each new token with the alternatives the sampler kept
-     after temperature / top-k / top-p, and their probabilities (same tokens as generate() with the seed).
+  4. With --generate N, a decoding trace, by --method:
+       sample / greedy: each new token with the alternatives the sampler kept (after penalties,
+         temperature, top-k / top-p / min-p / typical-p) and their probabilities (same tokens as generate());
+       contrastive (--amateur PATH): per step the plausible head V_head, and for each token in it the
+         expert's and amateur's probabilities and the contrastive score that decided (same tokens as
+         contrastive_stream);
+       speculative (--draft PATH): per target call each draft proposal d_i with p_target(d_i),
+         q_draft(d_i), the uniform u_i and the verdict (accepted iff u_i·q < p), then the residual sample
+         (after a rejection) or the bonus token (all accepted), with the acceptance statistics (same
+         tokens as speculative_stream). The draft / amateur must use the same tokenizer.
 
 How attention is captured: forward hooks only read, so the model's outputs do not change. A hook on
 each Attention module recomputes q and k from the module's input exactly as the written-out ("manual")
@@ -43,9 +53,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .contrastive import CDStats, CDStep, contrastive_stream
 from .kv_cache import KVCache
 from .model import apply_rope
 from .sampling import SamplingParams, process_logits, sample
+from .speculative import SpecStats, SpecStep, speculative_stream
 
 LOG2E = 1.0 / math.log(2.0)
 MAX_JSON_ATTN_POSITIONS = 256  # attention matrices go to JSON only up to this prompt length
@@ -176,6 +188,8 @@ class Report:
     heads: list[dict] = field(default_factory=list)
     trace: list[dict] | None = None
     info: dict = field(default_factory=dict)
+    trace_method: str | None = None  # "sample" | "greedy" | "contrastive" | "speculative"
+    trace_stats: dict | None = None  # the decoding loop's own stats (contrastive, speculative)
 
 
 def encode_prompt(tokenizer, prompt: str | list[int], block_size: int) -> list[int]:
@@ -255,7 +269,8 @@ def inspect_prompt(model, tokenizer, prompt: str | list[int], top: int = 5, atte
 def trace_sampling(model, tokenizer, ids: list[int], n: int, params: SamplingParams, seed: int | None = None,
                    top: int = 5) -> list[dict]:
     """Generate n tokens with plain sampling (KV cache), recording per step the chosen token, its model
-    probability (softmax of raw logits) and sampler probability (after temperature/top-k/top-p), how many
+    probability (softmax of raw logits) and sampler probability (after penalties, temperature and
+    truncation: softmax(process_logits), one-hot when greedy), how many
     tokens the sampler kept, and the top kept alternatives. Uses sampling.sample with a generator seeded
     as generate.make_generator does, so the tokens equal generate()'s for the same seed. Stops at EOS
     (the EOS step is recorded with "eos": true)."""
@@ -267,15 +282,13 @@ def trace_sampling(model, tokenizer, ids: list[int], n: int, params: SamplingPar
     eos = set(getattr(tokenizer, "eos_ids", set()) or set())
     cache = KVCache.for_model(model, batch_size=1)
     logits = model(torch.tensor([ids], device=device), cache, 0, last_only=True)[:, -1]
-    steps = []
+    steps, seen = [], list(ids)
     for i in range(n):
         raw = logits.float().softmax(-1)[0]
-        if params.greedy:
-            sp = torch.zeros_like(raw)
-            sp[raw.argmax()] = 1.0
-        else:
-            sp = process_logits(logits, params).softmax(-1)[0]
-        token = int(sample(logits, params, gen))
+        history = torch.tensor([seen], device=device) if params.needs_history else None
+        sp = process_logits(logits, params, history).softmax(-1)[0]  # one-hot when greedy
+        token = int(sample(logits, params, gen, history))
+        seen.append(token)
         kept = int((sp > 0).sum())
         kp, ki = sp.topk(min(top, kept))
         steps.append({"step": i, "id": token, "token": token_text(tokenizer, token), "p_model": float(raw[token]),
@@ -286,6 +299,124 @@ def trace_sampling(model, tokenizer, ids: list[int], n: int, params: SamplingPar
             break
         logits = model(torch.tensor([[token]], device=device), cache, cache.length)[:, -1]
     return steps
+
+
+def check_same_tokenizer(tok_a, tok_b, name_a: str = "model", name_b: str = "other model") -> None:
+    """Contrastive and speculative decoding compare two models' distributions id by id: the ids must
+    mean the same text in both. A ValueError names the two checkpoints when their tokenizers differ."""
+    if tok_a.to_dict() != tok_b.to_dict():
+        raise ValueError(f"{name_a} and {name_b} have different tokenizers; contrastive and speculative decoding "
+                         f"need the same tokenizer (the same ids for the same text)")
+
+
+def _tok(tokenizer, i: int) -> dict:
+    return {"id": int(i), "token": token_text(tokenizer, int(i))}
+
+
+def trace_speculative(target, draft, tokenizer, ids: list[int], n: int, k: int, params: SamplingParams,
+                      seed: int | None = None, adaptive_k: bool = False, top: int = 5) -> tuple[list[dict], SpecStats]:
+    """Run speculative_stream (batch 1) with a trace and turn each SpecStep into a dict: the drafts with
+    p_target(d), q_draft(d), u and the verdict, then how the last token was chosen (residual or bonus)
+    with the top `top` entries of the distribution it was drawn from. Stops at EOS as the loop does."""
+    device = target.tok_emb.weight.device
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    eos = set(getattr(tokenizer, "eos_ids", set()) or set())
+    raw: list[SpecStep] = []
+    stats = SpecStats()
+    out = list(speculative_stream(target, draft, ids, n, k, params, gen, eos, stats, adaptive_k, trace=raw.append))
+    steps, emitted = [], 0
+    for call, st in enumerate(raw):
+        drafts = []
+        for i in range(st.k):
+            d = int(st.drafts[0, i])
+            p, q, u = float(st.p_target[0, i, d]), float(st.q_draft[0, i, d]), float(st.uniforms[0, i])
+            n_acc = int(st.n_accepted[0])
+            verdict = "accepted" if i < n_acc else ("rejected" if i == n_acc else "not checked")
+            drafts.append({**_tok(tokenizer, d), "p_target": p, "q_draft": q, "u": u,
+                           "accept_prob": min(1.0, p / q) if q > 0 else None, "verdict": verdict})
+        kind = st.last_kind(0)
+        last = int(st.emitted[0, -1])
+        dist = st.fix[0] if kind == "residual" else st.p_target[0, st.k] if kind == "bonus" else None
+        entry = {"call": call, "position": st.start, "k": st.k, "n_accepted": int(st.n_accepted[0]), "drafts": drafts,
+                 "last": {**_tok(tokenizer, last), "kind": kind}, "emitted": [], "eos": False}
+        if dist is not None:
+            kept = int((dist > 0).sum())
+            tp, ti = dist.topk(min(top, kept))
+            entry["last"]["p"] = float(dist[last])
+            entry["last"]["alternatives"] = [{**_tok(tokenizer, j), "p": float(v)} for v, j in zip(tp, ti)]
+            entry["last"]["n_kept"] = kept
+        for tok in st.emitted[0].tolist():  # what the stream yielded from this step
+            if tok in eos:
+                entry["eos"] = True
+                break
+            entry["emitted"].append(_tok(tokenizer, tok))
+        emitted += len(entry["emitted"])
+        steps.append(entry)
+    assert emitted == len(out)  # the trace covers exactly what the loop emitted
+    return steps, stats
+
+
+def trace_contrastive(expert, amateur, tokenizer, ids: list[int], n: int, alpha: float = 0.1, beta: float = 0.5,
+                      objective: str = "obrien", amateur_temperature: float = 1.0, amateur_context: str = "full",
+                      params: SamplingParams = SamplingParams(temperature=0), seed: int | None = None,
+                      max_head: int = 10) -> tuple[list[dict], CDStats]:
+    """Run contrastive_stream with a trace: per step the chosen token, the expert's own argmax, |V_head|
+    and the head's tokens (best score first, at most max_head) with p_expert, p_amateur and the score
+    relative to the winner's (scores are defined up to a per-step constant). The EOS step is kept."""
+    device = expert.tok_emb.weight.device
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    eos = set(getattr(tokenizer, "eos_ids", set()) or set())
+    raw: list[CDStep] = []
+    stats = CDStats()
+    list(contrastive_stream(expert, amateur, ids, n, alpha, beta, objective, amateur_temperature, amateur_context,
+                            params, gen, eos, stats, trace=raw.append))
+    steps = []
+    for st in raw:
+        p_e, p_a = st.z_expert[0].softmax(-1), st.z_amateur[0].softmax(-1)
+        head_ids = st.head[0].nonzero()[:, 0]
+        order = st.scores[0, head_ids].argsort(descending=True)
+        best = float(st.scores[0, head_ids[order[0]]])
+        head = [{**_tok(tokenizer, j), "p_expert": float(p_e[j]), "p_amateur": float(p_a[j]),
+                 "score": float(st.scores[0, j]) - best} for j in head_ids[order][:max_head].tolist()]
+        steps.append({"step": st.step, **_tok(tokenizer, st.token), "expert": _tok(tokenizer, st.expert_token),
+                      "changed": st.token != st.expert_token, "in_head": bool(st.head[0, st.token]),
+                      "head_size": int(st.head.sum()), "head": head, "eos": st.token in eos})
+    return steps, stats
+
+
+def spec_trace_table(steps: list[dict], top: int = 5) -> str:
+    """One block per target call: the drafts with p, q, u and the verdict, then the residual / bonus token."""
+    lines = []
+    for s in steps:
+        lines.append(f"call {s['call']} (position {s['position']}, k={s['k']}): {s['n_accepted']} of {s['k']} drafts accepted")
+        for i, d in enumerate(s["drafts"]):
+            ap = "—" if d["accept_prob"] is None else f"{d['accept_prob']:.3f}"
+            lines.append(f"    d{i + 1} {d['token'][:10]:<10} p_target {d['p_target']:.4f}  q_draft {d['q_draft']:.4f}  "
+                         f"min(1,p/q) {ap:>5}  u {d['u']:.3f}  {d['verdict']}")
+        last = s["last"]
+        if last["kind"] == "draft":
+            how = "an accepted draft"
+        else:
+            src = "residual norm(max(0, p-q))" if last["kind"] == "residual" else "bonus, from p_target"
+            alts = "  ".join(f"{a['token'][:8]} {a['p']:.3f}" for a in last.get("alternatives", [])[:top])
+            how = f"{src} (p {last.get('p', float('nan')):.4f}; top: {alts})"
+        lines.append(f"    -> {last['token'][:10]} by {how}")
+        text = "".join(e["token"] for e in s["emitted"])
+        lines.append(f"    emitted: {text!s}" + ("   [EOS]" if s["eos"] else ""))
+    return "\n".join(lines)
+
+
+def cd_trace_table(steps: list[dict], top: int = 5) -> str:
+    """One line per step: the chosen token, the expert's argmax, |V_head|, and the head's best entries."""
+    lines = [f"{'step':>4}  {'chosen':<10} {'expert':<10} {'|Vh|':>4}   V_head by score (score - best, p_expert / p_amateur)"]
+    for s in steps:
+        head = "  ".join(f"{h['token'][:8]} {h['score']:+.2f} ({h['p_expert']:.3f}/{h['p_amateur']:.3f})"
+                         for h in s["head"][:top])
+        mark = "*" if s["changed"] else " "
+        lines.append(f"{s['step']:>4}  {s['token'][:9]:<9}{mark} {s['expert']['token'][:10]:<10} {s['head_size']:>4}   "
+                     f"{head}" + ("   [EOS]" if s["eos"] else ""))
+    lines.append("* = contrastive decoding chose a different token than the expert's argmax")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- text tables
@@ -531,6 +662,9 @@ def report_dict(rep: Report) -> dict:
         d["attention_note"] = f"matrices omitted: prompt longer than {MAX_JSON_ATTN_POSITIONS} tokens"
     if rep.trace is not None:
         d["trace"] = rep.trace
+        d["trace_method"] = rep.trace_method
+        if rep.trace_stats is not None:
+            d["trace_stats"] = rep.trace_stats
     return clean(d)
 
 
@@ -546,17 +680,39 @@ def main(argv: list[str] | None = None) -> Report:
     ap.add_argument("--max-rows", type=int, default=64, help="longest table printed before rows are elided")
     ap.add_argument("--lens-cols", type=int, default=12, help="positions shown in the logit-lens table")
     ap.add_argument("--no-attention", action="store_true", help="skip attention capture")
-    ap.add_argument("--generate", type=int, default=0, metavar="N", help="also trace N sampled tokens")
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--generate", type=int, default=0, metavar="N", help="also trace N generated tokens")
+    ap.add_argument("--method", choices=("sample", "greedy", "contrastive", "speculative"), default="sample",
+                    help="decoding method traced by --generate (default sample)")
+    ap.add_argument("--temperature", type=float,
+                    help="sampling temperature (default: 1 for sample and speculative, 0 = greedy for contrastive)")
     ap.add_argument("--top-k", type=int)
     ap.add_argument("--top-p", type=float)
+    ap.add_argument("--min-p", type=float)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--draft", help="speculative: the draft model (same tokenizer)")
+    ap.add_argument("--k", type=int, default=4, help="speculative: drafts per target call (default 4)")
+    ap.add_argument("--adaptive-k", action="store_true", help="speculative: +2 after a full acceptance, else -1")
+    ap.add_argument("--amateur", help="contrastive: the amateur model (same tokenizer)")
+    ap.add_argument("--alpha", type=float, default=0.1, help="contrastive: plausibility threshold (default 0.1)")
+    ap.add_argument("--beta", type=float, default=0.5, help="contrastive: O'Brien's contrast strength (default 0.5)")
+    ap.add_argument("--objective", choices=("obrien", "li"), default="obrien")
+    ap.add_argument("--amateur-temperature", type=float, default=1.0, help="contrastive, objective li: tau")
+    ap.add_argument("--amateur-context", choices=("full", "last_prompt_token"), default="full")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
+    if args.generate > 0 and args.method == "speculative" and not args.draft:
+        ap.error("--method speculative needs --draft PATH")
+    if args.generate > 0 and args.method == "contrastive" and not args.amateur:
+        ap.error("--method contrastive needs --amateur PATH")
 
     from .checkpoint import load_model  # here, so importing this module stays light
     loaded = load_model(args.model, device=args.device)
     model, tok = loaded.model, loaded.tokenizer
+    other = None  # the draft or amateur
+    if args.generate > 0 and args.method in ("speculative", "contrastive"):
+        other_path = args.draft if args.method == "speculative" else args.amateur
+        other = load_model(other_path, device=args.device)
+        check_same_tokenizer(tok, other.tokenizer, args.model, other_path)
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     rep = inspect_prompt(model, tok, prompt, top=args.top, attention=not args.no_attention)
     rep.info["model_path"] = str(args.model)
@@ -569,10 +725,35 @@ def main(argv: list[str] | None = None) -> Report:
     print(lens_table(rep, args.lens_cols), end="\n\n")
     print(heads_table(rep, args.max_rows), end="\n\n")
     if args.generate > 0:
-        params = SamplingParams(args.temperature, args.top_k, args.top_p)
-        rep.trace = trace_sampling(model, tok, rep.ids, args.generate, params, args.seed, args.top)
-        print(f"sampling trace ({params}, seed {args.seed}):")
-        print(trace_table(rep.trace, args.top), end="\n\n")
+        default_t = 0.0 if args.method in ("greedy", "contrastive") else 1.0
+        t = 0.0 if args.method == "greedy" else (default_t if args.temperature is None else args.temperature)
+        params = SamplingParams(t, args.top_k, args.top_p, args.min_p)
+        rep.trace_method = args.method
+        if args.method == "speculative":
+            rep.trace, st = trace_speculative(model, other.model, tok, rep.ids, args.generate, args.k, params,
+                                              args.seed, args.adaptive_k, args.top)
+            rep.trace_stats = {"summary": st.summary(), "accept_hist": st.accept_hist, "drafts_proposed": st.drafts_proposed,
+                               "drafts_accepted": st.drafts_accepted, "target_calls": st.target_calls,
+                               "draft_calls": st.draft_calls, "new_tokens": st.new_tokens,
+                               "empirical_alpha": st.empirical_alpha}
+            print(f"speculative trace (draft {args.draft}, k={args.k}{' adaptive' if args.adaptive_k else ''}, "
+                  f"temperature {t}, seed {args.seed}):")
+            print(spec_trace_table(rep.trace, args.top))
+            print(st.summary(), end="\n\n")
+        elif args.method == "contrastive":
+            rep.trace, st = trace_contrastive(model, other.model, tok, rep.ids, args.generate, args.alpha, args.beta,
+                                              args.objective, args.amateur_temperature, args.amateur_context, params,
+                                              args.seed)
+            rep.trace_stats = {"summary": st.summary(), "head_sizes": st.head_sizes,
+                               "differs_from_expert": st.differs_from_expert, "amateur_weight": st.amateur_weight}
+            print(f"contrastive trace (amateur {args.amateur}, alpha {args.alpha}, beta {args.beta}, objective "
+                  f"{args.objective}, amateur context {args.amateur_context}, temperature {t}):")
+            print(cd_trace_table(rep.trace, args.top))
+            print(st.summary(), end="\n\n")
+        else:
+            rep.trace = trace_sampling(model, tok, rep.ids, args.generate, params, args.seed, args.top)
+            print(f"sampling trace ({args.method}; {params}, seed {args.seed}):")
+            print(trace_table(rep.trace, args.top), end="\n\n")
     if args.out:
         paths = write_pngs(rep, args.out)
         print(f"wrote {len(paths)} PNGs to {args.out}/ ({', '.join(p.name for p in paths[:3])}{', …' if len(paths) > 3 else ''})")

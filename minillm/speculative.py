@@ -29,13 +29,25 @@ Cache invariant (both models): the cache holds a prefix of the emitted sequence 
 last token. The target's holds exactly seq[:-1] after each step; the draft's may lag by one token
 (after all k drafts were accepted it never processed d_k): the next draft call feeds every token it
 is missing, so d_k is written into the draft cache then (gpt-fast's "fill" step, merged).
+
+Processors that read earlier tokens (repetition / presence / frequency penalties, n-gram bans) see
+the right history at every position: q_draft_i and p_target_i are both processed with history
+seq + d_1..d_{i-1}, the prefix the token at that position follows, exactly as plain sampling would.
+
+Adaptive k (optional, `adaptive_k=True`; the Hugging Face "heuristic" schedule): after a step in
+which every draft was accepted, k grows by 2 (up to k_max); after any rejection it shrinks by 1
+(down to 1). The choice of k only uses tokens already emitted, so every step is still exact.
+
+Tracing (optional, `trace=callable`): after each step the callable receives a SpecStep holding
+the step's drafts, q_draft, p_target, uniforms, acceptance counts and emitted tokens (the loop's
+own tensors; nothing extra is computed when no trace is given). The inspector prints these.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -45,12 +57,14 @@ from .sampling import SamplingParams, process_logits
 
 @dataclass
 class SpecStats:
-    k: int = 0
+    k: int = 0  # the k asked for (with adaptive k: the starting value)
+    batch: int = 1
     prompt_tokens: int = 0
     new_tokens: int = 0  # per row
     accept_hist: list[int] = field(default_factory=list)  # accept_hist[n]: target calls where n drafts were accepted (rows pooled)
     drafts_proposed: int = 0  # rows pooled
     drafts_accepted: int = 0  # counted before the synchronised rule truncates a batch step
+    overlap_sum: float = 0.0  # sum over verified positions (rows pooled) of sum_x min(p_target, q_draft) = 1 - TV
     target_calls: int = 0
     draft_calls: int = 0
     target_s: float = 0.0
@@ -70,6 +84,17 @@ class SpecStats:
         return self.drafts_accepted / self.drafts_proposed if self.drafts_proposed else float("nan")
 
     @property
+    def empirical_alpha(self) -> float:
+        """alpha = 1 - mean total variation between p_target and q_draft over the verified positions: the
+        probability that one draft is accepted (Leviathan et al.'s alpha), measured without sampling noise."""
+        return self.overlap_sum / self.drafts_proposed if self.drafts_proposed else float("nan")
+
+    @property
+    def mean_k(self) -> float:
+        """Drafts proposed per target call (= k unless adaptive, or clamped by max_new_tokens)."""
+        return self.drafts_proposed / (self.batch * self.target_calls) if self.target_calls else float("nan")
+
+    @property
     def tokens_per_target_call(self) -> float:
         return self.new_tokens / self.target_calls if self.target_calls else float("nan")
 
@@ -80,28 +105,59 @@ class SpecStats:
     def summary(self) -> str:
         hist = " ".join(f"{i}:{c}" for i, c in enumerate(self.accept_hist))
         return (f"acceptance histogram (drafts accepted per target call) {hist} | mean accepted {self.mean_accepted:.2f} "
-                f"of k={self.k} (rate {self.acceptance_rate:.2f}) | {self.tokens_per_target_call:.2f} tokens per target call | "
+                f"of k={self.mean_k:.2f} (rate {self.acceptance_rate:.2f}, alpha = 1 - TV {self.empirical_alpha:.2f}) | "
+                f"{self.tokens_per_target_call:.2f} tokens per target call | "
                 f"target {self.target_calls} calls {self.target_s:.3f}s, draft {self.draft_calls} calls {self.draft_s:.3f}s | "
                 f"{self.tokens_per_s:.1f} tok/s")
 
 
-# --- the three pieces of the accept/reject math, module-level so tests can break each on purpose ---
+@dataclass
+class SpecStep:
+    """One draft-and-verify step, as a `trace` callable receives it. Tensors are the loop's own (read
+    them, do not modify them); B rows, k drafts, V vocabulary entries, all float32 distributions."""
+    start: int  # sequence length (prompt + emitted) before this step
+    drafts: torch.Tensor  # (B, k) d_1..d_k
+    q_draft: torch.Tensor  # (B, k, V) the distributions the drafts were drawn from
+    p_target: torch.Tensor  # (B, k+1, V) the target's processed distributions at the k+1 positions
+    uniforms: torch.Tensor  # (B, k) u_i; d_i accepted iff u_i * q_draft_i(d_i) < p_target_i(d_i)
+    n_accepted: torch.Tensor  # (B,) leading accepted drafts per row
+    m: int  # min over rows of n_accepted: every row emits m+1 tokens
+    emitted: torch.Tensor  # (B, m+1) the tokens this step emitted
+    fix: torch.Tensor | None  # (B, V) norm(max(0, p - q)) at position m+1; None when m == k (bonus step)
 
-def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Logits (..., V) -> the float32 distribution a token is drawn from: the processed softmax, or
-    one-hot at the argmax when greedy (temperature 0 is never a division by a tiny number)."""
-    shape = logits.shape
-    logits = logits.reshape(-1, shape[-1]).float()
-    if params.greedy:
-        probs = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    else:
-        probs = process_logits(logits, params).softmax(-1)
-    return probs.reshape(shape)
+    @property
+    def k(self) -> int:
+        return self.drafts.size(1)
+
+    def last_kind(self, row: int = 0) -> str:
+        """How the row's last emitted token was chosen: 'bonus' (all k accepted; drawn from p_target_{k+1}),
+        'residual' (drawn from fix after d_{m+1} was rejected) or 'draft' (an accepted draft: another row's
+        rejection cut the step short)."""
+        if self.m == self.k:
+            return "bonus"
+        return "draft" if int(self.n_accepted[row]) > self.m else "residual"
+
+
+# --- the pieces of the accept/reject math, module-level so tests can break each on purpose ---
+
+def distribution(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, V) -> the float32 distribution (B, V) a token is drawn from: softmax(process_logits),
+    which is one-hot at the argmax when greedy (temperature 0 is never a division by a tiny number).
+    `history` (B, T): the ids the position follows, for penalties (None when params.needs_history is False)."""
+    return process_logits(logits, params, history).softmax(-1)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One token per row from probs (B, V) -> (B,)."""
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def draft_token(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draft's token d_i (B,) and q_draft_i (B, V): the distribution d_i was ACTUALLY drawn from
+    (processed like the target's; one-hot when greedy). Storing the raw softmax instead is a classic bug."""
+    q = distribution(logits, params, history)
+    return (q.argmax(-1) if params.greedy else draw(q, generator)), q
 
 
 def uniforms(batch: int, k: int, generator: torch.Generator | None, device) -> torch.Tensor:
@@ -122,16 +178,21 @@ class SpeculativeDecoder:
     """State of one speculative decoding run: both models, their caches and the emitted sequence.
 
     `step()` runs one draft proposal + target verification and returns the newly emitted tokens
-    (B, c), c >= 1. `seq` (B, n) is prompt + everything emitted so far."""
+    (B, c), c >= 1. `seq` (B, n) is prompt + everything emitted so far. With `adaptive_k`, `k` is
+    the starting value and the number of drafts per step moves within [1, k_max] (default max(k, 16))."""
 
     def __init__(self, target, draft, prompts: torch.Tensor, k: int, max_new_tokens: int,
                  params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
-                 stats: SpecStats | None = None):
+                 stats: SpecStats | None = None, adaptive_k: bool = False, k_max: int | None = None,
+                 trace: Callable[[SpecStep], None] | None = None):
         if target.config.vocab_size != draft.config.vocab_size:
             raise ValueError(f"target and draft must share a vocabulary: target vocab_size {target.config.vocab_size}, "
                              f"draft vocab_size {draft.config.vocab_size}")
-        if k < 0:
-            raise ValueError(f"k (draft tokens per step) must be >= 0, got {k}")
+        if k < 0 or (adaptive_k and k < 1):
+            raise ValueError(f"k (draft tokens per step) must be >= {1 if adaptive_k else 0}, got {k}")
+        k_max = max(k, 16) if k_max is None else k_max
+        if adaptive_k and k_max < k:
+            raise ValueError(f"k_max must be >= k (the starting k), got k_max {k_max} < k {k}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if prompts.dim() != 2 or prompts.size(1) == 0:
@@ -142,6 +203,7 @@ class SpeculativeDecoder:
             raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
                              f"{ctx} positions (the smaller of target and draft)")
         self.target, self.draft, self.k, self.params, self.generator = target, draft, k, params, generator
+        self.adaptive_k, self.k_max, self.trace = adaptive_k, (k_max if adaptive_k else k), trace
         self.device = target.tok_emb.weight.device
         self.seq = prompts.to(self.device)
         self.max_new_tokens, self.emitted = max_new_tokens, 0
@@ -149,13 +211,17 @@ class SpeculativeDecoder:
         self.target_cache = KVCache.for_model(target, B, cache_len)
         self.draft_cache = KVCache.for_model(draft, B, cache_len)
         self.stats = stats if stats is not None else SpecStats()
-        self.stats.k, self.stats.prompt_tokens = k, P
-        if len(self.stats.accept_hist) != k + 1:  # a stats object reused across runs keeps accumulating
-            self.stats.accept_hist = [0] * (k + 1)
+        self.stats.k, self.stats.batch, self.stats.prompt_tokens = k, B, P
+        if len(self.stats.accept_hist) != self.k_max + 1:  # a stats object reused across runs keeps accumulating
+            self.stats.accept_hist = [0] * (self.k_max + 1)
 
     @property
     def done(self) -> bool:
         return self.emitted >= self.max_new_tokens
+
+    def _history(self, d: torch.Tensor, i: int) -> torch.Tensor | None:
+        """The ids before draft position i (0-based): seq + d_1..d_i, or None when no processor reads them."""
+        return torch.cat([self.seq, d[:, :i]], 1) if self.params.needs_history else None
 
     def _propose(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Draft k tokens -> d (B, k) and q_draft (B, k, V), the distributions they were drawn from."""
@@ -169,13 +235,28 @@ class SpeculativeDecoder:
             start = self.draft_cache.length
             inp = self.seq[:, start:] if i == 0 else d[:, i - 1:i]
             logits = self.draft(inp, self.draft_cache, start)[:, -1]
-            q_i = distribution(logits, self.params)  # (B, V) float32: exactly what d_i is drawn from
-            d[:, i] = q_i.argmax(-1) if self.params.greedy else draw(q_i, self.generator)
+            d[:, i], q_i = draft_token(logits, self.params, self._history(d, i), self.generator)
             q_draft.append(q_i)
             self.stats.draft_calls += 1
         self.stats.draft_s += time.perf_counter() - t0
         V = self.target.config.vocab_size
         return d, (torch.stack(q_draft, 1) if q_draft else torch.empty(B, 0, V, device=self.device))
+
+    def _verify(self, d: torch.Tensor) -> torch.Tensor:
+        """Target: ONE forward over [missing tokens (prompt at first, else `last`), d_1..d_k]. The cache
+        holds seq[:-1], so the last k+1 logits are p_target_1..p_target_{k+1} (position i verifies d_i)."""
+        B, k = d.shape
+        t0 = time.perf_counter()
+        start = self.target_cache.length
+        logits = self.target(torch.cat([self.seq[:, start:], d], 1), self.target_cache, start)[:, -(k + 1):]
+        if self.params.needs_history:  # each position has its own prefix: process them one by one
+            p_target = torch.stack([distribution(logits[:, i], self.params, self._history(d, i))
+                                    for i in range(k + 1)], 1)
+        else:  # (B, k+1, V) in one call
+            p_target = distribution(logits.reshape(B * (k + 1), -1), self.params).view(B, k + 1, -1)
+        self.stats.target_calls += 1
+        self.stats.target_s += time.perf_counter() - t0
+        return p_target  # (B, k+1, V) float32, same processors as q_draft
 
     @torch.inference_mode()
     def step(self) -> torch.Tensor:
@@ -185,31 +266,26 @@ class SpeculativeDecoder:
             return self.seq.new_empty(B, 0)
         k = min(self.k, remaining - 1)  # a step emits at most k+1 tokens: never overshoot max_new_tokens
         d, q_draft = self._propose(k)
-
-        # Target: ONE forward over [missing tokens (prompt at first, else `last`), d_1..d_k]. The cache
-        # holds seq[:-1], so the last k+1 logits are p_target_1..p_target_{k+1} (position i verifies d_i).
-        t0 = time.perf_counter()
-        start = self.target_cache.length
-        logits = self.target(torch.cat([self.seq[:, start:], d], 1), self.target_cache, start)[:, -(k + 1):]
-        p_target = distribution(logits, self.params)  # (B, k+1, V) float32, same processors as q_draft
-        self.stats.target_calls += 1
-        self.stats.target_s += time.perf_counter() - t0
+        p_target = self._verify(d)
 
         # Accept d_i iff u_i < min(1, p_target_i(d_i)/q_draft_i(d_i)). q_draft_i(d_i) > 0 (d_i was drawn
         # from it) and u_i < 1, so this is u_i * q(d_i) < p(d_i): no division, and min(1, .) is implicit.
         p_d = p_target[:, :k].gather(-1, d.unsqueeze(-1)).squeeze(-1)  # (B, k)
         q_d = q_draft.gather(-1, d.unsqueeze(-1)).squeeze(-1)  # (B, k)
-        ok = uniforms(B, k, self.generator, self.device) * q_d < p_d  # (B, k)
+        u = uniforms(B, k, self.generator, self.device)
+        ok = u * q_d < p_d  # (B, k)
         n_acc = ok.long().cumprod(-1).sum(-1)  # (B,) leading accepted drafts per row
         if k > 0:  # the last step may propose fewer than self.k (max_new_tokens); k = 0 proposes nothing
             for c in n_acc.tolist():
                 self.stats.accept_hist[c] += 1
             self.stats.drafts_proposed += B * k
             self.stats.drafts_accepted += int(n_acc.sum())
+            self.stats.overlap_sum += float(torch.minimum(p_target[:, :k], q_draft).sum())
         m = int(n_acc.min())  # synchronised rule: every row emits m+1 tokens
 
         # Token m+1 of each row: an accepted draft d_{m+1} where n_r > m; else the residual at
         # position m+1 (a rejection there) or, when m == k (all accepted), the bonus from p_target_{k+1}.
+        fix = None
         if m == k:
             extra = draw(p_target[:, k], self.generator) if not self.params.greedy else p_target[:, k].argmax(-1)
         else:
@@ -226,6 +302,10 @@ class SpeculativeDecoder:
         self.draft_cache.crop(min(self.draft_cache.length, n + m))
         self.emitted += m + 1
         self.stats.new_tokens = self.emitted
+        if self.adaptive_k and k > 0:  # Hugging Face's heuristic schedule: +2 after a full acceptance, else -1
+            self.k = min(self.k_max, self.k + 2) if m == k else max(1, self.k - 1)
+        if self.trace is not None:
+            self.trace(SpecStep(n, d, q_draft, p_target, u, n_acc, m, new, fix))
         return new
 
 
@@ -241,13 +321,16 @@ def _check_prompt_batch(prompts) -> torch.Tensor:
 @torch.inference_mode()
 def speculative_stream(target, draft, prompt_ids: list[int], max_new_tokens: int, k: int = 4,
                        params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
-                       eos_ids: set[int] = frozenset(), stats: SpecStats | None = None) -> Iterator[int]:
+                       eos_ids: set[int] = frozenset(), stats: SpecStats | None = None, adaptive_k: bool = False,
+                       k_max: int | None = None, trace: Callable[[SpecStep], None] | None = None) -> Iterator[int]:
     """Batch 1: yield up to max_new_tokens token ids, each an exact draw from the target (greedy: the
     target's greedy output token for token). An EOS id stops the stream and is not emitted (also when
-    it sits inside a run of accepted drafts: the tokens after it are dropped)."""
+    it sits inside a run of accepted drafts: the tokens after it are dropped). `trace` gets a SpecStep
+    after every step (before that step's tokens are yielded)."""
     stats = stats if stats is not None else SpecStats()
     t0 = time.perf_counter()
-    dec = SpeculativeDecoder(target, draft, _check_prompt_batch([prompt_ids]), k, max_new_tokens, params, generator, stats)
+    dec = SpeculativeDecoder(target, draft, _check_prompt_batch([prompt_ids]), k, max_new_tokens, params, generator,
+                             stats, adaptive_k, k_max, trace)
     stats.stopped_by = "max_new_tokens"
     emitted = 0
     while not dec.done:
@@ -266,13 +349,15 @@ def speculative_stream(target, draft, prompt_ids: list[int], max_new_tokens: int
 def speculative_generate_batch(target, draft, prompts, max_new_tokens: int, k: int = 4,
                                params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
                                eos_ids: set[int] = frozenset(), pad_id: int = -1,
-                               stats: SpecStats | None = None) -> torch.Tensor:
+                               stats: SpecStats | None = None, adaptive_k: bool = False, k_max: int | None = None,
+                               trace: Callable[[SpecStep], None] | None = None) -> torch.Tensor:
     """Batch > 1 (equal-length prompts) with the synchronised rule -> (B, max_new_tokens) new ids.
     A row that emits an EOS id is finished: that position and everything after it read `pad_id`;
     the run stops early once every row is finished."""
     stats = stats if stats is not None else SpecStats()
     t0 = time.perf_counter()
-    dec = SpeculativeDecoder(target, draft, _check_prompt_batch(prompts), k, max_new_tokens, params, generator, stats)
+    dec = SpeculativeDecoder(target, draft, _check_prompt_batch(prompts), k, max_new_tokens, params, generator, stats,
+                             adaptive_k, k_max, trace)
     P = dec.seq.size(1)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=dec.device)
     stats.stopped_by = "max_new_tokens"

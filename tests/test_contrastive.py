@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from minillm.config import ModelConfig
-from minillm.contrastive import (CDStats, amateur_weight, beta_to_li_tau, contrastive_scores, contrastive_stream,
-                                 plausible_head)
+from minillm.contrastive import (CDStats, CDStep, amateur_weight, beta_to_li_tau, contrastive_scores,
+                                 contrastive_stream, plausible_head)
 from minillm.generate import stream_tokens
 from minillm.model import Transformer
 from minillm.sampling import SamplingParams
@@ -104,8 +104,9 @@ def test_head_mask_hand_made():
     z_a = torch.tensor([[5.0, 0.0, -3.0, -10.0, -10.0]])
     scores, head = contrastive_scores(z_e, z_a, alpha=0.1, beta=0.5)
     assert head.tolist() == [[True, True, True, False, False]]
-    # (1+b) z_e - b z_a on the head: 4.5-2.5=2.0, 3-0=3.0, 1.05+1.5=2.55
-    torch.testing.assert_close(scores[0, :3], torch.tensor([2.0, 3.0, 2.55]))
+    # (1+b) z_e - b z_a on the head: 4.5-2.5=2.0, 3-0=3.0, 1.05+1.5=2.55 (scores are defined up to a
+    # per-row constant, here (1+b)·max z_e - b·max z_a = 2.0: compare differences)
+    torch.testing.assert_close(scores[0, :3] - scores[0, 0], torch.tensor([2.0, 3.0, 2.55]) - 2.0)
     assert torch.isinf(scores[0, 3:]).all() and (scores[0, 3:] < 0).all()
     assert int(scores.argmax()) == 1  # token 3 would score 1.035+5 = 6.035 unmasked: the mask matters
     # probability-space mask p >= alpha * max p selects the same set
@@ -129,6 +130,44 @@ def test_chosen_token_in_head_and_head_never_empty_random():
         # sampling from the scores also stays in the head
         probs = (scores / 0.7).softmax(-1)
         assert not torch.isnan(probs).any() and (probs[~head] == 0).all()
+
+
+def test_probability_space_mask_equals_logit_space_mask():
+    """V_head = {p_e >= alpha·max p_e} (the paper's definition) = {z_e >= log(alpha) + max z_e} (ours), on
+    random rows; entries within float rounding of the threshold are left out of the comparison."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4000, 60, generator=g) * 3
+    for alpha in (0.001, 0.05, 0.1, 0.5, 1.0):
+        p = z.double().softmax(-1)
+        prob_mask = p >= alpha * p.max(-1, keepdim=True).values
+        logit_mask = plausible_head(z, alpha)
+        margin = (z - (z.max(-1, keepdim=True).values + math.log(alpha))).abs()
+        clear = margin > 1e-5  # (alpha = 1 puts each row's max exactly on the threshold: 1 entry in 60)
+        assert clear.float().mean() > 0.98
+        assert torch.equal(prob_mask[clear], logit_mask[clear])
+        assert prob_mask.any(-1).all() and logit_mask.any(-1).all()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 2.0, 1e9])
+def test_no_nan_with_inf_and_huge_logits(beta):
+    """-inf in the amateur (beta = 0 included: no 0·inf), -inf in the expert outside the head, and
+    logits near float32's limit (no inf - inf): every score finite or -inf, the argmax in V_head."""
+    g = torch.Generator().manual_seed(4)
+    z_e = torch.randn(500, 20, generator=g) * 5
+    z_a = torch.randn(500, 20, generator=g) * 5
+    z_a[::2, :7] = float("-inf")
+    z_e[1::3, 15:] = float("-inf")
+    z_e[::5] *= 1e37  # |z| up to ~1e38
+    z_a[::7] *= 1e37
+    for obj in ("obrien", "li"):
+        scores, head = contrastive_scores(z_e, z_a, 0.1, beta, obj, 0.5)
+        assert not torch.isnan(scores).any() and not (scores == float("inf")).any()
+        assert torch.isfinite(scores[head]).all() and (scores[~head] == float("-inf")).all()
+        assert head.gather(-1, scores.argmax(-1, keepdim=True)).all()
+        probs = (scores / 1e-3).softmax(-1)  # sampling at a low temperature stays defined
+        assert not torch.isnan(probs).any()
+        if obj == "obrien" and beta == 0.0:  # no contrast: the expert's choice, -inf amateur logits or not
+            assert torch.equal(scores.argmax(-1), z_e.argmax(-1))
 
 
 def test_bf16_inputs_no_nan():
@@ -172,3 +211,42 @@ def test_eos_stops(pair):
 def test_conversions():
     assert amateur_weight(0.5) == pytest.approx(1 / 3)
     assert beta_to_li_tau(0.5) == pytest.approx(3.0) and math.isinf(beta_to_li_tau(0))
+
+
+def test_trace_chosen_token_is_emitted_and_in_head(pair):
+    """The trace records, per step, the token the loop emits; it lies in V_head; the trace's head sizes
+    and differences from the expert are the stats'; the scores recomputed from the traced logits agree."""
+    expert, amateur = pair
+    for params in (GREEDY, SamplingParams(temperature=1.0, top_k=3)):
+        steps, stats = [], CDStats()
+        got = list(contrastive_stream(expert, amateur, PROMPT, 20, alpha=0.05, beta=1.0, params=params,
+                                      generator=torch.Generator().manual_seed(0), stats=stats, trace=steps.append))
+        assert [s.token for s in steps] == got and [s.step for s in steps] == list(range(20))
+        assert all(isinstance(s, CDStep) and bool(s.head[0, s.token]) for s in steps)
+        assert [int(s.head.sum()) for s in steps] == stats.head_sizes
+        assert sum(s.token != s.expert_token for s in steps) == stats.differs_from_expert
+        for s in steps:
+            scores, head = contrastive_scores(s.z_expert, s.z_amateur, 0.05, 1.0)
+            assert torch.equal(scores, s.scores) and torch.equal(head, s.head)
+            assert s.expert_token == int(s.z_expert.argmax())
+            if params.greedy:
+                assert s.token == int(s.scores.argmax())
+    # an EOS step is traced too, and its token is not emitted
+    eos = got[3]
+    steps = []
+    out = list(contrastive_stream(expert, amateur, PROMPT, 20, alpha=0.05, beta=1.0, eos_ids={eos}, trace=steps.append))
+    assert steps[-1].token == eos and len(steps) == len(out) + 1
+
+
+def test_bf16_models_run_without_nan(pair):
+    """bf16 expert and amateur through the real loop: scores stay float32, every choice is in V_head."""
+    expert, amateur = (m.to(torch.bfloat16) for m in pair)
+    try:
+        steps = []
+        got = list(contrastive_stream(expert, amateur, PROMPT, 10, alpha=0.05, beta=1.0, trace=steps.append))
+    finally:
+        for m in pair:
+            m.float()
+    assert len(got) == 10
+    for s in steps:
+        assert s.scores.dtype == torch.float32 and not torch.isnan(s.scores).any() and bool(s.head[0, s.token])

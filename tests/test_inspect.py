@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from minillm.checkpoint import save_model
 from minillm.config import preset
 from minillm.generate import make_generator, stream_tokens
-from minillm.inspect import (Capture, head_scores, inspect_prompt, lens_logits, main, token_text,
-                             trace_sampling)
+from minillm.contrastive import contrastive_stream
+from minillm.inspect import (Capture, check_same_tokenizer, head_scores, inspect_prompt, lens_logits, main, token_text,
+                             trace_contrastive, trace_sampling, trace_speculative)
+from minillm.speculative import speculative_stream
 from minillm.model import Transformer
 from minillm.sampling import SamplingParams
 from minillm.tokenizer import CharTokenizer
@@ -224,3 +226,83 @@ def test_module_name_does_not_shadow_stdlib_inspect():
     r = subprocess.run([sys.executable, "-m", "minillm.inspect", "--help"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "--prompt" in r.stdout and "Warning" not in r.stderr
+
+
+def sharpened(name, seed, scale):
+    torch.manual_seed(seed)
+    cfg = preset("nano", vocab_size=len(CHARS), **FAMILIES[name])
+    m = Transformer(cfg).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(scale)
+    return m
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=6),
+                                    SamplingParams(temperature=0)])
+def test_speculative_trace_agrees_with_stats(params, tok):
+    """Acceptances counted in the trace == the loop's count; the trace's tokens == speculative_stream's."""
+    target, draft = sharpened("llama-gqa", 0, 6), sharpened("gpt2", 1, 6)  # different families, same tokenizer
+    ids = tok.encode("to be")
+    for adaptive in (False, True):
+        steps, stats = trace_speculative(target, draft, tok, ids, 20, 3, params, seed=5, adaptive_k=adaptive)
+        verdicts = [d["verdict"] for s in steps for d in s["drafts"]]
+        assert verdicts.count("accepted") == sum(s["n_accepted"] for s in steps) == stats.drafts_accepted
+        assert len(verdicts) == stats.drafts_proposed and len(steps) == stats.target_calls
+        assert verdicts.count("rejected") == sum(s["last"]["kind"] == "residual" for s in steps)
+        for s in steps:
+            for d in s["drafts"]:
+                if d["verdict"] != "not checked":  # the verdict follows from the numbers shown
+                    assert (d["verdict"] == "accepted") == (d["u"] * d["q_draft"] < d["p_target"])
+            assert s["last"]["kind"] in ("residual", "bonus") and s["last"]["p"] > 0
+        want = list(speculative_stream(target, draft, ids, 20, 3, params, torch.Generator().manual_seed(5),
+                                       adaptive_k=adaptive))
+        assert [e["id"] for s in steps for e in s["emitted"]] == want
+        if params.greedy:
+            assert want == list(stream_tokens(target, ids, 20, params))
+    assert 0 < stats.drafts_accepted < stats.drafts_proposed or params.greedy  # both verdicts shown
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0), SamplingParams(temperature=1.0, top_k=4)])
+def test_contrastive_trace_chosen_is_emitted_and_in_head(params, tok):
+    expert, amateur = sharpened("llama-untied", 0, 30), sharpened("llama-untied", 1, 30)
+    ids = tok.encode("to be")
+    steps, stats = trace_contrastive(expert, amateur, tok, ids, 16, alpha=0.05, beta=1.0, params=params, seed=2,
+                                     max_head=len(CHARS))
+    want = list(contrastive_stream(expert, amateur, ids, 16, 0.05, 1.0, params=params,
+                                   generator=torch.Generator().manual_seed(2)))
+    assert [s["id"] for s in steps] == want
+    for s in steps:
+        head_ids = [h["id"] for h in s["head"]]
+        assert s["in_head"] and s["id"] in head_ids and len(head_ids) == s["head_size"] >= 1
+        assert s["head"][0]["score"] == 0 and all(h["score"] <= 0 for h in s["head"])
+        if params.greedy:
+            assert s["id"] == s["head"][0]["id"]
+        assert s["changed"] == (s["id"] != s["expert"]["id"])
+    assert [s["head_size"] for s in steps] == stats.head_sizes
+    assert sum(s["changed"] for s in steps) == stats.differs_from_expert
+
+
+def test_cli_speculative_and_contrastive_traces(tmp_path, tok, capsys):
+    tp, dp, bad = tmp_path / "t.safetensors", tmp_path / "d.safetensors", tmp_path / "bad.safetensors"
+    save_model(tp, sharpened("llama-gqa", 0, 6), tok)
+    save_model(dp, sharpened("gpt2", 1, 6), tok)
+    save_model(bad, make("gpt2"), CharTokenizer(CHARS.replace("?", "#")))  # same size, another alphabet
+    js = tmp_path / "s.json"
+    main(["--model", str(tp), "--prompt", "to be", "--no-attention", "--generate", "12", "--method", "speculative",
+          "--draft", str(dp), "--k", "3", "--json", str(js)])
+    out = capsys.readouterr().out
+    assert "speculative trace" in out and "p_target" in out and "acceptance histogram" in out
+    d = json.loads(js.read_text())
+    assert d["trace_method"] == "speculative"
+    assert sum(x["verdict"] == "accepted" for s in d["trace"] for x in s["drafts"]) == d["trace_stats"]["drafts_accepted"]
+    main(["--model", str(tp), "--prompt", "to be", "--no-attention", "--generate", "8", "--method", "contrastive",
+          "--amateur", str(dp), "--alpha", "0.05", "--json", str(js)])
+    out = capsys.readouterr().out
+    assert "contrastive trace" in out and "V_head" in out and "mean |V_head|" in out
+    d = json.loads(js.read_text())
+    assert d["trace_method"] == "contrastive" and len(d["trace"]) == 8 and all(s["in_head"] for s in d["trace"])
+    with pytest.raises(ValueError, match="different tokenizers"):
+        main(["--model", str(tp), "--prompt", "to be", "--generate", "4", "--method", "speculative", "--draft", str(bad)])
+    with pytest.raises(SystemExit):
+        main(["--model", str(tp), "--prompt", "to be", "--generate", "4", "--method", "contrastive"])
+    check_same_tokenizer(tok, CharTokenizer(CHARS))  # equal tokenizers pass
