@@ -6,12 +6,16 @@ Where the text comes from, first match wins:
   3. the cache, `cache_dir()/<name>/input.txt` (`$MINILLM_CACHE_DIR`, default ~/.cache/minillm);
   4. a download from the dataset's public URL into the cache.
 Copies found in 2 and 3, and every download, are checked against the known sha256.
+
+A pretrained checkpoint brings its own (BPE) tokenizer; `cached_token_ids` tokenizes a text with it
+once and keeps the ids on disk as a flat array that later runs memory-map instead of re-encoding.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import shutil
 import tempfile
@@ -142,3 +146,44 @@ def get_batch(data: np.ndarray, block_size: int, batch_size: int, generator: tor
     if torch.device(device).type == "cuda":  # pinned host memory lets the copy overlap compute
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
+
+
+
+# ----------------------------------------------------------------------------- token-id cache (BPE fine-tuning)
+
+def tokenizer_sha256(tokenizer) -> str:
+    """Hex sha256 of the tokenizer's full JSON description: equal hashes mean identical ids for any text."""
+    return hashlib.sha256(json.dumps(tokenizer.to_dict(), sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def id_dtype(vocab_size: int) -> type:
+    """The narrowest unsigned integer that holds every id: uint16 up to 65,536 ids, else uint32."""
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def cached_token_ids(text_path: str | Path, tokenizer, cache: str | Path | None = None) -> np.ndarray:
+    """The text's token ids as a read-only np.memmap, encoded once and then read from disk.
+
+    The cache file is named by the text's sha256 and the tokenizer's sha256 (so editing the text or
+    switching tokenizer can never reuse stale ids), and by the dtype (id_dtype of the vocabulary):
+        cache/<text sha256[:16]>-<tokenizer sha256[:16]>.<uint16|uint32>.bin     raw little-endian ids
+    `cache` defaults to cache_dir()/"tokens". The file is written to a temp name and renamed, so an
+    interrupted run never leaves a truncated cache behind."""
+    text_path = Path(text_path)
+    dtype = np.dtype(id_dtype(tokenizer.vocab_size)).newbyteorder("<")
+    folder = Path(cache) if cache is not None else cache_dir() / "tokens"
+    path = folder / f"{file_sha256(text_path)[:16]}-{tokenizer_sha256(tokenizer)[:16]}.{dtype.name}.bin"
+    if not path.is_file():
+        ids = np.asarray(tokenizer.encode(read_text(text_path)), dtype=dtype)
+        if len(ids) == 0:
+            raise ValueError(f"{text_path}: the text encodes to no tokens; nothing to train on")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(ids.tobytes())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return np.memmap(path, dtype=dtype, mode="r")

@@ -1,8 +1,19 @@
 """The training loop behind train.py: AdamW, warmup + cosine LR, clipping, accumulation,
 periodic eval, best-val checkpoints, exact resume.
 
+What is trained, and on which ids:
+    from scratch (default)   a char-level model of the preset's shape, alphabet taken from the text
+    --init-from CKPT         the checkpoint's weights, config and tokenizer (full fine-tune); the text is
+                             tokenized with that tokenizer once and cached (data.cached_token_ids)
+    ... --lora-rank R        the checkpoint frozen, only LoRA adapters trained (lora.py)
+    --distill-from TEACHER   loss mixes the labels with the teacher's distribution (distill.py); the student
+                             is fresh (preset/flags, the teacher's vocabulary), --init-from, or the teacher's
+                             first N blocks (--init-from-layers N)
+
 Files written for a run named NAME in out_dir:
-    NAME.safetensors         the best-val model (our format: weights + config + tokenizer + provenance)
+    NAME.safetensors         the best-val model (our format: weights + config + tokenizer + provenance);
+                             with LoRA only when --merge (the best adapters folded into the base)
+    NAME.lora.safetensors    LoRA: the best-val adapters only, naming their base checkpoint and its sha256
     NAME.train.safetensors   the latest training state: weights, optimizer moments, step, RNG states
     NAME.loss.png            train/val loss curve (when matplotlib is installed)
 """
@@ -11,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import statistics
 import time
@@ -21,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data
+from . import checkpoint, data, distill, lora
 from .config import ModelConfig, preset
 from .model import Transformer
 from .tokenizer import CharTokenizer
@@ -71,6 +83,18 @@ class TrainConfig:
     resume: bool = False
     plot: bool = True
     progress: bool = True
+    # fine-tuning a checkpoint: its weights, config and tokenizer (architecture flags are then refused)
+    init_from: str | None = None  # a .safetensors checkpoint to start from
+    seq_len: int | None = None  # tokens per training sequence (None: the model's block_size)
+    lora_rank: int = 0  # > 0: freeze the --init-from model and train rank-R LoRA adapters only
+    lora_alpha: float = 16.0  # adapter output scaled by alpha / rank
+    lora_targets: str = "q,k,v,o"  # which Linear layers get adapters: q,k,v,o,gate,up,down
+    merge: bool = False  # LoRA: also write the best adapters merged into a full checkpoint NAME.safetensors
+    # distillation: loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T)
+    distill_from: str | None = None  # teacher checkpoint; the student must share its tokenizer
+    distill_temperature: float = 2.0  # T
+    distill_alpha: float = 0.5  # alpha: weight of the teacher's soft targets
+    init_from_layers: int | None = None  # student = the teacher's first N blocks (+ embeddings, final norm, head)
 
     def resolved(self) -> "TrainConfig":
         """A copy with the preset's values filled in for every None."""
@@ -78,6 +102,28 @@ class TrainConfig:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(TRAIN_PRESETS)}")
         filled = {k: v for k, v in TRAIN_PRESETS[self.preset].items() if getattr(self, k) is None}
         return dataclasses.replace(self, **filled)
+
+    def check_finetune_flags(self) -> None:
+        """Refuse flag combinations that cannot mean anything, naming the flags."""
+        arch = [k for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "mlp_hidden", "dropout")
+                if getattr(self, k) is not None]
+        if (self.init_from or self.init_from_layers is not None) and arch:
+            source = "--init-from" if self.init_from else "--init-from-layers"
+            raise ValueError(f"{source} takes the architecture from the checkpoint, so "
+                             f"{', '.join('--' + k.replace('_', '-') for k in arch)} cannot be set "
+                             "(use --seq-len for the training sequence length)")
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora-rank must be >= 0, got {self.lora_rank}")
+        if self.lora_rank and not self.init_from:
+            raise ValueError("--lora-rank needs --init-from: adapters adapt a pretrained checkpoint")
+        if self.merge and not self.lora_rank:
+            raise ValueError("--merge folds LoRA adapters into the base: it needs --lora-rank > 0")
+        if self.init_from_layers is not None and not self.distill_from:
+            raise ValueError("--init-from-layers copies the teacher's first layers: it needs --distill-from")
+        if self.init_from_layers is not None and self.init_from:
+            raise ValueError("--init-from and --init-from-layers both choose the student's weights; pass one")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ValueError(f"--seq-len must be >= 1, got {self.seq_len}")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         over = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size",
@@ -101,6 +147,8 @@ class TrainResult:
     wall_s: float
     history: list = field(default_factory=list)  # (iter, train loss) per step
     evals: list = field(default_factory=list)  # (iter, train loss, val loss) per eval
+    adapters_path: Path | None = None  # LoRA runs: the adapters file
+    trainable_params: int = 0
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -131,15 +179,17 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
 
 
 @torch.no_grad()
-def estimate_loss(model, splits: dict[str, np.ndarray], tc: TrainConfig, device, autocast) -> dict[str, float]:
-    """Mean loss over eval_iters batches per split; the same batches at every eval (own generator)."""
+def estimate_loss(model, splits: dict[str, np.ndarray], tc: TrainConfig, device, autocast,
+                  seq_len: int | None = None) -> dict[str, float]:
+    """Mean cross-entropy over eval_iters batches of seq_len tokens (default: the model's block_size)
+    per split; the same batches at every eval (own generator)."""
     model.eval()
     out = {}
     for name, ids in splits.items():
         gen = torch.Generator().manual_seed(tc.seed + 1)
         losses = []
         for _ in range(tc.eval_iters):
-            x, y = data.get_batch(ids, model.config.block_size, tc.batch_size, gen, device)
+            x, y = data.get_batch(ids, seq_len or model.config.block_size, tc.batch_size, gen, device)
             with autocast():
                 logits = model(x)
             losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
@@ -169,30 +219,75 @@ def save_loss_plot(path: Path, history, evals) -> bool:
     return True
 
 
+def load_sources(tc: TrainConfig, model_path: Path):
+    """The checkpoints a run starts from, and the tokenizer it trains with: (tokenizer, init, teacher).
+
+    init and teacher are checkpoint.Loaded (or None). The tokenizer is the --init-from checkpoint's,
+    else the teacher's, else (resuming a char run) the saved model's, else None: build one from the text."""
+    init = checkpoint.load_model(tc.init_from) if tc.init_from else None
+    teacher = checkpoint.load_model(tc.distill_from) if tc.distill_from else None
+    if init is not None and teacher is not None:
+        distill.check_same_tokenizer(teacher.tokenizer, init.tokenizer,
+                                     f"teacher {tc.distill_from}", f"student {tc.init_from}")
+    if init is not None:
+        return init.tokenizer, init, teacher
+    if teacher is not None:
+        return teacher.tokenizer, None, teacher
+    if tc.resume:
+        return checkpoint.load_model(model_path).tokenizer, None, None
+    return None, None, None
+
+
+def build_model(tc: TrainConfig, tokenizer, init, teacher) -> Transformer:
+    """The model to train: the --init-from checkpoint's, the teacher's first layers, or a fresh one."""
+    if init is not None:
+        return init.model
+    if tc.init_from_layers is not None:
+        return distill.truncated_copy(teacher.model, tc.init_from_layers)
+    return Transformer(tc.model_config(tokenizer.vocab_size))
+
+
 def train(tc: TrainConfig, log=print) -> TrainResult:
     t_start = time.perf_counter()
     tc = tc.resolved()
+    tc.check_finetune_flags()
     device = pick_device(tc.device)
     out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / f"{tc.name}.safetensors"
+    adapters_path = out_dir / f"{tc.name}.lora.safetensors" if tc.lora_rank else None
     state_path = checkpoint.train_state_path(model_path)
+    if tc.resume and not state_path.is_file():
+        raise FileNotFoundError(f"--resume: no training state at {state_path}")
 
     text_path = data.resolve_text_path(tc.data)
-    text = data.read_text(text_path)
     data_sha = data.file_sha256(text_path)
-    if tc.resume:
-        if not state_path.is_file():
-            raise FileNotFoundError(f"--resume: no training state at {state_path}")
-        tokenizer = checkpoint.load_model(model_path).tokenizer
-    else:
-        tokenizer = CharTokenizer.from_text(text)
-    ids = np.array(tokenizer.encode(text), dtype=np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32)
+    tokenizer, init, teacher = load_sources(tc, model_path)
+    if init is None and teacher is None:  # the char path: the alphabet comes from the text itself
+        text = data.read_text(text_path)
+        tokenizer = tokenizer or CharTokenizer.from_text(text)
+        ids = np.array(tokenizer.encode(text), dtype=np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32)
+    else:  # a checkpoint's tokenizer (BPE): encode once, then memory-map the cached ids
+        ids = data.cached_token_ids(text_path, tokenizer)
     train_ids, val_ids = data.split_train_val(ids)
 
     torch.manual_seed(tc.seed)
-    cfg = tc.model_config(tokenizer.vocab_size)
-    model = Transformer(cfg).to(device)
+    model = build_model(tc, tokenizer, init, teacher).to(device)
+    cfg = model.config
+    seq_len = tc.seq_len or cfg.block_size
+    for who, limit in [("the model", cfg.block_size)] + ([("the teacher", teacher.config.block_size)] if teacher else []):
+        if seq_len > limit:
+            raise ValueError(f"--seq-len {seq_len} is longer than {who}'s context (block_size {limit})")
+    if teacher is not None:
+        if teacher.config.vocab_size != cfg.vocab_size:
+            raise ValueError(f"teacher {tc.distill_from} predicts {teacher.config.vocab_size} ids but the student "
+                             f"{cfg.vocab_size}: distillation needs one vocabulary")
+        teacher.model.to(device).eval().requires_grad_(False)
+    base_sha = None
+    if tc.lora_rank:
+        base_sha = data.file_sha256(tc.init_from)
+        lora.apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets)
+    n_trainable, n_total = lora.count_trainable(model)
     optimizer = make_optimizer(model, tc, device)
     batch_gen = torch.Generator().manual_seed(tc.seed)
     start_iter, best_val, evals, history = 0, float("inf"), [], []
@@ -210,10 +305,16 @@ def train(tc: TrainConfig, log=print) -> TrainResult:
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     step_model = torch.compile(model) if tc.compile else model
-    tokens_per_iter = tc.batch_size * tc.grad_accum * cfg.block_size
-    log(f"model: {cfg.family}, {model.num_params() / 1e6:.2f}M parameters, vocab {cfg.vocab_size}; "
+    tokens_per_iter = tc.batch_size * tc.grad_accum * seq_len
+    start = f"from {tc.init_from}" if tc.init_from else (
+        f"from the teacher's first {tc.init_from_layers} layers" if tc.init_from_layers else "fresh")
+    log(f"model: {cfg.family} ({start}), {n_total / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trainable"
+        f"{f' (LoRA rank {tc.lora_rank} on {tc.lora_targets})' if tc.lora_rank else ''}, vocab {cfg.vocab_size}; "
         f"data: {text_path} ({len(train_ids):,} train / {len(val_ids):,} val tokens); "
         f"{tokens_per_iter:,} tokens/iter on {device}{' (bf16 autocast)' if use_bf16 else ''}")
+    if teacher is not None:
+        log(f"distilling from {tc.distill_from} ({teacher.model.num_params() / 1e6:.2f}M parameters), "
+            f"T={tc.distill_temperature}, alpha={tc.distill_alpha}")
 
     def rng_states() -> dict[str, torch.Tensor]:
         r = {"batch": batch_gen.get_state(), "torch": torch.get_rng_state()}
@@ -221,22 +322,42 @@ def train(tc: TrainConfig, log=print) -> TrainResult:
             r["cuda"] = torch.cuda.get_rng_state()
         return r
 
+    def provenance(it: int, losses: dict[str, float]) -> dict:
+        prov = {"source": "minillm train.py", "data": str(text_path), "data_sha256": data_sha,
+                "step": it, "val_loss": losses["val"], "train_loss": losses["train"],
+                "train_config": dataclasses.asdict(tc)}
+        if tc.init_from:
+            prov["init_from"] = tc.init_from
+        if tc.distill_from:
+            prov["distilled_from"] = tc.distill_from
+        return prov
+
     def evaluate_and_save(it: int) -> dict[str, float]:
         nonlocal best_val
-        losses = estimate_loss(model, {"train": train_ids, "val": val_ids}, tc, device, autocast)
+        losses = estimate_loss(model, {"train": train_ids, "val": val_ids}, tc, device, autocast, seq_len)
         evals.append((it, losses["train"], losses["val"]))
         saved = ""
         if losses["val"] < best_val:
             best_val = losses["val"]
-            provenance = {"source": "minillm train.py", "data": str(text_path), "data_sha256": data_sha,
-                          "step": it, "val_loss": losses["val"], "train_loss": losses["train"],
-                          "train_config": dataclasses.asdict(tc)}
-            checkpoint.save_model(model_path, model, tokenizer, provenance)
-            saved = f" -> saved {model_path}"
+            if adapters_path is not None:
+                lora.save_adapters(adapters_path, model, tc.init_from, base_sha, provenance(it, losses))
+                saved = f" -> saved {adapters_path}"
+            else:
+                checkpoint.save_model(model_path, model, tokenizer, provenance(it, losses))
+                saved = f" -> saved {model_path}"
         state = {"iter": it, "best_val": best_val, "evals": evals, "config": cfg.to_dict()}
         checkpoint.save_train_state(state_path, optimizer, state, rng_states(), model)
         log(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}{saved}")
         return losses
+
+    def step_loss(x, y) -> torch.Tensor:
+        with autocast():
+            logits = step_model(x)
+            if teacher is None:
+                return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            with torch.no_grad():
+                teacher_logits = teacher.model(x)
+        return distill.distill_loss(logits, teacher_logits, y, tc.distill_temperature, tc.distill_alpha)[0]
 
     stop = tc.max_iters if tc.stop_after is None else min(tc.stop_after, tc.max_iters)
     step_ms = []
@@ -254,19 +375,18 @@ def train(tc: TrainConfig, log=print) -> TrainResult:
             g["lr"] = lr
         loss_sum = 0.0
         for _ in range(tc.grad_accum):
-            x, y = data.get_batch(train_ids, cfg.block_size, tc.batch_size, batch_gen, device)
-            with autocast():
-                logits = step_model(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / tc.grad_accum
+            x, y = data.get_batch(train_ids, seq_len, tc.batch_size, batch_gen, device)
+            loss = step_loss(x, y) / tc.grad_accum
             loss.backward()
             loss_sum += loss.item()
         if not math.isfinite(loss_sum):
             if bar:
                 bar.close()
-            kept = f"the last good checkpoint is kept at {model_path}" if model_path.exists() else "no checkpoint was written"
+            kept_path = adapters_path or model_path
+            kept = f"the last good checkpoint is kept at {kept_path}" if kept_path.exists() else "no checkpoint was written"
             raise TrainingDiverged(f"loss became {loss_sum} at iter {it} (lr {lr:.2e}); stopping: {kept}")
         if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_ms.append((time.perf_counter() - t0) * 1000)
@@ -277,6 +397,13 @@ def train(tc: TrainConfig, log=print) -> TrainResult:
     if bar:
         bar.close()
     final = evaluate_and_save(stop)
+    if tc.merge:  # fold the best-val adapters (not necessarily the last ones) into the base and save that
+        lora.load_adapters(adapters_path, model, tc.init_from)
+        lora.merge_lora(model)
+        best = checkpoint.read_metadata(adapters_path)["provenance"]
+        checkpoint.save_model(model_path, model, tokenizer,
+                              {**json.loads(best), "lora_merged": str(adapters_path), "base_sha256": base_sha})
+        log(f"merged the adapters of {adapters_path} into {model_path}")
     wall = time.perf_counter() - t_start
     ms = statistics.median(step_ms) if step_ms else float("nan")
     if tc.plot:
@@ -285,6 +412,6 @@ def train(tc: TrainConfig, log=print) -> TrainResult:
             log(f"loss curve: {plot_path}")
     log(f"done: {stop} iters, best val {best_val:.4f}, median {ms:.1f} ms/iter "
         f"({tokens_per_iter / ms * 1000:,.0f} tokens/s), wall {wall:.1f} s")
-    return TrainResult(model_path, best_val, final["train"], final["val"], stop, ms,
-                       tokens_per_iter / ms * 1000, wall, history, evals)
-
+    result_path = model_path if adapters_path is None or tc.merge else adapters_path
+    return TrainResult(result_path, best_val, final["train"], final["val"], stop, ms,
+                       tokens_per_iter / ms * 1000, wall, history, evals, adapters_path, n_trainable)

@@ -1,0 +1,78 @@
+"""Knowledge distillation: a small student learns from a big teacher's whole next-token distribution.
+
+With the labels y alone, a student learns from one token per position. The teacher's softened
+distribution says much more (which wrong tokens are nearly right), so the loss mixes both
+(Hinton et al., 2015):
+
+    loss = (1 - a) · CE(student logits, y)  +  a · T² · KL(softmax(teacher / T) ‖ softmax(student / T))
+
+T > 1 flattens both distributions so the teacher's small probabilities carry signal; the T² keeps
+the soft term's gradient on the same scale as the hard term's whatever T is (the gradient of the
+tempered KL shrinks like 1/T²). KL is summed over the vocabulary and averaged over positions, like CE.
+
+Teacher and student must use the same tokenizer: position by position they predict over the same
+ids, which is only meaningful if id 1234 is the same string for both (`check_same_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from .data import tokenizer_sha256
+from .model import Transformer, rope_tables
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                 temperature: float, alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, kl) for logits (B, T, V) and targets (B, T); see the module docstring.
+    kl is the tempered KL(teacher ‖ student) per position, before the T² and alpha weights."""
+    if temperature <= 0:
+        raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"distillation alpha must be in [0, 1], got {alpha}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape (same vocabulary needed)")
+    s = student_logits.float().flatten(0, 1)  # (B*T, V)
+    t = teacher_logits.float().flatten(0, 1)
+    ce = F.cross_entropy(s, targets.flatten())
+    log_q = F.log_softmax(s / temperature, dim=-1)  # student, tempered
+    log_p = F.log_softmax(t / temperature, dim=-1)  # teacher, tempered
+    # KL(p ‖ q) = Σ_v p_v (log p_v − log q_v); kl_div takes (log q, log p) with log_target=True
+    kl = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)  # sum over V, mean over B*T
+    loss = (1.0 - alpha) * ce + alpha * temperature**2 * kl
+    return loss, ce, kl
+
+
+def check_same_tokenizer(teacher_tok, student_tok, teacher_name: str = "teacher", student_name: str = "student") -> None:
+    """Raise ValueError unless both tokenizers are identical (same full description, hence same ids)."""
+    a, b = tokenizer_sha256(teacher_tok), tokenizer_sha256(student_tok)
+    if a != b:
+        def describe(tok):
+            return f"{tok.kind} tokenizer {getattr(tok, 'name', '')!r} with {tok.vocab_size} ids".replace(" ''", "")
+        raise ValueError(f"distillation needs one tokenizer for teacher and student, but {teacher_name} has a "
+                         f"{describe(teacher_tok)} (sha256 {a[:12]}…) and {student_name} a "
+                         f"{describe(student_tok)} (sha256 {b[:12]}…)")
+
+
+def truncated_copy(teacher: Transformer, n_layer: int) -> Transformer:
+    """A student that starts as the teacher's first n_layer blocks, with the teacher's embeddings,
+    final norm and output head: the teacher's shape except for the depth, and an independent copy."""
+    cfg = teacher.config
+    if not 1 <= n_layer <= cfg.n_layer:
+        raise ValueError(f"--init-from-layers must be between 1 and the teacher's {cfg.n_layer} layers, got {n_layer}")
+    student_cfg = dataclasses.replace(cfg, n_layer=n_layer)
+    with torch.device("meta"):
+        student = Transformer(student_cfg)
+    # blocks 0..n_layer-1 and every non-block tensor have the same names in both models
+    keep = {k: v.detach().clone() for k, v in teacher.state_dict().items()
+            if not k.startswith("blocks.") or int(k.split(".")[1]) < n_layer}
+    student.load_state_dict(keep, strict=True, assign=True)
+    if cfg.tie_embeddings:
+        student.lm_head.weight = student.tok_emb.weight
+    if cfg.family == "llama":  # the RoPE tables were built on meta: give them real storage
+        student.rope_cos, student.rope_sin = rope_tables(student_cfg)
+    return student.to(teacher.tok_emb.weight.device)
