@@ -18,6 +18,8 @@ The safetensors metadata (string -> string) holds:
     config      ModelConfig as JSON
     tokenizer   the tokenizer's full description as JSON (char vocab, or BPE ranks + regex + specials)
     provenance  JSON: where the weights came from (converted source, or training run: step, val loss, data sha256)
+    quantization  (quantized models only) JSON {"bits", "group_size", "embedding_bits"}: every Linear and the
+                token embedding are stored as integer codes + scales; quantize.py documents the tensors
 
 Training state for --resume (optimizer moments, step, RNG states) goes to a second file,
 NAME.train.safetensors, written by save_train_state. No pickle anywhere.
@@ -70,11 +72,18 @@ def model_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     return sd
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of this config must hold, with its shape (built on the meta device: no memory)."""
+def empty_model(cfg: ModelConfig, quantization: dict | None = None) -> Transformer:
+    """The model's skeleton on the meta device (no memory): float, or with quantize.py's modules."""
     with torch.device("meta"):
-        model = Transformer(cfg)
-    return {k: tuple(v.shape) for k, v in model_tensors(model).items()}
+        if quantization is None:
+            return Transformer(cfg)
+        from .quantize import empty_quantized  # lazy: quantize imports model, not checkpoint
+        return empty_quantized(cfg, quantization)
+
+
+def expected_shapes(cfg: ModelConfig, quantization: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of this config must hold, with its shape (built on the meta device: no memory)."""
+    return {k: tuple(v.shape) for k, v in model_tensors(empty_model(cfg, quantization)).items()}
 
 
 def save_model(path: str | Path, model: Transformer, tokenizer, provenance: dict | None = None) -> None:
@@ -88,6 +97,8 @@ def save_model(path: str | Path, model: Transformer, tokenizer, provenance: dict
         "tokenizer": json.dumps(tokenizer.to_dict()),
         "provenance": json.dumps(provenance or {}),
     }
+    if getattr(model, "quantization", None):  # set by quantize.quantize_model
+        metadata["quantization"] = json.dumps(model.quantization)
     atomic_save(model_tensors(model), path, metadata)
 
 
@@ -123,8 +134,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     cfg = ModelConfig.from_dict(json.loads(meta["config"]))
     tokenizer = tokenizer_from_dict(json.loads(meta["tokenizer"]))
     provenance = json.loads(meta.get("provenance", "{}"))
+    quantization = json.loads(meta["quantization"]) if "quantization" in meta else None
 
-    expected = expected_shapes(cfg)
+    try:
+        expected = expected_shapes(cfg, quantization)
+    except ValueError as e:  # a quantization entry with bad bits / group size
+        raise CheckpointError(f"{path}: {e}") from e
     tensors = {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -146,12 +161,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     except Exception as e:  # data section shorter than the header says, etc.
         raise CheckpointError(f"{path}: cannot read tensors ({e}); the file may be truncated") from e
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    if cfg.tie_embeddings:
+    model = empty_model(cfg, quantization)
+    if cfg.tie_embeddings and quantization is None:
         tensors["lm_head.weight"] = tensors["tok_emb.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)
-    if cfg.tie_embeddings:
+    if quantization is not None:
+        from .quantize import finish_loading
+        finish_loading(model)  # the tied head, rebuilt from the quantized embedding
+    elif cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     if cfg.family == "llama":  # the RoPE tables were built on meta: give them real storage before .to()
         model.rope_cos, model.rope_sin = rope_tables(cfg)

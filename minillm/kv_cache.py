@@ -17,8 +17,10 @@ class KVCache:
     def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         shape = (batch_size, n_kv_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        # torch.empty, not zeros: nothing past `length` is ever read, and pages never written stay
+        # out of memory (SmolLM2's full 8192-position cache would be 377 MB in fp32).
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.batch_size, self.max_len = batch_size, max_len
         self.length = 0  # positions 0..length-1 are valid
 
@@ -30,7 +32,8 @@ class KVCache:
         if not 1 <= max_len <= cfg.block_size:
             raise ValueError(f"KVCache max_len must be in [1, {cfg.block_size}] (the model's context), got {max_len}")
         p = model.tok_emb.weight
-        return cls(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim, p.dtype, p.device)
+        dtype = p.dtype if p.is_floating_point() else model.norm.weight.dtype  # quantized: integer codes
+        return cls(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim, dtype, p.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, n_kv_head, T, head_dim) at positions start_pos..start_pos+T-1 and return

@@ -1,0 +1,219 @@
+"""Decode speed of SmolLM2-135M: ours in fp32 / bf16 / int8 / int4 against transformers in fp32 / bf16.
+
+Each configuration lives in its own worker process (so its peak RSS is its own), loads its model
+once, and then waits. The parent drives the workers in rounds, one measurement at a time, so every
+configuration is measured in the same minutes (this machine drifts by +/-20%); the order rotates
+each round. Reported: medians over rounds, and ratios to transformers at fp32 / the same dtype.
+
+One decode measurement: greedy, the prompt "Once upon a time" (4 tokens), 128 new tokens, end-of-text
+ignored. Time to first token = prefill of the prompt + choosing the first token; decode tok/s =
+127 / (time of token 128 - time of token 1). Ours runs through generate.stream_tokens (the loop users
+get); transformers runs its best case, a bare loop of model(token, past_key_values) + argmax with a
+DynamicCache and logits for the last position only (generate() adds nothing measurable to it).
+Prefill: one forward over the first 512 tokens of tinyshakespeare into an empty cache.
+Peak RSS: the worker's VmHWM (load included) after all its measurements. ours-int8 / ours-int4
+load files made by `python -m minillm.quantize` (int4: group 32, embedding/head int8) before the
+workers start; ours-bf16 and hf-bf16 both load the fp32 file and cast.
+transformers loads the same weights, exported once with minillm.export to a temporary directory
+(the fp32 safetensors; bf16 is cast at load with dtype=torch.bfloat16).
+
+    python bench/speed.py                       # 3 rounds, all configurations, 2 threads
+    python bench/speed.py --rounds 5 --configs ours-int4,hf-bf16
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+CONFIGS = ["hf-fp32", "hf-bf16", "ours-fp32", "ours-bf16", "ours-int8", "ours-int4"]
+PROMPT = "Once upon a time"
+
+
+# ----------------------------------------------------------------------------- worker side
+
+def load(config: str, model_path: str, hf_dir: str):
+    """-> (step functions) for one configuration: decode() -> (ids, ttft_s, tok_s), prefill(ids) -> seconds."""
+    import torch
+    from minillm.checkpoint import load_model
+    loaded = load_model(model_path)
+    tok = loaded.tokenizer
+    prompt = tok.encode(PROMPT)
+    text_ids = tok.encode((Path(os.environ.get("MINILLM_DATA_DIR", ROOT.parent / "shared" / "data"))
+                           / "tinyshakespeare" / "input.txt").read_text()[:10_000])[:512]
+    kind, dtype = config.split("-")
+    if kind == "ours":
+        from minillm.generate import stream_tokens
+        from minillm.kv_cache import KVCache
+        from minillm.sampling import SamplingParams
+        model = loaded.model
+        if dtype == "bf16":
+            model = model.to(torch.bfloat16)
+        elif dtype in ("int8", "int4"):  # the parent quantized the file already (see main)
+            assert getattr(model, "quantization", None), f"{model_path} is not quantized"
+        greedy = SamplingParams(temperature=0.0)
+
+        def decode():
+            times, ids = [], []
+            t0 = time.perf_counter()
+            for t in stream_tokens(model, prompt, 128, greedy):
+                times.append(time.perf_counter())
+                ids.append(t)
+            return ids, times[0] - t0, 127 / (times[-1] - times[0])
+
+        @torch.inference_mode()
+        def prefill():
+            cache = KVCache.for_model(model, max_len=len(text_ids) + 1)
+            t0 = time.perf_counter()
+            model(torch.tensor([text_ids]), cache, 0, last_only=True).argmax(-1).item()
+            return time.perf_counter() - t0
+        return decode, prefill
+
+    del loaded  # transformers loads the exported copy
+    from transformers import AutoModelForCausalLM, DynamicCache
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16).eval()
+
+    @torch.inference_mode()
+    def decode():
+        times, ids = [], []
+        cache = DynamicCache()
+        t0 = time.perf_counter()
+        out = hf(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for i in range(128):
+            tok_id = int(out.logits[0, -1].argmax())
+            times.append(time.perf_counter())
+            ids.append(tok_id)
+            if i < 127:
+                out = hf(input_ids=torch.tensor([[tok_id]]), past_key_values=out.past_key_values, use_cache=True)
+        return ids, times[0] - t0, 127 / (times[-1] - times[0])
+
+    @torch.inference_mode()
+    def prefill():
+        t0 = time.perf_counter()
+        out = hf(input_ids=torch.tensor([text_ids]), past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        out.logits[0, -1].argmax().item()
+        return time.perf_counter() - t0
+    return decode, prefill
+
+
+def worker(config: str, model_path: str, hf_dir: str, threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    decode, prefill = load(config, model_path, hf_dir)
+    load_s = time.perf_counter() - t0
+    decode(), prefill()  # warm-up
+    print(json.dumps({"ready": True, "load_s": load_s}), flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "decode":
+            ids, ttft, tps = decode()
+            res = {"ids": ids, "ttft_s": ttft, "tok_s": tps}
+        elif cmd == "prefill":
+            res = {"prefill_s": prefill()}
+        elif cmd == "rss":  # VmHWM: this process's own peak (ru_maxrss would carry the parent's over exec)
+            hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+            res = {"peak_rss_mib": int(hwm.split()[1]) / 1024}
+        else:
+            break
+        print(json.dumps(res), flush=True)
+
+
+# ----------------------------------------------------------------------------- parent side
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="weights/smollm2-135m.safetensors")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench/out/speed.png")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker, args.model, args.hf_dir, args.threads)
+
+    configs = args.configs.split(",")
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        sys.exit(f"error: unknown configs {sorted(unknown)}; choose from {CONFIGS}")
+    tmp = tempfile.TemporaryDirectory(prefix="speed-hf-")
+    hf_dir = Path(tmp.name) / "hf"
+    if any(c.startswith("hf") for c in configs):
+        from minillm.export import export_hf
+        export_hf(args.model, hf_dir)
+
+    models = {c: args.model for c in configs}
+    for c, flags in [("ours-int8", ["--bits", "8"]), ("ours-int4", ["--bits", "4", "--group-size", "32"])]:
+        if c in configs:  # quantized once, to a file: the worker loads it as a user would (peak RSS!)
+            models[c] = str(Path(tmp.name) / f"{c}.safetensors")
+            subprocess.run([sys.executable, "-m", "minillm.quantize", args.model, "--out", models[c], *flags], check=True, cwd=ROOT)
+
+    procs = {}
+    for c in configs:  # start one at a time: loading is the memory peak
+        procs[c] = subprocess.Popen([sys.executable, __file__, "--worker", c, "--model", models[c], "--hf-dir", str(hf_dir),
+                                     "--threads", str(args.threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = json.loads(procs[c].stdout.readline())
+        print(f"{c}: loaded in {ready['load_s']:.1f} s (then one warm-up decode + prefill)", flush=True)
+
+    def ask(c, cmd):
+        procs[c].stdin.write(cmd + "\n")
+        procs[c].stdin.flush()
+        return json.loads(procs[c].stdout.readline())
+
+    res = {c: {"tok_s": [], "ttft_s": [], "prefill_s": [], "ids": None} for c in configs}
+    for r in range(args.rounds):
+        order = configs[r % len(configs):] + configs[:r % len(configs)]
+        for c in order:
+            d, p = ask(c, "decode"), ask(c, "prefill")
+            res[c]["tok_s"].append(d["tok_s"]), res[c]["ttft_s"].append(d["ttft_s"]), res[c]["prefill_s"].append(p["prefill_s"])
+            res[c]["ids"] = d["ids"]
+            print(f"  round {r + 1} {c}: {d['tok_s']:.1f} tok/s, ttft {d['ttft_s'] * 1e3:.0f} ms, "
+                  f"prefill {p['prefill_s'] * 1e3:.0f} ms   (load {open('/proc/loadavg').read().split()[0]})", flush=True)
+    for c in configs:
+        res[c]["rss"] = ask(c, "rss")["peak_rss_mib"]
+        procs[c].stdin.close()
+        procs[c].wait()
+
+    med = {c: {k: statistics.median(res[c][k]) for k in ("tok_s", "ttft_s", "prefill_s")} for c in configs}
+
+    print(f"\nSmolLM2-135M, greedy, {PROMPT!r} + 128 new tokens; 512-token prefill; threads {args.threads}; "
+          f"{args.rounds} rounds (medians); load average at the end {open('/proc/loadavg').read().split()[0]}\n")
+    print("| config | decode tok/s | vs hf-fp32 | vs hf-bf16 | TTFT ms | prefill 512 ms | prefill vs hf-fp32 | peak RSS MiB | first 32 ids = hf-fp32's |")
+    print("|---|---|---|---|---|---|---|---|---|")
+
+    def ratio(c, key, other):
+        return f"{med[c][key] / med[other][key]:.2f}x" if other in med else "-"
+    for c in configs:
+        m = med[c]
+        ids_same = ("yes" if res[c]["ids"][:32] == res["hf-fp32"]["ids"][:32] else "no") if "hf-fp32" in res else "-"
+        print(f"| {c} | {m['tok_s']:.1f} | {ratio(c, 'tok_s', 'hf-fp32')} | {ratio(c, 'tok_s', 'hf-bf16')} | {m['ttft_s'] * 1e3:.0f} "
+              f"| {m['prefill_s'] * 1e3:.0f} | {ratio(c, 'prefill_s', 'hf-fp32')} | {res[c]['rss']:.0f} | {ids_same} |")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    colors = ["C0" if c.startswith("hf") else "C1" for c in configs]
+    for ax, (key, label, scale) in zip(axes, [("tok_s", "decode tokens/s", 1), ("prefill_s", "512-token prefill, ms", 1e3),
+                                              ("rss", "peak RSS, MiB", 1)]):
+        vals = [res[c]["rss"] if key == "rss" else med[c][key] * scale for c in configs]
+        ax.bar(configs, vals, color=colors)
+        ax.set_title(label), ax.tick_params(axis="x", rotation=45), ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"SmolLM2-135M on CPU, {args.threads} threads (blue: transformers, orange: minillm)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout(), fig.savefig(args.out, dpi=100)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""Weight-only quantization: int8 per-channel and int4 group-wise weights, multiplied without dequantizing.
+
+Decoding one token reads every weight once and does little arithmetic with it, so its speed is set
+by how many bytes the weights take. Storing them in 8 or 4 bits instead of 32 (activations stay
+bf16) reads 4x or 8x fewer bytes; PyTorch's CPU kernels unpack the integers inside the matmul.
+
+    int8, per output channel (row n of W, shape (N, K)):
+        scale[n] = max|W[n, :]| / 127             q = round(W / scale) in [-127, 127]
+        W ~ q * scale
+    int4, per group of `group_size` consecutive inputs in a row (asymmetric: min and max kept):
+        scale = (max - min) / 15,  zero = min + 8 * scale      q = round((W - zero) / scale) + 8 in [0, 15]
+        W ~ (q - 8) * scale + zero
+
+Every nn.Linear (attention, MLP, and the output head) and the token embedding are quantized (the
+embedding and head to `embedding_bits`, 8 by default, see make_spec); norms
+and gpt2's small position embedding stay in float. Scales and zeros are stored in bf16, the dtype the
+kernels compute in, so a checkpoint defines its model exactly.
+
+Kernels (torch 2.13): int8 -> aten._weight_int8pack_mm(x, q (N, K) int8, scale (N,)); int4 on CPU ->
+aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero (K/group, N, 2)) with `packed`
+made by aten._convert_weight_to_int4pack_for_cpu; on CUDA the same without `_for_cpu`. Both want x
+in the dtype of the scales: bf16 is the fast path on CPU (fp32 works but is ~10x slower).
+The CPU int4 kernel needs N % 16 == 0 (rows are padded with zeros to get there) and group_size in
+{32, 64, 128, 256} dividing K (a group size that does not divide a matrix's K is an error).
+
+File format (metadata "quantization" = {"bits", "group_size", "embedding_bits"}; the rest of the format is checkpoint.py's):
+    NAME.weight   int8 (N, K)        | int4: uint8 (N, K/2), q[:, 2j] in the low nibble, q[:, 2j+1] in the high
+    NAME.scales   bf16 (N,)          | int4: bf16 (N, K/group)
+    NAME.zeros                       | int4: bf16 (N, K/group)
+    NAME.bias     as in float models
+With tied embeddings the file holds tok_emb's quantized tensors only; the head is built from them.
+The kernel's packed int4 layout is private to torch and depends on the CPU; the file keeps the
+portable nibble layout above and packing happens at load.
+
+    python -m minillm.quantize weights/smollm2-135m.safetensors --out weights/smollm2-135m-int4.safetensors --bits 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BITS = (8, 4)
+GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
+COMPUTE_DTYPE = torch.bfloat16  # scales, zeros, and the activations the kernels multiply
+
+
+def make_spec(bits: int, group_size: int | None = None, embedding_bits: int | None = None) -> dict:
+    """The scheme as stored in a checkpoint's metadata; a ValueError names any bad value.
+    embedding_bits (the token embedding and the output head) defaults to 8: these matrices are the
+    most sensitive ones (on SmolLM2-135M, int4 there costs ~4% perplexity, int8 ~0.3%), and decode
+    reads only one row of the embedding. llama.cpp's Q4 files keep them in 8 bits too."""
+    embedding_bits = 8 if embedding_bits is None else embedding_bits
+    for name, b in (("bits", bits), ("embedding_bits", embedding_bits)):
+        if b not in BITS:
+            raise ValueError(f"quantization {name} must be one of {BITS}, got {b!r}")
+    if 4 in (bits, embedding_bits):
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    else:
+        group_size = None
+    return {"bits": bits, "group_size": group_size, "embedding_bits": embedding_bits}
+
+
+# ----------------------------------------------------------------------------- the math
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (N, K) float -> q int8 (N, K), scale bf16 (N,), with W ~ q * scale (symmetric, per row)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8).to(COMPUTE_DTYPE)  # round the scale first: q uses the stored one
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W (N, K) float -> q uint8 (N, K) in [0, 15], scale and zero bf16 (N, K/group): W ~ (q - 8) * scale + zero."""
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"{name}: in_features {K} is not divisible by int4 group_size {group_size} "
+                         f"(choose one of {[g for g in GROUP_SIZES if K % g == 0] or 'none: keep this model in int8'})")
+    wg = w.float().reshape(N, K // group_size, group_size)  # (N, groups, g)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)  # (N, groups)
+    scale = ((hi - lo) / 15).clamp(min=1e-8).to(COMPUTE_DTYPE)
+    zero = (lo + 8 * scale.float()).to(COMPUTE_DTYPE)  # the value q = 8 stands for (the kernels' convention)
+    q = torch.round((wg - zero.float()[..., None]) / scale.float()[..., None]) + 8
+    return q.clamp(0, 15).to(torch.uint8).reshape(N, K), scale, zero
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The float matrix an int4 triple stands for, (N, K) fp32 (for reference checks and embeddings)."""
+    N, K = q.shape
+    g = K // scale.shape[1]
+    wg = (q.float().reshape(N, -1, g) - 8) * scale.float()[..., None] + zero.float()[..., None]
+    return wg.reshape(N, K)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values in [0, 15] -> (N, K/2) uint8: even columns in the low nibble, odd in the high."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles: (N, K/2) uint8 -> (N, K) uint8."""
+    return torch.stack((p & 0xF, p >> 4), dim=-1).reshape(p.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------- int4 kernel plumbing
+
+def _pack_for_kernel(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) uint8 in [0, 15] -> the kernel's private packed layout, on q's device."""
+    if q.is_cuda:  # the CUDA op takes nibble pairs with the even column in the HIGH nibble, and
+        # tiles of `inner_k_tiles` x 16 inputs (2, 4 or 8) that must divide K
+        inner_k_tiles = next(t for t in (8, 4, 2) if q.shape[1] % (16 * t) == 0)
+        return torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).contiguous(), inner_k_tiles)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+
+
+def _int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_zero: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda:
+        return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scale_zero)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zero)
+
+
+# ----------------------------------------------------------------------------- modules
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)^T + bias, with q int8 (out, in) and one scale per output feature."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=COMPUTE_DTYPE))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=COMPUTE_DTYPE) if bias else None)
+        self.tied = False  # True: the tied output head, whose matrix the checkpoint stores as tok_emb
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> "Int8Linear":
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        m.weight, m.scales = quantize_int8(linear.weight.detach())
+        if linear.bias is not None:
+            m.bias = linear.bias.detach().to(COMPUTE_DTYPE)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.scales.dtype), self.weight, self.scales)
+        y = y.reshape(*shape[:-1], self.out_features)  # (..., out)
+        return y + self.bias if self.bias is not None else y
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if not self.tied:
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T + bias with W stored as 4-bit codes in groups of `group_size` inputs (see the top).
+
+    In memory the codes live in the kernel's packed layout (`packed`) and scales/zeros as one
+    (K/group, N_padded, 2) tensor, as the kernel wants them. The state dict (what checkpoints hold)
+    is the portable form: weight (N, K/2) nibbles, scales and zeros (N, K/group)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.n_padded = -(-out_features // 16) * 16  # the CPU kernel handles rows in multiples of 16
+        self.register_buffer("packed", torch.zeros(0, dtype=torch.uint8))  # filled by set_codes
+        self.register_buffer("scale_zero", torch.zeros(in_features // group_size, self.n_padded, 2, dtype=COMPUTE_DTYPE))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=COMPUTE_DTYPE) if bias else None)
+        self.tied = False  # True: the tied output head, whose matrix the checkpoint stores as tok_emb
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int, name: str = "weight") -> "Int4Linear":
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size)
+        m.set_codes(*quantize_int4(linear.weight.detach(), group_size, name))
+        if linear.bias is not None:
+            m.bias = linear.bias.detach().to(COMPUTE_DTYPE)
+        return m
+
+    def set_codes(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        """Take q (N, K) uint8 and scale, zero (N, K/group); pad rows to n_padded and pack for the kernel."""
+        pad = self.n_padded - self.out_features
+        q = F.pad(q, (0, 0, 0, pad), value=8)  # padded rows: (8 - 8) * 0 + 0 = 0
+        scale_zero = torch.stack((scale, zero), dim=-1)  # (N, K/group, 2)
+        scale_zero = F.pad(scale_zero, (0, 0, 0, 0, 0, pad))
+        self.packed = _pack_for_kernel(q)
+        self.scale_zero = scale_zero.transpose(0, 1).contiguous().to(self.scale_zero.dtype)  # (K/group, N_pad, 2)
+
+    def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Back from the kernel layout to q (N, K) uint8, scale, zero (N, K/group). The packed layout is
+        private to torch, so we let the kernel itself undo it: multiplying the identity by W with every
+        scale 1 and zero 8 gives (q - 8) * 1 + 8 = q, exactly (small integers are exact in bf16)."""
+        K, N = self.in_features, self.out_features
+        eye = torch.eye(K, dtype=torch.bfloat16, device=self.packed.device)
+        unit = torch.tensor([1.0, 8.0], dtype=torch.bfloat16, device=self.packed.device).expand_as(self.scale_zero)
+        q = _int4_mm(eye, self.packed, self.group_size, unit.contiguous())  # (K, N_pad) = W^T
+        q = q[:, :N].t().round().to(torch.uint8)
+        scale_zero = self.scale_zero[:, :N].transpose(0, 1).to(COMPUTE_DTYPE)  # (N, K/group, 2)
+        return q.contiguous(), scale_zero[..., 0].contiguous(), scale_zero[..., 1].contiguous()
+
+    def _apply(self, fn, recurse=True):
+        # .to(device) moves raw bytes, but the packed layout differs between CPU and CUDA: take the
+        # codes out on the old device and pack them again on the new one.
+        moving = (self.packed.numel() > 0 and not self.packed.is_meta
+                  and fn(torch.zeros(1, device=self.packed.device)).device != self.packed.device)
+        codes = self.codes() if moving else None
+        super()._apply(fn, recurse)
+        if codes is not None:
+            self.set_codes(*(fn(t) for t in codes))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = _int4_mm(x.reshape(-1, shape[-1]).to(self.scale_zero.dtype), self.packed, self.group_size, self.scale_zero)
+        y = y[:, :self.out_features].reshape(*shape[:-1], self.out_features)  # (..., out)
+        return y + self.bias if self.bias is not None else y
+
+    # The state dict holds the portable form (see the module docstring), not the kernel layout.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.tied:
+            return
+        if self.packed.is_meta:  # shapes only (checkpoint.expected_shapes builds models on meta)
+            q = torch.empty(self.out_features, self.in_features, dtype=torch.uint8, device="meta")
+            scale = zero = torch.empty(self.out_features, self.in_features // self.group_size, dtype=COMPUTE_DTYPE, device="meta")
+        else:
+            q, scale, zero = self.codes()
+        destination[prefix + "weight"] = pack_nibbles(q)
+        destination[prefix + "scales"], destination[prefix + "zeros"] = scale, zero
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        names = ["weight", "scales", "zeros"] + (["bias"] if self.bias is not None else [])
+        missing = [prefix + n for n in names if prefix + n not in state_dict]
+        if missing:
+            missing_keys.extend(missing)
+            return
+        self.set_codes(unpack_nibbles(state_dict[prefix + "weight"]), state_dict[prefix + "scales"], state_dict[prefix + "zeros"])
+        if self.bias is not None:
+            self.bias = state_dict[prefix + "bias"].to(self.scale_zero.dtype)
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding stored like a quantized Linear's weight (vocab, n_embd): a lookup dequantizes
+    only the rows it gathers. Same state-dict names as Int8Linear / the portable int4 form."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int | None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.bits = num_embeddings, embedding_dim, bits
+        V, C = num_embeddings, embedding_dim
+        if bits == 8:
+            self.register_buffer("weight", torch.zeros(V, C, dtype=torch.int8))
+            self.register_buffer("scales", torch.ones(V, dtype=COMPUTE_DTYPE))
+        else:
+            self.register_buffer("weight", torch.zeros(V, C // 2, dtype=torch.uint8))
+            self.register_buffer("scales", torch.ones(V, C // group_size, dtype=COMPUTE_DTYPE))
+            self.register_buffer("zeros", torch.zeros(V, C // group_size, dtype=COMPUTE_DTYPE))
+
+    @classmethod
+    def from_float(cls, emb: nn.Embedding, bits: int, group_size: int | None) -> "QuantEmbedding":
+        m = cls(emb.num_embeddings, emb.embedding_dim, bits, group_size)
+        if bits == 8:
+            m.weight, m.scales = quantize_int8(emb.weight.detach())
+        else:
+            q, m.scales, m.zeros = quantize_int4(emb.weight.detach(), group_size, "tok_emb.weight")
+            m.weight = pack_nibbles(q)
+        return m
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.bits == 8:
+            rows = self.weight[tokens].to(self.scales.dtype) * self.scales[tokens, None]  # (..., C)
+        else:
+            rows = dequantize_int4(unpack_nibbles(self.weight[tokens.flatten()]), self.scales[tokens.flatten()],
+                                   self.zeros[tokens.flatten()]).reshape(*tokens.shape, self.embedding_dim)
+        return rows.to(self.scales.dtype)
+
+    def as_linear(self) -> nn.Module:
+        """The tied output head: the same matrix as an Int8Linear / Int4Linear (int4: repacked for the kernel)."""
+        V, C = self.num_embeddings, self.embedding_dim
+        if self.bits == 8:
+            head = Int8Linear(C, V, bias=False)
+            head.weight, head.scales = self.weight, self.scales  # shared storage, not a copy
+        else:
+            head = Int4Linear(C, V, bias=False, group_size=C // self.scales.shape[1])
+            head.set_codes(unpack_nibbles(self.weight), self.scales, self.zeros)
+        head.tied = True
+        return head
+
+
+# ----------------------------------------------------------------------------- whole models
+
+def _swap(model: nn.Module, make) -> None:
+    """Replace every nn.Linear below `model` by make(linear, qualified name)."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                full = f"{name}.{child_name}" if name else child_name
+                setattr(module, child_name, make(child, full))
+
+
+def _replace_modules(model, spec: dict, from_float: bool) -> None:
+    """Swap in the quantized modules `spec` names: converted from the float ones (from_float), or
+    empty ones of the right shapes to load a checkpoint into. A tied head becomes the embedding's
+    matrix as a Linear (from_float), or an nn.Identity placeholder until finish_loading."""
+    g = spec["group_size"]
+
+    def linear(lin: nn.Linear, name: str, bits: int) -> nn.Module:
+        has_bias = lin.bias is not None
+        if bits == 8:
+            return Int8Linear.from_float(lin) if from_float else Int8Linear(lin.in_features, lin.out_features, has_bias)
+        return (Int4Linear.from_float(lin, g, name + ".weight") if from_float
+                else Int4Linear(lin.in_features, lin.out_features, has_bias, g))
+
+    head, emb = model.lm_head, model.tok_emb
+    model.lm_head = nn.Identity()  # keep it out of the swap below: it follows embedding_bits
+    _swap(model, lambda lin, name: linear(lin, name, spec["bits"]))
+    eb = spec["embedding_bits"]
+    model.tok_emb = (QuantEmbedding.from_float(emb, eb, g) if from_float
+                     else QuantEmbedding(emb.num_embeddings, emb.embedding_dim, eb, g))
+    if not model.config.tie_embeddings:
+        model.lm_head = linear(head, "lm_head", eb)
+    elif from_float:
+        model.lm_head = model.tok_emb.as_linear()
+    model.quantization = dict(spec)
+
+
+def quantize_model(model, bits: int, group_size: int | None = None, embedding_bits: int | None = None):
+    """Quantize a float Transformer in place (every Linear + the token embedding) and return it, in bf16.
+
+    The result computes in bf16 (the kernels' dtype); model.quantization records the scheme and
+    checkpoint.save_model writes it to the file's metadata."""
+    spec = make_spec(bits, group_size, embedding_bits)
+    model.eval()
+    _replace_modules(model, spec, from_float=True)
+    return model.to(COMPUTE_DTYPE)  # norms, position embedding, biases (integer codes are untouched)
+
+
+def empty_quantized(cfg, quant: dict):
+    """A Transformer with the quantized modules `quant` (a checkpoint's metadata) names, ready for
+    load_state_dict; build it under torch.device("meta")."""
+    from .model import Transformer
+    unknown = set(quant) - {"bits", "group_size", "embedding_bits"}
+    if unknown:
+        raise ValueError(f"unknown quantization fields {sorted(unknown)}")
+    model = Transformer(cfg)
+    _replace_modules(model, make_spec(quant.get("bits"), quant.get("group_size"), quant.get("embedding_bits")), from_float=False)
+    return model
+
+
+def finish_loading(model) -> None:
+    """After load_state_dict: give int8 codes their own memory, and build the tied head from the embedding."""
+    for m in model.modules():
+        if isinstance(m, (Int8Linear, QuantEmbedding)):
+            # A fresh copy of what was read from the file: the int8 kernel segfaulted on the file's
+            # tensors (not on copies) with torch 2.11 on an AVX-512 CPU. (int4 is repacked anyway.)
+            for name, b in list(m.named_buffers(recurse=False)):
+                setattr(m, name, b.clone())
+    if model.config.tie_embeddings:
+        model.lm_head = model.tok_emb.as_linear()
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m minillm.quantize",
+                                 description="Quantize a minillm checkpoint's weights to int8 (per channel) or int4 (group-wise).")
+    ap.add_argument("input", help="a float minillm checkpoint (.safetensors)")
+    ap.add_argument("--out", required=True, help="where to write the quantized checkpoint")
+    ap.add_argument("--bits", type=int, required=True, choices=BITS)
+    ap.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES,
+                    help="int4 only: inputs sharing one scale and zero (smaller: more accurate, larger file)")
+    ap.add_argument("--embedding-bits", type=int, default=8, choices=BITS,
+                    help="bits for the token embedding and the output head (default 8, also with --bits 4)")
+    args = ap.parse_args(argv)
+    from .checkpoint import load_model, save_model  # lazy: checkpoint imports this module lazily too
+
+    loaded = load_model(args.input)
+    if getattr(loaded.model, "quantization", None):
+        sys.exit(f"error: {args.input} is already quantized ({loaded.model.quantization}); start from a float checkpoint")
+    try:
+        model = quantize_model(loaded.model, args.bits, args.group_size, args.embedding_bits)
+    except ValueError as e:
+        sys.exit(f"error: {args.input}: {e}")
+    provenance = {**loaded.provenance, "quantized_from": str(args.input), "quantization": model.quantization}
+    save_model(args.out, model, loaded.tokenizer, provenance)
+    size_in, size_out = Path(args.input).stat().st_size, Path(args.out).stat().st_size
+    spec = model.quantization
+    print(f"wrote {args.out}: int{spec['bits']}" + (f" group {spec['group_size']}" if spec["group_size"] else "")
+          + f", embedding/head int{spec['embedding_bits']}, {size_out / 2**20:.1f} MiB (from {size_in / 2**20:.1f} MiB, {size_in / size_out:.1f}x smaller)")
+
+
+if __name__ == "__main__":
+    main()
