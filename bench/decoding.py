@@ -1,0 +1,250 @@
+"""Diversity and quality of decoding methods: plain sampling, top-p, greedy and contrastive decoding.
+
+Redoes the first experiment of the seed article (docs/seeds/000_*) without its flaws:
+  * it scored prompt + continuation; we score the continuation only;
+  * 5 prompts, one sample each, no seed, no spread; we use its 5 prompts plus 20 of ours, several
+    seeds, and print mean ± std over seeds (std of the corpus-level metric across seeds);
+  * diversity alone rewards noise (uniformly random words maximise distinct-n), so every row also
+    carries a quality number: the expert's perplexity of the continuation given the prompt, and
+    the table has greedy (the degenerate end) and top-p next to plain sampling (the noisy end);
+  * its contrastive loop re-ran both models over the whole sequence every token; ours is
+    minillm.contrastive (a KV cache per model), with the settings printed beside the numbers.
+
+Metrics (bench/text_metrics.py): n-gram entropy n = 1..3 (bits, corpus-pooled), distinct-1/2
+(distinct / all n-grams, corpus-pooled), rep-2 and rep-4 (SimCTG, %, within each text), on
+whitespace words. Expert perplexity: exp(mean NLL) over all continuation tokens of the corpus,
+each scored by one uncached float32 forward of prompt + continuation, prompt tokens not counted.
+EOS does not stop generation (every continuation has exactly --max-new-tokens tokens, as in Li et
+al.'s setup), so lengths are equal across methods. Deterministic methods (temperature 0) run once:
+their ± is 0 by construction and printed as "·".
+
+    python bench/decoding.py --expert weights/shakespeare-char-big.safetensors \\
+        --amateur weights/shakespeare-char-baby256.safetensors --reference-text ../shared/data/tinyshakespeare/input.txt
+    python bench/decoding.py --expert weights/smollm2-135m.safetensors \\
+        --amateur weights/smollm2-135m-first8.safetensors --max-new-tokens 64 --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from minillm import checkpoint
+from minillm.contrastive import CDStats, contrastive_stream
+from minillm.generate import stream_tokens
+from minillm.sampling import SamplingParams
+from text_metrics import distinct_n, ngram_entropy, rep_n
+
+# The seed article's five prompts, verbatim.
+ARTICLE_PROMPTS = [
+    "Large Language models are",
+    "Barack Obama was",
+    "Decoding strategy is important because",
+    "A good recipe for Halloween is",
+    "Stanford is known for",
+]
+# Ours: ten in the voice of the char models' training text, ten general. Only characters that
+# tinyshakespeare has (no digits, no double quotes), so the char models can read every one.
+OUR_PROMPTS = [
+    "ROMEO:\n", "JULIET:\nO ", "First Citizen:\nWe are", "KING RICHARD II:\nThe", "To be, or not to be,",
+    "The king is dead, and", "My lord, the queen", "What light through yonder", "Now is the winter of",
+    "Friends, Romans, countrymen,",
+    "The weather today is", "In the beginning of the war,", "The best way to learn a language is",
+    "Once upon a time, there was", "The city council voted on", "Scientists have discovered that",
+    "My favourite book is", "The old man walked to the sea and", "Music can change the way we",
+    "The history of the printing press",
+]
+PROMPTS = ARTICLE_PROMPTS + OUR_PROMPTS
+
+
+@dataclass
+class Method:
+    name: str
+    settings: str  # printed next to the numbers
+    params: SamplingParams
+    cd: dict | None = None  # contrastive_stream keyword arguments; None: the expert alone
+
+    @property
+    def deterministic(self) -> bool:
+        return self.params.greedy
+
+
+METHODS = {
+    "sample": Method("sample", "T=1, no truncation", SamplingParams(temperature=1.0)),
+    "top-p": Method("top-p", "T=1, top_p=0.95", SamplingParams(temperature=1.0, top_p=0.95)),
+    "greedy": Method("greedy", "T=0 (argmax)", SamplingParams(temperature=0)),
+    "cd": Method("cd", "greedy; obrien α=0.1 β=0.5 (amateur weight 1/3); amateur sees full prompt",
+                 SamplingParams(temperature=0), dict(alpha=0.1, beta=0.5, objective="obrien", amateur_context="full")),
+    "cd-li": Method("cd-li", "greedy; li α=0.1 τ=0.5 (amateur weight 2); amateur sees last prompt token",
+                    SamplingParams(temperature=0),
+                    dict(alpha=0.1, objective="li", amateur_temperature=0.5, amateur_context="last_prompt_token")),
+    "cd-sample": Method("cd-sample", "T=1 on obrien scores α=0.1 β=0.5; amateur sees full prompt",
+                        SamplingParams(temperature=1.0), dict(alpha=0.1, beta=0.5, objective="obrien", amateur_context="full")),
+}
+
+
+@dataclass
+class Run:
+    """One method, one seed: the 25 continuations and what was measured on them."""
+    texts: list[str]
+    nll: float  # summed over all continuation tokens
+    n_tokens: int
+    seconds: float
+    head_sizes: list[int] = field(default_factory=list)
+    differs: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        m = {f"ent-{n}": ngram_entropy(self.texts, n) for n in (1, 2, 3)}
+        m |= {f"distinct-{n}": distinct_n(self.texts, n) for n in (1, 2)}
+        m |= {f"rep-{n}": rep_n(self.texts, n) for n in (2, 4)}
+        m["expert ppl"] = math.exp(self.nll / self.n_tokens)
+        return m
+
+
+COLUMNS = ["ent-1", "ent-2", "ent-3", "distinct-1", "distinct-2", "rep-2", "rep-4", "expert ppl"]
+
+
+@torch.inference_mode()
+def continuation_nll(model, prompt_ids: list[int], cont_ids: list[int]) -> float:
+    """Sum of -log p_expert(cont_i | prompt, cont_<i), float32, one forward without a cache."""
+    ids = torch.tensor([prompt_ids + cont_ids])
+    logp = model(ids[:, :-1]).float().log_softmax(-1)[0, len(prompt_ids) - 1:]  # (len(cont), V)
+    return -logp.gather(-1, torch.tensor(cont_ids).unsqueeze(-1)).sum().item()
+
+
+def generate(method: Method, expert, amateur, prompt_ids: list[int], n: int, seed: int) -> tuple[list[int], CDStats | None]:
+    gen = torch.Generator().manual_seed(seed)
+    if method.cd is None:
+        return list(stream_tokens(expert, prompt_ids, n, method.params, gen)), None
+    stats = CDStats()
+    ids = list(contrastive_stream(expert, amateur, prompt_ids, n, params=method.params, generator=gen,
+                                  stats=stats, **method.cd))
+    return ids, stats
+
+
+def run_method(method: Method, expert, amateur, tok, prompts: list[str], n: int, seed: int) -> Run:
+    texts, nll, count, t0 = [], 0.0, 0, time.perf_counter()
+    heads, differs = [], 0
+    for i, prompt in enumerate(prompts):
+        p_ids = tok.encode(prompt)
+        ids, stats = generate(method, expert, amateur, p_ids, n, seed * 1000 + i)
+        texts.append(tok.decode(ids))
+        nll += continuation_nll(expert, p_ids, ids)
+        count += len(ids)
+        if stats is not None:
+            heads += stats.head_sizes
+            differs += stats.differs_from_expert
+    return Run(texts, nll, count, time.perf_counter() - t0, heads, differs)
+
+
+def reference_run(expert, tok, text_path: Path, n_prompts: int, prompt_chars: int, n: int, seed: int) -> Run:
+    """Human text as a yardstick: n_prompts random excerpts of the last 10% of the file (the val
+    split), a prompt_chars-character prompt followed by its true n-token continuation."""
+    text = text_path.read_text(encoding="utf-8")
+    val = text[int(len(text) * 0.9):]
+    gen = torch.Generator().manual_seed(seed)
+    texts, nll, count = [], 0.0, 0
+    for start in torch.randint(0, len(val) - 4 * (prompt_chars + n), (n_prompts,), generator=gen).tolist():
+        p_ids = tok.encode(val[start:start + prompt_chars])
+        ids = tok.encode(val[start + prompt_chars:start + 4 * (prompt_chars + n)])[:n]
+        texts.append(tok.decode(ids))
+        nll += continuation_nll(expert, p_ids, ids)
+        count += len(ids)
+    return Run(texts, nll, count, 0.0)
+
+
+def fmt(values: list[float], col: str, deterministic: bool) -> str:
+    digits = 2 if col.startswith(("ent", "rep", "expert")) else 3
+    mean = statistics.fmean(values)
+    if deterministic or len(values) == 1:
+        return f"{mean:.{digits}f} ± ·"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--expert", type=Path, required=True)
+    ap.add_argument("--amateur", type=Path, required=True, help="same tokenizer as the expert")
+    ap.add_argument("--methods", default="sample,top-p,greedy,cd,cd-li,cd-sample", help=f"from {list(METHODS)}")
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N of the 25 prompts")
+    ap.add_argument("--reference-text", type=Path, help="add a row for human text from this file's last 10%%")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (1 is steadier on a busy shared CPU)")
+    ap.add_argument("--json", type=Path, help="write every number and text here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unknown = [m for m in args.methods.split(",") if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"error: unknown --methods {unknown}; choose from {list(METHODS)}")
+    methods = [METHODS[m] for m in args.methods.split(",")]
+    expert_l, amateur_l = checkpoint.load_model(args.expert), checkpoint.load_model(args.amateur)
+    if expert_l.tokenizer.to_dict() != amateur_l.tokenizer.to_dict():
+        raise SystemExit(f"error: {args.expert} and {args.amateur} have different tokenizers")
+    expert, amateur, tok = expert_l.model, amateur_l.model, expert_l.tokenizer
+    prompts = PROMPTS[:args.prompts]
+    n = args.max_new_tokens
+    load0 = Path("/proc/loadavg").read_text().split()[:3]
+
+    print(f"expert  {args.expert} ({expert_l.config.family}, {expert_l.config.n_layer} layers, "
+          f"{expert.num_params() / 1e6:.1f}M params)")
+    print(f"amateur {args.amateur} ({amateur_l.config.family}, {amateur_l.config.n_layer} layers, "
+          f"{amateur.num_params() / 1e6:.1f}M params)")
+    print(f"{len(prompts)} prompts (article's 5 + {len(prompts) - 5} ours), {n} new tokens each, EOS not stopping, "
+          f"seeds 0..{args.seeds - 1} (sampling methods), float32 CPU, threads {torch.get_num_threads()}, "
+          f"load {' '.join(load0)}")
+    print("metrics on whitespace words of the continuations only; ent-n in bits (corpus-pooled), distinct-n = "
+          "distinct/all n-grams (corpus-pooled), rep-n % (within-text, SimCTG), expert ppl = exp(mean NLL of the "
+          "continuation tokens | prompt) under the expert; mean ± std over seeds\n", flush=True)
+
+    results: dict[str, dict] = {}
+    if args.reference_text:
+        prompt_chars = 30
+        refs = [reference_run(expert, tok, args.reference_text, len(prompts), prompt_chars, n, s)
+                for s in range(args.seeds)]
+        results["human (val text)"] = dict(settings=f"{len(prompts)} random excerpts of the val split: "
+                                                    f"{prompt_chars}-char prompt + its true {n}-token continuation",
+                                           runs=refs, deterministic=False)
+    for m in methods:
+        seeds = [0] if m.deterministic else list(range(args.seeds))
+        runs = []
+        for s in seeds:
+            runs.append(run_method(m, expert, amateur, tok, prompts, n, s))
+            print(f"  {m.name} seed {s}: {runs[-1].seconds:.1f}s", file=sys.stderr, flush=True)
+        results[m.name] = dict(settings=m.settings, runs=runs, deterministic=m.deterministic)
+
+    head = "| method | settings | " + " | ".join(COLUMNS) + " | CD: mean \\|V_head\\| / % ≠ expert argmax |"
+    print(head)
+    print("|" + "---|" * (len(COLUMNS) + 3))
+    for name, r in results.items():
+        per_seed = [run.metrics() for run in r["runs"]]
+        cells = [fmt([ps[c] for ps in per_seed], c, r["deterministic"]) for c in COLUMNS]
+        heads = [h for run in r["runs"] for h in run.head_sizes]
+        cd = (f"{statistics.fmean(heads):.2f} / {100 * sum(run.differs for run in r['runs']) / len(heads):.1f}%"
+              if heads else "")
+        print(f"| {name} | {r['settings']} | " + " | ".join(cells) + f" | {cd} |")
+    print(f"\nload after: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    print(f"\nfirst continuation of prompt 0 ({prompts[0]!r}), seed 0:")
+    for name, r in results.items():
+        print(f"  {name:>16}: {r['runs'][0].texts[0][:160]!r}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({name: dict(settings=r["settings"], runs=[
+            dict(metrics=run.metrics(), texts=run.texts, seconds=run.seconds) for run in r["runs"]])
+            for name, r in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Speculative decoding vs plain cached decoding: time per k, acceptance, tokens per target call.
+
+Redoes the second experiment of the seed article (docs/seeds/000_*) fairly:
+  * its plain baseline re-ran the model over the whole sequence for every token; ours is
+    minillm.generate.stream_tokens with the KV cache, the same model, dtype and threads as the
+    speculative run (minillm.speculative.speculative_stream, a cache per model);
+  * it averaged the baseline over all k into one number and timed each k once; we time plain and
+    speculative back to back for every k (paired, so load drift on a shared CPU hits both alike),
+    draw the median plain time as the line (and each k's own plain time as a tick), and report the paired ratio plain/speculative per k;
+  * it reported time only; we also report the acceptance rate (accepted drafts / proposed), mean
+    drafts accepted per target call and new tokens per target call, and at temperature 0 we check
+    that the output is token for token the plain greedy output (speculative decoding is exact).
+
+Per k and temperature: every prompt generates --max-new-tokens tokens (EOS does not stop), seed
+1000*k + prompt index for both ways; one untimed warm-up generation first. The bar chart (one panel
+per temperature: speculative seconds per k, plain median as a dashed line) goes to bench/out/.
+
+    python bench/speculative.py --target weights/shakespeare-char-big.safetensors \\
+        --draft weights/shakespeare-char-baby256.safetensors
+    python bench/speculative.py --target weights/smollm2-135m.safetensors \\
+        --draft weights/smollm2-135m-first4.safetensors --max-new-tokens 48 --prompts 3 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from minillm import checkpoint
+from minillm.generate import stream_tokens
+from minillm.sampling import SamplingParams
+from minillm.speculative import SpecStats, speculative_stream
+
+PROMPTS = [  # the seed article's five
+    "Large Language models are",
+    "Barack Obama was",
+    "Decoding strategy is important because",
+    "A good recipe for Halloween is",
+    "Stanford is known for",
+]
+OUT_DIR = Path(__file__).resolve().parent / "out"
+
+
+@dataclass
+class Row:
+    temperature: float
+    k: int
+    plain_s: float
+    spec_s: float
+    stats: SpecStats
+    identical: bool | None  # temperature 0 only
+
+    @property
+    def speedup(self) -> float:
+        return self.plain_s / self.spec_s
+
+
+def timed(fn) -> tuple[list[int], float]:
+    t0 = time.perf_counter()
+    out = list(fn())
+    return out, time.perf_counter() - t0
+
+
+def measure(target, draft, prompts: list[list[int]], n: int, k: int, temperature: float) -> Row:
+    params = SamplingParams(temperature=temperature)
+    stats = SpecStats()  # accumulates over the prompts
+    plain_s = spec_s = 0.0
+    identical = True
+    for i, p in enumerate(prompts):
+        seed = 1000 * k + i
+        plain, dt = timed(lambda: stream_tokens(target, p, n, params, torch.Generator().manual_seed(seed)))
+        plain_s += dt
+        spec, dt = timed(lambda: speculative_stream(target, draft, p, n, k, params, torch.Generator().manual_seed(seed),
+                                                    stats=stats))
+        spec_s += dt
+        identical &= plain == spec
+    stats.new_tokens = n * len(prompts)
+    return Row(temperature, k, plain_s, spec_s, stats, identical if temperature == 0 else None)
+
+
+def plot(rows: list[Row], temps: list[float], title: str, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 4.5), squeeze=False)
+    for ax, t in zip(axes[0], temps):
+        rs = [r for r in rows if r.temperature == t]
+        ks = [r.k for r in rs]
+        bars = ax.bar(ks, [r.spec_s for r in rs], width=0.6, alpha=0.8, label="speculative")
+        for b, r in zip(bars, rs):
+            ax.annotate(f"{r.speedup:.2f}x\n{r.stats.acceptance_rate:.0%}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+        ax.axhline(statistics.median(r.plain_s for r in rs), color="red", ls="--", label="plain (KV cache), median")
+        ax.plot(ks, [r.plain_s for r in rs], "k_", ms=22, mew=2, label="plain, timed beside this k")
+        ax.set_xlabel("k (draft tokens per target call)"), ax.set_ylabel("seconds (all prompts)")
+        ax.set_xticks(ks), ax.set_title(f"temperature {t:g}", fontsize=10), ax.legend(fontsize=8)
+        ax.grid(axis="y", ls="--", alpha=0.5)
+        ax.set_ylim(0, max(max(r.spec_s for r in rs), max(r.plain_s for r in rs)) * 1.25)
+    fig.suptitle(title + "\n(labels: paired speedup plain/speculative, acceptance rate)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--target", type=Path, required=True)
+    ap.add_argument("--draft", type=Path, required=True, help="same tokenizer as the target")
+    ap.add_argument("--ks", default="1,2,3,4,5,6,7,8,9,10")
+    ap.add_argument("--temperatures", default="0,0.8")
+    ap.add_argument("--max-new-tokens", type=int, default=100)
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N of the article's 5 prompts")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (1 is steadier on a busy shared CPU)")
+    ap.add_argument("--plot", type=Path, help="default: bench/out/speculative-<target>-<draft>.png")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ks = [int(k) for k in args.ks.split(",")]
+    temps = [float(t) for t in args.temperatures.split(",")]
+    t_l, d_l = checkpoint.load_model(args.target), checkpoint.load_model(args.draft)
+    if t_l.tokenizer.to_dict() != d_l.tokenizer.to_dict():
+        raise SystemExit(f"error: {args.target} and {args.draft} have different tokenizers")
+    target, draft, tok = t_l.model, d_l.model, t_l.tokenizer
+    prompts = [tok.encode(p) for p in PROMPTS[:args.prompts]]
+    n = args.max_new_tokens
+    stem = lambda p: p.name.removesuffix(".safetensors")
+    title = (f"{stem(args.target)} ({target.num_params() / 1e6:.1f}M) + draft {stem(args.draft)} "
+             f"({draft.num_params() / 1e6:.1f}M): {len(prompts)} prompts x {n} new tokens, fp32 CPU, "
+             f"{torch.get_num_threads()} thread(s)")
+    print(title)
+    print(f"load before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}", flush=True)
+
+    list(speculative_stream(target, draft, prompts[0], min(n, 16), 4, SamplingParams(temperature=0)))  # warm-up
+    list(stream_tokens(target, prompts[0], min(n, 16), SamplingParams(temperature=0)))
+    rows = []
+    for t in temps:
+        for k in ks:
+            rows.append(measure(target, draft, prompts, n, k, t))
+            r = rows[-1]
+            print(f"  T={t:g} k={k}: plain {r.plain_s:.2f}s spec {r.spec_s:.2f}s", file=sys.stderr, flush=True)
+
+    print("\n| T | k | plain s | spec s | speedup (paired) | plain tok/s | spec tok/s | acceptance | mean accepted / call "
+          "| tokens / target call | target calls | draft s / target s | identical to plain greedy |")
+    print("|" + "---|" * 13)
+    total = n * len(prompts)
+    for r in rows:
+        s = r.stats
+        same = "" if r.identical is None else ("yes" if r.identical else "**NO**")
+        print(f"| {r.temperature:g} | {r.k} | {r.plain_s:.2f} | {r.spec_s:.2f} | {r.speedup:.2f}x | {total / r.plain_s:.1f} | "
+              f"{total / r.spec_s:.1f} | {s.acceptance_rate:.1%} | {s.mean_accepted:.2f} | {s.tokens_per_target_call:.2f} | "
+              f"{s.target_calls} | {s.draft_s:.2f} / {s.target_s:.2f} | {same} |")
+    print()
+    for t in temps:
+        rs = [r for r in rows if r.temperature == t]
+        best = max(rs, key=lambda r: r.speedup)
+        print(f"T={t:g}: plain median {statistics.median(r.plain_s for r in rs):.2f}s; best k={best.k}: "
+              f"{best.speedup:.2f}x, acceptance {best.stats.acceptance_rate:.1%}, "
+              f"{best.stats.tokens_per_target_call:.2f} tokens per target call")
+    print(f"load after: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    path = args.plot or OUT_DIR / f"speculative-{stem(args.target)}-{stem(args.draft)}.png"
+    if plot(rows, temps, title, path):
+        print(f"chart: {path}")
+    bad = [r for r in rows if r.identical is False]
+    if bad:
+        print(f"error: temperature 0 output differs from plain greedy for k = {[r.k for r in bad]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

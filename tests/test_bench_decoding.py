@@ -1,0 +1,112 @@
+"""The pieces behind bench/decoding.py and bench/speculative.py: text metrics on hand-worked
+examples, and the truncated-layer draft against the full model's own hidden state (logit lens)."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import text_metrics as tm  # noqa: E402
+import truncate_layers  # noqa: E402
+
+from minillm import checkpoint  # noqa: E402
+from minillm.config import preset  # noqa: E402
+from minillm.model import Transformer  # noqa: E402
+from minillm.tokenizer import CharTokenizer  # noqa: E402
+
+CORPUS = ["a b a b", "a c"]
+
+
+def test_ngram_entropy_by_hand():
+    assert tm.ngram_entropy(["a b a b"], 1) == pytest.approx(1.0)  # a, b: 1/2 each
+    # bigrams (a b), (b a), (a b): 2/3, 1/3
+    assert tm.ngram_entropy(["a b a b"], 2) == pytest.approx(-(2 / 3) * math.log2(2 / 3) - (1 / 3) * math.log2(1 / 3))
+    # pooled over the corpus: a a a b b c -> 1/2, 1/3, 1/6
+    assert tm.ngram_entropy(CORPUS, 1) == pytest.approx(-sum(p * math.log2(p) for p in (1 / 2, 1 / 3, 1 / 6)))
+
+
+def test_distinct_n_is_corpus_distinct_over_all_ngrams():
+    assert tm.distinct_n(CORPUS, 1) == pytest.approx(3 / 6)  # {a, b, c} of a b a b a c
+    assert tm.distinct_n(CORPUS, 2) == pytest.approx(3 / 4)  # {ab, ba, ac} of ab ba ab ac
+    assert tm.distinct_n(["x y z"], 3) == 1.0
+
+
+def test_rep_n_counts_repeats_within_each_text():
+    # text 1: 2 unique of 3 bigrams; text 2: 1 of 1 -> 100 * (1 - 3/4)
+    assert tm.rep_n(CORPUS, 2) == pytest.approx(25.0)
+    # the same sentence in two texts is not a repeat for rep-n, but lowers distinct-n
+    assert tm.rep_n(["p q r", "p q r"], 2) == 0.0
+    assert tm.distinct_n(["p q r", "p q r"], 2) == pytest.approx(0.5)
+    # a loop: "u v u v u v" has bigrams uv vu uv vu uv: 2 unique of 5
+    assert tm.rep_n(["u v u v u v"], 2) == pytest.approx(60.0)
+
+
+def test_metrics_on_too_short_text_are_nan_and_bad_n_raises():
+    assert math.isnan(tm.distinct_n(["one"], 2))
+    assert math.isnan(tm.rep_n([""], 2))
+    assert math.isnan(tm.ngram_entropy([], 1))
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        tm.ngrams(["a"], 0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_truncated_model_is_the_logit_lens_of_the_full_model(tmp_path, family):
+    torch.manual_seed(0)
+    tok = CharTokenizer.from_text("abcdefghij ")
+    full = Transformer(preset("nano", family=family, n_layer=3, vocab_size=tok.vocab_size)).eval()
+    src = tmp_path / "full.safetensors"
+    checkpoint.save_model(src, full, tok, {"source": "test"})
+    out = tmp_path / "first2.safetensors"
+    assert truncate_layers.main([str(src), "--layers", "2", "--out", str(out)]) == 0
+
+    cut = checkpoint.load_model(out)
+    assert cut.config.n_layer == 2 and cut.provenance["kept_layers"] == "0..1 of 3"
+    x = torch.randint(0, tok.vocab_size, (2, 9))
+    seen = {}
+    full.blocks[1].register_forward_hook(lambda m, i, o: seen.__setitem__("h", o))
+    with torch.no_grad():
+        full(x)
+        lens = full.lm_head(full.norm(seen["h"]))  # read the full model after its 2nd layer
+        torch.testing.assert_close(cut.model(x), lens, rtol=0, atol=1e-5)
+
+
+def test_truncate_rejects_a_layer_count_out_of_range():
+    model = Transformer(preset("nano", n_layer=2))
+    with pytest.raises(ValueError, match=r"--layers must be in 1..2"):
+        truncate_layers.truncate(model, 3)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_keep_skips_middle_layers_exactly(tmp_path, family):
+    """--keep 0,2 of 3 layers == the full model with block 1 replaced by the identity (the residual
+    stream passes through untouched), from the saved file and in memory with a KV cache."""
+    from minillm.kv_cache import KVCache
+    torch.manual_seed(1)
+    tok = CharTokenizer.from_text("abcdefghij ")
+    full = Transformer(preset("nano", family=family, n_layer=3, vocab_size=tok.vocab_size)).eval()
+    src, out = tmp_path / "full.safetensors", tmp_path / "skip.safetensors"
+    checkpoint.save_model(src, full, tok, {"source": "test"})
+    assert truncate_layers.main([str(src), "--keep", "0,2", "--out", str(out)]) == 0
+    x = torch.randint(0, tok.vocab_size, (1, 10))
+    with torch.no_grad():
+        cut = checkpoint.load_model(out).model
+        got = cut(x)
+        full.blocks[1].forward = lambda h, *args: h  # skip layer 1
+        want = full(x)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        # in memory: the kept blocks write KV-cache slots 0 and 1, not 0 and 2
+        mem = truncate_layers.keep_blocks(checkpoint.load_model(src).model, [0, 2])
+        cache = KVCache.for_model(mem, 1, 10)
+        stepwise = torch.cat([mem(x[:, :6], cache, 0)] + [mem(x[:, t:t + 1], cache, t) for t in range(6, 10)], 1)
+        torch.testing.assert_close(stepwise, want, rtol=0, atol=1e-5)
+
+
+def test_parse_keep_reads_ranges_and_rejects_bad_ones():
+    assert truncate_layers.parse_keep("0-3,26-29", 30) == [0, 1, 2, 3, 26, 27, 28, 29]
+    assert truncate_layers.parse_keep("5", 30) == [5]
+    for bad in ("3-1", "0-3,2-5", "28-30", "x"):
+        with pytest.raises(ValueError, match="--keep"):
+            truncate_layers.parse_keep(bad, 30)
