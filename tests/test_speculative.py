@@ -85,13 +85,7 @@ def chi2_p(samples: torch.Tensor, law: torch.Tensor) -> float:
 PROMPT, L = [3, 1], 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests are thousands of tiny ops: intra-op threads only add synchronisation (10x slower on a busy box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, many small ops: see conftest
 
 
 def law_p(params, rows, batch, k=2, pair=None, adaptive_k=False, seed=0, stats=None, extra=0):
