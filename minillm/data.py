@@ -133,13 +133,14 @@ def split_train_val(ids: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndar
 
 
 def get_batch(data: np.ndarray, block_size: int, batch_size: int, generator: torch.Generator,
-              device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+              device: str | torch.device = "cpu", rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
     """batch_size random contiguous blocks: x = data[i:i+block_size], y = data[i+1:i+1+block_size].
 
-    Returns int64 tensors of shape (batch_size, block_size) on device."""
+    Returns int64 tensors of shape (batch_size, block_size) on device; with `rows`, only those rows of
+    that batch (a data-parallel rank's share: the generator advances as for the whole batch)."""
     if len(data) <= block_size:
         raise ValueError(f"data has {len(data)} tokens, need more than block_size={block_size}")
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()[rows]
     index = starts[:, None] + np.arange(block_size)  # (batch_size, block_size) positions
     x = torch.from_numpy(np.asarray(data[index], dtype=np.int64))
     y = torch.from_numpy(np.asarray(data[index + 1], dtype=np.int64))

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data, distill, lora
+from . import checkpoint, data, ddp, distill, lora
 from .config import ModelConfig, preset
 from .model import Transformer
 from .tokenizer import CharTokenizer
@@ -180,20 +180,21 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
 
 @torch.no_grad()
 def estimate_loss(model, splits: dict[str, np.ndarray], tc: TrainConfig, device, autocast,
-                  seq_len: int | None = None) -> dict[str, float]:
+                  seq_len: int | None = None, r: ddp.Rank = ddp.Rank()) -> dict[str, float]:
     """Mean cross-entropy over eval_iters batches of seq_len tokens (default: the model's block_size)
-    per split; the same batches at every eval (own generator)."""
+    per split; the same batches at every eval (own generator). Under DDP each rank scores its rows
+    of the global batches and the means are averaged: every rank gets the single-process number."""
     model.eval()
     out = {}
     for name, ids in splits.items():
         gen = torch.Generator().manual_seed(tc.seed + 1)
         losses = []
         for _ in range(tc.eval_iters):
-            x, y = data.get_batch(ids, seq_len or model.config.block_size, tc.batch_size, gen, device)
+            x, y = data.get_batch(ids, seq_len or model.config.block_size, tc.batch_size * r.world, gen, device, r.rows)
             with autocast():
                 logits = model(x)
             losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
-        out[name] = sum(losses) / len(losses)
+        out[name] = ddp.mean_over_ranks(sum(losses) / len(losses), r, device)
     model.train()
     return out
 
@@ -248,10 +249,20 @@ def build_model(tc: TrainConfig, tokenizer, init, teacher) -> Transformer:
 
 
 def train(tc: TrainConfig, log=print) -> TrainResult:
+    """Train as tc says. Under torchrun (WORLD_SIZE > 1) this is one data-parallel rank (see ddp.py):
+    rank 0 logs and writes the files, every rank returns the same result."""
+    r, device_name = ddp.setup(tc.device)
+    try:
+        return _train(tc, r, device_name, log if r.main else (lambda *args, **kwargs: None))
+    finally:
+        ddp.teardown(r)
+
+
+def _train(tc: TrainConfig, r: ddp.Rank, device_name: str, log) -> TrainResult:
     t_start = time.perf_counter()
     tc = tc.resolved()
     tc.check_finetune_flags()
-    device = pick_device(tc.device)
+    device = pick_device(device_name)
     out_dir = Path(tc.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / f"{tc.name}.safetensors"
@@ -304,14 +315,21 @@ def train(tc: TrainConfig, log=print) -> TrainResult:
 
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    step_model = torch.compile(model) if tc.compile else model
-    tokens_per_iter = tc.batch_size * tc.grad_accum * seq_len
+    train_model = model
+    if r.world > 1:  # gradients averaged over ranks inside backward
+        from torch.nn.parallel import DistributedDataParallel
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              forward_sync_buffers=False)  # the only buffers are RoPE tables: equal, never trained
+        torch.manual_seed(tc.seed + 7919 * r.rank + start_iter)  # dropout: each rank its own masks (see ddp.py)
+    step_model = torch.compile(train_model) if tc.compile else train_model
+    tokens_per_iter = tc.batch_size * tc.grad_accum * seq_len * r.world
     start = f"from {tc.init_from}" if tc.init_from else (
         f"from the teacher's first {tc.init_from_layers} layers" if tc.init_from_layers else "fresh")
     log(f"model: {cfg.family} ({start}), {n_total / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trainable"
         f"{f' (LoRA rank {tc.lora_rank} on {tc.lora_targets})' if tc.lora_rank else ''}, vocab {cfg.vocab_size}; "
         f"data: {text_path} ({len(train_ids):,} train / {len(val_ids):,} val tokens); "
-        f"{tokens_per_iter:,} tokens/iter on {device}{' (bf16 autocast)' if use_bf16 else ''}")
+        f"{tokens_per_iter:,} tokens/iter on {device}{' (bf16 autocast)' if use_bf16 else ''}"
+        f"{f' x {r.world} DDP ranks (batch {tc.batch_size} per rank)' if r.world > 1 else ''}")
     if teacher is not None:
         log(f"distilling from {tc.distill_from} ({teacher.model.num_params() / 1e6:.2f}M parameters), "
             f"T={tc.distill_temperature}, alpha={tc.distill_alpha}")
@@ -334,19 +352,20 @@ def train(tc: TrainConfig, log=print) -> TrainResult:
 
     def evaluate_and_save(it: int) -> dict[str, float]:
         nonlocal best_val
-        losses = estimate_loss(model, {"train": train_ids, "val": val_ids}, tc, device, autocast, seq_len)
+        losses = estimate_loss(model, {"train": train_ids, "val": val_ids}, tc, device, autocast, seq_len, r)
         evals.append((it, losses["train"], losses["val"]))
         saved = ""
         if losses["val"] < best_val:
             best_val = losses["val"]
-            if adapters_path is not None:
+            if r.main and adapters_path is not None:  # one writer: rank 0
                 lora.save_adapters(adapters_path, model, tc.init_from, base_sha, provenance(it, losses))
                 saved = f" -> saved {adapters_path}"
-            else:
+            elif r.main:
                 checkpoint.save_model(model_path, model, tokenizer, provenance(it, losses))
                 saved = f" -> saved {model_path}"
         state = {"iter": it, "best_val": best_val, "evals": evals, "config": cfg.to_dict()}
-        checkpoint.save_train_state(state_path, optimizer, state, rng_states(), model)
+        if r.main:
+            checkpoint.save_train_state(state_path, optimizer, state, rng_states(), model)
         log(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}{saved}")
         return losses
 
@@ -362,7 +381,7 @@ def train(tc: TrainConfig, log=print) -> TrainResult:
     stop = tc.max_iters if tc.stop_after is None else min(tc.stop_after, tc.max_iters)
     step_ms = []
     bar = None
-    if tc.progress:
+    if tc.progress and r.main:
         from tqdm import tqdm
         bar = tqdm(total=stop - start_iter, desc="train", unit="it", dynamic_ncols=True, mininterval=1.0)
     model.train()
@@ -374,11 +393,14 @@ def train(tc: TrainConfig, log=print) -> TrainResult:
         for g in optimizer.param_groups:
             g["lr"] = lr
         loss_sum = 0.0
-        for _ in range(tc.grad_accum):
-            x, y = data.get_batch(train_ids, seq_len, tc.batch_size, batch_gen, device)
-            loss = step_loss(x, y) / tc.grad_accum
-            loss.backward()
+        for micro in range(tc.grad_accum):
+            x, y = data.get_batch(train_ids, seq_len, tc.batch_size * r.world, batch_gen, device, r.rows)
+            last = micro == tc.grad_accum - 1  # DDP: average gradients over ranks once, after the last micro-batch
+            with train_model.no_sync() if r.world > 1 and not last else contextlib.nullcontext():
+                loss = step_loss(x, y) / tc.grad_accum
+                loss.backward()
             loss_sum += loss.item()
+        loss_sum = ddp.mean_over_ranks(loss_sum, r, device)
         if not math.isfinite(loss_sum):
             if bar:
                 bar.close()
@@ -397,7 +419,9 @@ def train(tc: TrainConfig, log=print) -> TrainResult:
     if bar:
         bar.close()
     final = evaluate_and_save(stop)
-    if tc.merge:  # fold the best-val adapters (not necessarily the last ones) into the base and save that
+    if r.world > 1:
+        log(f"{r.world} DDP ranks hold identical weights (sha256 {ddp.check_identical(model, r)[:16]})")
+    if tc.merge and r.main:  # fold the best-val adapters (not necessarily the last ones) into the base and save that
         lora.load_adapters(adapters_path, model, tc.init_from)
         lora.merge_lora(model)
         best = checkpoint.read_metadata(adapters_path)["provenance"]
@@ -406,7 +430,7 @@ def train(tc: TrainConfig, log=print) -> TrainResult:
         log(f"merged the adapters of {adapters_path} into {model_path}")
     wall = time.perf_counter() - t_start
     ms = statistics.median(step_ms) if step_ms else float("nan")
-    if tc.plot:
+    if tc.plot and r.main:
         plot_path = out_dir / f"{tc.name}.loss.png"
         if save_loss_plot(plot_path, history, evals):
             log(f"loss curve: {plot_path}")

@@ -1,0 +1,96 @@
+"""Data-parallel training across processes with PyTorch's DistributedDataParallel (DDP).
+
+    torchrun --standalone --nproc_per_node=2 train.py ...     # 2 processes; gloo on CPU, nccl on CUDA
+
+torchrun starts N copies of train.py and tells each its RANK, LOCAL_RANK and WORLD_SIZE in the
+environment; without those variables training is single-process and nothing here is used.
+
+How the work is split, so that N processes train exactly like one process with N times the batch:
+  * every rank holds the same model (same seed; DDP also copies rank 0's weights at start);
+  * every rank draws the same global batch (batch_size * world_size rows, one shared generator state)
+    and keeps its own slice of rows, so no two ranks see the same rows and no row is lost;
+  * DDP averages the gradients over ranks during backward, which equals the gradient of the loss
+    averaged over the global batch; every rank then takes the same optimizer step;
+  * only rank 0 writes files and prints; evaluation runs on every rank (same weights, same eval
+    batches), so the best-val bookkeeping stays the same everywhere without extra messages.
+Dropout masks come from a per-rank stream (seed + rank), as they must for the rows to be independent;
+so with dropout > 0 a DDP run is not bit-equal to one process (with dropout 0 it is, up to the order of
+the float sums), and a resumed DDP run reseeds those streams. At the end `check_identical` compares a sha256 of every rank's weights: a rank that drifted is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int = 0
+    world: int = 1
+    local: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def rows(self) -> slice:
+        """This rank's rows of a global batch made of `world` equal slices."""
+        return slice(None) if self.world == 1 else slice(self.rank, None, self.world)
+
+
+def setup(device_name: str) -> tuple[Rank, str]:
+    """Join the process group torchrun describes (if any) -> (this rank, the device name to train on)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Rank(), device_name
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(local)
+        device_name = f"cuda:{local}"
+    elif device_name not in ("auto", "cpu"):
+        raise ValueError(f"--device {device_name}: distributed training runs on cpu (gloo) or cuda (nccl)")
+    else:
+        device_name = "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Rank(rank, world, local), device_name
+
+
+def mean_over_ranks(value: float, r: Rank, device) -> float:
+    """The average of a Python float over all ranks (every rank gets it)."""
+    if r.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / r.world
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_identical(model: torch.nn.Module, r: Rank) -> str:
+    """sha256 of this rank's weights, after checking every rank has the same one (RuntimeError if not)."""
+    digest = weights_sha256(model)
+    if r.world > 1:
+        digests = [None] * r.world
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"DDP ranks hold different weights after training: {digests}")
+    return digest
+
+
+def teardown(r: Rank) -> None:
+    if r.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
