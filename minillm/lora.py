@@ -37,7 +37,7 @@ from safetensors import safe_open
 
 from . import checkpoint
 from .data import file_sha256
-from .model import Transformer
+from .model import Linear, Transformer
 
 FORMAT = "minillm-lora/1"
 # short target names -> the Linear layers they mean in every block (model.py's names)
@@ -139,12 +139,12 @@ def lora_settings(model: nn.Module) -> dict:
 
 
 def merge_lora(model: Transformer) -> Transformer:
-    """Fold every adapter into its weight and put a plain nn.Linear back (in place): the model is then
+    """Fold every adapter into its weight and put a plain Linear back (in place): the model is then
     an ordinary Transformer, with the same outputs, that checkpoint.save_model stores as usual."""
     for name, layer in lora_layers(model).items():
         parent_name, attr = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+        plain = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                           device="meta")  # no memory: both tensors are assigned just below
         plain.weight = nn.Parameter(layer.merged_weight(), requires_grad=layer.weight.requires_grad)
         if layer.bias is not None:

@@ -46,6 +46,25 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return RMSNorm(cfg.n_embd, cfg.norm_eps)
 
 
+class Linear(nn.Linear):
+    """nn.Linear plus one CPU shortcut. x @ W^T for a float32 x of 2..FEW_ROWS rows (speculative
+    verification of k drafts, a short prompt) runs up to 2x slower in PyTorch's CPU GEMM than the same
+    sums taken as (W @ x^T)^T, which streams W once like the one-row GEMV does
+    (`python bench/small_matmul.py` prints both). Without grad only; the results agree to rounding."""
+
+    FEW_ROWS = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if 1 < rows <= self.FEW_ROWS and x.dtype == torch.float32 and x.device.type == "cpu" \
+                and self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
+            y = (self.weight @ x.reshape(rows, self.in_features).t()).t()  # (rows, out)
+            if self.bias is not None:
+                y = y + self.bias
+            return y.reshape(*x.shape[:-1], self.out_features)
+        return super().forward(x)
+
+
 # ----------------------------------------------------------------------------- RoPE (llama)
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -85,10 +104,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, nh * hd, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.n_embd, nkv * hd, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.n_embd, nkv * hd, bias=cfg.bias)
-        self.o_proj = nn.Linear(nh * hd, cfg.n_embd, bias=cfg.bias)
+        self.q_proj = Linear(cfg.n_embd, nh * hd, bias=cfg.bias)
+        self.k_proj = Linear(cfg.n_embd, nkv * hd, bias=cfg.bias)
+        self.v_proj = Linear(cfg.n_embd, nkv * hd, bias=cfg.bias)
+        self.o_proj = Linear(nh * hd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
     def forward(self, x, rope, mask, cache: KVCache | None, start_pos: int):
@@ -131,10 +150,10 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.family = cfg.family
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
-        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+        self.up_proj = Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.down_proj = Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
         if cfg.family == "llama":
-            self.gate_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+            self.gate_proj = Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
@@ -176,7 +195,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)

@@ -7,7 +7,7 @@ import torch
 
 from minillm.config import ModelConfig, preset
 from minillm.kv_cache import KVCache
-from minillm.model import Transformer, rope_inv_freq
+from minillm.model import Linear, Transformer, rope_inv_freq
 
 FAMILIES = {
     "gpt2": dict(family="gpt2"),
@@ -150,3 +150,19 @@ def test_config_roundtrip():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown ModelConfig fields"):
         ModelConfig.from_dict({**cfg.to_dict(), "n_experts": 8})
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_few_rows_shortcut_equals_nn_linear(bias):
+    torch.manual_seed(0)
+    lin = Linear(48, 40, bias=bias)
+    for shape in [(1, 48), (2, 48), (1, 5, 48), (2, 4, 48), (3, 3, 48), (9, 48)]:  # 1 and 9 rows: the plain path
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            y = lin(x)
+        ref = torch.nn.functional.linear(x, lin.weight, lin.bias)
+        assert y.shape == ref.shape
+        torch.testing.assert_close(y, ref, rtol=0, atol=1e-5)
+    x = torch.randn(3, 48, requires_grad=True)  # with grad: nn.Linear itself, gradients as usual
+    lin(x).sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
