@@ -81,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: as stored")
+    p.add_argument("--compile", action="store_true",
+                   help="run one-token decode steps (and the draft's, amateur's) through torch.compile: the first "
+                        "token waits for the compile (a minute or more on a small CPU), later ones are faster")
     return p.parse_args(argv)
 
 
@@ -144,6 +147,10 @@ def main(argv=None) -> int:
         if args.method in ("speculative", "contrastive"):
             role = "draft" if args.method == "speculative" else "amateur"
             partner = load_partner(args.draft or args.amateur, role, loaded, device, dtype)
+        if args.compile:
+            for m in (loaded, partner):
+                if m is not None:
+                    m.model.compile_decode()
         if args.chat:
             return chat(loaded, args, params)
         tok = loaded.tokenizer

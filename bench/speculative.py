@@ -124,6 +124,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N of the article's 5 prompts")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (1 is steadier on a busy shared CPU)")
     ap.add_argument("--plot", type=Path, help="default: bench/out/speculative-<target>-<draft>.png")
+    ap.add_argument("--compile-draft", action="store_true", help="the draft's one-token steps through torch.compile")
+    ap.add_argument("--compile-target", action="store_true",
+                    help="the target's one-token steps (all of plain decoding; verification stays eager)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,17 +136,28 @@ def main(argv=None) -> int:
     if t_l.tokenizer.to_dict() != d_l.tokenizer.to_dict():
         raise SystemExit(f"error: {args.target} and {args.draft} have different tokenizers")
     target, draft, tok = t_l.model, d_l.model, t_l.tokenizer
+    if args.compile_draft:
+        draft.compile_decode()
+    if args.compile_target:
+        target.compile_decode()
     prompts = [tok.encode(p) for p in PROMPTS[:args.prompts]]
     n = args.max_new_tokens
     stem = lambda p: p.name.removesuffix(".safetensors")
-    title = (f"{stem(args.target)} ({target.num_params() / 1e6:.1f}M) + draft {stem(args.draft)} "
-             f"({draft.num_params() / 1e6:.1f}M): {len(prompts)} prompts x {n} new tokens, fp32 CPU, "
+
+    def kind(model, path, compiled):
+        q = getattr(model, "quantization", None)
+        w = f"int{q['bits']} weights" if q else str(next(model.parameters()).dtype).removeprefix("torch.")
+        return f"{path.stat().st_size / 2**20:.0f} MiB, {w}{', compiled step' if compiled else ''}"
+    title = (f"{stem(args.target)} ({kind(target, args.target, args.compile_target)}) + draft {stem(args.draft)} "
+             f"({kind(draft, args.draft, args.compile_draft)}): {len(prompts)} prompts x {n} new tokens, CPU, "
              f"{torch.get_num_threads()} thread(s)")
     print(title)
     print(f"load before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}", flush=True)
 
-    list(speculative_stream(target, draft, prompts[0], min(n, 16), 4, SamplingParams(temperature=0)))  # warm-up
+    t0 = time.perf_counter()  # warm-up (compiles, when asked)
+    list(speculative_stream(target, draft, prompts[0], min(n, 16), 4, SamplingParams(temperature=0)))
     list(stream_tokens(target, prompts[0], min(n, 16), SamplingParams(temperature=0)))
+    print(f"warm-up: {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for t in temps:
         for k in ks:

@@ -169,3 +169,12 @@ def test_entry_point_runs(ckpts):
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Ay") and len(r.stdout) == len("Ay") + 8 + 1 and "mean accepted" in r.stderr
+
+
+@pytest.mark.slow
+def test_compile_flag_gives_the_same_greedy_text(ckpts, capsys):
+    args = ["--model", ckpts["target"], "--prompt", "Ay", "--max-new-tokens", "20", "--method", "speculative",
+            "--draft", ckpts["small"], "--k", "2", "--temperature", "0"]
+    code, eager, _ = run(capsys, *args)
+    code_c, compiled, _ = run(capsys, *args, "--compile")
+    assert code == code_c == 0 and compiled == eager and len(set(eager.strip())) > 2
