@@ -19,6 +19,7 @@ transformers loads the same weights, exported once with minillm.export to a temp
 
     python bench/speed.py                       # 3 rounds, all configurations, 2 threads
     python bench/speed.py --rounds 5 --configs ours-int4,hf-bf16
+    python bench/speed.py --configs hf-fp32,hf-bf16,ours-fp32,ours-int4,ours-int4-compiled   # + torch.compile
 """
 
 import argparse
@@ -34,7 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
-CONFIGS = ["hf-fp32", "hf-bf16", "ours-fp32", "ours-bf16", "ours-int8", "ours-int4"]
+DEFAULT = ["hf-fp32", "hf-bf16", "ours-fp32", "ours-bf16", "ours-int8", "ours-int4"]
+CONFIGS = DEFAULT + ["ours-fp32-compiled", "ours-bf16-compiled", "ours-int8-compiled", "ours-int4-compiled"]
 PROMPT = "Once upon a time"
 
 
@@ -49,7 +51,7 @@ def load(config: str, model_path: str, hf_dir: str):
     prompt = tok.encode(PROMPT)
     text_ids = tok.encode((Path(os.environ.get("MINILLM_DATA_DIR", ROOT.parent / "shared" / "data"))
                            / "tinyshakespeare" / "input.txt").read_text()[:10_000])[:512]
-    kind, dtype = config.split("-")
+    kind, dtype, *compiled = config.split("-")  # "-compiled": one-token steps through torch.compile
     if kind == "ours":
         from minillm.generate import stream_tokens
         from minillm.kv_cache import KVCache
@@ -59,6 +61,8 @@ def load(config: str, model_path: str, hf_dir: str):
             model = model.to(torch.bfloat16)
         elif dtype in ("int8", "int4"):  # the parent quantized the file already (see main)
             assert getattr(model, "quantization", None), f"{model_path} is not quantized"
+        if compiled:
+            model.compile_decode()  # compiles during the worker's warm-up decode, before any timing
         greedy = SamplingParams(temperature=0.0)
 
         def decode():
@@ -132,7 +136,7 @@ def worker(config: str, model_path: str, hf_dir: str, threads: int) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="weights/smollm2-135m.safetensors")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(DEFAULT), help=f"any of {','.join(CONFIGS)}")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/out/speed.png")
@@ -153,10 +157,12 @@ def main():
         export_hf(args.model, hf_dir)
 
     models = {c: args.model for c in configs}
-    for c, flags in [("ours-int8", ["--bits", "8"]), ("ours-int4", ["--bits", "4", "--group-size", "32"])]:
-        if c in configs:  # quantized once, to a file: the worker loads it as a user would (peak RSS!)
-            models[c] = str(Path(tmp.name) / f"{c}.safetensors")
-            subprocess.run([sys.executable, "-m", "minillm.quantize", args.model, "--out", models[c], *flags], check=True, cwd=ROOT)
+    for q, flags in [("int8", ["--bits", "8"]), ("int4", ["--bits", "4", "--group-size", "32"])]:
+        users = [c for c in configs if c.split("-")[1] == q]
+        if users:  # quantized once, to a file: the workers load it as a user would (peak RSS!)
+            path = str(Path(tmp.name) / f"ours-{q}.safetensors")
+            subprocess.run([sys.executable, "-m", "minillm.quantize", args.model, "--out", path, *flags], check=True, cwd=ROOT)
+            models.update({c: path for c in users})
 
     procs = {}
     for c in configs:  # start one at a time: loading is the memory peak

@@ -31,6 +31,7 @@ extra is computed when no trace is given). The inspector prints these.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from typing import Callable, Iterator
 import torch
 
 from .kv_cache import KVCache
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, apply_history_processors, sample
 
 OBJECTIVES = ("obrien", "li")
 AMATEUR_CONTEXTS = ("full", "last_prompt_token")
@@ -127,6 +128,8 @@ def contrastive_stream(expert, amateur, prompt_ids: list[int], max_new_tokens: i
                        stats: CDStats | None = None, trace: Callable[[CDStep], None] | None = None) -> Iterator[int]:
     """Yield up to max_new_tokens ids chosen by contrastive decoding (batch 1). Greedy by default;
     `params` with temperature > 0 samples from softmax(score / T) (top-k/top-p apply to the scores).
+    Penalties and no-repeat-ngram (history: prompt + generated ids) reshape the EXPERT's logits before
+    V_head and the scores are computed, so a banned token leaves the head and the head stays non-empty.
 
     amateur_context="full": the amateur reads the whole prompt; "last_prompt_token" (Li et al.'s main
     setting): it reads only the last prompt token, at position 0, then the generated tokens.
@@ -168,13 +171,18 @@ def contrastive_stream(expert, amateur, prompt_ids: list[int], max_new_tokens: i
 
     stats.stopped_by = "max_new_tokens"
     e_in, a_in = list(prompt_ids), a_prompt
+    history = torch.tensor([prompt_ids], device=device) if params.needs_history else None  # (1, n)
+    warp = dataclasses.replace(params, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                               no_repeat_ngram_size=0)  # what acts on the scores: temperature, top-k/p, ...
     for step in range(max_new_tokens):
         z_e, dt = forward(expert, e_cache, e_in)
         stats.expert_s += dt
         z_a, dt = forward(amateur, a_cache, a_in)
         stats.amateur_s += dt
+        if history is not None:
+            z_e = apply_history_processors(z_e.float(), params, history)
         scores, head = contrastive_scores(z_e, z_a, alpha, beta, objective, amateur_temperature)
-        token = int(sample(scores, params, generator))  # greedy: argmax over V_head (the rest is -inf)
+        token = int(sample(scores, warp, generator))  # greedy: argmax over V_head (the rest is -inf)
         expert_token = int(z_e.argmax(-1))
         stats.head_sizes.append(int(head.sum()))
         stats.differs_from_expert += int(token != expert_token)
@@ -186,3 +194,5 @@ def contrastive_stream(expert, amateur, prompt_ids: list[int], max_new_tokens: i
         stats.new_tokens += 1
         yield token
         e_in = a_in = [token]
+        if history is not None:
+            history = torch.cat([history, history.new_tensor([[token]])], 1)

@@ -201,14 +201,8 @@ def _check_history(history, logits: torch.Tensor) -> torch.Tensor:
     return history.long().to(logits.device)
 
 
-def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits (B, V) -> float32 logits (B, V) whose softmax is the distribution to draw from.
-
-    history: (B, T) previous token ids per row (prompt + generated; negative = padding), needed only
-    when a penalty or no_repeat_ngram_size is on (ValueError if missing then). Greedy (temperature 0)
-    gives 0 at the argmax and -inf elsewhere. The single entry point for plain, speculative and
-    contrastive decoding."""
-    logits = logits.float()
+def apply_history_processors(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None) -> torch.Tensor:
+    """Steps 1-4 of process_logits (penalties, no-repeat-ngram) on float32 logits (B, V); the rest untouched."""
     if params.needs_history:
         history = _check_history(history, logits)
         if params.repetition_penalty != 1.0:
@@ -217,6 +211,17 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.
             logits = apply_presence_frequency(logits, history, params.presence_penalty, params.frequency_penalty)
         if params.no_repeat_ngram_size > 0:
             logits = ban_repeated_ngrams(logits, history, params.no_repeat_ngram_size)
+    return logits
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, V) -> float32 logits (B, V) whose softmax is the distribution to draw from.
+
+    history: (B, T) previous token ids per row (prompt + generated; negative = padding), needed only
+    when a penalty or no_repeat_ngram_size is on (ValueError if missing then). Greedy (temperature 0)
+    gives 0 at the argmax and -inf elsewhere. The single entry point for plain, speculative and
+    contrastive decoding."""
+    logits = apply_history_processors(logits.float(), params, history)
     if params.greedy:  # a real argmax (first index on ties), never a division by a tiny temperature
         best = logits.argmax(-1, keepdim=True)
         return torch.full_like(logits, float("-inf")).scatter_(-1, best, 0.0)

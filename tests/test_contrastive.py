@@ -244,3 +244,18 @@ def test_bf16_models_run_without_nan(pair):
     assert len(got) == 10
     for s in steps:
         assert s.scores.dtype == torch.float32 and not torch.isnan(s.scores).any() and bool(s.head[0, s.token])
+
+
+def test_penalties_act_on_the_expert_before_the_head(pair):
+    expert, amateur = pair
+    # beta = 0: the scores are the penalised expert logits, so CD is plain greedy with the same penalty
+    penal = SamplingParams(temperature=0, repetition_penalty=1.8, frequency_penalty=0.5)
+    want = list(stream_tokens(expert, PROMPT, 25, penal))
+    assert want != list(stream_tokens(expert, PROMPT, 25, GREEDY))  # the penalty matters here
+    assert list(contrastive_stream(expert, amateur, PROMPT, 25, beta=0.0, params=penal)) == want
+    # no-repeat-ngram 1 bans every id already seen: with the contrast on, nothing repeats
+    plain = list(contrastive_stream(expert, amateur, PROMPT, 25, alpha=0.01, beta=2.0))
+    assert len(set(plain)) < len(plain)  # without the ban this pair repeats itself
+    banned = list(contrastive_stream(expert, amateur, PROMPT, 25, alpha=0.01, beta=2.0,
+                                     params=SamplingParams(temperature=0, no_repeat_ngram_size=1)))
+    assert len(banned) == 25 and len(set(banned)) == 25 and not set(banned) & set(PROMPT)
