@@ -11,11 +11,12 @@ How the work is split, so that N processes train exactly like one process with N
     and keeps its own slice of rows, so no two ranks see the same rows and no row is lost;
   * DDP averages the gradients over ranks during backward, which equals the gradient of the loss
     averaged over the global batch; every rank then takes the same optimizer step;
-  * only rank 0 writes files and prints; evaluation runs on every rank (same weights, same eval
-    batches), so the best-val bookkeeping stays the same everywhere without extra messages.
-Dropout masks come from a per-rank stream (seed + rank), as they must for the rows to be independent;
-so with dropout > 0 a DDP run is not bit-equal to one process (with dropout 0 it is, up to the order of
-the float sums), and a resumed DDP run reseeds those streams. At the end `check_identical` compares a sha256 of every rank's weights: a rank that drifted is an error.
+  * evaluation splits its batches the same way and averages the ranks' means, so every rank gets the
+    single-process loss and keeps the same best-val bookkeeping; only rank 0 writes files and prints.
+Dropout masks come from a per-rank seed, as they must for the rows to be independent; so with
+dropout > 0 a DDP run is not bit-equal to one process (with dropout 0 it is, up to the order of the
+float sums), and a resumed DDP run reseeds those streams. At the end `check_identical` compares a
+sha256 of every rank's weights: a rank that drifted is an error.
 """
 
 from __future__ import annotations
