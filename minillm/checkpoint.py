@@ -185,11 +185,16 @@ def train_state_path(model_path: str | Path) -> Path:
 
 
 def save_train_state(path: str | Path, optimizer: torch.optim.Optimizer, state: dict,
-                     rng: dict[str, torch.Tensor], model: Transformer) -> None:
+                     rng: dict[str, torch.Tensor], model: Transformer, trainable_only: bool = False) -> None:
     """The latest weights as `model.{name}`, optimizer moments as `opt.{param_index}.{name}`, RNG
     states as `rng.{name}`; JSON metadata: `state` (iter, best val, ...), the optimizer's param
-    groups and its scalar entries. (The model file keeps the best-val weights; resuming needs the latest.)"""
+    groups and its scalar entries. (The model file keeps the best-val weights; resuming needs the latest.)
+    trainable_only (LoRA): only parameters with requires_grad; the frozen rest must come from elsewhere
+    (the base checkpoint) when resuming."""
     tensors = {f"model.{k}": v for k, v in model_tensors(model).items()}
+    if trainable_only:
+        keep = {f"model.{n}" for n, p in model.named_parameters() if p.requires_grad}
+        tensors = {k: v for k, v in tensors.items() if k in keep}
     scalars = {}
     opt = optimizer.state_dict()
     for idx, st in opt["state"].items():
@@ -200,7 +205,7 @@ def save_train_state(path: str | Path, optimizer: torch.optim.Optimizer, state: 
                 scalars[f"{idx}.{k}"] = float(v)
     for k, v in rng.items():
         tensors[f"rng.{k}"] = v
-    metadata = {"format": FORMAT + "-train", "state": json.dumps(state),
+    metadata = {"format": FORMAT + "-train", "state": json.dumps(state), "weights": "trainable" if trainable_only else "all",
                 "opt_scalars": json.dumps(scalars), "param_groups": json.dumps(opt["param_groups"])}
     atomic_save(tensors, path, metadata)
 
@@ -223,9 +228,17 @@ def load_train_state(path: str | Path, optimizer: torch.optim.Optimizer,
                 opt_state.setdefault(int(idx), {})[k] = f.get_tensor(name)
             else:
                 rng[rest] = f.get_tensor(name)
-    if model.config.tie_embeddings:
-        weights["lm_head.weight"] = weights["tok_emb.weight"]
-    model.load_state_dict(weights, strict=True)
+    if meta.get("weights") == "trainable":  # the frozen weights stay as the model has them
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(weights) != trainable:
+            diff = sorted(set(weights) ^ trainable)
+            raise CheckpointError(f"{path}: holds the trainable weights of another setup ({diff[0]!r} is in one of "
+                                  f"the file and the model's trainable parameters but not the other)")
+        model.load_state_dict(weights, strict=False)
+    else:
+        if model.config.tie_embeddings:
+            weights["lm_head.weight"] = weights["tok_emb.weight"]
+        model.load_state_dict(weights, strict=True)
     for key, v in json.loads(meta["opt_scalars"]).items():
         idx, k = key.split(".", 1)
         opt_state.setdefault(int(idx), {})[k] = torch.tensor(v)

@@ -365,7 +365,8 @@ def _train(tc: TrainConfig, r: ddp.Rank, device_name: str, log) -> TrainResult:
                 saved = f" -> saved {model_path}"
         state = {"iter": it, "best_val": best_val, "evals": evals, "config": cfg.to_dict()}
         if r.main:
-            checkpoint.save_train_state(state_path, optimizer, state, rng_states(), model)
+            checkpoint.save_train_state(state_path, optimizer, state, rng_states(), model,
+                                        trainable_only=bool(tc.lora_rank))  # LoRA: the base is --init-from
         log(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}{saved}")
         return losses
 

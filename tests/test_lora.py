@@ -5,9 +5,10 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from minillm import lora
-from minillm.checkpoint import load_model, read_metadata, save_model
+from minillm.checkpoint import CheckpointError, load_model, load_train_state, read_metadata, save_model
 from minillm.config import ModelConfig
 from minillm.data import file_sha256
 from minillm.model import Transformer
@@ -198,3 +199,33 @@ def test_merge_command(tmp_path, tokens):
         torch.testing.assert_close(merged.model(tokens), model(tokens), atol=1e-5, rtol=0)
     assert lora.main([str(other_path), str(adapters), "--out", str(tmp_path / "bad.safetensors")]) == 2
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_lora_resume_state_holds_only_adapters_and_continues_exactly(tmp_path, shakespeare_text):
+    text = tmp_path / "t.txt"
+    text.write_text(shakespeare_text[:5000])
+    tok = CharTokenizer(shakespeare_text[:5000])
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    base_path = tmp_path / "base.safetensors"
+    save_model(base_path, Transformer(cfg), tok)
+
+    def run(out, **kw):
+        return train(TrainConfig(name="r", out_dir=str(tmp_path / out), data=str(text), init_from=str(base_path),
+                                 lora_rank=4, lora_targets="q,v", seq_len=16, batch_size=4, max_iters=20,
+                                 eval_interval=10, eval_iters=2, warmup_iters=0, lr=1e-2, min_lr=1e-3,
+                                 progress=False, plot=False, **kw), log=lambda *a: None)
+    full = run("a")
+    run("b", stop_after=10)
+    state_file = tmp_path / "b" / "r.train.safetensors"
+    with safe_open(str(state_file), framework="pt") as f:
+        names = [k for k in f.keys() if k.startswith("model.")]
+    assert names and all(".lora_" in k for k in names)  # adapters only: no frozen base weights
+    resumed = run("b", resume=True)
+    assert [h for h in full.history if h[0] > 10] == resumed.history  # same losses, bit for bit
+    assert full.evals == resumed.evals
+    other = load_model(base_path).model
+    lora.apply_lora(other, 4, 16.0, "q,k")  # other targets: refused, not half-loaded
+    opt = torch.optim.AdamW([p for p in other.parameters() if p.requires_grad])
+    with pytest.raises(CheckpointError, match="trainable weights of another setup"):
+        load_train_state(state_file, opt, other)
