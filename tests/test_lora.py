@@ -148,9 +148,8 @@ def test_bad_targets_and_rank():
         lora.apply_lora(tiny(), -1, 8, "q")
 
 
-def test_trainer_lora_run_saves_adapters_and_merged(tmp_path, shakespeare_text, tokens):
-    """train.py --init-from BASE --lora-rank 4 --merge: the base stays untouched, the adapters file is
-    small and names the base, and the merged checkpoint computes what base + best adapters compute."""
+def char_base(tmp_path, shakespeare_text):
+    """A small text file and a tiny char-level LLaMA base checkpoint for trainer runs -> (text, tok, cfg, base_path)."""
     text = tmp_path / "t.txt"
     text.write_text(shakespeare_text[:5000])
     tok = CharTokenizer(shakespeare_text[:5000])
@@ -158,6 +157,13 @@ def test_trainer_lora_run_saves_adapters_and_merged(tmp_path, shakespeare_text, 
     cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=32)
     base_path = tmp_path / "base.safetensors"
     save_model(base_path, Transformer(cfg), tok)
+    return text, tok, cfg, base_path
+
+
+def test_trainer_lora_run_saves_adapters_and_merged(tmp_path, shakespeare_text, tokens):
+    """train.py --init-from BASE --lora-rank 4 --merge: the base stays untouched, the adapters file is
+    small and names the base, and the merged checkpoint computes what base + best adapters compute."""
+    text, tok, cfg, base_path = char_base(tmp_path, shakespeare_text)
     base_sha = file_sha256(base_path)
 
     res = train(TrainConfig(name="ft", out_dir=str(tmp_path), data=str(text), init_from=str(base_path),
@@ -202,13 +208,7 @@ def test_merge_command(tmp_path, tokens):
 
 
 def test_lora_resume_state_holds_only_adapters_and_continues_exactly(tmp_path, shakespeare_text):
-    text = tmp_path / "t.txt"
-    text.write_text(shakespeare_text[:5000])
-    tok = CharTokenizer(shakespeare_text[:5000])
-    torch.manual_seed(0)
-    cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=32)
-    base_path = tmp_path / "base.safetensors"
-    save_model(base_path, Transformer(cfg), tok)
+    text, _, _, base_path = char_base(tmp_path, shakespeare_text)
 
     def run(out, **kw):
         return train(TrainConfig(name="r", out_dir=str(tmp_path / out), data=str(text), init_from=str(base_path),
