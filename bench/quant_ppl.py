@@ -8,6 +8,8 @@ Every form sees the same windows; the table gives each one's ratio to fp32.
 
     python bench/quant_ppl.py                                   # SmolLM2-135M, 8 windows of 1024
     python bench/quant_ppl.py --windows 4 --forms fp32,int8,int4-g32
+    python bench/quant_ppl.py --forms fp32,int4-g32 --files weights/smollm2-135m-keepq.safetensors   # + checkpoints
+      (e.g. one from `python -m minillm.convert X.gguf --keep-quant`), scored on the same windows
 """
 
 import argparse
@@ -47,6 +49,7 @@ def main():
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--forms", default=",".join(FORMS), help=f"comma-separated, from {list(FORMS)}")
+    ap.add_argument("--files", default="", help="comma-separated checkpoints (quantized or not) to score too")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,9 +65,11 @@ def main():
           f"({args.windows * (args.window - 1):,} predictions), threads {torch.get_num_threads()}\n")
 
     rows = []
-    for form in args.forms.split(","):
+    for form in args.forms.split(",") + [f for f in args.files.split(",") if f]:
         t0 = time.perf_counter()
-        if form == "fp32":
+        if form not in FORMS:  # a checkpoint file
+            model = load_model(form).model
+        elif form == "fp32":
             model = loaded.model
         elif form == "bf16":
             model = copy.deepcopy(loaded.model).to(torch.bfloat16)

@@ -71,9 +71,10 @@ def make_spec(bits: int, group_size: int | None = None, embedding_bits: int | No
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W (N, K) float -> q int8 (N, K), scale bf16 (N,), with W ~ q * scale (symmetric, per row)."""
-    w = w.float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8).to(COMPUTE_DTYPE)  # round the scale first: q uses the stored one
-    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    scale = (w.abs().amax(dim=1).float() / 127).clamp(min=1e-8).to(COMPUTE_DTYPE)  # round the scale first: q uses the stored one
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    for i in range(0, w.shape[0], 4096):  # in slices: a (49152, 576) embedding needs no full-size float temporaries
+        q[i:i + 4096] = torch.round(w[i:i + 4096].float() / scale[i:i + 4096].float()[:, None]).clamp_(-127, 127)
     return q, scale
 
 

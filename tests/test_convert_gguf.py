@@ -77,10 +77,11 @@ def _hf_llama(tie, seed=0, vocab=514):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def write_gguf(path, hf, ranks, arch="llama", pre="llama-bpe", tok_model="gpt2", skip=(), quant=True):
+def write_gguf(path, hf, ranks, arch="llama", pre="llama-bpe", tok_model="gpt2", skip=(), quant=True, q4=None):
     """HF LlamaForCausalLM -> GGUF as llama.cpp's converter does (q/k rows permuted to interleaved).
-    With quant, token_embd is Q8_0 and ffn_up F16; the HF model's weights are replaced by the
-    dequantized values so that both sides hold the same numbers."""
+    With quant, token_embd is Q8_0 and ffn_up F16; q4 maps name endings to Q4_0/Q4_1 (e.g.
+    {"attn_q.weight": Q.Q4_1}). The HF model's weights are replaced by the dequantized values so that
+    both sides hold the same numbers."""
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
@@ -122,7 +123,15 @@ def write_gguf(path, hf, ranks, arch="llama", pre="llama-bpe", tok_model="gpt2",
         elif g_name.endswith("attn_k.weight"):
             t = permute(t, c.num_key_value_heads)
         a = t.numpy()
-        if quant and g_name == "token_embd.weight":
+        q4_type = next((ty for end, ty in (q4 or {}).items() if g_name.endswith(end)), None)
+        if q4_type is not None:
+            qa = gguf.quants.quantize(a, q4_type)
+            w.add_tensor(g_name, qa, raw_dtype=q4_type)
+            back = torch.from_numpy(gguf.quants.dequantize(qa, q4_type).reshape(a.shape))
+            back = unpermute(back, c.num_attention_heads if "attn_q" in g_name else c.num_key_value_heads) \
+                if g_name.endswith(("attn_q.weight", "attn_k.weight")) else back
+            sd[hf_name].copy_(back)
+        elif quant and g_name == "token_embd.weight":
             qa = gguf.quants.quantize(a, Q.Q8_0)
             w.add_tensor(g_name, qa, raw_dtype=Q.Q8_0)
             sd[hf_name].copy_(torch.from_numpy(gguf.quants.dequantize(qa, Q.Q8_0).reshape(a.shape)))
@@ -309,3 +318,77 @@ def test_smollm2_peak_rss(smollm2_gguf, tmp_path):
     size = out.stat().st_size
     assert peak <= 2 * size, f"peak RSS {peak / 2**20:.0f} MiB vs output {size / 2**20:.0f} MiB"
     assert math.isclose(size, 539_225_608, rel_tol=0.01)
+
+
+# ----------------------------------------------------------------------------- --keep-quant
+
+KEEP = {"attn_q.weight": Q.Q4_1, "attn_k.weight": Q.Q4_0, "attn_v.weight": Q.Q4_1, "attn_output.weight": Q.Q4_0,
+        "ffn_gate.weight": Q.Q4_1, "ffn_down.weight": Q.Q4_1}  # ffn_up stays F16, token_embd Q8_0
+
+
+def test_keep_quant_copies_q4_codes(tmp_path, gpt2_ranks_512, capsys):
+    """Q4_0/Q4_1 codes arrive unchanged (q/k rows un-permuted), scales and zeros are the blocks' float16
+    values rounded once to bf16; the other tensors are quantized from float; the model computes."""
+    from minillm.convert.__main__ import main
+    from minillm.convert.gguf import q4_codes
+    from minillm.quantize import Int4Linear, dequantize_int4
+    hf = _hf_llama(tie=True)
+    path = write_gguf(tmp_path / "q4.gguf", hf, gpt2_ranks_512, q4=KEEP)
+    out = tmp_path / "keep.safetensors"
+    with pytest.raises(SystemExit):  # argparse: --dtype does not apply
+        main([str(path), "--out", str(out), "--keep-quant", "--dtype", "bfloat16"])
+    assert "--dtype does not apply" in capsys.readouterr().err and not out.exists()
+    assert main([str(path), "--out", str(out), "--keep-quant", "--quiet"]) == 0
+    assert "8 Q4_1 -> int4 codes kept" in capsys.readouterr().out
+    ours = load_model(out)
+    assert ours.model.quantization == {"bits": 4, "group_size": 32, "embedding_bits": 8}
+    assert ours.provenance["keep_quant"] == {"F16 -> int4 from float": 2, "F32 -> bf16": 5, "Q4_0 -> int4 codes kept": 4,
+                                             "Q4_1 -> int4 codes kept": 8, "Q8_0 -> int8 from float": 1}
+    reader = gguf.GGUFReader(str(path))
+    raw = {t.name: t for t in reader.tensors}
+    hf_sd = hf.state_dict()
+    ours_names = {"attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj",
+                  "attn_output": "attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_down": "mlp.down_proj"}
+    hf_names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_down": "mlp.down_proj"}
+    for i in range(2):
+        for g, o in ours_names.items():
+            t = raw[f"blk.{i}.{g}.weight"]
+            q, scale, zero = q4_codes(t.data, t.tensor_type.name, tuple(reversed([int(n) for n in t.shape])))
+            heads = {"attn_q": 4, "attn_k": 2}.get(g)
+            if heads:
+                q, scale, zero = (unpermute(x, heads) for x in (q, scale, zero))
+            m = ours.model.blocks[i].get_submodule(o)
+            assert isinstance(m, Int4Linear)
+            mq, ms, mz = m.codes()
+            assert torch.equal(mq, q) and torch.equal(ms, scale.bfloat16()) and torch.equal(mz, zero.bfloat16()), (i, g)
+            # the values: the GGUF's dequantized weights (the HF model holds them) up to the bf16 rounding
+            ref = hf_sd[f"model.layers.{i}.{hf_names[g]}.weight"]
+            bound = 2.0 ** -8 * (8 * scale.abs() + zero.abs()).repeat_interleave(32, dim=1) + 1e-6
+            assert ((dequantize_int4(mq, ms, mz) - ref).abs() <= bound).all(), (i, g)
+    x = torch.randint(0, 514, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref, out = hf(x).logits, ours.model(x).float()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 0.15, rel  # test_quantize's int4 tolerance: bf16 activations, int8 embedding/head, int4 ffn_up from F16
+
+
+def test_keep_quant_needs_a_gguf(tmp_path):
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=300))
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ConvertError, match="--keep-quant needs a GGUF source"):
+        convert(tmp_path / "hf", tmp_path / "x.safetensors", progress=False, keep_quant=True)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_keep_quant(smollm2_gguf, smollm2_ours, tmp_path, shakespeare_text):
+    """The real Q4_1 file: all 210 projection matrices keep their codes; next-token loss on 512 tokens of
+    tinyshakespeare within 3% of the float conversion's (the same GGUF dequantized)."""
+    import torch.nn.functional as F
+    keep = load_model(convert(smollm2_gguf, tmp_path / "keep.safetensors", progress=False, keep_quant=True))
+    assert keep.provenance["keep_quant"] == {"F32 -> bf16": 61, "Q4_1 -> int4 codes kept": 210, "Q8_0 -> int8 from float": 1}
+    ids = torch.tensor([smollm2_ours.tokenizer.encode(shakespeare_text[:4000])[:513]])
+    with torch.inference_mode():
+        nll = [F.cross_entropy(m(ids[:, :-1])[0].float(), ids[0, 1:]).item() for m in (smollm2_ours.model, keep.model)]
+    assert abs(nll[1] / nll[0] - 1) < 0.03, nll

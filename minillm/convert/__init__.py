@@ -45,7 +45,7 @@ from ..tokenizer import GPT2_PAT, BPETokenizer, tokenizer_from_dict
 __all__ = ["convert", "ConvertError", "Source", "Tensor", "write_checkpoint", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.uint8: "U8", torch.int8: "I8"}
 
 # Llama 3's pre-tokenizer (tiktoken cl100k-style): case-insensitive contractions, letters with one
 # leading non-letter, numbers in groups of up to 3 digits, punctuation runs, newlines, spaces.
@@ -71,6 +71,19 @@ class Tensor:
     shape: tuple[int, ...]
     load: Callable[[], torch.Tensor]
     source: str  # the source tensor name(s), for messages
+    kind: str = ""  # the source's storage type (GGUF: "Q4_1", "F32", ...), for reports
+    codes: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    # codes: a block-quantized source's own int4 codes (q (N, K) in [0, 15], scale, zero (N, K/32)) with
+    # W = (q - 8) * scale + zero, as quantize.py stores them: lets --keep-quant skip the float round trip
+
+
+@dataclass
+class Entry:
+    """One tensor of the file being written: shape and dtype known up front, `load()` makes it."""
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor]
+    source: str
 
 
 @dataclass
@@ -189,8 +202,11 @@ def _check_source(src: Source) -> None:
         raise ConvertError(f"tokenizer has {src.tokenizer.vocab_size} ids but the model's vocab_size is {cfg.vocab_size}")
 
 
-def write_checkpoint(src: Source, out: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True) -> Path:
+def write_checkpoint(src: Source, out: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True,
+                     keep_quant: bool = False) -> Path:
     """Stream `src` into our .safetensors format at `out`, one tensor in memory at a time, atomically.
+    keep_quant: a quantized checkpoint instead (quantized.py: GGUF Q4_0/Q4_1 codes copied, the rest
+    quantized by us); what happens to each kind of source tensor goes into the provenance ("keep_quant").
 
     The safetensors layout is simple enough to write incrementally: 8 bytes little-endian header size,
     a JSON header (every tensor's dtype, shape, byte range, and the string metadata), then the raw
@@ -199,18 +215,28 @@ def write_checkpoint(src: Source, out: str | Path, dtype: torch.dtype = torch.fl
     if not out.parent.is_dir():
         raise ConvertError(f"cannot write {out}: directory {out.parent} does not exist")
     _check_source(src)
-    if dtype not in _ST_DTYPE:
+    if dtype not in DTYPES.values():
         raise ConvertError(f"unsupported dtype {dtype}; choose from {sorted(DTYPES)}")
-    names = list(expected_shapes(src.config))
+    metadata = {"format": FORMAT, "config": src.config.to_json(), "tokenizer": json.dumps(src.tokenizer.to_dict())}
+    quantization = None
+    if keep_quant:
+        from .quantized import choose_spec, quantized_entries
+        quantization = choose_spec(src)
+        entries, report = quantized_entries(src, quantization)
+        metadata["quantization"] = json.dumps(quantization)
+    else:
+        entries = {name: Entry(tuple(src.tensors[name].shape), dtype, src.tensors[name].load, src.tensors[name].source)
+                   for name in expected_shapes(src.config)}
+    provenance = dict(src.provenance)
+    if keep_quant:
+        provenance["keep_quant"] = report
+    metadata["provenance"] = json.dumps(provenance)
     header, offset = {}, 0
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    for name in names:
-        shape = list(src.tensors[name].shape)
-        nbytes = itemsize * math.prod(shape)
-        header[name] = {"dtype": _ST_DTYPE[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+    for name, e in entries.items():
+        nbytes = torch.empty((), dtype=e.dtype).element_size() * math.prod(e.shape)
+        header[name] = {"dtype": _ST_DTYPE[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    header["__metadata__"] = {"format": FORMAT, "config": src.config.to_json(),
-                              "tokenizer": json.dumps(src.tokenizer.to_dict()), "provenance": json.dumps(src.provenance)}
+    header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # tensor data starts 8-byte aligned
 
@@ -220,21 +246,21 @@ def write_checkpoint(src: Source, out: str | Path, dtype: torch.dtype = torch.fl
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
-            for name in tqdm(names, desc=f"writing {out.name}", unit="tensor", disable=not progress):
-                rec = src.tensors[name]
+            for name in tqdm(entries, desc=f"writing {out.name}", unit="tensor", disable=not progress):
+                e = entries[name]
                 try:
-                    t = rec.load()
+                    t = e.load()
                 except ConvertError:
                     raise
-                except Exception as e:
-                    raise ConvertError(f"cannot read tensor {rec.source} ({type(e).__name__}: {e}); "
-                                       f"the file may be truncated or corrupt") from e
-                t = t.to(dtype).contiguous()
-                if tuple(t.shape) != tuple(rec.shape):
-                    raise ConvertError(f"tensor {rec.source} read with shape {tuple(t.shape)}, header said {rec.shape}")
+                except Exception as err:
+                    raise ConvertError(f"cannot read tensor {e.source} ({type(err).__name__}: {err}); "
+                                       f"the file may be truncated or corrupt") from err
+                t = t.to(e.dtype).contiguous()
+                if tuple(t.shape) != tuple(e.shape):
+                    raise ConvertError(f"tensor {e.source} read with shape {tuple(t.shape)} for {name!r}, header said {e.shape}")
                 f.write(t.view(torch.uint8).numpy().data if t.numel() else b"")
                 del t
-        _validate_written(tmp, src.config)
+        _validate_written(tmp, src.config, quantization)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it owner-only; give it a normal file's mode
@@ -245,12 +271,12 @@ def write_checkpoint(src: Source, out: str | Path, dtype: torch.dtype = torch.fl
     return out
 
 
-def _validate_written(path: str, cfg: ModelConfig) -> None:
+def _validate_written(path: str, cfg: ModelConfig, quantization: dict | None = None) -> None:
     """Reopen what we wrote with the safetensors library: header, names, shapes and metadata (no data read)."""
     from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
         meta = f.metadata()
-        want = expected_shapes(cfg)
+        want = expected_shapes(cfg, quantization)
         assert set(f.keys()) == set(want), "written tensor names differ from the config's"
         for k in want:
             assert tuple(f.get_slice(k).get_shape()) == tuple(want[k]), f"written shape of {k} is wrong"
@@ -263,13 +289,18 @@ def _validate_written(path: str, cfg: ModelConfig) -> None:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def _is_gguf(p: Path) -> bool:
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return p.suffix == ".gguf" or f.read(4) == b"GGUF"
+
+
 def load_source(src: str | Path) -> Source:
     """A .gguf file, a local Hugging Face directory, or a hub id -> Source (nothing read but headers)."""
     p = Path(src).expanduser()
     if p.is_file():
-        with open(p, "rb") as f:
-            magic = f.read(4)
-        if p.suffix == ".gguf" or magic == b"GGUF":
+        if _is_gguf(p):
             from .gguf import load_gguf
             return load_gguf(p)
         raise ConvertError(f"{src}: not a .gguf file; for Hugging Face weights pass the model's directory")
@@ -282,8 +313,10 @@ def load_source(src: str | Path) -> Source:
     raise ConvertError(f"{src}: no such file or directory")
 
 
-def convert(src: str | Path, out: str | Path, dtype: str | torch.dtype = "float32", progress: bool = True) -> Path:
-    """Convert `src` (HF dir, hub id, or .gguf) to our format at `out`; returns the output path."""
+def convert(src: str | Path, out: str | Path, dtype: str | torch.dtype = "float32", progress: bool = True,
+            keep_quant: bool = False) -> Path:
+    """Convert `src` (HF dir, hub id, or .gguf) to our format at `out`; returns the output path.
+    keep_quant (GGUF only): a quantized checkpoint keeping the file's Q4_0/Q4_1 codes (quantized.py)."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConvertError(f"unsupported --dtype {dtype!r}; choose from {sorted(DTYPES)}")
@@ -291,6 +324,10 @@ def convert(src: str | Path, out: str | Path, dtype: str | torch.dtype = "float3
     out = Path(out)
     if not out.parent.is_dir():  # fail before reading anything
         raise ConvertError(f"cannot write {out}: directory {out.parent} does not exist")
+    if keep_quant and not _is_gguf(Path(src).expanduser()):
+        raise ConvertError(f"{src}: --keep-quant needs a GGUF source (its blocks are what is kept); "
+                           f"to quantize a float model use: python -m minillm.quantize CKPT --out OUT --bits 4")
     source = load_source(src)
-    source.provenance = {**source.provenance, "converted_by": "minillm.convert", "dtype": str(dtype).removeprefix("torch.")}
-    return write_checkpoint(source, out, dtype, progress)
+    source.provenance = {**source.provenance, "converted_by": "minillm.convert",
+                         "dtype": "quantized" if keep_quant else str(dtype).removeprefix("torch.")}
+    return write_checkpoint(source, out, dtype, progress, keep_quant)

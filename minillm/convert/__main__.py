@@ -1,8 +1,9 @@
-"""python -m minillm.convert SRC --out weights/NAME.safetensors [--dtype float32|bfloat16|float16]"""
+"""python -m minillm.convert SRC --out weights/NAME.safetensors [--dtype float32|bfloat16|float16 | --keep-quant]"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -16,16 +17,27 @@ def main(argv=None) -> int:
     ap.add_argument("src", help="HF model directory, hub id (e.g. gpt2, HuggingFaceTB/SmolLM2-135M), or file.gguf")
     ap.add_argument("--out", required=True, help="output file, e.g. weights/NAME.safetensors (its directory must exist)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="stored weight dtype (default float32)")
+    ap.add_argument("--keep-quant", action="store_true",
+                    help="GGUF only: write a quantized checkpoint (int4 group 32 / int8, as minillm.quantize makes) "
+                         "that keeps the file's Q4_0/Q4_1 codes instead of going through float")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    if args.keep_quant and args.dtype != "float32":
+        ap.error("--keep-quant writes integer codes with bf16 scales; --dtype does not apply")
     t0 = time.perf_counter()
     try:
-        out = convert(args.src, args.out, dtype=args.dtype, progress=not args.quiet)
+        out = convert(args.src, args.out, dtype=args.dtype, progress=not args.quiet, keep_quant=args.keep_quant)
     except (ConvertError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     size = out.stat().st_size
-    print(f"wrote {out} ({size / 1e6:.1f} MB, {args.dtype}) in {time.perf_counter() - t0:.1f}s")
+    what = args.dtype
+    if args.keep_quant:
+        from ..checkpoint import read_metadata
+        meta = read_metadata(out)
+        what = f"quantized {meta['quantization']}; " + ", ".join(
+            f"{n} {k}" for k, n in json.loads(meta["provenance"])["keep_quant"].items())
+    print(f"wrote {out} ({size / 1e6:.1f} MB, {what}) in {time.perf_counter() - t0:.1f}s")
     return 0
 
 

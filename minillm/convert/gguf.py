@@ -3,6 +3,7 @@
 Read with the `gguf` package (GGUFReader memory-maps the file; nothing is loaded until a tensor is
 dequantized). Supported: `general.architecture` = llama (LLaMA, SmolLM2, Llama 3.x without rope_freqs),
 tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the K-quants that gguf.quants can dequantize.
+Q4_0 and Q4_1 tensors also offer their 4-bit codes as they are (`q4_codes`), for `--keep-quant`.
 
 GGUF (llama arch)                       ours
     token_embd.weight                   tok_emb.weight
@@ -116,6 +117,39 @@ def _dequantize(t, transform=None):
     return load
 
 
+# Q4_0 / Q4_1 blocks: 32 consecutive inputs of one row share a float16 scale d (and, Q4_1, a minimum m);
+# bytes = d [, m], then 16 bytes of codes: byte j holds input j in its low nibble and input j + 16 in
+# its high nibble. Q4_0: w = d * (q - 8); Q4_1: w = d * q + m. Ours (quantize.py): w = (q - 8) * scale + zero,
+# so scale = d with zero = 0 (Q4_0) or m + 8 d (Q4_1): same codes, same values (zero computed in float32).
+Q4_BLOCK = {"Q4_0": 18, "Q4_1": 20}  # bytes per block of 32
+
+
+def q4_codes(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw Q4_0/Q4_1 bytes of an (N, K) matrix -> q uint8 (N, K) in [0, 15], scale, zero float32 (N, K/32)."""
+    N, K = shape
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(N, K // 32, Q4_BLOCK[type_name])
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, K/32)
+    if type_name == "Q4_1":
+        zero = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d
+    else:
+        zero = np.zeros_like(d)
+    qs = blocks[..., -16:]  # (N, K/32, 16)
+    q = np.concatenate((qs & 0xF, qs >> 4), axis=-1).reshape(N, K)  # inputs 0..15, then 16..31 of each block
+    return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zero)
+
+
+def _codes(t, transform=None):
+    """For a Q4_0/Q4_1 tensor: () -> (q, scale, zero), rows put in our order by `transform`; else None."""
+    if t.tensor_type.name not in Q4_BLOCK:
+        return None
+    shape = tuple(reversed([int(n) for n in t.shape]))
+
+    def load():
+        parts = q4_codes(t.data, t.tensor_type.name, shape)
+        return tuple(transform(p) for p in parts) if transform else parts
+    return load
+
+
 def load_gguf(path: Path) -> Source:
     try:
         from gguf import GGUFReader
@@ -139,7 +173,8 @@ def load_gguf(path: Path) -> Source:
             raise ConvertError(f"GGUF has no tensor {theirs!r} (needed for {ours!r})")
         if shapes[theirs] != shape:
             raise ConvertError(f"GGUF tensor {theirs!r} has shape {shapes[theirs]}, but the metadata implies {shape}")
-        tensors[ours] = Tensor(shape, _dequantize(by_name[theirs], transform), theirs)
+        t = by_name[theirs]
+        tensors[ours] = Tensor(shape, _dequantize(t, transform), theirs, kind=t.tensor_type.name, codes=_codes(t, transform))
         used.add(theirs)
 
     take("tok_emb.weight", "token_embd.weight", (cfg.vocab_size, C))
