@@ -84,9 +84,13 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position's rotation angles, (block_size, head_dim/2) each."""
-    angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), rope_inv_freq(cfg))
-    return angles.cos(), angles.sin()
+    """cos and sin of every position's rotation angles, (block_size, head_dim/2) each, on the default
+    device. Computed on the CPU first: on the meta device (checkpoint.empty_model) these ops would pull
+    in torch's Python meta kernels (~70 MiB of memory) for tables that loading recomputes anyway."""
+    with torch.device("cpu"):
+        angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), rope_inv_freq(cfg))
+        cos, sin = angles.cos(), angles.sin()
+    return cos.to(torch.get_default_device()), sin.to(torch.get_default_device())
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

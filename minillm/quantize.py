@@ -226,12 +226,14 @@ class Int4Linear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         if self.tied:
             return
-        if self.packed.is_meta:  # shapes only (checkpoint.expected_shapes builds models on meta)
-            q = torch.empty(self.out_features, self.in_features, dtype=torch.uint8, device="meta")
+        if self.packed.is_meta:  # shapes only (checkpoint.expected_shapes builds models on meta; no ops on
+            # meta tensors here: they would import torch's Python meta kernels, ~70 MiB)
+            nibbles = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8, device="meta")
             scale = zero = torch.empty(self.out_features, self.in_features // self.group_size, dtype=COMPUTE_DTYPE, device="meta")
         else:
             q, scale, zero = self.codes()
-        destination[prefix + "weight"] = pack_nibbles(q)
+            nibbles = pack_nibbles(q)
+        destination[prefix + "weight"] = nibbles
         destination[prefix + "scales"], destination[prefix + "zeros"] = scale, zero
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()

@@ -147,3 +147,36 @@ def test_training_state_roundtrip(tmp_path):
         for name in s1[k]:
             assert torch.equal(torch.as_tensor(s1[k][name]).float(), torch.as_tensor(s2[k][name]).float())
     assert b"pickle" not in path.read_bytes()[:200]
+
+
+def test_loading_builds_the_skeleton_without_running_ops_on_meta(tmp_path):
+    """empty_model runs no initializer or other op on meta tensors: the first such op makes torch
+    import its Python meta kernels (sympy and ~800 modules, ~70 MiB resident for the rest of the
+    process). Checked in a fresh process, for a float and an int4 checkpoint; the model still works
+    and torch.nn.init is intact afterwards."""
+    import subprocess
+    import sys
+    code = f"""
+import sys, torch
+from minillm.checkpoint import load_model, save_model
+from minillm.config import preset
+from minillm.model import Transformer
+from minillm.quantize import quantize_model
+from minillm.tokenizer import CharTokenizer
+tok = CharTokenizer.from_text("hello world")
+cfg = preset("nano", family="llama", n_embd=64, n_kv_head=2, vocab_size=tok.vocab_size)
+model = Transformer(cfg).eval()
+save_model({str(tmp_path / 'f.safetensors')!r}, model, tok)
+save_model({str(tmp_path / 'q.safetensors')!r}, quantize_model(Transformer(cfg).eval(), 4, 32), tok)
+assert "sympy" not in sys.modules, "building on the CPU imported sympy already"
+for name in ("f", "q"):
+    m = load_model({str(tmp_path)!r} + f"/{{name}}.safetensors").model
+    assert m(torch.tensor([[1, 2, 3]])).isfinite().all()
+assert "sympy" not in sys.modules, "loading imported torch's meta kernels"
+w = torch.empty(1000)
+torch.nn.init.normal_(w)
+assert w.std() > 0.5, "torch.nn.init left patched"
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd())
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
