@@ -218,18 +218,15 @@ def write_checkpoint(src: Source, out: str | Path, dtype: torch.dtype = torch.fl
     if dtype not in DTYPES.values():
         raise ConvertError(f"unsupported dtype {dtype}; choose from {sorted(DTYPES)}")
     metadata = {"format": FORMAT, "config": src.config.to_json(), "tokenizer": json.dumps(src.tokenizer.to_dict())}
-    quantization = None
+    provenance, quantization = dict(src.provenance), None
     if keep_quant:
         from .quantized import choose_spec, quantized_entries
         quantization = choose_spec(src)
-        entries, report = quantized_entries(src, quantization)
+        entries, provenance["keep_quant"] = quantized_entries(src, quantization)
         metadata["quantization"] = json.dumps(quantization)
     else:
         entries = {name: Entry(tuple(src.tensors[name].shape), dtype, src.tensors[name].load, src.tensors[name].source)
                    for name in expected_shapes(src.config)}
-    provenance = dict(src.provenance)
-    if keep_quant:
-        provenance["keep_quant"] = report
     metadata["provenance"] = json.dumps(provenance)
     header, offset = {}, 0
     for name, e in entries.items():
