@@ -246,7 +246,7 @@ class Int4Linear(nn.Module):
             return
         self.set_codes(unpack_nibbles(state_dict[prefix + "weight"]), state_dict[prefix + "scales"], state_dict[prefix + "zeros"])
         if self.bias is not None:
-            self.bias = state_dict[prefix + "bias"].to(self.scale_zero.dtype)
+            self.bias = state_dict[prefix + "bias"].to(self.scale_zero.dtype, copy=True)  # not a view of the file
         release_freed_memory()  # repacking's temporaries (see there)
 
 
@@ -367,8 +367,7 @@ def finish_loading(model) -> None:
     for m in model.modules():
         if not isinstance(m, Int4Linear):
             for name, b in list(m.named_buffers(recurse=False)):
-                if b is not None:
-                    setattr(m, name, b.clone())
+                setattr(m, name, b.clone())
             for name, p in list(m.named_parameters(recurse=False)):
                 setattr(m, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
     if model.config.tie_embeddings:
