@@ -190,6 +190,21 @@ def tokenizer_from_dict(d: dict) -> CharTokenizer | BPETokenizer:
     raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'char' or 'bpe')")
 
 
+def tokenizer_identity(tokenizer) -> dict:
+    """What decides which text each token id stands for. A name or a chat template may differ between
+    two copies of one vocabulary without changing a single id, so they are left out."""
+    return {k: v for k, v in tokenizer.to_dict().items() if k not in ("name", "chat_template")}
+
+
+def check_same_tokenizer(tok_a, tok_b, name_a: str = "model", name_b: str = "other model", purpose: str = "") -> None:
+    """The one rule for two models that exchange token ids (speculative and contrastive decoding,
+    distillation): every id must mean the same text in both. A ValueError names both when they differ."""
+    if tokenizer_identity(tok_a) != tokenizer_identity(tok_b):
+        need = f"{purpose} needs" if purpose else "both must have"
+        raise ValueError(f"{name_a} and {name_b} have different tokenizers ({tok_a.kind}, {tok_a.vocab_size} ids vs "
+                         f"{tok_b.kind}, {tok_b.vocab_size} ids); {need} one tokenizer: the same token ids for the same text")
+
+
 class IncrementalDecoder:
     """Turn a stream of token ids into text pieces without ever splitting a UTF-8 character.
 
