@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from .generate import GenStats, make_generator, stream_tokens
+from .generate import Stats, make_generator, stream_tokens
 from .kv_cache import KVCache
 from .sampling import SamplingParams
 from .tokenizer import IncrementalDecoder
@@ -41,7 +41,7 @@ class ChatSession:
         self.cache = KVCache.for_model(model, batch_size=1)
         self.cached_ids: list[int] = []  # the tokens whose K/V the cache holds, in order
         self.generator = make_generator(seed, model.tok_emb.weight.device)
-        self.last_stats = GenStats()
+        self.last_stats = Stats()
 
     def reply(self, user_text: str) -> Iterator[str]:
         """Stream the assistant's answer to user_text; the conversation (and cache) keep it."""
@@ -60,7 +60,7 @@ class ChatSession:
                              f"({self.model.config.block_size}): start a new chat")
         new_ids = ids[common:]
         self.cached_ids = ids[:common]
-        self.last_stats = GenStats()
+        self.last_stats = Stats()
         decoder, answer = IncrementalDecoder(tok), []
         for token in stream_tokens(self.model, new_ids, min(self.max_new_tokens, room), self.params, self.generator,
                                    set(tok.eos_ids), stats=self.last_stats, cache=self.cache):

@@ -39,6 +39,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .generate import Stats, check_budget, next_logits
 from .kv_cache import KVCache
 from .sampling import SamplingParams, apply_history_processors, sample
 
@@ -95,45 +96,8 @@ class CDStep:
     expert_token: int  # the expert's own argmax
 
 
-@dataclass
-class CDStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    head_sizes: list[int] = field(default_factory=list)  # |V_head| at each step
-    differs_from_expert: int = 0  # steps where the chosen token != the expert's argmax
-    amateur_weight: float = float("nan")  # w of z_e - w·z_a (obrien) or 1/tau (li)
-    expert_s: float = 0.0
-    amateur_s: float = 0.0
-    stopped_by: str = ""
-
-    @property
-    def differs_fraction(self) -> float:
-        return self.differs_from_expert / len(self.head_sizes) if self.head_sizes else float("nan")
-
-    @property
-    def mean_head_size(self) -> float:
-        return sum(self.head_sizes) / len(self.head_sizes) if self.head_sizes else float("nan")
-
-    def summary(self) -> str:
-        return (f"mean |V_head| {self.mean_head_size:.2f} | differs from expert argmax on {self.differs_fraction:.1%} of "
-                f"{len(self.head_sizes)} steps | amateur weight {self.amateur_weight:.3f} | "
-                f"expert {self.expert_s:.3f}s, amateur {self.amateur_s:.3f}s")
-
-
-@torch.inference_mode()
-def contrastive_stream(expert, amateur, prompt_ids: list[int], max_new_tokens: int, alpha: float = 0.1,
-                       beta: float = 0.5, objective: str = "obrien", amateur_temperature: float = 1.0,
-                       amateur_context: str = "full", params: SamplingParams = SamplingParams(temperature=0),
-                       generator: torch.Generator | None = None, eos_ids: set[int] = frozenset(),
-                       stats: CDStats | None = None, trace: Callable[[CDStep], None] | None = None) -> Iterator[int]:
-    """Yield up to max_new_tokens ids chosen by contrastive decoding (batch 1). Greedy by default;
-    `params` with temperature > 0 samples from softmax(score / T) (top-k/top-p apply to the scores).
-    Penalties and no-repeat-ngram (history: prompt + generated ids) reshape the EXPERT's logits before
-    V_head and the scores are computed, so a banned token leaves the head and the head stays non-empty.
-
-    amateur_context="full": the amateur reads the whole prompt; "last_prompt_token" (Li et al.'s main
-    setting): it reads only the last prompt token, at position 0, then the generated tokens.
-    `trace` gets a CDStep after every step (also the step that picks an EOS id)."""
+def _check_settings(expert, amateur, alpha: float, beta: float, objective: str, amateur_temperature: float,
+                    amateur_context: str) -> None:
     ve, va = expert.config.vocab_size, amateur.config.vocab_size
     if ve != va:
         raise ValueError(f"expert and amateur must share a tokenizer and vocabulary: expert vocab_size {ve}, "
@@ -148,37 +112,48 @@ def contrastive_stream(expert, amateur, prompt_ids: list[int], max_new_tokens: i
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if amateur_context not in AMATEUR_CONTEXTS:
         raise ValueError(f"amateur_context must be one of {AMATEUR_CONTEXTS}, got {amateur_context!r}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+
+def _timed_logits(model, ids: list[int], cache: KVCache, stats: Stats, role: str) -> torch.Tensor:
+    t0 = time.perf_counter()
+    z = next_logits(model, torch.tensor([ids], device=model.tok_emb.weight.device), cache)  # (1, V)
+    stats.timed(role, time.perf_counter() - t0)
+    return z
+
+
+@torch.inference_mode()
+def contrastive_stream(expert, amateur, prompt_ids: list[int], max_new_tokens: int, alpha: float = 0.1,
+                       beta: float = 0.5, objective: str = "obrien", amateur_temperature: float = 1.0,
+                       amateur_context: str = "full", params: SamplingParams = SamplingParams(temperature=0),
+                       generator: torch.Generator | None = None, eos_ids: set[int] = frozenset(),
+                       stats: Stats | None = None, trace: Callable[[CDStep], None] | None = None) -> Iterator[int]:
+    """Yield up to max_new_tokens ids chosen by contrastive decoding (batch 1). Greedy by default;
+    `params` with temperature > 0 samples from softmax(score / T) (top-k/top-p apply to the scores).
+    Penalties and no-repeat-ngram (history: prompt + generated ids) reshape the EXPERT's logits before
+    V_head and the scores are computed, so a banned token leaves the head and the head stays non-empty.
+
+    amateur_context="full": the amateur reads the whole prompt; "last_prompt_token" (Li et al.'s main
+    setting): it reads only the last prompt token, at position 0, then the generated tokens.
+    `trace` gets a CDStep after every step (also the step that picks an EOS id)."""
+    _check_settings(expert, amateur, alpha, beta, objective, amateur_temperature, amateur_context)
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
     a_prompt = list(prompt_ids) if amateur_context == "full" else [prompt_ids[-1]]
-    for name, model, n in (("expert", expert, len(prompt_ids)), ("amateur", amateur, len(a_prompt))):
-        if n + max_new_tokens - 1 > model.config.block_size:
-            raise ValueError(f"prompt ({n} tokens for the {name}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"{name}'s context of {model.config.block_size}")
-    stats = stats if stats is not None else CDStats()
-    stats.prompt_tokens = len(prompt_ids)
+    check_budget(len(prompt_ids), max_new_tokens, expert.config.block_size, who="the expert")
+    check_budget(len(a_prompt), max_new_tokens, amateur.config.block_size, who="the amateur",
+                 what="the amateur's prompt")
+    stats = stats if stats is not None else Stats()
+    stats.prompt_tokens, stats.stopped_by = len(prompt_ids), "max_new_tokens"
     stats.amateur_weight = amateur_weight(beta) if objective == "obrien" else 1 / amateur_temperature
-    device = expert.tok_emb.weight.device
     e_cache = KVCache.for_model(expert, 1, max(1, len(prompt_ids) + max_new_tokens - 1))
     a_cache = KVCache.for_model(amateur, 1, max(1, len(a_prompt) + max_new_tokens - 1))
-
-    def forward(model, cache, ids):
-        t0 = time.perf_counter()
-        z = model(torch.tensor([ids], device=device), cache, cache.length, last_only=True)[:, -1]
-        return z, time.perf_counter() - t0
-
-    stats.stopped_by = "max_new_tokens"
-    e_in, a_in = list(prompt_ids), a_prompt
-    history = torch.tensor([prompt_ids], device=device) if params.needs_history else None  # (1, n)
+    history = torch.tensor([prompt_ids], device=expert.tok_emb.weight.device) if params.needs_history else None
     warp = dataclasses.replace(params, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
                                no_repeat_ngram_size=0)  # what acts on the scores: temperature, top-k/p, ...
+    e_in, a_in, t0 = list(prompt_ids), a_prompt, time.perf_counter()
     for step in range(max_new_tokens):
-        z_e, dt = forward(expert, e_cache, e_in)
-        stats.expert_s += dt
-        z_a, dt = forward(amateur, a_cache, a_in)
-        stats.amateur_s += dt
+        z_e = _timed_logits(expert, e_in, e_cache, stats, "expert")
+        z_a = _timed_logits(amateur, a_in, a_cache, stats, "amateur")
         if history is not None:
             z_e = apply_history_processors(z_e.float(), params, history)
         scores, head = contrastive_scores(z_e, z_a, alpha, beta, objective, amateur_temperature)
@@ -192,6 +167,9 @@ def contrastive_stream(expert, amateur, prompt_ids: list[int], max_new_tokens: i
             stats.stopped_by = "eos"
             return
         stats.new_tokens += 1
+        if step == 0:
+            stats.prefill_s = time.perf_counter() - t0
+        stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
         yield token
         e_in = a_in = [token]
         if history is not None:

@@ -1,6 +1,9 @@
-"""The decoding loop: prefill the prompt once into the KV cache, then one token per step.
+"""The decoding core: prefill the prompt once into the KV cache, then one token per step.
 
-    stream_batch(...)   the core loop: B prompts side by side, yields each step's new token per row
+    Stats               one record of a decoding run (plain, speculative, contrastive), one summary()
+    check_budget(...)   the one rule for "prompt + new tokens fit the context"
+    next_logits(...)    feed tokens after what the cache holds -> the next token's logits (prefill and decode)
+    stream_batch(...)   the loop: B prompts side by side, yields each step's new token per row
     stream_tokens(...)  batch 1: yields token ids as they are decided
     stream_text(...)    batch 1: yields text pieces, never a broken UTF-8 character nor a stop string
     generate(...)       batch 1: the whole text plus stats (tokens/s, time to first token)
@@ -12,53 +15,149 @@ or, for text, at a stop string, which may be split across tokens ("st" + "op"). 
 everything after it are cut from the text, and streaming never shows any of it: text that could be
 the start of a stop string is held back until the next piece proves it is not (StopScanner).
 
-Batches: prompts of different lengths are padded on the LEFT, so every row's next token sits in the
-same column. The model gets `left_pad` (pad count per row): each row's positions count from its own
-first token, and no query attends to padding. In float32 each row then gets what it gets alone.
-A row that stops (EOS) keeps being fed but its tokens are ignored; the loop ends when all rows stop.
-
-The processors' history (repetition/presence/frequency penalties, no-repeat n-grams) is the prompt
-ids given here plus the tokens generated so far, per row (padding excluded).
+Batches of prompts of different lengths (the llama3 way): every row sits at the same position, so the
+model needs no padding. The prompts are read together up to the shortest one's length; from there, a
+row whose prompt goes on is fed its own next prompt token in place of the sampled one, until its
+prompt is read and its new tokens begin. Each row then gets what it gets alone (float32, up to
+rounding). A row that stops (EOS) keeps being fed but its tokens are ignored; the loop ends when all
+rows stop. The processors' history (penalties, no-repeat n-grams) is each row's prompt + its new tokens.
 
 A prompt that does not fit the context is an error, unless the caller asks for a sliding window:
 then, when the cache is full, the model re-reads the last half of the context and continues (in a
 batch, only for prompts of equal length, so that rows slide when they would alone).
 Randomness comes only from the `generator` passed in (seeded per call): same seed, same text, and
-the global RNG is never touched.
+the global RNG is never touched. `trace` (optional) is called after every step with a SampleStep.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from .kv_cache import KVCache
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, pick, process_logits
 from .tokenizer import IncrementalDecoder
 
 
 @dataclass
-class GenStats:
+class Stats:
+    """What one decoding run did, for any method; fields a method does not use stay empty."""
     prompt_tokens: int = 0
-    new_tokens: int = 0
-    prefill_s: float = 0.0  # time to first token
-    decode_s: float = 0.0  # time for the remaining new tokens
+    new_tokens: int = 0  # per row
+    prefill_s: float = 0.0  # time to the first new token
+    decode_s: float = 0.0  # time for the rest
     stopped_by: str = ""  # "max_new_tokens" | "eos" | "stop" (a stop string)
+    calls: dict[str, int] = field(default_factory=dict)  # forward calls per model role ("target", "draft", ...)
+    seconds: dict[str, float] = field(default_factory=dict)  # time in those calls per role
+    # speculative decoding
+    k: int = 0  # drafts asked per target call (with adaptive k: the starting value)
+    batch: int = 1
+    accept_hist: list[int] = field(default_factory=list)  # [n]: target calls where n drafts were accepted (rows pooled)
+    drafts_proposed: int = 0  # rows pooled
+    drafts_accepted: int = 0  # counted before the synchronised batch rule truncates a step
+    overlap_sum: float = 0.0  # sum over verified positions of sum_x min(p_target, q_draft) = 1 - TV
+    # contrastive decoding
+    head_sizes: list[int] = field(default_factory=list)  # |V_head| at each step
+    differs_from_expert: int = 0  # steps whose token is not the expert's argmax
+    amateur_weight: float = math.nan  # w of z_e - w·z_a (obrien) or 1/tau (li)
+
+    def timed(self, role: str, seconds: float) -> None:
+        """Count one forward call of the model in `role` that took `seconds`."""
+        self.calls[role] = self.calls.get(role, 0) + 1
+        self.seconds[role] = self.seconds.get(role, 0.0) + seconds
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + self.decode_s
 
     @property
     def tokens_per_s(self) -> float:
         """Decode rate: tokens after the first, over the time they took."""
-        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else float("nan")
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else math.nan
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean number of drafts accepted per target call (and row), as gpt-fast prints it."""
+        n = sum(self.accept_hist)
+        return sum(i * c for i, c in enumerate(self.accept_hist)) / n if n else math.nan
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.drafts_accepted / self.drafts_proposed if self.drafts_proposed else math.nan
+
+    @property
+    def empirical_alpha(self) -> float:
+        """1 - mean total variation between p_target and q_draft: the chance that one draft is accepted
+        (Leviathan et al.'s alpha), measured without sampling noise."""
+        return self.overlap_sum / self.drafts_proposed if self.drafts_proposed else math.nan
+
+    @property
+    def mean_k(self) -> float:
+        """Drafts proposed per target call (= k unless adaptive, or clamped by max_new_tokens)."""
+        calls = self.calls.get("target", 0)
+        return self.drafts_proposed / (self.batch * calls) if calls else math.nan
+
+    @property
+    def tokens_per_target_call(self) -> float:
+        calls = self.calls.get("target", 0)
+        return self.new_tokens / calls if calls else math.nan
+
+    @property
+    def differs_fraction(self) -> float:
+        return self.differs_from_expert / len(self.head_sizes) if self.head_sizes else math.nan
+
+    @property
+    def mean_head_size(self) -> float:
+        return sum(self.head_sizes) / len(self.head_sizes) if self.head_sizes else math.nan
+
+    def summary(self) -> str:
+        parts = [f"{self.prompt_tokens} prompt + {self.new_tokens} new tokens (stopped by {self.stopped_by or '-'}), "
+                 f"first token {self.prefill_s:.3f}s, {self.tokens_per_s:.1f} tok/s after it"]
+        if self.accept_hist:
+            hist = " ".join(f"{i}:{c}" for i, c in enumerate(self.accept_hist))
+            parts.append(f"acceptance histogram (drafts accepted per target call) {hist} | mean accepted "
+                         f"{self.mean_accepted:.2f} of k={self.mean_k:.2f} (rate {self.acceptance_rate:.2f}, "
+                         f"alpha = 1 - TV {self.empirical_alpha:.2f}) | {self.tokens_per_target_call:.2f} tokens per target call")
+        if self.head_sizes:
+            parts.append(f"mean |V_head| {self.mean_head_size:.2f} | differs from expert argmax on "
+                         f"{self.differs_fraction:.1%} of {len(self.head_sizes)} steps | amateur weight {self.amateur_weight:.3f}")
+        if self.calls:
+            parts.append(", ".join(f"{role} {n} calls {self.seconds[role]:.3f}s" for role, n in self.calls.items()))
+        return " | ".join(parts)
 
 
 @dataclass
 class Generation:
     text: str  # the new text, a stop string (and anything after it) cut off
     ids: list[int]  # every token generated, up to and including the one that completed a stop string
-    stats: GenStats = field(default_factory=GenStats)
+    stats: Stats = field(default_factory=Stats)
+
+
+@dataclass
+class SampleStep:
+    """One plain decoding step, as a `trace` callable receives it (the loop's own tensors; read only)."""
+    step: int  # loop iteration, from 0
+    logits: torch.Tensor  # (B, V) the model's raw next-token logits
+    processed: torch.Tensor  # (B, V) float32 processed logits: softmax of these is what was sampled from
+    tokens: torch.Tensor  # (B,) the tokens this step chose (a row still reading its prompt is fed that instead)
+
+
+def check_budget(prompt_tokens: int, max_new_tokens: int, context: int, who: str = "the model",
+                 what: str = "the prompt") -> None:
+    """The one context rule: the prompt and every new token but the last (sampled, never fed back)
+    must fit the `context` positions of the model `who`. ValueError naming both numbers otherwise."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if prompt_tokens > context:
+        raise ValueError(f"{what} is {prompt_tokens} tokens; {who}'s context is {context} (shorten the prompt, "
+                         f"or ask for a sliding window where the method has one)")
+    if prompt_tokens + max_new_tokens - 1 > context:
+        raise ValueError(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds {who}'s "
+                         f"context of {context} positions (lower max_new_tokens, or ask for a sliding window)")
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
@@ -68,39 +167,16 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def left_pad(rows: list[list[int]], device, fill: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rows of ids -> (B, L) tensor padded on the left with `fill`, and the pad count per row
-    (None when no row needs padding, so the model keeps its plain causal path)."""
-    L = max(len(r) for r in rows)
-    pads = [L - len(r) for r in rows]
-    tokens = torch.tensor([[fill] * p + list(r) for p, r in zip(pads, rows)], dtype=torch.long, device=device)
-    return tokens, (torch.tensor(pads, device=device) if any(pads) else None)
+def next_logits(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Feed tokens (B, T) after the cache's positions (prefill: many; decode: one) -> the logits (B, V)
+    of the token that follows them."""
+    return model(tokens, cache, cache.length, last_only=True)[:, -1]
 
 
-def _forward(model, tokens, cache, start, pad) -> torch.Tensor:
-    """Next-token logits (B, V); `left_pad` is passed only when needed, so any model with the plain
-    forward(tokens, cache, start_pos, last_only) signature works for unpadded batches."""
-    extra = {} if pad is None else {"left_pad": pad}
-    return model(tokens, cache, start, last_only=True, **extra)[:, -1]
-
-
-@torch.inference_mode()
-def stream_batch(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams = SamplingParams(),
-                 generator: torch.Generator | None = None, eos_ids: set[int] = frozenset(),
-                 sliding_window: bool = False, stats: list[GenStats] | None = None,
-                 cache: KVCache | None = None) -> Iterator[list[int | None]]:
-    """Decode B prompts side by side with one KV cache. Yields one list per step with, for each row,
-    its new token id, or None once the row has stopped (from the step that drew its EOS id on).
-    Ends after max_new_tokens steps or when every row has stopped; `stats` (one per row) get filled.
-
-    With `cache` given (batch 1 only), the model also sees the cache's first cache.length positions
-    (earlier turns of a chat) and the prompt is appended after them; afterwards the cache holds the
-    prompt and the emitted tokens (all of them when stopped by EOS; all but the last otherwise)."""
+def _check_prompts(model, prompts, max_new_tokens: int, sliding_window: bool, cache: KVCache | None) -> None:
     B = len(prompts)
     if B == 0:
         raise ValueError("no prompts given")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     for b, p in enumerate(prompts):
         if not p:
             row = "" if B == 1 else f" (row {b})"
@@ -110,74 +186,95 @@ def stream_batch(model, prompts: list[list[int]], max_new_tokens: int, params: S
                          "the context into a fresh cache)")
     if sliding_window and len({len(p) for p in prompts}) > 1:  # else rows would slide at other times than alone
         raise ValueError(f"a sliding window needs prompts of equal length, got lengths {sorted({len(p) for p in prompts})}")
-    ctx = model.config.block_size
-    start = cache.length if cache is not None else 0
-    longest = start + max(len(p) for p in prompts)
-    what = "the prompt is" if B == 1 else "the longest prompt is"
-    if not sliding_window:
-        if longest >= ctx:
-            raise ValueError(f"{what} {longest} tokens; the model's context is {ctx}, and at least one position "
-                             f"must stay free for generation (shorten the prompt, or ask for a sliding window)")
-        if longest + max_new_tokens - 1 > ctx:  # the last token is sampled, never fed back
-            raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                             f"model's context of {ctx} positions (lower max_new_tokens, or ask for a sliding window)")
-    stats = stats if stats is not None else [GenStats() for _ in prompts]
-    for s, p in zip(stats, prompts):
-        s.prompt_tokens = len(p)
-    device = model.tok_emb.weight.device
-    cache = cache if cache is not None else KVCache.for_model(model, batch_size=B)
-    rows = [list(p) for p in prompts]  # everything each row has read or emitted
-    history = None  # (B, T) ids for the processors that need them; -1 = padding
-    if params.needs_history:
-        history = left_pad(rows, device, fill=-1)[0]
-    alive = [True] * B
+    if max_new_tokens < 0 or not sliding_window:
+        start = cache.length if cache is not None else 0
+        check_budget(start + max(map(len, prompts)), max_new_tokens, model.config.block_size,
+                     what="the prompt" if B == 1 else "the longest prompt")
 
+
+def _choose(logits, params, generator, history, step, trace) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, V); the trace sees the distribution they were drawn from."""
+    if trace is None and params.greedy and not params.needs_history:
+        return logits.argmax(-1)  # nothing can change the argmax
+    z = process_logits(logits, params, history)
+    tokens = pick(z, params, generator)
+    if trace is not None:
+        trace(SampleStep(step, logits, z, tokens))
+    return tokens
+
+
+@torch.inference_mode()
+def stream_batch(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams = SamplingParams(),
+                 generator: torch.Generator | None = None, eos_ids: set[int] = frozenset(),
+                 sliding_window: bool = False, stats: list[Stats] | None = None, cache: KVCache | None = None,
+                 trace: Callable[[SampleStep], None] | None = None) -> Iterator[list[int | None]]:
+    """Decode B prompts side by side with one KV cache. Yields one list per step with, for each row, its
+    new token id, or None when it has none this step (still reading its prompt, or stopped by EOS).
+    Each row gets max_new_tokens tokens unless it stops; `stats` (one per row) get filled.
+
+    With `cache` given (batch 1), the prompt is appended after the cache's positions (earlier turns of
+    a chat); afterwards the cache holds the prompt and every new token but the last."""
+    _check_prompts(model, prompts, max_new_tokens, sliding_window, cache)
+    B, ctx, device = len(prompts), model.config.block_size, model.tok_emb.weight.device
+    stats = stats if stats is not None else [Stats() for _ in prompts]
+    cache = cache if cache is not None else KVCache.for_model(model, batch_size=B)
+    lens = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
+    seq = torch.zeros(B, int(lens.max()) + max_new_tokens, dtype=torch.long, device=device)  # prompt, then new tokens
+    for b, p in enumerate(prompts):
+        seq[b, :len(p)] = torch.tensor(p)
+        stats[b].prompt_tokens, stats[b].stopped_by = len(p), "max_new_tokens"
+    pos, done = int(lens.min()), [max_new_tokens == 0] * B  # columns 0..pos-1 are known in every row
+    first = pos - ctx // 2 if pos >= ctx else 0  # a sliding window starts from the prompt's last half-context
     t0 = time.perf_counter()
-    tokens, pad = left_pad([r[-(ctx // 2):] if len(r) >= ctx else r for r in rows], device)
-    logits = _forward(model, tokens, cache, start, pad)
-    for i in range(max_new_tokens):
-        ids = sample(logits, params, generator, history)  # (B,)
-        now = time.perf_counter()
-        step = []
-        for b, t in enumerate(ids.tolist()):
-            if not alive[b]:
-                step.append(None)
-                continue
-            if i == 0:
-                stats[b].prefill_s = now - t0
-            else:
-                stats[b].decode_s = now - t0 - stats[b].prefill_s
-            if t in eos_ids:
-                alive[b], stats[b].stopped_by = False, "eos"
-                step.append(None)
-            else:
-                stats[b].new_tokens += 1
-                rows[b].append(t)
-                step.append(t)
-        yield step
-        if not any(alive) or i == max_new_tokens - 1:
-            break
-        if history is not None:
-            history = torch.cat([history, ids[:, None]], 1)
+    logits = next_logits(model, seq[:, first:pos], cache)
+    for step in range(seq.size(1) - pos):
+        if all(done):
+            return
+        history = seq[:, :pos] if params.needs_history else None
+        tokens = _choose(logits, params, generator, history, step, trace)
+        tokens = torch.where(pos < lens, seq[:, pos], tokens)  # a row still reading its prompt is fed it
+        seq[:, pos] = tokens
+        yield _record(tokens.tolist(), pos, lens.tolist(), done, stats, eos_ids, max_new_tokens, t0)
+        pos += 1
+        if all(done):
+            return
         if cache.length == ctx:  # context full (only reachable with sliding_window): re-read the last half
             cache.reset()
-            tokens, pad = left_pad([r[-(ctx // 2):] for r in rows], device)
-            logits = _forward(model, tokens, cache, 0, pad)
+            logits = next_logits(model, seq[:, pos - ctx // 2:pos], cache)
         else:
-            logits = _forward(model, ids[:, None], cache, cache.length, pad)
-    for s, a in zip(stats, alive):
-        if a:
-            s.stopped_by = "max_new_tokens"
+            logits = next_logits(model, seq[:, pos - 1:pos], cache)
+
+
+def _record(tokens: list[int], pos: int, lens: list[int], done: list[bool], stats: list[Stats], eos_ids,
+            max_new_tokens: int, t0: float) -> list[int | None]:
+    """One step's new token per row (None: still in its prompt, or finished), and the rows' stats."""
+    now, out = time.perf_counter(), []
+    for b, t in enumerate(tokens):
+        if done[b] or pos < lens[b]:
+            out.append(None)
+            continue
+        s = stats[b]
+        if s.new_tokens == 0:
+            s.prefill_s = now - t0
+        s.decode_s = now - t0 - s.prefill_s
+        if t in eos_ids:
+            done[b], s.stopped_by = True, "eos"
+            out.append(None)
+            continue
+        s.new_tokens += 1
+        done[b] = s.new_tokens == max_new_tokens
+        out.append(t)
+    return out
 
 
 def stream_tokens(model, prompt_ids: list[int], max_new_tokens: int, params: SamplingParams = SamplingParams(),
                   generator: torch.Generator | None = None, eos_ids: set[int] = frozenset(),
-                  sliding_window: bool = False, stats: GenStats | None = None,
-                  cache: KVCache | None = None) -> Iterator[int]:
+                  sliding_window: bool = False, stats: Stats | None = None,
+                  cache: KVCache | None = None, trace: Callable[[SampleStep], None] | None = None) -> Iterator[int]:
     """Batch 1: yield up to max_new_tokens new token ids, using the KV cache (see stream_batch)."""
-    stats = stats if stats is not None else GenStats()
+    stats = stats if stats is not None else Stats()
     for (token,) in stream_batch(model, [prompt_ids], max_new_tokens, params, generator, eos_ids,
-                                 sliding_window, [stats], cache):
+                                 sliding_window, [stats], cache, trace):
         if token is None:  # EOS (not emitted)
             return
         yield token
@@ -253,7 +350,7 @@ def decode_stream(tokenizer, tokens: Iterator[int], stop: Sequence[str] = (), st
 
 def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, params: SamplingParams = SamplingParams(),
                 seed: int | None = None, stop_at_eos: bool = True, sliding_window: bool = False,
-                stats: GenStats | None = None, ids_out: list[int] | None = None, stop: Sequence[str] = (),
+                stats: Stats | None = None, ids_out: list[int] | None = None, stop: Sequence[str] = (),
                 eos_ids: set[int] | None = None, generator: torch.Generator | None = None) -> Iterator[str]:
     """Yield decoded text pieces as tokens are decided (UTF-8 safe across token boundaries).
 
@@ -265,7 +362,7 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, params: Samp
     StopScanner(stop)  # check the stop strings before any work
     prompt_ids = tokenizer.encode(prompt)
     generator = generator if generator is not None else make_generator(seed, model.tok_emb.weight.device)
-    stats = stats if stats is not None else GenStats()
+    stats = stats if stats is not None else Stats()
     tokens = stream_tokens(model, prompt_ids, max_new_tokens, params, generator,
                            _eos_set(tokenizer, stop_at_eos, eos_ids), sliding_window, stats)
     yield from decode_stream(tokenizer, tokens, stop, stats, ids_out)
@@ -274,7 +371,7 @@ def stream_text(model, tokenizer, prompt: str, max_new_tokens: int, params: Samp
 def generate(model, tokenizer, prompt: str, max_new_tokens: int, params: SamplingParams = SamplingParams(),
              seed: int | None = None, **kwargs) -> Generation:
     """The whole continuation of `prompt` as text + ids + stats (keyword arguments as stream_text)."""
-    stats, ids = GenStats(), []
+    stats, ids = Stats(), []
     text = "".join(stream_text(model, tokenizer, prompt, max_new_tokens, params, seed, stats=stats, ids_out=ids, **kwargs))
     return Generation(text, ids, stats)
 
@@ -289,7 +386,7 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, pa
         raise ValueError("give seed or generator, not both")
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     generator = generator if generator is not None else make_generator(seed, model.tok_emb.weight.device)
-    out = [Generation("", [], GenStats()) for _ in prompts]
+    out = [Generation("", [], Stats()) for _ in prompts]
     decoders = [IncrementalDecoder(tokenizer) for _ in prompts]
     scanners = [StopScanner(stop) for _ in prompts]
     pieces: list[list[str]] = [[] for _ in prompts]

@@ -11,6 +11,9 @@
 
 `forward(tokens, cache=None, start_pos=0)` covers training (no cache), prefill (many tokens into an
 empty cache), decode (one token) and speculative verification (k tokens appended, later cropped).
+Attention is written out (Attention.attend); config.attn_impl="sdpa" takes the same maths through
+F.scaled_dot_product_attention instead, and tests/test_model.py holds the two equal. This file is the
+reference: faster routes to the same numbers live in speed.py, which this file never mentions.
 Shapes: B batch, T new tokens, S = start_pos + T visible positions, C n_embd, nh heads, hd head_dim.
 """
 
@@ -46,25 +49,6 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return RMSNorm(cfg.n_embd, cfg.norm_eps)
 
 
-class Linear(nn.Linear):
-    """nn.Linear plus one CPU shortcut. x @ W^T for a float32 x of 2..FEW_ROWS rows (speculative
-    verification of k drafts, a short prompt) runs up to 2x slower in PyTorch's CPU GEMM than the same
-    sums taken as (W @ x^T)^T, which streams W once like the one-row GEMV does
-    (`python bench/small_matmul.py` prints both). Without grad only; the results agree to rounding."""
-
-    FEW_ROWS = 8
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if 1 < rows <= self.FEW_ROWS and x.dtype == torch.float32 and x.device.type == "cpu" \
-                and self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
-            y = (self.weight @ x.reshape(rows, self.in_features).t()).t()  # (rows, out)
-            if self.bias is not None:
-                y = y + self.bias
-            return y.reshape(*x.shape[:-1], self.out_features)
-        return super().forward(x)
-
-
 # ----------------------------------------------------------------------------- RoPE (llama)
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -84,9 +68,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position's rotation angles, (block_size, head_dim/2) each, on the default
-    device. Computed on the CPU first: on the meta device (checkpoint.empty_model) these ops would pull
-    in torch's Python meta kernels (~70 MiB of memory) for tables that loading recomputes anyway."""
+    """cos and sin of every position's rotation angles, (block_size, head_dim/2) each, float32, on the
+    default device. Computed on the CPU, so that building a model on the meta device runs no meta ops."""
     with torch.device("cpu"):
         angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), rope_inv_freq(cfg))
         cos, sin = angles.cos(), angles.sin()
@@ -108,10 +91,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q_proj = Linear(cfg.n_embd, nh * hd, bias=cfg.bias)
-        self.k_proj = Linear(cfg.n_embd, nkv * hd, bias=cfg.bias)
-        self.v_proj = Linear(cfg.n_embd, nkv * hd, bias=cfg.bias)
-        self.o_proj = Linear(nh * hd, cfg.n_embd, bias=cfg.bias)
+        self.q_proj = nn.Linear(cfg.n_embd, nh * hd, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, nkv * hd, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, nkv * hd, bias=cfg.bias)
+        self.o_proj = nn.Linear(nh * hd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
     def forward(self, x, rope, mask, cache: KVCache | None, start_pos: int):
@@ -124,40 +107,40 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start_pos)  # (B, nkv, S, hd), S = start_pos + T
-        gqa = cfg.n_kv_head != cfg.n_head  # GQA: each K/V head serves rep = n_head/n_kv_head query heads
-        p_drop = self.dropout if self.training else 0.0
-        if cfg.attn_impl == "sdpa" and gqa and T == 1 and mask is None:
-            # Decode: the rep query heads sharing a K/V head become rep query rows of that head, so
-            # the cached K/V are read once and never copied per query head.
-            y = F.scaled_dot_product_attention(q.reshape(B, cfg.n_kv_head, -1, cfg.head_dim), k, v, dropout_p=p_drop)
-            y = y.reshape(B, cfg.n_head, T, cfg.head_dim)  # (B, nh, 1, hd)
-        elif cfg.attn_impl == "sdpa":
-            causal = mask is not None and mask.dim() == 2 and mask.shape[0] == mask.shape[1]  # square = plain causal: fast path
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask,
-                                               dropout_p=p_drop, is_causal=causal, enable_gqa=gqa)
-        else:
-            if gqa:
-                rep = cfg.n_head // cfg.n_kv_head
-                k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
-                v = v.repeat_interleave(rep, dim=1)
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(cfg.head_dim))  # (B, nh, T, S)
-            if mask is not None:
-                att = att.masked_fill(~mask, float("-inf"))
-            att = F.softmax(att.float(), dim=-1).type_as(q)
-            att = F.dropout(att, p_drop, self.training)
-            y = att @ v  # (B, nh, T, hd)
+        y = self.attend(q, k, v, mask)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
-        return F.dropout(self.o_proj(y), p_drop, self.training)
+        return F.dropout(self.o_proj(y), self.dropout if self.training else 0.0, self.training)
+
+    def attend(self, q, k, v, mask):
+        """softmax(q·kᵀ/√hd, causal) · v for q (B, nh, T, hd) and k, v (B, nkv, S, hd); mask (T, S)
+        is True where a query may see a key (None: T == 1, the newest token sees every key)."""
+        cfg = self.cfg
+        gqa = cfg.n_kv_head != cfg.n_head  # GQA: each K/V head serves n_head/n_kv_head query heads
+        p_drop = self.dropout if self.training else 0.0
+        if cfg.attn_impl == "sdpa":  # the same maths in one fused call
+            square = mask is not None and mask.shape[0] == mask.shape[1]  # plain causal: its fast path
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=None if square else mask, dropout_p=p_drop,
+                                                  is_causal=square, enable_gqa=gqa)
+        if gqa:
+            rep = cfg.n_head // cfg.n_kv_head
+            k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
+            v = v.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(cfg.head_dim))  # (B, nh, T, S)
+        if mask is not None:
+            att = att.masked_fill(~mask, float("-inf"))  # a query never sees later keys
+        att = F.softmax(att.float(), dim=-1).type_as(q)  # (B, nh, T, S), each row sums to 1
+        att = F.dropout(att, p_drop, self.training)
+        return att @ v  # (B, nh, T, hd)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.family = cfg.family
-        self.up_proj = Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
-        self.down_proj = Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
         if cfg.family == "llama":
-            self.gate_proj = Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
+            self.gate_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
@@ -199,14 +182,13 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg)
-        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-        self.compiled_step = None  # see compile_decode
 
     @staticmethod
     def _init_weights(module):
@@ -227,64 +209,31 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() counts a tied matrix once
 
-    def compile_decode(self) -> "Transformer":
-        """From now on run one-token cached calls without grad (decoding, drafting) through torch.compile,
-        which fuses the many small ops between the matmuls; every other call stays eager. The first such
-        call compiles (about 1.5 minutes for SmolLM2-135M on a 2-core CPU, needs a C++ compiler); the
-        gain is measured by `bench/speculative.py --compile-draft`. Greedy tokens match eager ones
-        (tests/test_model.py), logits to float rounding (fusion reorders sums)."""
-        self.compiled_step = torch.compile(self._forward, dynamic=True)  # start_pos varies: one graph for all
-        return self
-
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
-                last_only: bool = False, left_pad: torch.Tensor | None = None) -> torch.Tensor:
-        if (self.compiled_step is not None and tokens.shape[1] == 1 and cache is not None and left_pad is None
-                and not torch.is_grad_enabled()):
-            return self.compiled_step(tokens, cache, start_pos, last_only)
-        return self._forward(tokens, cache, start_pos, last_only, left_pad)
-
-    def _forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0,
-                 last_only: bool = False, left_pad: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) at positions start_pos..start_pos+T-1 -> logits (B, T, vocab), or
-        (B, 1, vocab) with last_only. Without a cache the model sees only `tokens` (start_pos
-        then just shifts the positions); with one, it also sees the cache's first start_pos positions.
-
-        left_pad (B,) ints, for a batch of prompts of different lengths padded on the left: row b's
-        first left_pad[b] slots (of the cache, or of `tokens` when there is none) are padding. Its
-        real tokens then count positions from 0, and no query attends to its padding, so each row
-        gets what it would get alone."""
+                last_only: bool = False) -> torch.Tensor:
+        """tokens (B, T) at positions start_pos..start_pos+T-1 -> logits (B, T, vocab), or (B, 1, vocab)
+        with last_only. One call serves every use: training (no cache), prefill (the prompt into an
+        empty cache), decode (one token) and speculative verification (k tokens appended, cropped later).
+        Without a cache the model sees only `tokens`; with one, also the cache's first start_pos positions."""
         cfg = self.config
         B, T = tokens.shape
         end = start_pos + T
         if end > cfg.block_size:
             raise ValueError(f"sequence of {end} positions exceeds the model's context (block_size={cfg.block_size})")
+        pos = torch.arange(start_pos, end, device=tokens.device)  # (T,)
         x = self.tok_emb(tokens)  # (B, T, C)
         rope = None
-        pos = torch.arange(start_pos, end, device=tokens.device)  # (T,) slot of each new token
-        if left_pad is not None:  # per-row positions: count from the row's first real token
-            left_pad = left_pad.to(tokens.device).view(B, 1)
-            pos = (pos - left_pad).clamp_min(0)  # (B, T); padding slots get position 0 (never seen)
         if cfg.family == "gpt2":
-            x = x + self.pos_emb(pos)
+            x = x + self.pos_emb(pos)  # (B, T, C) + (T, C)
         else:
-            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, hd/2) each, or (B, T, hd/2)
-            if left_pad is not None:
-                rope = tuple(t.unsqueeze(1) for t in rope)  # (B, 1, T, hd/2): the same for every head
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, hd/2) each; applied to q and k in attention
         x = self.drop(x)
-        # Causal mask for the cached case: query i (absolute position start_pos + i) sees keys
-        # 0..start_pos+i, i.e. a (T, S) lower triangle shifted right by start_pos. One new token
-        # sees everything, so it needs no mask.
+        # Causal mask: query i sits at position start_pos + i and sees keys 0..start_pos + i, a (T, S)
+        # lower triangle shifted right by the S - T cached positions. One new token sees every key.
         S = end if cache is not None else T
         mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=tokens.device).tril(S - T)
-        if left_pad is not None:
-            # Hide padding keys from every query, except that a padding query sees itself: a row of
-            # all -inf would softmax to NaN, and 0 * NaN would then leak into the real rows.
-            key = torch.arange(end - S, end, device=tokens.device)  # (S,) slot of each key
-            own = key == torch.arange(start_pos, end, device=tokens.device)[:, None]  # (T, S)
-            causal = mask if mask is not None else torch.ones(T, S, dtype=torch.bool, device=tokens.device)
-            mask = (causal & ((key >= left_pad)[:, None, :] | own)).unsqueeze(1)  # (B, 1, T, S)
         for block in self.blocks:
-            x = block(x, rope, mask, cache, start_pos)
+            x = block(x, rope, mask, cache, start_pos)  # (B, T, C)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -1:]  # (B, 1, C): only the next token's logits (a prompt's vocab-wide logits are large)
         return self.lm_head(self.norm(x))  # (B, T, vocab)

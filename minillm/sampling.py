@@ -239,13 +239,17 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.
     return logits
 
 
+def pick(processed: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Processed logits (B, V) (from process_logits) -> token ids (B,): the argmax when greedy, else one
+    draw per row from their softmax with `generator` (the global RNG is untouched when one is given)."""
+    if params.greedy:
+        return processed.argmax(dim=-1)
+    return torch.multinomial(processed.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
            history: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits (B, V) -> next token ids (B,): argmax when greedy, else one draw per row from
-    softmax(process_logits(...)) with `generator` (the global RNG is untouched when one is given)."""
+    """Logits (B, V) -> next token ids (B,): pick(process_logits(...))."""
     if params.greedy and not params.needs_history:
         return logits.argmax(dim=-1)  # fast path: nothing can change the argmax
-    z = process_logits(logits, params, history)
-    if params.greedy:
-        return z.argmax(dim=-1)
-    return torch.multinomial(z.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return pick(process_logits(logits, params, history), params, generator)

@@ -51,64 +51,9 @@ from typing import Callable, Iterator
 
 import torch
 
+from .generate import Stats, check_budget, next_logits
 from .kv_cache import KVCache
 from .sampling import SamplingParams, process_logits
-
-
-@dataclass
-class SpecStats:
-    k: int = 0  # the k asked for (with adaptive k: the starting value)
-    batch: int = 1
-    prompt_tokens: int = 0
-    new_tokens: int = 0  # per row
-    accept_hist: list[int] = field(default_factory=list)  # accept_hist[n]: target calls where n drafts were accepted (rows pooled)
-    drafts_proposed: int = 0  # rows pooled
-    drafts_accepted: int = 0  # counted before the synchronised rule truncates a batch step
-    overlap_sum: float = 0.0  # sum over verified positions (rows pooled) of sum_x min(p_target, q_draft) = 1 - TV
-    target_calls: int = 0
-    draft_calls: int = 0
-    target_s: float = 0.0
-    draft_s: float = 0.0
-    total_s: float = 0.0
-    stopped_by: str = ""  # "max_new_tokens" | "eos"
-
-    @property
-    def mean_accepted(self) -> float:
-        """Mean number of drafts accepted per target call (and row), as gpt-fast prints it."""
-        n = sum(self.accept_hist)
-        return sum(i * c for i, c in enumerate(self.accept_hist)) / n if n else float("nan")
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted drafts over proposed drafts."""
-        return self.drafts_accepted / self.drafts_proposed if self.drafts_proposed else float("nan")
-
-    @property
-    def empirical_alpha(self) -> float:
-        """alpha = 1 - mean total variation between p_target and q_draft over the verified positions: the
-        probability that one draft is accepted (Leviathan et al.'s alpha), measured without sampling noise."""
-        return self.overlap_sum / self.drafts_proposed if self.drafts_proposed else float("nan")
-
-    @property
-    def mean_k(self) -> float:
-        """Drafts proposed per target call (= k unless adaptive, or clamped by max_new_tokens)."""
-        return self.drafts_proposed / (self.batch * self.target_calls) if self.target_calls else float("nan")
-
-    @property
-    def tokens_per_target_call(self) -> float:
-        return self.new_tokens / self.target_calls if self.target_calls else float("nan")
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.total_s if self.total_s > 0 else float("nan")
-
-    def summary(self) -> str:
-        hist = " ".join(f"{i}:{c}" for i, c in enumerate(self.accept_hist))
-        return (f"acceptance histogram (drafts accepted per target call) {hist} | mean accepted {self.mean_accepted:.2f} "
-                f"of k={self.mean_k:.2f} (rate {self.acceptance_rate:.2f}, alpha = 1 - TV {self.empirical_alpha:.2f}) | "
-                f"{self.tokens_per_target_call:.2f} tokens per target call | "
-                f"target {self.target_calls} calls {self.target_s:.3f}s, draft {self.draft_calls} calls {self.draft_s:.3f}s | "
-                f"{self.tokens_per_s:.1f} tok/s")
 
 
 @dataclass
@@ -183,7 +128,7 @@ class SpeculativeDecoder:
 
     def __init__(self, target, draft, prompts: torch.Tensor, k: int, max_new_tokens: int,
                  params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
-                 stats: SpecStats | None = None, adaptive_k: bool = False, k_max: int | None = None,
+                 stats: Stats | None = None, adaptive_k: bool = False, k_max: int | None = None,
                  trace: Callable[[SpecStep], None] | None = None):
         if target.config.vocab_size != draft.config.vocab_size:
             raise ValueError(f"target and draft must share a vocabulary: target vocab_size {target.config.vocab_size}, "
@@ -193,15 +138,11 @@ class SpeculativeDecoder:
         k_max = max(k, 16) if k_max is None else k_max
         if adaptive_k and k_max < k:
             raise ValueError(f"k_max must be >= k (the starting k), got k_max {k_max} < k {k}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if prompts.dim() != 2 or prompts.size(1) == 0:
             raise ValueError("prompts must be a non-empty (batch, length) tensor of token ids")
         ctx = min(target.config.block_size, draft.config.block_size)
         B, P = prompts.shape
-        if P + max_new_tokens - 1 > ctx:  # the last emitted token is never fed to a model
-            raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of "
-                             f"{ctx} positions (the smaller of target and draft)")
+        check_budget(P, max_new_tokens, ctx, who="the smaller model (target or draft)")
         self.target, self.draft, self.k, self.params, self.generator = target, draft, k, params, generator
         self.adaptive_k, self.k_max, self.trace = adaptive_k, (k_max if adaptive_k else k), trace
         self.device = target.tok_emb.weight.device
@@ -210,7 +151,7 @@ class SpeculativeDecoder:
         cache_len = max(1, min(ctx, P + max_new_tokens - 1))
         self.target_cache = KVCache.for_model(target, B, cache_len)
         self.draft_cache = KVCache.for_model(draft, B, cache_len)
-        self.stats = stats if stats is not None else SpecStats()
+        self.stats = stats if stats is not None else Stats()
         self.stats.k, self.stats.batch, self.stats.prompt_tokens = k, B, P
         if len(self.stats.accept_hist) != self.k_max + 1:  # a stats object reused across runs keeps accumulating
             self.stats.accept_hist = [0] * (self.k_max + 1)
@@ -228,17 +169,15 @@ class SpeculativeDecoder:
         B = self.seq.size(0)
         d = torch.empty(B, k, dtype=torch.long, device=self.device)
         q_draft = []
-        t0 = time.perf_counter()
         for i in range(k):
             # First call feeds every token the draft cache is missing (the whole prompt at first;
             # [d_k of last step, bonus] after a fully accepted step; else just `last`).
-            start = self.draft_cache.length
-            inp = self.seq[:, start:] if i == 0 else d[:, i - 1:i]
-            logits = self.draft(inp, self.draft_cache, start)[:, -1]
+            t0 = time.perf_counter()
+            inp = self.seq[:, self.draft_cache.length:] if i == 0 else d[:, i - 1:i]
+            logits = next_logits(self.draft, inp, self.draft_cache)
             d[:, i], q_i = draft_token(logits, self.params, self._history(d, i), self.generator)
             q_draft.append(q_i)
-            self.stats.draft_calls += 1
-        self.stats.draft_s += time.perf_counter() - t0
+            self.stats.timed("draft", time.perf_counter() - t0)
         V = self.target.config.vocab_size
         return d, (torch.stack(q_draft, 1) if q_draft else torch.empty(B, 0, V, device=self.device))
 
@@ -254,8 +193,7 @@ class SpeculativeDecoder:
                                     for i in range(k + 1)], 1)
         else:  # (B, k+1, V) in one call
             p_target = distribution(logits.reshape(B * (k + 1), -1), self.params).view(B, k + 1, -1)
-        self.stats.target_calls += 1
-        self.stats.target_s += time.perf_counter() - t0
+        self.stats.timed("target", time.perf_counter() - t0)
         return p_target  # (B, k+1, V) float32, same processors as q_draft
 
     @torch.inference_mode()
@@ -321,40 +259,49 @@ def _check_prompt_batch(prompts) -> torch.Tensor:
 @torch.inference_mode()
 def speculative_stream(target, draft, prompt_ids: list[int], max_new_tokens: int, k: int = 4,
                        params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
-                       eos_ids: set[int] = frozenset(), stats: SpecStats | None = None, adaptive_k: bool = False,
+                       eos_ids: set[int] = frozenset(), stats: Stats | None = None, adaptive_k: bool = False,
                        k_max: int | None = None, trace: Callable[[SpecStep], None] | None = None) -> Iterator[int]:
     """Batch 1: yield up to max_new_tokens token ids, each an exact draw from the target (greedy: the
     target's greedy output token for token). An EOS id stops the stream and is not emitted (also when
     it sits inside a run of accepted drafts: the tokens after it are dropped). `trace` gets a SpecStep
     after every step (before that step's tokens are yielded)."""
-    stats = stats if stats is not None else SpecStats()
+    stats = stats if stats is not None else Stats()
     t0 = time.perf_counter()
     dec = SpeculativeDecoder(target, draft, _check_prompt_batch([prompt_ids]), k, max_new_tokens, params, generator,
                              stats, adaptive_k, k_max, trace)
     stats.stopped_by = "max_new_tokens"
     emitted = 0
     while not dec.done:
-        for tok in dec.step()[0].tolist():
+        first = dec.emitted == 0
+        new = dec.step()[0].tolist()
+        _clock(stats, t0, first)
+        for tok in new:
             if tok in eos_ids:
                 stats.stopped_by, stats.new_tokens = "eos", emitted
-                stats.total_s = time.perf_counter() - t0
                 return
             emitted += 1
             yield tok
-        stats.total_s = time.perf_counter() - t0
     stats.new_tokens = emitted
+
+
+def _clock(stats: Stats, t0: float, first: bool) -> None:
+    """After a step: the first step's time is the time to the first token, the rest is decode time."""
+    now = time.perf_counter()
+    if first:
+        stats.prefill_s = now - t0
+    stats.decode_s = now - t0 - stats.prefill_s
 
 
 @torch.inference_mode()
 def speculative_generate_batch(target, draft, prompts, max_new_tokens: int, k: int = 4,
                                params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
                                eos_ids: set[int] = frozenset(), pad_id: int = -1,
-                               stats: SpecStats | None = None, adaptive_k: bool = False, k_max: int | None = None,
+                               stats: Stats | None = None, adaptive_k: bool = False, k_max: int | None = None,
                                trace: Callable[[SpecStep], None] | None = None) -> torch.Tensor:
     """Batch > 1 (equal-length prompts) with the synchronised rule -> (B, max_new_tokens) new ids.
     A row that emits an EOS id is finished: that position and everything after it read `pad_id`;
     the run stops early once every row is finished."""
-    stats = stats if stats is not None else SpecStats()
+    stats = stats if stats is not None else Stats()
     t0 = time.perf_counter()
     dec = SpeculativeDecoder(target, draft, _check_prompt_batch(prompts), k, max_new_tokens, params, generator, stats,
                              adaptive_k, k_max, trace)
@@ -362,7 +309,9 @@ def speculative_generate_batch(target, draft, prompts, max_new_tokens: int, k: i
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=dec.device)
     stats.stopped_by = "max_new_tokens"
     while not dec.done:
+        first = dec.emitted == 0
         dec.step()
+        _clock(stats, t0, first)
         if eos.numel() and torch.isin(dec.seq[:, P:], eos).any(-1).all():
             stats.stopped_by = "eos"
             break
@@ -373,5 +322,4 @@ def speculative_generate_batch(target, draft, prompts, max_new_tokens: int, k: i
     pad = max_new_tokens - out.size(1)
     if pad:
         out = torch.cat([out, out.new_full((out.size(0), pad), pad_id)], 1)
-    stats.total_s = time.perf_counter() - t0
     return out

@@ -69,7 +69,7 @@ def test_sample_is_reproducible_and_streams(ckpts, capsys):
     _, c, _ = run(capsys, *args[:-1], "6")
     assert c1 == c2 == 0 and a == b != c
     assert a.startswith("ROMEO:") and len(a) == len("ROMEO:") + 20 + 1
-    assert "tokens/s" in err and "stopped by max_new_tokens" in err
+    assert "tok/s" in err and "stopped by max_new_tokens" in err
 
 
 def greedy_text(capsys, ckpts, n=30):
@@ -85,8 +85,8 @@ def test_greedy_speculative_equals_greedy_and_prints_stats(ckpts, capsys, k):
                          "--method", "speculative", "--draft", ckpts["small"], *k, "--temperature", "0")
     assert code == 0, err
     assert out == want and "acceptance rate 1.000" not in err  # the draft was wrong at times
-    for needle in ("acceptance histogram (target calls with 0..", "acceptance probs: [", "mean accepted:",
-                   "tokens per target call", "target: ", "draft: ", "tokens/s"):
+    for needle in ("acceptance histogram (drafts accepted per target call) 0:", "mean accepted ",
+                   "tokens per target call", "target ", "draft ", "tok/s"):
         assert needle in err, needle
 
 
@@ -138,8 +138,8 @@ def test_stop_strings_cut_the_output(ckpts, capsys):
     (["--method", "greedy", "--amateur", "X"], "--amateur is used only by --method contrastive"),
     (["--method", "greedy", "--temperature", "0.5"], "--method greedy means temperature 0; got --temperature 0.5"),
     (["--adaptive-k"], "--adaptive-k is used only by --method speculative"),
-    (["--method", "speculative", "--draft", "OTHER"], "has a different tokenizer from --model"),
-    (["--method", "contrastive", "--amateur", "OTHER"], "has a different tokenizer from --model"),
+    (["--method", "speculative", "--draft", "OTHER"], "have different tokenizers"),
+    (["--method", "contrastive", "--amateur", "OTHER"], "have different tokenizers"),
     (["--method", "speculative", "--draft", "SMALL", "--k", "-1"], "k (draft tokens per step) must be >= 0"),
     (["--method", "contrastive", "--amateur", "SMALL", "--alpha", "0"], "alpha must be in (0, 1]"),
     (["--top-p", "1.5"], "top_p must be in (0, 1]"),

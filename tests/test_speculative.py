@@ -20,7 +20,8 @@ from minillm.generate import stream_tokens
 from minillm.kv_cache import KVCache
 from minillm.model import Transformer
 from minillm.sampling import SamplingParams, process_logits
-from minillm.speculative import SpecStats, SpeculativeDecoder, speculative_generate_batch, speculative_stream
+from minillm.generate import Stats
+from minillm.speculative import SpeculativeDecoder, speculative_generate_batch, speculative_stream
 
 V, BLOCK = 8, 16
 
@@ -137,7 +138,7 @@ ONE_CASES = {
 @pytest.mark.parametrize("name", VEC_CASES)
 def test_target_law_vectorised(name):
     params, adaptive = VEC_CASES[name]
-    stats = SpecStats()
+    stats = Stats()
     p = law_p(params, N_VEC, B_VEC, adaptive_k=adaptive, stats=stats)
     assert p > 1e-4, f"{name}: chi-square p = {p:.2e}"
     assert 0 < stats.drafts_accepted < stats.drafts_proposed  # both the acceptance and the residual path ran
@@ -149,7 +150,7 @@ def test_target_law_vectorised(name):
 @pytest.mark.parametrize("name", ONE_CASES)
 def test_target_law_batch_one(name):
     params, adaptive = ONE_CASES[name]
-    stats = SpecStats()
+    stats = Stats()
     p = law_p(params, N_ONE, 1, k=1 if adaptive else 2, pair=ONE_PAIR, adaptive_k=adaptive, stats=stats,
               extra=3 if adaptive else 0)
     assert p > 1e-4, f"{name}: chi-square p = {p:.2e}"
@@ -166,7 +167,7 @@ def test_disjoint_draft_everything_rejected_output_still_target():
     target.tok_emb.weight.data[:, :V // 2] += 10
     draft.tok_emb.weight.data[:, V // 2:] += 10
     params = SamplingParams(temperature=1.0, top_k=2)
-    stats = SpecStats()
+    stats = Stats()
     g = torch.Generator().manual_seed(2)
     samples = torch.cat([speculative_generate_batch(target, draft, [PROMPT] * 50, L, 2, params, g, stats=stats)
                          for _ in range(160)])
@@ -224,11 +225,11 @@ def test_negative_controls_fail(monkeypatch, broken):
 
 def test_identical_draft_accepts_everything():
     target, _ = toy_pair()
-    stats = SpecStats()
+    stats = Stats()
     out = speculative_generate_batch(target, target, [PROMPT] * 4, 12, 4, SamplingParams(temperature=1.0),
                                      torch.Generator().manual_seed(0), stats=stats)
     assert out.shape == (4, 12) and stats.drafts_accepted == stats.drafts_proposed > 0
-    assert stats.target_calls == 3 and stats.accept_hist[4] == 8  # 5 + 5 + 2 tokens (the last step clamped to k=1)
+    assert stats.calls["target"] == 3 and stats.accept_hist[4] == 8  # 5 + 5 + 2 tokens (the last step clamped to k=1)
 
 
 # ---- real tiny transformers ----
@@ -250,7 +251,7 @@ def test_greedy_equals_target_greedy(family):
     want = list(stream_tokens(target, prompt, 30, greedy))
     for draft, name in ((target, "identical"), (random_draft, "random")):
         for k in (1, 2, 4, 8):
-            stats = SpecStats()
+            stats = Stats()
             got = list(speculative_stream(target, draft, prompt, 30, k, greedy, stats=stats))
             assert got == want, (name, k)
             assert stats.new_tokens == 30
@@ -291,7 +292,7 @@ def test_caches_after_crop_equal_fresh_prefill(family):
 @pytest.mark.parametrize("n,k", [(1, 4), (5, 4), (7, 2), (13, 5), (0, 3)])
 def test_max_new_tokens_exact(n, k):
     target, draft = tiny("gpt2", 0), tiny("gpt2", 0)  # identical: every step wants to emit k+1
-    stats = SpecStats()
+    stats = Stats()
     got = list(speculative_stream(target, draft, [1, 2], n, k, SamplingParams(temperature=0.8),
                                   torch.Generator().manual_seed(0), stats=stats))
     assert len(got) == n and stats.new_tokens == n
@@ -306,7 +307,7 @@ def test_eos_inside_accepted_drafts_truncates():
     plain = list(stream_tokens(target, [5, 9, 2], 30, greedy))
     eos = plain[6]
     first = plain.index(eos)
-    stats = SpecStats()
+    stats = Stats()
     got = list(speculative_stream(target, target, [5, 9, 2], 30, 8, greedy, eos_ids={eos}, stats=stats))
     assert got == plain[:first] and stats.stopped_by == "eos" and stats.new_tokens == first
     assert stats.accept_hist[8] >= 1  # the EOS was inside a fully accepted run of drafts
@@ -345,7 +346,7 @@ def test_greedy_with_adaptive_k_and_penalty_equals_target_greedy(family):
         want = [list(stream_tokens(target, pr, 25, params)) for pr in prompts]
         for draft in (target, random_draft):
             for k, adaptive in ((1, True), (4, True), (3, False)):
-                stats = SpecStats()
+                stats = Stats()
                 got = list(speculative_stream(target, draft, prompts[0], 25, k, params, stats=stats, adaptive_k=adaptive))
                 assert got == want[0], (params, k, adaptive)
             out = speculative_generate_batch(target, draft, prompts, 25, 2, params, adaptive_k=True)
@@ -362,12 +363,12 @@ def test_trace_agrees_with_stats_and_output():
         target.lm_head.weight.mul_(8)
         draft.lm_head.weight.mul_(8)
     for batch in (1, 3):
-        steps, stats = [], SpecStats()
+        steps, stats = [], Stats()
         params = SamplingParams(temperature=1.0, top_k=8)
         out = speculative_generate_batch(target, draft, [[5, 9, 2]] * batch, 40, 3, params,
                                          torch.Generator().manual_seed(batch), stats=stats, adaptive_k=True,
                                          trace=steps.append)
-        assert len(steps) == stats.target_calls
+        assert len(steps) == stats.calls["target"]
         assert sum(int(s.n_accepted.sum()) for s in steps) == stats.drafts_accepted
         assert sum(batch * s.k for s in steps) == stats.drafts_proposed
         hist = [0] * len(stats.accept_hist)
@@ -395,7 +396,7 @@ def test_trace_agrees_with_stats_and_output():
 
 def test_stats_summary_and_alpha():
     target, _ = toy_pair()
-    stats = SpecStats()
+    stats = Stats()
     speculative_generate_batch(target, target, [PROMPT] * 2, 9, 2, SamplingParams(temperature=1.0),
                                torch.Generator().manual_seed(0), stats=stats)
     assert stats.empirical_alpha == pytest.approx(1.0) and stats.mean_k == 2 and stats.mean_accepted == 2
@@ -404,7 +405,7 @@ def test_stats_summary_and_alpha():
                   "3.00 tokens per target call", "target 3 calls", "draft 6 calls"):
         assert piece in text, (piece, text)
     _, draft = toy_pair(draft_noise=1.0)
-    stats = SpecStats()
+    stats = Stats()
     speculative_generate_batch(target, draft, [PROMPT] * 100, 3, 2, SamplingParams(temperature=1.0),
                                torch.Generator().manual_seed(0), stats=stats)
     assert 0.3 < stats.empirical_alpha < 0.95  # 1 - TV of two different tables

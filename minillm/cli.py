@@ -1,0 +1,75 @@
+"""Command-line pieces shared by sample.py and `python -m minillm.inspector`: the decoding flags are
+declared here once, and turned into a methods.Method (flag combinations that cannot work are
+ValueErrors that name the flags)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .methods import METHODS, PARTNER, Method, with_temperature
+from .sampling import SamplingParams
+
+
+def unescape(s: str) -> str:
+    """\\n and \\t typed on a command line become a newline and a tab."""
+    return s.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """--method, the sampler, speculative and contrastive flags, and --seed."""
+    p.add_argument("--method", choices=METHODS, default="sample", help="decoding method (default: sample)")
+    p.add_argument("--seed", type=int, default=1337, help="same seed, same text")
+    s = p.add_argument_group("sampler (in the order applied; defaults are off)")
+    s.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 discourages tokens already in the prompt or output (CTRL; default 1 = off)")
+    s.add_argument("--presence-penalty", type=float, default=0.0, help="subtract once from seen tokens' logits (default 0)")
+    s.add_argument("--frequency-penalty", type=float, default=0.0, help="subtract per occurrence (default 0)")
+    s.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size (default 0 = off)")
+    s.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: 0.8 for sample and speculative, 0 for greedy and contrastive)")
+    s.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: off)")
+    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: off)")
+    s.add_argument("--min-p", type=float, default=None, help="keep tokens with p >= min_p * max p, in [0, 1] (default: off)")
+    s.add_argument("--typical-p", type=float, default=None, help="locally typical sampling mass in (0, 1] (default: off)")
+    sp = p.add_argument_group("speculative decoding (--method speculative)")
+    sp.add_argument("--draft", default=None, metavar="PATH", help="draft checkpoint (same tokenizer as --model)")
+    sp.add_argument("--k", type=int, default=4, help="draft tokens proposed per target forward (default 4)")
+    sp.add_argument("--adaptive-k", action="store_true",
+                    help="adapt k as it goes: +2 after a step where all drafts passed, else -1 (floor 1); stays exact")
+    cd = p.add_argument_group("contrastive decoding (--method contrastive)")
+    cd.add_argument("--amateur", default=None, metavar="PATH", help="amateur checkpoint (same tokenizer as --model)")
+    cd.add_argument("--alpha", type=float, default=0.1, help="plausibility: only tokens with p >= alpha * max p (default 0.1)")
+    cd.add_argument("--beta", type=float, default=0.5, help="strength of the contrast, O'Brien & Lewis (default 0.5)")
+    cd.add_argument("--objective", choices=("obrien", "li"), default="obrien",
+                    help="obrien: (1+beta) z_model - beta z_amateur; li: log p_model - log p_amateur / amateur-temperature")
+    cd.add_argument("--amateur-temperature", type=float, default=1.0, help="Li's tau (objective li; default 1)")
+    cd.add_argument("--amateur-context", choices=("full", "last_prompt_token"), default="full",
+                    help="what the amateur reads of the prompt (default full; Li et al.: last_prompt_token)")
+
+
+def check_decoding_args(args) -> None:
+    """Flag combinations that cannot work, as ValueErrors that name the flags."""
+    for name, role in PARTNER.items():
+        if args.method == name and not getattr(args, role):
+            raise ValueError(f"--method {name} needs --{role} PATH (a smaller model with the same tokenizer)")
+        if getattr(args, role) and args.method != name:
+            raise ValueError(f"--{role} is used only by --method {name} (got --method {args.method})")
+    if args.adaptive_k and args.method != "speculative":
+        raise ValueError(f"--adaptive-k is used only by --method speculative (got --method {args.method})")
+    if args.method == "greedy" and args.temperature not in (None, 0):
+        raise ValueError(f"--method greedy means temperature 0; got --temperature {args.temperature}")
+
+
+def partner_path(args) -> str | None:
+    """The --draft or --amateur path the chosen method needs (None for sample / greedy)."""
+    role = PARTNER.get(args.method)
+    return getattr(args, role) if role else None
+
+
+def method_from_args(args, sliding_window: bool = False) -> Method:
+    check_decoding_args(args)
+    params = SamplingParams(0.0, args.top_k, args.top_p, min_p=args.min_p, typical_p=args.typical_p,
+                            repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
+    return Method(args.method, with_temperature(args.method, params, args.temperature), sliding_window, args.k,
+                  args.adaptive_k, args.alpha, args.beta, args.objective, args.amateur_temperature, args.amateur_context)

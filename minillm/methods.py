@@ -1,0 +1,91 @@
+"""Decoding methods by name: the one dispatch used by sample.py, the inspector and the benches.
+
+    Method(name, params, ...)   what to run: "sample", "greedy", "speculative" (a draft model proposes,
+                                the model verifies) or "contrastive" (an amateur model is contrasted)
+    load_partner(path, ...)     the draft or amateur, refused unless its tokenizer is the model's
+    stream(method, ...)         an iterator of new token ids, filling one generate.Stats
+
+Every method streams through the decoding core (generate.py) or a method module built on it, and
+takes a `trace` callable that receives each step (SampleStep, SpecStep or CDStep).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from .checkpoint import Loaded, load_model
+from .contrastive import AMATEUR_CONTEXTS, OBJECTIVES, contrastive_stream
+from .generate import Stats, stream_tokens
+from .sampling import SamplingParams
+from .speculative import speculative_stream
+from .tokenizer import check_same_tokenizer
+
+METHODS = ("sample", "greedy", "speculative", "contrastive")
+PARTNER = {"speculative": "draft", "contrastive": "amateur"}  # the second model each method needs
+DEFAULT_TEMPERATURE = {"sample": 0.8, "greedy": 0.0, "speculative": 0.8, "contrastive": 0.0}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str = "sample"
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=DEFAULT_TEMPERATURE["sample"]))
+    sliding_window: bool = False  # sample / greedy: past the context, re-read its last half and go on
+    k: int = 4  # speculative: drafts per target call
+    adaptive_k: bool = False  # speculative: +2 after a fully accepted step, else -1
+    alpha: float = 0.1  # contrastive: plausibility, tokens with p >= alpha * max p
+    beta: float = 0.5  # contrastive: O'Brien's strength of the contrast
+    objective: str = "obrien"  # contrastive: "obrien" or "li"
+    amateur_temperature: float = 1.0  # contrastive, "li": the amateur's tau
+    amateur_context: str = "full"  # contrastive: "full" or "last_prompt_token"
+
+    def __post_init__(self):
+        if self.name not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.name!r}")
+        if self.name == "greedy" and not self.params.greedy:
+            raise ValueError(f"method greedy means temperature 0, got temperature {self.params.temperature}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.amateur_context not in AMATEUR_CONTEXTS:
+            raise ValueError(f"amateur_context must be one of {AMATEUR_CONTEXTS}, got {self.amateur_context!r}")
+
+    @property
+    def partner(self) -> str | None:
+        """The role of the second model this method needs ("draft", "amateur"), or None."""
+        return PARTNER.get(self.name)
+
+
+def with_temperature(name: str, params: SamplingParams, temperature: float | None) -> SamplingParams:
+    """params with the method's default temperature unless one is given."""
+    t = DEFAULT_TEMPERATURE[name] if temperature is None else temperature
+    return dataclasses.replace(params, temperature=t)
+
+
+def load_partner(path: str, role: str, main: Loaded, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> Loaded:
+    """Load the draft / amateur checkpoint; ValueError unless its token ids mean what the model's do."""
+    other = load_model(path, device, dtype)
+    check_same_tokenizer(main.tokenizer, other.tokenizer, "the model", f"the {role} {path}",
+                         purpose="speculative decoding" if role == "draft" else "contrastive decoding")
+    return other
+
+
+def stream(method: Method, model, prompt_ids: list[int], max_new_tokens: int, partner=None,
+           generator: torch.Generator | None = None, eos_ids: set[int] = frozenset(), stats: Stats | None = None,
+           trace: Callable | None = None) -> Iterator[int]:
+    """New token ids from `model` (and `partner`, the draft or amateur model) by `method`."""
+    stats = stats if stats is not None else Stats()
+    if method.partner is not None and partner is None:
+        raise ValueError(f"method {method.name} needs a {method.partner} model")
+    m, p = method, method.params
+    if m.name == "speculative":
+        return speculative_stream(model, partner, prompt_ids, max_new_tokens, m.k, p, generator, eos_ids, stats,
+                                  m.adaptive_k, trace=trace)
+    if m.name == "contrastive":
+        return contrastive_stream(model, partner, prompt_ids, max_new_tokens, m.alpha, m.beta, m.objective,
+                                  m.amateur_temperature, m.amateur_context, p, generator, eos_ids, stats, trace)
+    return stream_tokens(model, prompt_ids, max_new_tokens, p, generator, eos_ids, m.sliding_window, stats,
+                         trace=trace)
