@@ -29,10 +29,10 @@ import torch
 from minillm.chat import ChatSession
 from minillm.checkpoint import load_model
 from minillm.cli import add_decoding_args, method_from_args, partner_path, unescape
+from minillm.device import pick_device
 from minillm.generate import Stats, StopScanner, decode_stream, make_generator
 from minillm.methods import load_partner, stream
 from minillm.speed import compile_decode, speed_up
-from minillm.device import pick_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -1,0 +1,5 @@
+"""`python -m minillm.inspector`: see cli.py."""
+
+from .cli import run
+
+run()

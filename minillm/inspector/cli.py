@@ -1,0 +1,106 @@
+"""The inspector's command line: look inside a running model on one prompt.
+
+    python -m minillm.inspector --model weights/shakespeare-char.safetensors --prompt "ROMEO:\\nWhat light" \\
+        [--out DIR] [--json FILE] [--top 5] [--no-attention] [--generate N --method sample|greedy|speculative|contrastive
+        and sample.py's decoding flags: --temperature --top-k --top-p --min-p ... --seed, --draft --k --adaptive-k,
+        --amateur --alpha --beta --objective --amateur-temperature --amateur-context]
+
+Prints the prefill view (top predictions and surprisal per position, perplexity), the logit lens and
+the attention heads' scores; with --generate N, a trace of N tokens decoded by --method (the same
+tokens sample.py prints for the same flags and seed). --out writes the PNGs, --json everything.
+The decoding flags and their defaults are sample.py's (minillm.cli): temperature 0.8 for sample and
+speculative, 0 for greedy and contrastive; seed 1337. The draft / amateur must use the same tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..checkpoint import load_model
+from ..cli import add_decoding_args, method_from_args, partner_path, unescape
+from ..device import pick_device
+from ..methods import Method, load_partner
+from .analysis import Report, inspect_prompt
+from .json_report import write_json
+from .plots import write_pngs
+from .tables import heads_table, lens_table, prefill_table, trace_text, trace_title
+from .traces import trace_decoding
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Method]:
+    ap = argparse.ArgumentParser(prog="python -m minillm.inspector", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint in our .safetensors format")
+    ap.add_argument("--prompt", required=True, help="prompt text (\\n and \\t escapes are understood)")
+    ap.add_argument("--out", help="directory for the PNGs (logit lens, attention per layer, overview, head scores)")
+    ap.add_argument("--json", help="write everything machine-readable to this file")
+    ap.add_argument("--top", type=int, default=5, help="predictions / alternatives shown per position (default 5)")
+    ap.add_argument("--max-rows", type=int, default=64, help="longest table printed before rows are elided")
+    ap.add_argument("--lens-cols", type=int, default=12, help="positions shown in the logit-lens table")
+    ap.add_argument("--no-attention", action="store_true", help="skip attention capture")
+    ap.add_argument("--generate", type=int, default=0, metavar="N", help="also trace N tokens decoded by --method")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
+    add_decoding_args(ap)
+    args = ap.parse_args(argv)
+    try:
+        method = method_from_args(args)
+    except ValueError as e:  # a flag combination that cannot work: a usage error
+        ap.error(str(e))
+    return args, method
+
+
+def print_prompt_view(rep: Report, args) -> None:
+    i = rep.info
+    print(f"{args.model}: {i['family']}, {i['n_layer']} layers × {i['n_head']} heads, vocab {i['vocab_size']}, "
+          f"context {i['block_size']}; prompt = {i['prompt_tokens']} tokens (the model ran its own attention, "
+          f"attn_impl {i['attn_impl_model']!r}, untouched; the maps are recomputed on the written-out path)\n")
+    print(prefill_table(rep, args.max_rows, args.top), end="\n\n")
+    print(lens_table(rep, args.lens_cols), end="\n\n")
+    print(heads_table(rep, args.max_rows), end="\n\n")
+
+
+def trace_into(rep: Report, args, method: Method, loaded, partner) -> None:
+    """Decode args.generate tokens by `method` with the trace hook; print the trace, keep it in rep."""
+    rep.trace, rep.trace_stats = trace_decoding(method, loaded.model, loaded.tokenizer, rep.ids, args.generate,
+                                                partner and partner.model, args.seed, args.top)
+    rep.trace_method = method.name
+    print(trace_title(method, partner_path(args), args.seed))
+    print(trace_text(method.name, rep.trace, args.top))
+    print(rep.trace_stats.summary(), end="\n\n")
+
+
+def write_outputs(rep: Report, args) -> None:
+    if args.out:
+        paths = write_pngs(rep, args.out)
+        more = ", …" if len(paths) > 3 else ""
+        print(f"wrote {len(paths)} PNGs to {args.out}/ ({', '.join(p.name for p in paths[:3])}{more})")
+    if args.json:
+        print(f"wrote {write_json(rep, args.json)}")
+
+
+def main(argv: list[str] | None = None) -> Report:
+    """Run the command; the Report is returned for tests and notebooks. Bad flags exit (argparse);
+    a bad prompt or checkpoint is a ValueError / FileNotFoundError."""
+    args, method = parse_args(argv)
+    device = pick_device(args.device)
+    loaded = load_model(args.model, device=device)
+    tracing = args.generate > 0
+    partner = load_partner(partner_path(args), method.partner, loaded, device) if tracing and method.partner else None
+    prompt = unescape(args.prompt)
+    rep = inspect_prompt(loaded.model, loaded.tokenizer, prompt, top=args.top, attention=not args.no_attention)
+    rep.info["model_path"] = str(args.model)
+    rep.info["prompt"] = prompt
+    print_prompt_view(rep, args)
+    if tracing:
+        trace_into(rep, args, method, loaded, partner)
+    write_outputs(rep, args)
+    return rep
+
+
+def run() -> None:
+    """`python -m minillm.inspector`: a bad prompt or checkpoint is a message, not a traceback."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
