@@ -7,7 +7,7 @@ ceiling on tokens/s for that format on this machine:
 
     fp32, bf16      F.linear(x, W)                       (what transformers and our float models run)
     int8            aten._weight_int8pack_mm             (per-channel int8, bf16 activations)
-    int4 g32        aten._weight_int4pack_mm_for_cpu     (210 matrices) + the int8 head (as quantize.py does)
+    int4 g32        aten._weight_int4pack_mm_for_cpu     (210 matrices) + the int8 head (as minillm.quantize does)
     int4 g32 fused  the same with q|k|v and gate|up as one matrix each: 4 int4 calls per layer, not 7
 
 Median of --repeats passes; formats alternate within each repeat (the machine drifts).

@@ -9,6 +9,8 @@ Redoes the first experiment of the seed article (docs/seeds/000_*) without its f
     the table has greedy (the degenerate end) and top-p next to plain sampling (the noisy end);
   * its contrastive loop re-ran both models over the whole sequence every token; ours is
     minillm.contrastive (a KV cache per model), with the settings printed beside the numbers.
+Every method runs through minillm.methods.stream (the dispatch sample.py uses), on models with the
+speed layer on (speed.speed_up, as sample.py runs them; same numbers as model.py).
 
 Metrics (bench/text_metrics.py): n-gram entropy n = 1..3 (bits, corpus-pooled), distinct-1/2
 (distinct / all n-grams, corpus-pooled), rep-2 and rep-4 (SimCTG, %, within each text), on
@@ -40,9 +42,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minillm import checkpoint
-from minillm.contrastive import CDStats, contrastive_stream
-from minillm.generate import stream_tokens
+from minillm.generate import Stats
+from minillm.methods import Method, load_partner, stream
 from minillm.sampling import SamplingParams
+from minillm.speed import speed_up
 from text_metrics import distinct_n, ngram_entropy, rep_n
 
 # The seed article's five prompts, verbatim.
@@ -68,28 +71,29 @@ PROMPTS = ARTICLE_PROMPTS + OUR_PROMPTS
 
 
 @dataclass
-class Method:
-    name: str
+class Setting:
+    name: str  # the row's name in the table
     settings: str  # printed next to the numbers
-    params: SamplingParams
-    cd: dict | None = None  # contrastive_stream keyword arguments; None: the expert alone
+    method: Method  # what minillm.methods.stream runs
 
     @property
     def deterministic(self) -> bool:
-        return self.params.greedy
+        return self.method.params.greedy
 
 
-METHODS = {
-    "sample": Method("sample", "T=1, no truncation", SamplingParams(temperature=1.0)),
-    "top-p": Method("top-p", "T=1, top_p=0.95", SamplingParams(temperature=1.0, top_p=0.95)),
-    "greedy": Method("greedy", "T=0 (argmax)", SamplingParams(temperature=0)),
-    "cd": Method("cd", "greedy; obrien α=0.1 β=0.5 (amateur weight 1/3); amateur sees full prompt",
-                 SamplingParams(temperature=0), dict(alpha=0.1, beta=0.5, objective="obrien", amateur_context="full")),
-    "cd-li": Method("cd-li", "greedy; li α=0.1 τ=0.5 (amateur weight 2); amateur sees last prompt token",
-                    SamplingParams(temperature=0),
-                    dict(alpha=0.1, objective="li", amateur_temperature=0.5, amateur_context="last_prompt_token")),
-    "cd-sample": Method("cd-sample", "T=1 on obrien scores α=0.1 β=0.5; amateur sees full prompt",
-                        SamplingParams(temperature=1.0), dict(alpha=0.1, beta=0.5, objective="obrien", amateur_context="full")),
+SETTINGS = {
+    "sample": Setting("sample", "T=1, no truncation", Method("sample", SamplingParams(temperature=1.0))),
+    "top-p": Setting("top-p", "T=1, top_p=0.95", Method("sample", SamplingParams(temperature=1.0, top_p=0.95))),
+    "greedy": Setting("greedy", "T=0 (argmax)", Method("greedy", SamplingParams(temperature=0))),
+    "cd": Setting("cd", "greedy; obrien α=0.1 β=0.5 (amateur weight 1/3); amateur sees full prompt",
+                  Method("contrastive", SamplingParams(temperature=0), alpha=0.1, beta=0.5, objective="obrien",
+                         amateur_context="full")),
+    "cd-li": Setting("cd-li", "greedy; li α=0.1 τ=0.5 (amateur weight 2); amateur sees last prompt token",
+                     Method("contrastive", SamplingParams(temperature=0), alpha=0.1, objective="li",
+                            amateur_temperature=0.5, amateur_context="last_prompt_token")),
+    "cd-sample": Setting("cd-sample", "T=1 on obrien scores α=0.1 β=0.5; amateur sees full prompt",
+                         Method("contrastive", SamplingParams(temperature=1.0), alpha=0.1, beta=0.5,
+                                objective="obrien", amateur_context="full")),
 }
 
 
@@ -122,28 +126,18 @@ def continuation_nll(model, prompt_ids: list[int], cont_ids: list[int]) -> float
     return -logp.gather(-1, torch.tensor(cont_ids).unsqueeze(-1)).sum().item()
 
 
-def generate(method: Method, expert, amateur, prompt_ids: list[int], n: int, seed: int) -> tuple[list[int], CDStats | None]:
-    gen = torch.Generator().manual_seed(seed)
-    if method.cd is None:
-        return list(stream_tokens(expert, prompt_ids, n, method.params, gen)), None
-    stats = CDStats()
-    ids = list(contrastive_stream(expert, amateur, prompt_ids, n, params=method.params, generator=gen,
-                                  stats=stats, **method.cd))
-    return ids, stats
-
-
-def run_method(method: Method, expert, amateur, tok, prompts: list[str], n: int, seed: int) -> Run:
+def run_method(setting: Setting, expert, amateur, tok, prompts: list[str], n: int, seed: int) -> Run:
     texts, nll, count, t0 = [], 0.0, 0, time.perf_counter()
     heads, differs = [], 0
     for i, prompt in enumerate(prompts):
-        p_ids = tok.encode(prompt)
-        ids, stats = generate(method, expert, amateur, p_ids, n, seed * 1000 + i)
+        p_ids, stats = tok.encode(prompt), Stats()
+        gen = torch.Generator().manual_seed(seed * 1000 + i)
+        ids = list(stream(setting.method, expert, p_ids, n, amateur, gen, stats=stats))  # no eos_ids: EOS does not stop
         texts.append(tok.decode(ids))
         nll += continuation_nll(expert, p_ids, ids)
         count += len(ids)
-        if stats is not None:
-            heads += stats.head_sizes
-            differs += stats.differs_from_expert
+        heads += stats.head_sizes  # contrastive only; empty otherwise
+        differs += stats.differs_from_expert
     return Run(texts, nll, count, time.perf_counter() - t0, heads, differs)
 
 
@@ -166,49 +160,51 @@ def reference_run(expert, tok, text_path: Path, n_prompts: int, prompt_chars: in
 def fmt(values: list[float], col: str, deterministic: bool) -> str:
     digits = 2 if col.startswith(("ent", "rep", "expert")) else 3
     mean = statistics.fmean(values)
-    if deterministic or len(values) == 1:
+    if deterministic or len(values) == 1 or math.isnan(mean):  # nan: a text too short for the metric
         return f"{mean:.{digits}f} ± ·"
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--expert", type=Path, required=True)
     ap.add_argument("--amateur", type=Path, required=True, help="same tokenizer as the expert")
-    ap.add_argument("--methods", default="sample,top-p,greedy,cd,cd-li,cd-sample", help=f"from {list(METHODS)}")
+    ap.add_argument("--methods", default="sample,top-p,greedy,cd,cd-li,cd-sample", help=f"from {list(SETTINGS)}")
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N of the 25 prompts")
     ap.add_argument("--reference-text", type=Path, help="add a row for human text from this file's last 10%%")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (1 is steadier on a busy shared CPU)")
     ap.add_argument("--json", type=Path, help="write every number and text here")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    unknown = [m for m in args.methods.split(",") if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"error: unknown --methods {unknown}; choose from {list(METHODS)}")
-    methods = [METHODS[m] for m in args.methods.split(",")]
-    expert_l, amateur_l = checkpoint.load_model(args.expert), checkpoint.load_model(args.amateur)
-    if expert_l.tokenizer.to_dict() != amateur_l.tokenizer.to_dict():
-        raise SystemExit(f"error: {args.expert} and {args.amateur} have different tokenizers")
-    expert, amateur, tok = expert_l.model, amateur_l.model, expert_l.tokenizer
-    prompts = PROMPTS[:args.prompts]
-    n = args.max_new_tokens
-    load0 = Path("/proc/loadavg").read_text().split()[:3]
+    return ap.parse_args(argv)
 
-    print(f"expert  {args.expert} ({expert_l.config.family}, {expert_l.config.n_layer} layers, "
-          f"{expert.num_params() / 1e6:.1f}M params)")
-    print(f"amateur {args.amateur} ({amateur_l.config.family}, {amateur_l.config.n_layer} layers, "
-          f"{amateur.num_params() / 1e6:.1f}M params)")
-    print(f"{len(prompts)} prompts (article's 5 + {len(prompts) - 5} ours), {n} new tokens each, EOS not stopping, "
-          f"seeds 0..{args.seeds - 1} (sampling methods), float32 CPU, threads {torch.get_num_threads()}, "
-          f"load {' '.join(load0)}")
+
+def load(args):
+    """-> (expert, amateur) Loaded, the amateur refused unless it has the expert's tokenizer; speed layer on."""
+    expert_l = checkpoint.load_model(args.expert)
+    try:
+        amateur_l = load_partner(str(args.amateur), "amateur", expert_l)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    for m in (expert_l, amateur_l):
+        speed_up(m.model)  # as sample.py runs them
+    return expert_l, amateur_l
+
+
+def print_header(args, expert_l, amateur_l, n_prompts: int) -> None:
+    for role, path, m in (("expert ", args.expert, expert_l), ("amateur", args.amateur, amateur_l)):
+        print(f"{role} {path} ({m.config.family}, {m.config.n_layer} layers, {m.model.num_params() / 1e6:.1f}M params)")
+    print(f"{n_prompts} prompts (article's 5 + {n_prompts - 5} ours), {args.max_new_tokens} new tokens each, EOS not "
+          f"stopping, seeds 0..{args.seeds - 1} (sampling methods), float32 CPU, threads {torch.get_num_threads()}, "
+          f"load {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     print("metrics on whitespace words of the continuations only; ent-n in bits (corpus-pooled), distinct-n = "
           "distinct/all n-grams (corpus-pooled), rep-n % (within-text, SimCTG), expert ppl = exp(mean NLL of the "
           "continuation tokens | prompt) under the expert; mean ± std over seeds\n", flush=True)
 
-    results: dict[str, dict] = {}
+
+def collect(args, settings: list[Setting], expert, amateur, tok, prompts: list[str]) -> dict[str, dict]:
+    """{row name: {settings, runs (one per seed), deterministic}}: the human reference first, if asked."""
+    n, results = args.max_new_tokens, {}
     if args.reference_text:
         prompt_chars = 30
         refs = [reference_run(expert, tok, args.reference_text, len(prompts), prompt_chars, n, s)
@@ -216,14 +212,17 @@ def main(argv=None) -> int:
         results["human (val text)"] = dict(settings=f"{len(prompts)} random excerpts of the val split: "
                                                     f"{prompt_chars}-char prompt + its true {n}-token continuation",
                                            runs=refs, deterministic=False)
-    for m in methods:
+    for m in settings:
         seeds = [0] if m.deterministic else list(range(args.seeds))
         runs = []
         for s in seeds:
             runs.append(run_method(m, expert, amateur, tok, prompts, n, s))
             print(f"  {m.name} seed {s}: {runs[-1].seconds:.1f}s", file=sys.stderr, flush=True)
         results[m.name] = dict(settings=m.settings, runs=runs, deterministic=m.deterministic)
+    return results
 
+
+def print_table(results: dict[str, dict], prompts: list[str]) -> None:
     head = "| method | settings | " + " | ".join(COLUMNS) + " | CD: mean \\|V_head\\| / % ≠ expert argmax |"
     print(head)
     print("|" + "---|" * (len(COLUMNS) + 3))
@@ -238,6 +237,21 @@ def main(argv=None) -> int:
     print(f"\nfirst continuation of prompt 0 ({prompts[0]!r}), seed 0:")
     for name, r in results.items():
         print(f"  {name:>16}: {r['runs'][0].texts[0][:160]!r}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unknown = [m for m in args.methods.split(",") if m not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"error: unknown --methods {unknown}; choose from {list(SETTINGS)}")
+    settings = [SETTINGS[m] for m in args.methods.split(",")]
+    expert_l, amateur_l = load(args)
+    prompts = PROMPTS[:args.prompts]
+    print_header(args, expert_l, amateur_l, len(prompts))
+    results = collect(args, settings, expert_l.model, amateur_l.model, expert_l.tokenizer, prompts)
+    print_table(results, prompts)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({name: dict(settings=r["settings"], runs=[

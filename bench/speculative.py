@@ -1,9 +1,10 @@
 """Speculative decoding vs plain cached decoding: time per k, acceptance, tokens per target call.
 
 Redoes the second experiment of the seed article (docs/seeds/000_*) fairly:
-  * its plain baseline re-ran the model over the whole sequence for every token; ours is
-    minillm.generate.stream_tokens with the KV cache, the same model, dtype and threads as the
-    speculative run (minillm.speculative.speculative_stream, a cache per model);
+  * its plain baseline re-ran the model over the whole sequence for every token; ours is plain
+    cached decoding (minillm.methods.stream with method "sample"/"greedy": generate.stream_tokens),
+    the same model, dtype, speed layer (speed.speed_up, as sample.py) and threads as the speculative
+    run (method "speculative": minillm.speculative.speculative_stream, a cache per model);
   * it averaged the baseline over all k into one number and timed each k once; we time plain and
     speculative back to back for every k (paired, so load drift on a shared CPU hits both alike),
     draw the median plain time as the line (and each k's own plain time as a tick), and report the paired ratio plain/speculative per k;
@@ -34,9 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from minillm import checkpoint
-from minillm.generate import stream_tokens
+from minillm.generate import Stats
+from minillm.methods import Method, load_partner, stream
 from minillm.sampling import SamplingParams
-from minillm.speculative import SpecStats, speculative_stream
+from minillm.speed import compile_decode, speed_up
 
 PROMPTS = [  # the seed article's five
     "Large Language models are",
@@ -54,7 +56,7 @@ class Row:
     k: int
     plain_s: float
     spec_s: float
-    stats: SpecStats
+    stats: Stats
     identical: bool | None  # temperature 0 only
 
     @property
@@ -70,15 +72,15 @@ def timed(fn) -> tuple[list[int], float]:
 
 def measure(target, draft, prompts: list[list[int]], n: int, k: int, temperature: float) -> Row:
     params = SamplingParams(temperature=temperature)
-    stats = SpecStats()  # accumulates over the prompts
+    plain_m, spec_m = Method("greedy" if params.greedy else "sample", params), Method("speculative", params, k=k)
+    stats = Stats()  # accumulates over the prompts
     plain_s = spec_s = 0.0
     identical = True
     for i, p in enumerate(prompts):
         seed = 1000 * k + i
-        plain, dt = timed(lambda: stream_tokens(target, p, n, params, torch.Generator().manual_seed(seed)))
+        plain, dt = timed(lambda: stream(plain_m, target, p, n, generator=torch.Generator().manual_seed(seed)))
         plain_s += dt
-        spec, dt = timed(lambda: speculative_stream(target, draft, p, n, k, params, torch.Generator().manual_seed(seed),
-                                                    stats=stats))
+        spec, dt = timed(lambda: stream(spec_m, target, p, n, draft, torch.Generator().manual_seed(seed), stats=stats))
         spec_s += dt
         identical &= plain == spec
     stats.new_tokens = n * len(prompts)
@@ -114,7 +116,7 @@ def plot(rows: list[Row], temps: list[float], title: str, path: Path) -> bool:
     return True
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", type=Path, required=True)
     ap.add_argument("--draft", type=Path, required=True, help="same tokenizer as the target")
@@ -127,36 +129,72 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-draft", action="store_true", help="the draft's one-token steps through torch.compile")
     ap.add_argument("--compile-target", action="store_true",
                     help="the target's one-token steps (all of plain decoding; verification stays eager)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def stem(path: Path) -> str:
+    return path.name.removesuffix(".safetensors")
+
+
+def describe(model, path: Path, compiled: bool) -> str:
+    q = getattr(model, "quantization", None)
+    w = f"int{q['bits']} weights" if q else str(next(model.parameters()).dtype).removeprefix("torch.")
+    return f"{path.stat().st_size / 2**20:.0f} MiB, {w}{', compiled step' if compiled else ''}"
+
+
+def load(args):
+    """-> (target, draft, tokenizer), run as sample.py runs them: the speed layer on, compiled when asked."""
+    t_l = checkpoint.load_model(args.target)
+    try:
+        d_l = load_partner(str(args.draft), "draft", t_l)  # the one same-tokenizer rule
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    target, draft = speed_up(t_l.model), speed_up(d_l.model)
+    if args.compile_draft:
+        compile_decode(draft)
+    if args.compile_target:
+        compile_decode(target)
+    return target, draft, t_l.tokenizer
+
+
+def report(rows: list[Row], temps: list[float], total: int) -> None:
+    print("\n| T | k | plain s | spec s | speedup (paired) | plain tok/s | spec tok/s | acceptance | mean accepted / call "
+          "| tokens / target call | target calls | draft s / target s | identical to plain greedy |")
+    print("|" + "---|" * 13)
+    for r in rows:
+        s = r.stats
+        same = "" if r.identical is None else ("yes" if r.identical else "**NO**")
+        print(f"| {r.temperature:g} | {r.k} | {r.plain_s:.2f} | {r.spec_s:.2f} | {r.speedup:.2f}x | {total / r.plain_s:.1f} | "
+              f"{total / r.spec_s:.1f} | {s.acceptance_rate:.1%} | {s.mean_accepted:.2f} | {s.tokens_per_target_call:.2f} | "
+              f"{s.calls.get('target', 0)} | {s.seconds.get('draft', 0.0):.2f} / {s.seconds.get('target', 0.0):.2f} | {same} |")
+    print()
+    for t in temps:
+        rs = [r for r in rows if r.temperature == t]
+        best = max(rs, key=lambda r: r.speedup)
+        print(f"T={t:g}: plain median {statistics.median(r.plain_s for r in rs):.2f}s; best k={best.k}: "
+              f"{best.speedup:.2f}x, acceptance {best.stats.acceptance_rate:.1%}, "
+              f"{best.stats.tokens_per_target_call:.2f} tokens per target call")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.ks.split(",")]
     temps = [float(t) for t in args.temperatures.split(",")]
-    t_l, d_l = checkpoint.load_model(args.target), checkpoint.load_model(args.draft)
-    if t_l.tokenizer.to_dict() != d_l.tokenizer.to_dict():
-        raise SystemExit(f"error: {args.target} and {args.draft} have different tokenizers")
-    target, draft, tok = t_l.model, d_l.model, t_l.tokenizer
-    if args.compile_draft:
-        draft.compile_decode()
-    if args.compile_target:
-        target.compile_decode()
+    target, draft, tok = load(args)
     prompts = [tok.encode(p) for p in PROMPTS[:args.prompts]]
     n = args.max_new_tokens
-    stem = lambda p: p.name.removesuffix(".safetensors")
-
-    def kind(model, path, compiled):
-        q = getattr(model, "quantization", None)
-        w = f"int{q['bits']} weights" if q else str(next(model.parameters()).dtype).removeprefix("torch.")
-        return f"{path.stat().st_size / 2**20:.0f} MiB, {w}{', compiled step' if compiled else ''}"
-    title = (f"{stem(args.target)} ({kind(target, args.target, args.compile_target)}) + draft {stem(args.draft)} "
-             f"({kind(draft, args.draft, args.compile_draft)}): {len(prompts)} prompts x {n} new tokens, CPU, "
+    title = (f"{stem(args.target)} ({describe(target, args.target, args.compile_target)}) + draft {stem(args.draft)} "
+             f"({describe(draft, args.draft, args.compile_draft)}): {len(prompts)} prompts x {n} new tokens, CPU, "
              f"{torch.get_num_threads()} thread(s)")
     print(title)
     print(f"load before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}", flush=True)
 
     t0 = time.perf_counter()  # warm-up (compiles, when asked)
-    list(speculative_stream(target, draft, prompts[0], min(n, 16), 4, SamplingParams(temperature=0)))
-    list(stream_tokens(target, prompts[0], min(n, 16), SamplingParams(temperature=0)))
+    greedy = SamplingParams(temperature=0)
+    list(stream(Method("speculative", greedy, k=4), target, prompts[0], min(n, 16), draft))
+    list(stream(Method("greedy", greedy), target, prompts[0], min(n, 16)))
     print(f"warm-up: {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for t in temps:
@@ -165,23 +203,7 @@ def main(argv=None) -> int:
             r = rows[-1]
             print(f"  T={t:g} k={k}: plain {r.plain_s:.2f}s spec {r.spec_s:.2f}s", file=sys.stderr, flush=True)
 
-    print("\n| T | k | plain s | spec s | speedup (paired) | plain tok/s | spec tok/s | acceptance | mean accepted / call "
-          "| tokens / target call | target calls | draft s / target s | identical to plain greedy |")
-    print("|" + "---|" * 13)
-    total = n * len(prompts)
-    for r in rows:
-        s = r.stats
-        same = "" if r.identical is None else ("yes" if r.identical else "**NO**")
-        print(f"| {r.temperature:g} | {r.k} | {r.plain_s:.2f} | {r.spec_s:.2f} | {r.speedup:.2f}x | {total / r.plain_s:.1f} | "
-              f"{total / r.spec_s:.1f} | {s.acceptance_rate:.1%} | {s.mean_accepted:.2f} | {s.tokens_per_target_call:.2f} | "
-              f"{s.target_calls} | {s.draft_s:.2f} / {s.target_s:.2f} | {same} |")
-    print()
-    for t in temps:
-        rs = [r for r in rows if r.temperature == t]
-        best = max(rs, key=lambda r: r.speedup)
-        print(f"T={t:g}: plain median {statistics.median(r.plain_s for r in rs):.2f}s; best k={best.k}: "
-              f"{best.speedup:.2f}x, acceptance {best.stats.acceptance_rate:.1%}, "
-              f"{best.stats.tokens_per_target_call:.2f} tokens per target call")
+    report(rows, temps, n * len(prompts))
     print(f"load after: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     path = args.plot or OUT_DIR / f"speculative-{stem(args.target)}-{stem(args.draft)}.png"
     if plot(rows, temps, title, path):

@@ -9,8 +9,10 @@ each round. Reported: medians over rounds, and ratios to transformers at fp32 / 
 One decode measurement: greedy, the prompt "Once upon a time" (4 tokens), 128 new tokens, end-of-text
 ignored. Time to first token = prefill of the prompt + choosing the first token; decode tok/s =
 127 / (time of token 128 - time of token 1). Ours runs through generate.stream_tokens (the loop users
-get); transformers runs its best case, a bare loop of model(token, past_key_values) + argmax with a
-DynamicCache and logits for the last position only (generate() adds nothing measurable to it).
+get) on the model as sample.py runs it: speed.speed_up after loading, and speed.compile_decode for
+the "-compiled" configs; transformers runs its best case, a bare loop of model(token,
+past_key_values) + argmax with a DynamicCache and logits for the last position only (generate()
+adds nothing measurable to it).
 Prefill: one forward over the first 512 tokens of tinyshakespeare into an empty cache.
 Peak RSS: the worker's VmHWM (load included) after all its measurements. ours-int8 / ours-int4
 load files made by `python -m minillm.quantize` (int4: group 32, embedding/head int8) before the
@@ -47,46 +49,60 @@ PROMPT = "Once upon a time"
 
 # ----------------------------------------------------------------------------- worker side
 
+def prefill_text() -> str:
+    """The start of tinyshakespeare: its first 512 tokens are the prefill measurement's input."""
+    path = Path(os.environ.get("MINILLM_DATA_DIR", ROOT.parent / "shared" / "data")) / "tinyshakespeare" / "input.txt"
+    return path.read_text()[:10_000]
+
+
 def load(config: str, model_path: str, hf_dir: str):
     """-> (step functions) for one configuration: decode() -> (ids, ttft_s, tok_s), prefill(ids) -> seconds."""
-    import torch
     from minillm.checkpoint import load_model
     loaded = load_model(model_path)
-    tok = loaded.tokenizer
-    prompt = tok.encode(PROMPT)
-    text_ids = tok.encode((Path(os.environ.get("MINILLM_DATA_DIR", ROOT.parent / "shared" / "data"))
-                           / "tinyshakespeare" / "input.txt").read_text()[:10_000])[:512]
+    prompt, text_ids = loaded.tokenizer.encode(PROMPT), loaded.tokenizer.encode(prefill_text())[:512]
     kind, dtype, *compiled = config.split("-")  # "-compiled": one-token steps through torch.compile
     if kind == "ours":
-        from minillm.generate import stream_tokens
-        from minillm.kv_cache import KVCache
-        from minillm.sampling import SamplingParams
-        model = loaded.model
-        if dtype == "bf16":
-            model = model.to(torch.bfloat16)
-        elif dtype in ("int8", "int4"):  # the parent quantized the file already (see main)
-            assert getattr(model, "quantization", None), f"{model_path} is not quantized"
-        if compiled:
-            model.compile_decode()  # compiles during the worker's warm-up decode, before any timing
-        greedy = SamplingParams(temperature=0.0)
-
-        def decode():
-            times, ids = [], []
-            t0 = time.perf_counter()
-            for t in stream_tokens(model, prompt, 128, greedy):
-                times.append(time.perf_counter())
-                ids.append(t)
-            return ids, times[0] - t0, 127 / (times[-1] - times[0])
-
-        @torch.inference_mode()
-        def prefill():
-            cache = KVCache.for_model(model, max_len=len(text_ids) + 1)
-            t0 = time.perf_counter()
-            model(torch.tensor([text_ids]), cache, 0, last_only=True).argmax(-1).item()
-            return time.perf_counter() - t0
-        return decode, prefill
-
+        return load_ours(loaded.model, dtype, bool(compiled), prompt, text_ids, model_path)
     del loaded  # transformers loads the exported copy
+    return load_hf(hf_dir, dtype, prompt, text_ids)
+
+
+def load_ours(model, dtype: str, compiled: bool, prompt: list[int], text_ids: list[int], model_path: str):
+    """Ours as sample.py runs it: the speed layer on (speed.speed_up), compile_decode for "-compiled"."""
+    import torch
+    from minillm.generate import next_logits, stream_tokens
+    from minillm.kv_cache import KVCache
+    from minillm.sampling import SamplingParams
+    from minillm.speed import compile_decode, speed_up
+    if dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    elif dtype in ("int8", "int4"):  # the parent quantized the file already (see main)
+        assert getattr(model, "quantization", None), f"{model_path} is not quantized"
+    speed_up(model)
+    if compiled:
+        compile_decode(model)  # compiles during the worker's warm-up decode, before any timing
+    greedy = SamplingParams(temperature=0.0)
+
+    def decode():
+        times, ids = [], []
+        t0 = time.perf_counter()
+        for t in stream_tokens(model, prompt, 128, greedy):
+            times.append(time.perf_counter())
+            ids.append(t)
+        return ids, times[0] - t0, 127 / (times[-1] - times[0])
+
+    @torch.inference_mode()
+    def prefill():
+        cache = KVCache.for_model(model, max_len=len(text_ids) + 1)
+        t0 = time.perf_counter()
+        next_logits(model, torch.tensor([text_ids]), cache).argmax(-1).item()
+        return time.perf_counter() - t0
+    return decode, prefill
+
+
+def load_hf(hf_dir: str, dtype: str, prompt: list[int], text_ids: list[int]):
+    """transformers' best case: a bare loop of model(token, past_key_values) + argmax."""
+    import torch
     from transformers import AutoModelForCausalLM, DynamicCache
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16).eval()
 
@@ -121,8 +137,7 @@ def load_llamacpp(gguf_path: str, threads: int):
     from llama_cpp import Llama
     llm = Llama(model_path=gguf_path, n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     prompt = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
-    text = (Path(os.environ.get("MINILLM_DATA_DIR", ROOT.parent / "shared" / "data")) / "tinyshakespeare" / "input.txt")
-    text_ids = llm.tokenize(text.read_text()[:10_000].encode(), add_bos=False, special=False)[:512]
+    text_ids = llm.tokenize(prefill_text().encode(), add_bos=False, special=False)[:512]
 
     def decode():
         times, ids = [], []

@@ -1,5 +1,6 @@
-"""The pieces behind bench/decoding.py and bench/speculative.py: text metrics on hand-worked
-examples, and the truncated-layer draft against the full model's own hidden state (logit lens)."""
+"""The pieces behind bench/decoding.py, bench/speculative.py and bench/decode.py: text metrics on
+hand-worked examples, the truncated-layer draft against the full model's own hidden state (logit
+lens), and each bench's measuring function on tiny random models (through the decoding core)."""
 
 import math
 import sys
@@ -9,12 +10,16 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import decode as decode_bench  # noqa: E402
+import decoding as decoding_bench  # noqa: E402
+import speculative as speculative_bench  # noqa: E402
 import text_metrics as tm  # noqa: E402
 import truncate_layers  # noqa: E402
 
 from minillm import checkpoint  # noqa: E402
 from minillm.config import preset  # noqa: E402
 from minillm.model import Transformer  # noqa: E402
+from minillm.speed import speed_up  # noqa: E402
 from minillm.tokenizer import CharTokenizer  # noqa: E402
 
 CORPUS = ["a b a b", "a c"]
@@ -110,3 +115,43 @@ def test_parse_keep_reads_ranges_and_rejects_bad_ones():
     for bad in ("3-1", "0-3,2-5", "28-30", "x"):
         with pytest.raises(ValueError, match="--keep"):
             truncate_layers.parse_keep(bad, 30)
+
+
+def tiny(n_layer: int, seed: int = 0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = preset("nano", family="llama", n_kv_head=2, n_layer=n_layer, vocab_size=11, block_size=64, **kw)
+    return speed_up(Transformer(cfg).eval())
+
+
+def test_decode_bench_times_both_ways_through_the_core_and_they_agree():
+    """bench/decode.py: the cached way and NoCache (full recompute each step) pick the greedy ids
+    that a hand-written full-recompute loop picks, and each reports the time of its n steps."""
+    model, prompt, n = tiny(2), [1, 2, 3, 4, 5], 6
+    seq = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n + 1):
+            seq = torch.cat([seq, model(seq)[:, -1:].argmax(-1)], 1)
+    want = seq[0, len(prompt) + 1:].tolist()  # the n tokens after the first
+    for way in (model, decode_bench.NoCache(model)):
+        ids, seconds = decode_bench.decode(way, prompt, n)
+        assert ids == want and seconds > 0
+
+
+def test_speculative_bench_measure_is_exact_at_temperature_0():
+    target, draft = tiny(2), tiny(1, seed=1)
+    row = speculative_bench.measure(target, draft, [[1, 2, 3], [4, 5]], n=6, k=2, temperature=0)
+    assert row.identical is True
+    assert row.stats.new_tokens == 12 and row.stats.calls["target"] >= 4 and row.stats.calls["draft"] > 0
+    assert row.plain_s > 0 and row.spec_s > 0
+
+
+@pytest.mark.parametrize("name", list(decoding_bench.SETTINGS))
+def test_decoding_bench_runs_every_setting(name):
+    """bench/decoding.py: each setting runs through methods.stream for the full length (EOS never
+    stops it); contrastive settings record a V_head size per token."""
+    expert, amateur = tiny(2), tiny(1, seed=1)
+    tok = CharTokenizer.from_text("abcdefghij ")
+    setting = decoding_bench.SETTINGS[name]
+    run = decoding_bench.run_method(setting, expert, amateur, tok, ["abc", "j a"], 5, seed=0)
+    assert run.n_tokens == 10 and len(run.texts) == 2 and math.isfinite(run.nll)
+    assert len(run.head_sizes) == (10 if setting.method.name == "contrastive" else 0)
