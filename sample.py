@@ -22,6 +22,7 @@ speed and the method's statistics to stderr.
 """
 
 import argparse
+import os
 import sys
 
 import torch
@@ -34,12 +35,15 @@ from minillm.generate import Stats, StopScanner, decode_stream, make_generator
 from minillm.methods import load_partner, stream
 from minillm.speed import compile_decode, speed_up
 
+DEFAULT_NEW_TOKENS = 500
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="weights/shakespeare-char.safetensors", help="checkpoint in our format")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens to generate (default 500; speculative and contrastive: at most what fits the context)")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text (repeatable; \\n and \\t are understood)")
@@ -84,39 +88,63 @@ def load(args, method, device):
     return loaded, partner
 
 
+def default_max_new_tokens(args, method, prompt_ids, loaded, partner) -> int:
+    """500, or for a method without a sliding window as many as fit the smaller context after the prompt."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    if method.name in ("sample", "greedy") and method.sliding_window:
+        return DEFAULT_NEW_TOKENS
+    context = min(m.config.block_size for m in (loaded, partner) if m is not None)
+    return max(0, min(DEFAULT_NEW_TOKENS, context - len(prompt_ids) + 1))
+
+
+def generate_samples(args, method, loaded, partner, device) -> None:
+    tok = loaded.tokenizer
+    stops = [unescape(s) for s in args.stop]
+    prompt_ids = tok.encode(args.prompt)
+    n = default_max_new_tokens(args, method, prompt_ids, loaded, partner)
+    for i in range(args.num_samples):
+        stats = Stats()
+        tokens = stream(method, loaded.model, prompt_ids, n, partner and partner.model,
+                        make_generator(args.seed + i, device), set(tok.eos_ids), stats)
+        pieces = decode_stream(tok, tokens, stops, stats)
+        first = next(pieces, "")  # a setting the decoder refuses is an error before the prompt is echoed
+        sys.stdout.write(args.prompt + first)
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        print(stats.summary(), file=sys.stderr)
+        if i + 1 < args.num_samples:
+            print("---------------")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         check_args(args)
         method = method_from_args(args, args.sliding_window)
-        stops = [unescape(s) for s in args.stop]
-        StopScanner(stops)  # rejects empty stop strings before any loading
+        StopScanner([unescape(s) for s in args.stop])  # rejects empty stop strings before any loading
         device = pick_device(args.device)
         loaded, partner = load(args, method, device)
         if args.chat:
             return chat(loaded, args, method.params)
-        tok = loaded.tokenizer
-        prompt_ids = tok.encode(args.prompt)
-        for i in range(args.num_samples):
-            stats = Stats()
-            tokens = stream(method, loaded.model, prompt_ids, args.max_new_tokens, partner and partner.model,
-                            make_generator(args.seed + i, device), set(tok.eos_ids), stats)
-            sys.stdout.write(args.prompt)
-            for piece in decode_stream(tok, tokens, stops, stats):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            print(stats.summary(), file=sys.stderr)
-            if i + 1 < args.num_samples:
-                print("---------------")
+        generate_samples(args, method, loaded, partner, device)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141
     return 0
 
 
 def chat(loaded, args, params) -> int:
-    session = ChatSession(loaded.model, loaded.tokenizer, args.system, params, args.seed, args.max_new_tokens)
+    session = ChatSession(loaded.model, loaded.tokenizer, args.system, params, args.seed,
+                          args.max_new_tokens if args.max_new_tokens is not None else DEFAULT_NEW_TOKENS)
     first = [args.prompt] if args.prompt != "\n" else []
     interactive = sys.stdin.isatty()
     lines = iter(first)

@@ -54,6 +54,8 @@ def check_decoding_args(args) -> None:
             raise ValueError(f"--method {name} needs --{role} PATH (a smaller model with the same tokenizer)")
         if getattr(args, role) and args.method != name:
             raise ValueError(f"--{role} is used only by --method {name} (got --method {args.method})")
+    if args.method == "speculative" and args.k < 1:
+        raise ValueError(f"--k must be >= 1 (draft tokens per target call), got {args.k}")
     if args.adaptive_k and args.method != "speculative":
         raise ValueError(f"--adaptive-k is used only by --method speculative (got --method {args.method})")
     if args.method == "greedy" and args.temperature not in (None, 0):

@@ -140,7 +140,7 @@ def test_stop_strings_cut_the_output(ckpts, capsys):
     (["--adaptive-k"], "--adaptive-k is used only by --method speculative"),
     (["--method", "speculative", "--draft", "OTHER"], "have different tokenizers"),
     (["--method", "contrastive", "--amateur", "OTHER"], "have different tokenizers"),
-    (["--method", "speculative", "--draft", "SMALL", "--k", "-1"], "k (draft tokens per step) must be >= 0"),
+    (["--method", "speculative", "--draft", "SMALL", "--k", "0"], "--k must be >= 1 (draft tokens per target call), got 0"),
     (["--method", "contrastive", "--amateur", "SMALL", "--alpha", "0"], "alpha must be in (0, 1]"),
     (["--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--min-p", "2"], "min_p must be in [0, 1]"),
@@ -178,3 +178,31 @@ def test_compile_flag_gives_the_same_greedy_text(ckpts, capsys):
     code, eager, _ = run(capsys, *args)
     code_c, compiled, _ = run(capsys, *args, "--compile")
     assert code == code_c == 0 and compiled == eager and len(set(eager.strip())) > 2
+
+
+def test_a_refused_setting_prints_no_prompt_first(ckpts, capsys):
+    """The context check runs inside the decoding loop; sample.py asks for the first piece before it
+    echoes the prompt, so stdout stays empty when the settings are refused."""
+    code, out, err = run(capsys, "--model", ckpts["target"], "--prompt", "ROMEO:", "--method", "contrastive",
+                         "--amateur", ckpts["small"], "--max-new-tokens", "60")
+    assert code == 2 and out == "" and "exceeds the expert's context of 64" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("method, partner", [("speculative", "--draft"), ("contrastive", "--amateur")])
+def test_default_max_new_tokens_fits_the_context(ckpts, capsys, method, partner):
+    """Without --max-new-tokens, methods with no sliding window generate what fits: 64 - 6 + 1 = 59 tokens."""
+    code, out, err = run(capsys, "--model", ckpts["target"], "--prompt", "ROMEO:", "--method", method,
+                         partner, ckpts["small"], "--temperature", "0")
+    assert code == 0, err
+    assert len(out) == len("ROMEO:") + 59 + 1 and "+ 59 new tokens" in err
+
+
+def test_ctrl_c_and_a_closed_pipe_end_quietly(ckpts, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(CLI, "stream", interrupted)
+    code, out, err = run(capsys, "--model", ckpts["target"], "--max-new-tokens", "5")
+    assert code == 130 and err.strip() == "interrupted" and "Traceback" not in err
+    r = subprocess.run(f"{sys.executable} {ROOT / 'sample.py'} --model {ckpts['target']} --max-new-tokens 3000 "
+                       f"--prompt Ay | head -c 1", shell=True, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.stdout == "A" and r.stderr == ""
