@@ -16,7 +16,9 @@ Distil a small student from a teacher with the same tokenizer:
                     --n-layer 4 --n-embd 256 --n-head 4 --block-size 2048 --seq-len 128
     (or --init-from-layers 6 instead of the shape flags: the teacher's first 6 blocks)
 
-Every TrainConfig field (minillm/trainer.py) is a flag; --help lists them with their defaults.
+Every TrainConfig field (minillm/trainer.py) is a flag, plus --progress/--no-progress (a tqdm bar);
+--help lists them with their defaults. The trainer names fields in its errors (lora_rank); here they
+are shown as flags (--lora-rank).
 """
 
 import argparse
@@ -26,10 +28,11 @@ import re
 import sys
 import typing
 
-from minillm.trainer import TRAIN_PRESETS, TrainConfig, TrainingDiverged, train
+from tqdm import tqdm
 
-PRESET_FIELDS = {"n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "mlp_hidden", "dropout",
-                 *(k for p in TRAIN_PRESETS.values() for k in p)}
+from minillm.trainer import ARCH_FIELDS, TRAIN_PRESETS, ConfigError, Step, TrainConfig, TrainingDiverged, train
+
+PRESET_FIELDS = {*ARCH_FIELDS, *(k for p in TRAIN_PRESETS.values() for k in p)}  # None: the preset's value
 
 
 def field_comments(cls) -> dict[str, str]:
@@ -38,35 +41,83 @@ def field_comments(cls) -> dict[str, str]:
     return {m[1]: m[2] for m in found if m}
 
 
-def parse_args(argv=None) -> TrainConfig:
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """A flag for every TrainConfig field (type and default from the field, help from its comment)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     hints = typing.get_type_hints(TrainConfig)
     comments = field_comments(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         note = f"{comments[f.name]}; " if f.name in comments else ""
         if f.default is None and f.name in PRESET_FIELDS:
             note += "(None: the preset's value) "
         if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=note.rstrip("; ") or None)
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=f.default,
+                           help=note.rstrip("; ") or None)
         else:
             base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
-            p.add_argument(flag, type=base, default=f.default, metavar=base.__name__.upper(),
+            p.add_argument(flag(f.name), type=base, default=f.default, metavar=base.__name__.upper(),
                            help=f"{note}default: {f.default}")
-    return TrainConfig(**vars(p.parse_args(argv)))
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar over the steps")
+    return p
+
+
+def config_of(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def parse_args(argv=None) -> TrainConfig:
+    return config_of(make_parser().parse_args(argv))
+
+
+class ProgressBar:
+    """A tqdm bar fed by the trainer's report after each step: train(tc, on_step=bar)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, step: Step) -> None:
+        if self.bar is None:  # the first report says where the run starts (later than 0 when resumed)
+            self.bar = tqdm(total=step.stop - step.first, desc="train", unit="it", dynamic_ncols=True, mininterval=1.0)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{step.lr:.1e}", tok_s=f"{step.tokens / step.ms * 1000:,.0f}")
+        if step.iter == step.stop:  # the last step: the final eval's line goes below the bar
+            self.bar.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def flag_message(e: ConfigError) -> str:
+    """The trainer's message with the TrainConfig fields it names written as this command's flags."""
+    message = str(e)
+    for name in e.fields:
+        message = re.sub(rf"\b{name}\b", flag(name), message)
+    return message
 
 
 def main(argv=None) -> int:
-    tc = parse_args(argv)
+    args = make_parser().parse_args(argv)
+    bar = ProgressBar() if args.progress else None
     try:
-        train(tc)
+        train(config_of(args), on_step=bar)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except ConfigError as e:
+        print(f"error: {flag_message(e)}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if bar is not None:
+            bar.close()
     return 0
 
 

@@ -21,12 +21,14 @@ sha256 of every rank's weights: a rank that drifted is an error.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -56,12 +58,26 @@ def setup(device_name: str) -> tuple[Rank, str]:
         torch.cuda.set_device(local)
         device_name = f"cuda:{local}"
     elif device_name not in ("auto", "cpu"):
-        raise ValueError(f"--device {device_name}: distributed training runs on cpu (gloo) or cuda (nccl)")
+        raise ValueError(f"device {device_name!r}: distributed training runs on cpu (gloo) or cuda (nccl)")
     else:
         device_name = "cpu"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return Rank(rank, world, local), device_name
+
+
+def wrap(model: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
+    """The model as a DDP module: its backward averages the gradients over all ranks."""
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   forward_sync_buffers=False)  # the only buffers are RoPE tables: equal, never trained
+
+
+def sync_gradients(model: torch.nn.Module, sync: bool):
+    """The context one backward runs in. Accumulating micro-batches (sync False) skip DDP's all-reduce;
+    the last micro-batch of a step (sync True) averages the summed gradients once. Without DDP: nothing."""
+    if sync or not isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def mean_over_ranks(value: float, r: Rank, device) -> float:

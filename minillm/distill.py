@@ -11,17 +11,20 @@ the soft term's gradient on the same scale as the hard term's whatever T is (the
 tempered KL shrinks like 1/T²). KL is summed over the vocabulary and averaged over positions, like CE.
 
 Teacher and student must use the same tokenizer: position by position they predict over the same
-ids, which is only meaningful if id 1234 is the same string for both (`check_same_tokenizer`).
+ids, which is only meaningful if id 1234 is the same string for both (the trainer checks it with
+`minillm.tokenizer.check_same_tokenizer`, the project's one rule for two models sharing ids).
+
+`DistillLoss` is the loss object the trainer's loop is given in place of plain cross-entropy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .data import tokenizer_sha256
 from .model import Transformer, rope_tables
 
 
@@ -47,15 +50,19 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tar
     return loss, ce, kl
 
 
-def check_same_tokenizer(teacher_tok, student_tok, teacher_name: str = "teacher", student_name: str = "student") -> None:
-    """Raise ValueError unless both tokenizers are identical (same full description, hence same ids)."""
-    a, b = tokenizer_sha256(teacher_tok), tokenizer_sha256(student_tok)
-    if a != b:
-        def describe(tok):
-            return f"{tok.kind} tokenizer {getattr(tok, 'name', '')!r} with {tok.vocab_size} ids".replace(" ''", "")
-        raise ValueError(f"distillation needs one tokenizer for teacher and student, but {teacher_name} has a "
-                         f"{describe(teacher_tok)} (sha256 {a[:12]}…) and {student_name} a "
-                         f"{describe(student_tok)} (sha256 {b[:12]}…)")
+@dataclass
+class DistillLoss:
+    """The trainer's loss with a teacher: `loss(model, x, y)` runs the student and the (frozen) teacher
+    on the same batch and mixes labels and soft targets as `distill_loss` says."""
+    teacher: Transformer
+    temperature: float  # T
+    alpha: float  # weight of the teacher's soft targets
+
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = model(x)  # (B, T, V)
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)  # (B, T, V)
+        return distill_loss(logits, teacher_logits, y, self.temperature, self.alpha)[0]
 
 
 def truncated_copy(teacher: Transformer, n_layer: int) -> Transformer:
@@ -63,7 +70,7 @@ def truncated_copy(teacher: Transformer, n_layer: int) -> Transformer:
     final norm and output head: the teacher's shape except for the depth, and an independent copy."""
     cfg = teacher.config
     if not 1 <= n_layer <= cfg.n_layer:
-        raise ValueError(f"--init-from-layers must be between 1 and the teacher's {cfg.n_layer} layers, got {n_layer}")
+        raise ValueError(f"a student can keep between 1 and the teacher's {cfg.n_layer} layers, got {n_layer}")
     student_cfg = dataclasses.replace(cfg, n_layer=n_layer)
     with torch.device("meta"):
         student = Transformer(student_cfg)

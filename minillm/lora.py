@@ -7,7 +7,7 @@ A targeted Linear layer y = x Wᵀ + b keeps W frozen and learns a low-rank chan
 B starts at zero, so at step 0 the adapted model is exactly the base model; A starts random, so
 B's gradient is not zero and learning can begin. r·(in + out) numbers per layer instead of in·out.
 After training, W + (alpha / r) · B A is an ordinary weight again: `merge_lora` folds the adapters
-in and the result is a plain checkpoint that needs no LoRA code to load.
+in and the result is a plain checkpoint that needs no LoRA code to load (`save_merged` does it file to file).
 
 An adapters file is a small .safetensors holding only the A and B matrices (under the model's
 names, e.g. `blocks.3.attn.q_proj.lora_A`) and, in its metadata:
@@ -20,6 +20,8 @@ names, e.g. `blocks.3.attn.q_proj.lora_A`) and, in its metadata:
 
 Fold an adapters file into its base afterwards (train.py --merge does the same at the end of a run):
     python -m minillm.lora weights/BASE.safetensors weights/NAME.lora.safetensors --out weights/NAME.safetensors
+
+For the trainer, `Adapters` is LoRA as a trainable set: what trains, and what the best-val save writes.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -37,7 +41,7 @@ from safetensors import safe_open
 
 from . import checkpoint
 from .data import file_sha256
-from .model import Linear, Transformer
+from .model import Transformer
 
 FORMAT = "minillm-lora/1"
 # short target names -> the Linear layers they mean in every block (model.py's names)
@@ -144,7 +148,7 @@ def merge_lora(model: Transformer) -> Transformer:
     for name, layer in lora_layers(model).items():
         parent_name, attr = name.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
-        plain = Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                           device="meta")  # no memory: both tensors are assigned just below
         plain.weight = nn.Parameter(layer.merged_weight(), requires_grad=layer.weight.requires_grad)
         if layer.bias is not None:
@@ -194,6 +198,36 @@ def load_adapters(path: str | Path, model: Transformer, base_path: str | Path) -
     return meta
 
 
+def save_merged(base_path: str | Path, adapters_path: str | Path, out_path: str | Path) -> None:
+    """Load the base checkpoint, put the adapters file on it, fold them in and save the result as a
+    plain checkpoint (base tokenizer; provenance: the adapters' run, plus which adapters and base)."""
+    loaded = checkpoint.load_model(base_path)
+    meta = load_adapters(adapters_path, loaded.model, base_path)
+    merge_lora(loaded.model)
+    provenance = {**json.loads(meta.get("provenance", "{}")), "lora_merged": str(adapters_path),
+                  "base_sha256": meta["base_sha256"]}
+    checkpoint.save_model(out_path, loaded.model, loaded.tokenizer, provenance)
+
+
+@dataclass
+class Adapters:
+    """LoRA as the trainer's trainable set (trainer.FullModel is the other one): `prepare` freezes the
+    model and wraps its targeted layers; `save_best` writes the adapters alone, naming their base."""
+    rank: int
+    alpha: float
+    targets: str
+    path: Path  # where the best-val adapters go (NAME.lora.safetensors)
+    base_path: str  # the checkpoint being adapted
+    base_sha256: str
+    trainable_only: ClassVar[bool] = True  # a training state keeps the adapters; the base is base_path
+
+    def prepare(self, model: Transformer) -> None:
+        apply_lora(model, self.rank, self.alpha, self.targets)
+
+    def save_best(self, model: Transformer, provenance: dict) -> None:
+        save_adapters(self.path, model, self.base_path, self.base_sha256, provenance)
+
+
 def count_trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; a tied matrix counts once."""
     params = list(model.parameters())
@@ -207,12 +241,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="where to write the merged checkpoint")
     args = p.parse_args(argv)
     try:
-        loaded = checkpoint.load_model(args.base)
-        meta = load_adapters(args.adapters, loaded.model, args.base)
-        merge_lora(loaded.model)
-        provenance = {**json.loads(meta.get("provenance", "{}")), "lora_merged": args.adapters,
-                      "base_sha256": meta["base_sha256"]}
-        checkpoint.save_model(args.out, loaded.model, loaded.tokenizer, provenance)
+        save_merged(args.base, args.adapters, args.out)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

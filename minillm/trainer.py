@@ -1,33 +1,45 @@
 """The training loop behind train.py: AdamW, warmup + cosine LR, clipping, accumulation,
 periodic eval, best-val checkpoints, exact resume.
 
+A run goes through three phases, each a function below:
+    setup        load_sources, load_ids, build_model, make_loss, make_trainable, make_optimizer,
+                 resume, distribute: everything before the first step, gathered in a `Run`
+    train_loop   nanoGPT's loop: every eval_interval evaluate and save; then set the lr, forward and
+                 backward over grad_accum micro-batches, clip, step
+    finish       DDP check, LoRA merge, loss plot, the TrainResult
+The loop is given two small objects. The loss, called as loss(model, x, y): `cross_entropy`, or
+distill.DistillLoss with a teacher. The trainable set, which says what trains (`prepare`) and what
+a new best val writes (`save_best`): `FullModel`, or lora.Adapters.
+
 What is trained, and on which ids:
     from scratch (default)   a char-level model of the preset's shape, alphabet taken from the text
-    --init-from CKPT         the checkpoint's weights, config and tokenizer (full fine-tune); the text is
+    init_from=CKPT           the checkpoint's weights, config and tokenizer (full fine-tune); the text is
                              tokenized with that tokenizer once and cached (data.cached_token_ids)
-    ... --lora-rank R        the checkpoint frozen, only LoRA adapters trained (lora.py)
-    --distill-from TEACHER   loss mixes the labels with the teacher's distribution (distill.py); the student
-                             is fresh (preset/flags, the teacher's vocabulary), --init-from, or the teacher's
-                             first N blocks (--init-from-layers N)
+    ... lora_rank=R          the checkpoint frozen, only LoRA adapters trained (lora.py)
+    distill_from=TEACHER     loss mixes the labels with the teacher's distribution (distill.py); the student
+                             is fresh (preset/shape fields, the teacher's vocabulary), init_from, or the
+                             teacher's first N blocks (init_from_layers=N)
 
 Files written for a run named NAME in out_dir:
     NAME.safetensors         the best-val model (our format: weights + config + tokenizer + provenance);
-                             with LoRA only when --merge (the best adapters folded into the base)
+                             with LoRA only when merge=True (the best adapters folded into the base)
     NAME.lora.safetensors    LoRA: the best-val adapters only, naming their base checkpoint and its sha256
     NAME.train.safetensors   the latest training state: weights, optimizer moments, step, RNG states
     NAME.loss.png            train/val loss curve (when matplotlib is installed)
+
+Errors about the configuration name TrainConfig fields (lora_rank); train.py shows them as flags.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -35,8 +47,9 @@ import torch.nn.functional as F
 
 from . import checkpoint, data, ddp, distill, lora
 from .config import ModelConfig, preset
+from .device import autocast_for, pick_device, uses_bf16
 from .model import Transformer
-from .tokenizer import CharTokenizer
+from .tokenizer import CharTokenizer, check_same_tokenizer
 
 # Training presets: the model shape comes from config.PRESETS of the same name.
 TRAIN_PRESETS: dict[str, dict] = {
@@ -45,6 +58,16 @@ TRAIN_PRESETS: dict[str, dict] = {
     # nanoGPT's GPU config: val ~1.47 after 5000 iters (needs a GPU to be quick)
     "shakespeare": dict(batch_size=64, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, eval_iters=200),
 }
+ARCH_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "mlp_hidden", "dropout")
+
+
+class ConfigError(ValueError):
+    """A TrainConfig that cannot mean anything. `fields` are the TrainConfig fields its message names,
+    so that a command line can show them under its own flag names (train.py does)."""
+
+    def __init__(self, message: str, *fields: str):
+        super().__init__(message)
+        self.fields = fields
 
 
 @dataclass
@@ -82,11 +105,10 @@ class TrainConfig:
     compile: bool = False
     resume: bool = False
     plot: bool = True
-    progress: bool = True
-    # fine-tuning a checkpoint: its weights, config and tokenizer (architecture flags are then refused)
+    # fine-tuning a checkpoint: its weights, config and tokenizer (architecture fields are then refused)
     init_from: str | None = None  # a .safetensors checkpoint to start from
     seq_len: int | None = None  # tokens per training sequence (None: the model's block_size)
-    lora_rank: int = 0  # > 0: freeze the --init-from model and train rank-R LoRA adapters only
+    lora_rank: int = 0  # > 0: freeze the init_from model and train rank-R LoRA adapters only
     lora_alpha: float = 16.0  # adapter output scaled by alpha / rank
     lora_targets: str = "q,k,v,o"  # which Linear layers get adapters: q,k,v,o,gate,up,down
     merge: bool = False  # LoRA: also write the best adapters merged into a full checkpoint NAME.safetensors
@@ -99,36 +121,40 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with the preset's values filled in for every None."""
         if self.preset not in TRAIN_PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(TRAIN_PRESETS)}")
+            raise ConfigError(f"unknown preset {self.preset!r}; choose from {sorted(TRAIN_PRESETS)}", "preset")
         filled = {k: v for k, v in TRAIN_PRESETS[self.preset].items() if getattr(self, k) is None}
         return dataclasses.replace(self, **filled)
 
-    def check_finetune_flags(self) -> None:
-        """Refuse flag combinations that cannot mean anything, naming the flags."""
-        arch = [k for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "mlp_hidden", "dropout")
-                if getattr(self, k) is not None]
+    def check(self) -> None:
+        """Refuse field combinations that cannot mean anything (ConfigError, naming the fields)."""
+        arch = [k for k in ARCH_FIELDS if getattr(self, k) is not None]
         if (self.init_from or self.init_from_layers is not None) and arch:
-            source = "--init-from" if self.init_from else "--init-from-layers"
-            raise ValueError(f"{source} takes the architecture from the checkpoint, so "
-                             f"{', '.join('--' + k.replace('_', '-') for k in arch)} cannot be set "
-                             "(use --seq-len for the training sequence length)")
+            source = "init_from" if self.init_from else "init_from_layers"
+            raise ConfigError(f"{source} takes the architecture from the checkpoint, so {', '.join(arch)} cannot "
+                              "be set (use seq_len for the training sequence length)", source, *arch, "seq_len")
         if self.lora_rank < 0:
-            raise ValueError(f"--lora-rank must be >= 0, got {self.lora_rank}")
+            raise ConfigError(f"lora_rank must be >= 0, got {self.lora_rank}", "lora_rank")
         if self.lora_rank and not self.init_from:
-            raise ValueError("--lora-rank needs --init-from: adapters adapt a pretrained checkpoint")
+            raise ConfigError("lora_rank needs init_from: adapters adapt a pretrained checkpoint", "lora_rank", "init_from")
         if self.merge and not self.lora_rank:
-            raise ValueError("--merge folds LoRA adapters into the base: it needs --lora-rank > 0")
+            raise ConfigError("merge folds LoRA adapters into the base: it needs lora_rank > 0", "merge", "lora_rank")
         if self.init_from_layers is not None and not self.distill_from:
-            raise ValueError("--init-from-layers copies the teacher's first layers: it needs --distill-from")
+            raise ConfigError("init_from_layers copies the teacher's first layers: it needs distill_from",
+                              "init_from_layers", "distill_from")
         if self.init_from_layers is not None and self.init_from:
-            raise ValueError("--init-from and --init-from-layers both choose the student's weights; pass one")
+            raise ConfigError("init_from and init_from_layers both choose the student's weights; pass one",
+                              "init_from", "init_from_layers")
         if self.seq_len is not None and self.seq_len < 1:
-            raise ValueError(f"--seq-len must be >= 1, got {self.seq_len}")
+            raise ConfigError(f"seq_len must be >= 1, got {self.seq_len}", "seq_len")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
-        over = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size",
-                                             "mlp_hidden", "dropout") if getattr(self, k) is not None}
+        over = {k: getattr(self, k) for k in ARCH_FIELDS if getattr(self, k) is not None}
         return preset(self.preset, family=self.family, vocab_size=vocab_size, attn_impl=self.attn_impl, **over)
+
+    @property
+    def stop(self) -> int:
+        """The iteration this run stops at: max_iters, or stop_after when earlier."""
+        return self.max_iters if self.stop_after is None else min(self.stop_after, self.max_iters)
 
 
 class TrainingDiverged(RuntimeError):
@@ -151,15 +177,112 @@ class TrainResult:
     trainable_params: int = 0
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+@dataclass
+class Step:
+    """What the loop reports after each optimizer step (train.py draws its progress bar from it)."""
+    iter: int  # iterations done
+    first: int  # the iteration this run started at (> 0 when resumed)
+    stop: int  # the iteration it stops at
+    loss: float
+    lr: float
+    ms: float
+    tokens: int  # tokens per step, all ranks together
 
+
+# ----------------------------------------------------------------------------- the loss and the trainable set
+
+def cross_entropy(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The default loss: next-token cross-entropy of the model's logits against the labels."""
+    logits = model(x)  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+
+@dataclass
+class FullModel:
+    """The default trainable set (lora.Adapters is the other one): every weight trains, and a new best
+    val saves the whole model as a checkpoint with its tokenizer."""
+    path: Path
+    tokenizer: object
+    trainable_only: ClassVar[bool] = False  # a training state keeps every weight
+
+    def prepare(self, model: Transformer) -> None:
+        pass  # every parameter already trains
+
+    def save_best(self, model: Transformer, provenance: dict) -> None:
+        checkpoint.save_model(self.path, model, self.tokenizer, provenance)
+
+
+# ----------------------------------------------------------------------------- what the loop works with
+
+@dataclass(frozen=True)
+class Files:
+    """The files of a run named NAME in out_dir (see the module docstring)."""
+    model: Path
+    adapters: Path
+    state: Path
+    plot: Path
+
+    @classmethod
+    def of(cls, tc: TrainConfig) -> "Files":
+        out = Path(tc.out_dir)
+        model = out / f"{tc.name}.safetensors"
+        return cls(model, out / f"{tc.name}.lora.safetensors", checkpoint.train_state_path(model),
+                   out / f"{tc.name}.loss.png")
+
+
+@dataclass
+class Batches:
+    """nanoGPT's get_batch: random windows of seq_len tokens from one split. Under DDP every rank draws
+    the same global batch (batch_size rows per rank) and keeps its own rows (see ddp.py)."""
+    splits: dict[str, np.ndarray]  # "train", "val" -> token ids
+    seq_len: int
+    batch_size: int
+    device: torch.device
+    rank: ddp.Rank = ddp.Rank()
+
+    def get(self, split: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.batch_size * self.rank.world
+        return data.get_batch(self.splits[split], self.seq_len, rows, gen, self.device, self.rank.rows)
+
+
+@dataclass
+class Run:
+    """What the loop works with, built once by `setup`."""
+    tc: TrainConfig
+    files: Files
+    model: Transformer  # the weights: evaluation, clipping and saving use it
+    step_model: torch.nn.Module  # what a training step calls: the model, maybe compiled, maybe DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    loss: Callable  # loss(model, x, y): cross_entropy or distill.DistillLoss
+    trainable: FullModel | lora.Adapters
+    batches: Batches
+    autocast: Callable  # () -> the context a forward runs in (device.autocast_for)
+    source: dict  # provenance that every save shares: data, its sha256, the config
+    log: Callable
+    t_start: float
+
+    @property
+    def rank(self) -> ddp.Rank:
+        return self.batches.rank
+
+    @property
+    def tokens_per_iter(self) -> int:
+        return self.tc.batch_size * self.tc.grad_accum * self.batches.seq_len * self.rank.world
+
+
+@dataclass
+class State:
+    """What changes as the loop runs; the training-state file keeps it and a resume restores it."""
+    batch_gen: torch.Generator  # the training batches' random stream
+    iter: int = 0  # the next iteration to run
+    best_val: float = math.inf
+    evals: list = field(default_factory=list)  # (iter, train loss, val loss) per eval
+    history: list = field(default_factory=list)  # (iter, train loss) per step of this process
+    step_ms: list = field(default_factory=list)
+    resumed_at: int | None = None  # the eval at this iteration was done before the run stopped
+
+
+# ----------------------------------------------------------------------------- the loop
 
 def lr_at(it: int, tc: TrainConfig) -> float:
     """Linear warmup to lr, then cosine decay to min_lr at max_iters."""
@@ -167,6 +290,222 @@ def lr_at(it: int, tc: TrainConfig) -> float:
         return tc.lr * (it + 1) / (tc.warmup_iters + 1)
     progress = min(1.0, (it - tc.warmup_iters) / max(1, tc.max_iters - tc.warmup_iters))
     return tc.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tc.lr - tc.min_lr)
+
+
+def train_loop(run: Run, state: State, on_step: Callable[[Step], None] | None = None) -> None:
+    """nanoGPT's loop: every eval_interval iterations evaluate (and save); then one optimizer step:
+    set the lr, accumulate gradients, clip, step. A last evaluation when it stops."""
+    tc, model, optimizer = run.tc, run.model, run.optimizer
+    first = state.iter
+    model.train()
+    for it in range(first, tc.stop):
+        if it % tc.eval_interval == 0 and it != state.resumed_at:
+            evaluate_and_save(run, state, it)
+        t0 = time.perf_counter()
+        lr = lr_at(it, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = forward_backward(run, state.batch_gen)
+        if not math.isfinite(loss):
+            raise diverged(loss, it, lr, run.trainable.path)
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step_ms.append((time.perf_counter() - t0) * 1000)
+        state.history.append((it + 1, loss))
+        state.iter = it + 1
+        if on_step is not None:
+            on_step(Step(it + 1, first, tc.stop, loss, lr, state.step_ms[-1], run.tokens_per_iter))
+    evaluate_and_save(run, state, tc.stop)
+
+
+def forward_backward(run: Run, gen: torch.Generator) -> float:
+    """One step's gradients, summed over grad_accum micro-batches whose losses are divided by grad_accum
+    (so the sum is the mean). Returns the step's loss, averaged over the DDP ranks."""
+    n = run.tc.grad_accum
+    total = 0.0
+    for micro in range(n):
+        x, y = run.batches.get("train", gen)
+        with ddp.sync_gradients(run.step_model, sync=micro == n - 1):  # all-reduce once, after the last
+            with run.autocast():
+                loss = run.loss(run.step_model, x, y) / n
+            loss.backward()
+        total += loss.item()
+    return ddp.mean_over_ranks(total, run.rank, run.batches.device)
+
+
+@torch.no_grad()
+def estimate_loss(model, batches: Batches, eval_iters: int, seed: int,
+                  autocast: Callable = contextlib.nullcontext) -> dict[str, float]:
+    """Mean cross-entropy over eval_iters batches per split; the same batches at every eval (a generator
+    of its own, seeded `seed`). Under DDP each rank scores its rows of the global batches and the means
+    are averaged: every rank gets the single-process number."""
+    model.eval()
+    out = {}
+    for split in batches.splits:
+        gen = torch.Generator().manual_seed(seed)
+        losses = []
+        for _ in range(eval_iters):
+            x, y = batches.get(split, gen)
+            with autocast():
+                losses.append(cross_entropy(model, x, y).item())
+        out[split] = ddp.mean_over_ranks(sum(losses) / len(losses), batches.rank, batches.device)
+    model.train()
+    return out
+
+
+def evaluate_and_save(run: Run, state: State, it: int) -> dict[str, float]:
+    """Eval losses at iteration `it`. A new best val saves the trainable set (the model, or the LoRA
+    adapters); the training state is saved every time, so that a resume continues from here."""
+    losses = estimate_loss(run.model, run.batches, run.tc.eval_iters, run.tc.seed + 1, run.autocast)
+    state.evals.append((it, losses["train"], losses["val"]))
+    saved = ""
+    if losses["val"] < state.best_val:
+        state.best_val = losses["val"]
+        if run.rank.main:  # one writer: rank 0
+            run.trainable.save_best(run.model, {**run.source, "step": it, "val_loss": losses["val"],
+                                                "train_loss": losses["train"]})
+            saved = f" -> saved {run.trainable.path}"
+    if run.rank.main:
+        counters = {"iter": it, "best_val": state.best_val, "evals": state.evals, "config": run.model.config.to_dict()}
+        checkpoint.save_train_state(run.files.state, run.optimizer, counters, rng_states(state, run.batches.device),
+                                    run.model, trainable_only=run.trainable.trainable_only)
+    run.log(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}{saved}")
+    return losses
+
+
+def rng_states(state: State, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every random stream the loop draws from: batches, dropout (CPU), dropout (CUDA)."""
+    rng = {"batch": state.batch_gen.get_state(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def diverged(loss: float, it: int, lr: float, path: Path) -> TrainingDiverged:
+    kept = f"the last good checkpoint is kept at {path}" if path.exists() else "no checkpoint was written"
+    return TrainingDiverged(f"loss became {loss} at iter {it} (lr {lr:.2e}); stopping: {kept}")
+
+
+# ----------------------------------------------------------------------------- setup, phase by phase
+
+def train(tc: TrainConfig, log: Callable = print, on_step: Callable[[Step], None] | None = None) -> TrainResult:
+    """Train as tc says: setup, train_loop, finish. log(line) gets the run's messages, on_step(Step)
+    a report after every step. Under torchrun (WORLD_SIZE > 1) this is one data-parallel rank (see
+    ddp.py): rank 0 logs, reports and writes the files, every rank returns the same result."""
+    r, device_name = ddp.setup(tc.device)
+    try:
+        if not r.main:
+            log, on_step = quiet, None
+        run, state = setup(tc.resolved(), r, pick_device(device_name), log)
+        train_loop(run, state, on_step)
+        return finish(run, state)
+    finally:
+        ddp.teardown(r)
+
+
+def quiet(*args, **kwargs) -> None:
+    """The log of every rank but rank 0."""
+
+
+def setup(tc: TrainConfig, r: ddp.Rank, device: torch.device, log: Callable) -> tuple[Run, State]:
+    """Everything before the first step: sources, data, model, loss, trainable set, optimizer, resume, DDP."""
+    t_start = time.perf_counter()
+    tc.check()
+    files = Files.of(tc)
+    files.model.parent.mkdir(parents=True, exist_ok=True)
+    if tc.resume and not files.state.is_file():
+        raise FileNotFoundError(f"nothing to resume: no training state at {files.state}")
+    text_path = data.resolve_text_path(tc.data)
+    tokenizer, init, teacher = load_sources(tc, files.model)
+    tokenizer, ids = load_ids(text_path, tokenizer, from_checkpoint=init is not None or teacher is not None)
+    torch.manual_seed(tc.seed)
+    model = build_model(tc, tokenizer, init, teacher).to(device)
+    seq_len = check_fits(tc, model.config, teacher)
+    loss = make_loss(tc, teacher, device)
+    trainable = make_trainable(tc, files, tokenizer)
+    trainable.prepare(model)
+    optimizer = make_optimizer(model, tc, device)
+    state = State(torch.Generator().manual_seed(tc.seed))
+    if tc.resume:
+        resume(files.state, model, optimizer, state, device)
+        log(f"resumed from {files.state} at iter {state.iter} (best val {state.best_val:.4f})")
+    step_model = distribute(model, tc, r, device, state.iter)
+    batches = Batches(dict(zip(("train", "val"), data.split_train_val(ids))), seq_len, tc.batch_size, device, r)
+    run = Run(tc, files, model, step_model, optimizer, loss, trainable, batches, autocast_for(device),
+              source_provenance(tc, text_path), log, t_start)
+    log_setup(run, text_path, teacher)
+    return run, state
+
+
+def load_sources(tc: TrainConfig, model_path: Path):
+    """The checkpoints a run starts from, and the tokenizer it trains with: (tokenizer, init, teacher).
+
+    init and teacher are checkpoint.Loaded (or None). The tokenizer is the init_from checkpoint's,
+    else the teacher's, else (resuming a char run) the saved model's, else None: build one from the text."""
+    init = checkpoint.load_model(tc.init_from) if tc.init_from else None
+    teacher = checkpoint.load_model(tc.distill_from) if tc.distill_from else None
+    if init is not None and teacher is not None:
+        check_same_tokenizer(teacher.tokenizer, init.tokenizer, f"teacher {tc.distill_from}",
+                             f"student {tc.init_from}", purpose="distillation")
+    if init is not None:
+        return init.tokenizer, init, teacher
+    if teacher is not None:
+        return teacher.tokenizer, None, teacher
+    if tc.resume:
+        return checkpoint.load_model(model_path).tokenizer, None, None
+    return None, None, None
+
+
+def load_ids(text_path: Path, tokenizer, from_checkpoint: bool) -> tuple[object, np.ndarray]:
+    """The text's token ids and the tokenizer that made them. A checkpoint's tokenizer (BPE) encodes
+    once and the ids are memory-mapped from a cache; the char path takes its alphabet from the text
+    (or, resuming, from the saved model)."""
+    if from_checkpoint:
+        return tokenizer, data.cached_token_ids(text_path, tokenizer)
+    text = data.read_text(text_path)
+    tokenizer = tokenizer or CharTokenizer.from_text(text)
+    return tokenizer, np.array(tokenizer.encode(text), dtype=data.id_dtype(tokenizer.vocab_size))
+
+
+def build_model(tc: TrainConfig, tokenizer, init, teacher) -> Transformer:
+    """The model to train: the init_from checkpoint's, the teacher's first layers, or a fresh one."""
+    if init is not None:
+        return init.model
+    if tc.init_from_layers is not None:
+        return distill.truncated_copy(teacher.model, tc.init_from_layers)
+    return Transformer(tc.model_config(tokenizer.vocab_size))
+
+
+def check_fits(tc: TrainConfig, cfg: ModelConfig, teacher) -> int:
+    """The training sequence length (seq_len, default the model's block_size), checked against the
+    model's and the teacher's context; a teacher must also predict over the student's vocabulary."""
+    seq_len = tc.seq_len or cfg.block_size
+    limits = [("the model", cfg.block_size)] + ([("the teacher", teacher.config.block_size)] if teacher else [])
+    for who, limit in limits:
+        if seq_len > limit:
+            raise ConfigError(f"seq_len {seq_len} is longer than {who}'s context (block_size {limit})", "seq_len")
+    if teacher is not None and teacher.config.vocab_size != cfg.vocab_size:
+        raise ValueError(f"teacher {tc.distill_from} predicts {teacher.config.vocab_size} ids but the student "
+                         f"{cfg.vocab_size}: distillation needs one vocabulary")
+    return seq_len
+
+
+def make_loss(tc: TrainConfig, teacher, device: torch.device) -> Callable:
+    """What the loop minimises: cross-entropy, or with a teacher the distillation mix (distill.py)."""
+    if teacher is None:
+        return cross_entropy
+    teacher.model.to(device).eval().requires_grad_(False)
+    return distill.DistillLoss(teacher.model, tc.distill_temperature, tc.distill_alpha)
+
+
+def make_trainable(tc: TrainConfig, files: Files, tokenizer) -> FullModel | lora.Adapters:
+    """What trains: the whole model, or (lora_rank > 0) LoRA adapters on the frozen init_from checkpoint."""
+    if not tc.lora_rank:
+        return FullModel(files.model, tokenizer)
+    return lora.Adapters(tc.lora_rank, tc.lora_alpha, tc.lora_targets, files.adapters, tc.init_from,
+                         data.file_sha256(tc.init_from))
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -178,25 +517,84 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=cuda, foreach=not cuda)
 
 
-@torch.no_grad()
-def estimate_loss(model, splits: dict[str, np.ndarray], tc: TrainConfig, device, autocast,
-                  seq_len: int | None = None, r: ddp.Rank = ddp.Rank()) -> dict[str, float]:
-    """Mean cross-entropy over eval_iters batches of seq_len tokens (default: the model's block_size)
-    per split; the same batches at every eval (own generator). Under DDP each rank scores its rows
-    of the global batches and the means are averaged: every rank gets the single-process number."""
-    model.eval()
-    out = {}
-    for name, ids in splits.items():
-        gen = torch.Generator().manual_seed(tc.seed + 1)
-        losses = []
-        for _ in range(tc.eval_iters):
-            x, y = data.get_batch(ids, seq_len or model.config.block_size, tc.batch_size * r.world, gen, device, r.rows)
-            with autocast():
-                logits = model(x)
-            losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).item())
-        out[name] = ddp.mean_over_ranks(sum(losses) / len(losses), r, device)
-    model.train()
-    return out
+def resume(path: Path, model: Transformer, optimizer: torch.optim.Optimizer, state: State,
+           device: torch.device) -> None:
+    """Continue where the training-state file left off: the latest weights, optimizer moments, counters
+    and every random stream, so that the run goes on exactly as if it had never stopped."""
+    saved, rng = checkpoint.load_train_state(path, optimizer, model)
+    if saved["config"] != model.config.to_dict():
+        raise ValueError(f"cannot resume: {path} was trained with config {saved['config']}, "
+                         f"not {model.config.to_dict()}")
+    state.iter = state.resumed_at = saved["iter"]
+    state.best_val, state.evals = saved["best_val"], [tuple(e) for e in saved["evals"]]
+    state.batch_gen.set_state(rng["batch"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"])
+
+
+def distribute(model: Transformer, tc: TrainConfig, r: ddp.Rank, device: torch.device, start_iter: int):
+    """What a training step calls: the model, compiled if asked, then wrapped for DDP when there are
+    several ranks (nanoGPT's order)."""
+    step_model = torch.compile(model) if tc.compile else model
+    if r.world > 1:
+        step_model = ddp.wrap(step_model, device)
+        torch.manual_seed(tc.seed + 7919 * r.rank + start_iter)  # dropout: each rank its own masks (see ddp.py)
+    return step_model
+
+
+def source_provenance(tc: TrainConfig, text_path: Path) -> dict:
+    """What every saved file records about the run that made it (each save adds step and losses)."""
+    prov = {"source": "minillm train.py", "data": str(text_path), "data_sha256": data.file_sha256(text_path),
+            "train_config": dataclasses.asdict(tc)}
+    if tc.init_from:
+        prov["init_from"] = tc.init_from
+    if tc.distill_from:
+        prov["distilled_from"] = tc.distill_from
+    return prov
+
+
+def log_setup(run: Run, text_path: Path, teacher) -> None:
+    """What trains on what: parameters, data, tokens per iteration, device (nanoGPT prints the same)."""
+    tc, cfg, r = run.tc, run.model.config, run.rank
+    n_trainable, n_total = lora.count_trainable(run.model)
+    n_train, n_val = (len(ids) for ids in run.batches.splits.values())
+    start = f"from {tc.init_from}" if tc.init_from else (
+        f"from the teacher's first {tc.init_from_layers} layers" if tc.init_from_layers else "fresh")
+    run.log(f"model: {cfg.family} ({start}), {n_total / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trainable"
+            f"{f' (LoRA rank {tc.lora_rank} on {tc.lora_targets})' if tc.lora_rank else ''}, vocab {cfg.vocab_size}; "
+            f"data: {text_path} ({n_train:,} train / {n_val:,} val tokens); "
+            f"{run.tokens_per_iter:,} tokens/iter on {run.batches.device}"
+            f"{' (bf16 autocast)' if uses_bf16(run.batches.device) else ''}"
+            f"{f' x {r.world} DDP ranks (batch {tc.batch_size} per rank)' if r.world > 1 else ''}")
+    if teacher is not None:
+        run.log(f"distilling from {tc.distill_from} ({teacher.model.num_params() / 1e6:.2f}M parameters), "
+                f"T={tc.distill_temperature}, alpha={tc.distill_alpha}")
+
+
+# ----------------------------------------------------------------------------- finish
+
+def finish(run: Run, state: State) -> TrainResult:
+    """After the last eval: check that the DDP ranks agree, fold the best LoRA adapters into the base
+    (merge), plot the loss curve, and sum the run up."""
+    tc, files, r, log = run.tc, run.files, run.rank, run.log
+    if r.world > 1:
+        log(f"{r.world} DDP ranks hold identical weights (sha256 {ddp.check_identical(run.model, r)[:16]})")
+    if tc.merge and r.main:  # the best-val adapters (not necessarily the last ones), folded into the base
+        lora.save_merged(tc.init_from, files.adapters, files.model)
+        log(f"merged the adapters of {files.adapters} into {files.model}")
+    wall = time.perf_counter() - run.t_start
+    ms = statistics.median(state.step_ms) if state.step_ms else float("nan")
+    tokens_per_s = run.tokens_per_iter / ms * 1000
+    if tc.plot and r.main and save_loss_plot(files.plot, state.history, state.evals):
+        log(f"loss curve: {files.plot}")
+    log(f"done: {tc.stop} iters, best val {state.best_val:.4f}, median {ms:.1f} ms/iter "
+        f"({tokens_per_s:,.0f} tokens/s), wall {wall:.1f} s")
+    _, final_train, final_val = state.evals[-1]
+    adapters = files.adapters if tc.lora_rank else None
+    return TrainResult(adapters if adapters and not tc.merge else files.model, state.best_val, final_train,
+                       final_val, tc.stop, ms, tokens_per_s, wall, state.history, state.evals, adapters,
+                       lora.count_trainable(run.model)[0])
 
 
 def save_loss_plot(path: Path, history, evals) -> bool:
@@ -218,225 +616,3 @@ def save_loss_plot(path: Path, history, evals) -> bool:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
-
-
-def load_sources(tc: TrainConfig, model_path: Path):
-    """The checkpoints a run starts from, and the tokenizer it trains with: (tokenizer, init, teacher).
-
-    init and teacher are checkpoint.Loaded (or None). The tokenizer is the --init-from checkpoint's,
-    else the teacher's, else (resuming a char run) the saved model's, else None: build one from the text."""
-    init = checkpoint.load_model(tc.init_from) if tc.init_from else None
-    teacher = checkpoint.load_model(tc.distill_from) if tc.distill_from else None
-    if init is not None and teacher is not None:
-        distill.check_same_tokenizer(teacher.tokenizer, init.tokenizer,
-                                     f"teacher {tc.distill_from}", f"student {tc.init_from}")
-    if init is not None:
-        return init.tokenizer, init, teacher
-    if teacher is not None:
-        return teacher.tokenizer, None, teacher
-    if tc.resume:
-        return checkpoint.load_model(model_path).tokenizer, None, None
-    return None, None, None
-
-
-def build_model(tc: TrainConfig, tokenizer, init, teacher) -> Transformer:
-    """The model to train: the --init-from checkpoint's, the teacher's first layers, or a fresh one."""
-    if init is not None:
-        return init.model
-    if tc.init_from_layers is not None:
-        return distill.truncated_copy(teacher.model, tc.init_from_layers)
-    return Transformer(tc.model_config(tokenizer.vocab_size))
-
-
-def train(tc: TrainConfig, log=print) -> TrainResult:
-    """Train as tc says. Under torchrun (WORLD_SIZE > 1) this is one data-parallel rank (see ddp.py):
-    rank 0 logs and writes the files, every rank returns the same result."""
-    r, device_name = ddp.setup(tc.device)
-    try:
-        return _train(tc, r, device_name, log if r.main else (lambda *args, **kwargs: None))
-    finally:
-        ddp.teardown(r)
-
-
-def _train(tc: TrainConfig, r: ddp.Rank, device_name: str, log) -> TrainResult:
-    t_start = time.perf_counter()
-    tc = tc.resolved()
-    tc.check_finetune_flags()
-    device = pick_device(device_name)
-    out_dir = Path(tc.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = out_dir / f"{tc.name}.safetensors"
-    adapters_path = out_dir / f"{tc.name}.lora.safetensors" if tc.lora_rank else None
-    state_path = checkpoint.train_state_path(model_path)
-    if tc.resume and not state_path.is_file():
-        raise FileNotFoundError(f"--resume: no training state at {state_path}")
-
-    text_path = data.resolve_text_path(tc.data)
-    data_sha = data.file_sha256(text_path)
-    tokenizer, init, teacher = load_sources(tc, model_path)
-    if init is None and teacher is None:  # the char path: the alphabet comes from the text itself
-        text = data.read_text(text_path)
-        tokenizer = tokenizer or CharTokenizer.from_text(text)
-        ids = np.array(tokenizer.encode(text), dtype=np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32)
-    else:  # a checkpoint's tokenizer (BPE): encode once, then memory-map the cached ids
-        ids = data.cached_token_ids(text_path, tokenizer)
-    train_ids, val_ids = data.split_train_val(ids)
-
-    torch.manual_seed(tc.seed)
-    model = build_model(tc, tokenizer, init, teacher).to(device)
-    cfg = model.config
-    seq_len = tc.seq_len or cfg.block_size
-    for who, limit in [("the model", cfg.block_size)] + ([("the teacher", teacher.config.block_size)] if teacher else []):
-        if seq_len > limit:
-            raise ValueError(f"--seq-len {seq_len} is longer than {who}'s context (block_size {limit})")
-    if teacher is not None:
-        if teacher.config.vocab_size != cfg.vocab_size:
-            raise ValueError(f"teacher {tc.distill_from} predicts {teacher.config.vocab_size} ids but the student "
-                             f"{cfg.vocab_size}: distillation needs one vocabulary")
-        teacher.model.to(device).eval().requires_grad_(False)
-    base_sha = None
-    if tc.lora_rank:
-        base_sha = data.file_sha256(tc.init_from)
-        lora.apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_targets)
-    n_trainable, n_total = lora.count_trainable(model)
-    optimizer = make_optimizer(model, tc, device)
-    batch_gen = torch.Generator().manual_seed(tc.seed)
-    start_iter, best_val, evals, history = 0, float("inf"), [], []
-    if tc.resume:
-        state, rng = checkpoint.load_train_state(state_path, optimizer, model)
-        if state["config"] != cfg.to_dict():
-            raise ValueError(f"--resume: {state_path} was trained with config {state['config']}, not {cfg.to_dict()}")
-        start_iter, best_val, evals = state["iter"], state["best_val"], [tuple(e) for e in state["evals"]]
-        batch_gen.set_state(rng["batch"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"])
-        log(f"resumed from {state_path} at iter {start_iter} (best val {best_val:.4f})")
-
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    train_model = model
-    if r.world > 1:  # gradients averaged over ranks inside backward
-        from torch.nn.parallel import DistributedDataParallel
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              forward_sync_buffers=False)  # the only buffers are RoPE tables: equal, never trained
-        torch.manual_seed(tc.seed + 7919 * r.rank + start_iter)  # dropout: each rank its own masks (see ddp.py)
-    step_model = torch.compile(train_model) if tc.compile else train_model
-    tokens_per_iter = tc.batch_size * tc.grad_accum * seq_len * r.world
-    start = f"from {tc.init_from}" if tc.init_from else (
-        f"from the teacher's first {tc.init_from_layers} layers" if tc.init_from_layers else "fresh")
-    log(f"model: {cfg.family} ({start}), {n_total / 1e6:.2f}M parameters, {n_trainable / 1e6:.3f}M trainable"
-        f"{f' (LoRA rank {tc.lora_rank} on {tc.lora_targets})' if tc.lora_rank else ''}, vocab {cfg.vocab_size}; "
-        f"data: {text_path} ({len(train_ids):,} train / {len(val_ids):,} val tokens); "
-        f"{tokens_per_iter:,} tokens/iter on {device}{' (bf16 autocast)' if use_bf16 else ''}"
-        f"{f' x {r.world} DDP ranks (batch {tc.batch_size} per rank)' if r.world > 1 else ''}")
-    if teacher is not None:
-        log(f"distilling from {tc.distill_from} ({teacher.model.num_params() / 1e6:.2f}M parameters), "
-            f"T={tc.distill_temperature}, alpha={tc.distill_alpha}")
-
-    def rng_states() -> dict[str, torch.Tensor]:
-        r = {"batch": batch_gen.get_state(), "torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            r["cuda"] = torch.cuda.get_rng_state()
-        return r
-
-    def provenance(it: int, losses: dict[str, float]) -> dict:
-        prov = {"source": "minillm train.py", "data": str(text_path), "data_sha256": data_sha,
-                "step": it, "val_loss": losses["val"], "train_loss": losses["train"],
-                "train_config": dataclasses.asdict(tc)}
-        if tc.init_from:
-            prov["init_from"] = tc.init_from
-        if tc.distill_from:
-            prov["distilled_from"] = tc.distill_from
-        return prov
-
-    def evaluate_and_save(it: int) -> dict[str, float]:
-        nonlocal best_val
-        losses = estimate_loss(model, {"train": train_ids, "val": val_ids}, tc, device, autocast, seq_len, r)
-        evals.append((it, losses["train"], losses["val"]))
-        saved = ""
-        if losses["val"] < best_val:
-            best_val = losses["val"]
-            if r.main and adapters_path is not None:  # one writer: rank 0
-                lora.save_adapters(adapters_path, model, tc.init_from, base_sha, provenance(it, losses))
-                saved = f" -> saved {adapters_path}"
-            elif r.main:
-                checkpoint.save_model(model_path, model, tokenizer, provenance(it, losses))
-                saved = f" -> saved {model_path}"
-        state = {"iter": it, "best_val": best_val, "evals": evals, "config": cfg.to_dict()}
-        if r.main:
-            checkpoint.save_train_state(state_path, optimizer, state, rng_states(), model,
-                                        trainable_only=bool(tc.lora_rank))  # LoRA: the base is --init-from
-        log(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}{saved}")
-        return losses
-
-    def step_loss(x, y) -> torch.Tensor:
-        with autocast():
-            logits = step_model(x)
-            if teacher is None:
-                return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            with torch.no_grad():
-                teacher_logits = teacher.model(x)
-        return distill.distill_loss(logits, teacher_logits, y, tc.distill_temperature, tc.distill_alpha)[0]
-
-    stop = tc.max_iters if tc.stop_after is None else min(tc.stop_after, tc.max_iters)
-    step_ms = []
-    bar = None
-    if tc.progress and r.main:
-        from tqdm import tqdm
-        bar = tqdm(total=stop - start_iter, desc="train", unit="it", dynamic_ncols=True, mininterval=1.0)
-    model.train()
-    for it in range(start_iter, stop):
-        if it % tc.eval_interval == 0 and not (tc.resume and it == start_iter):
-            evaluate_and_save(it)
-        t0 = time.perf_counter()
-        lr = lr_at(it, tc)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        loss_sum = 0.0
-        for micro in range(tc.grad_accum):
-            x, y = data.get_batch(train_ids, seq_len, tc.batch_size * r.world, batch_gen, device, r.rows)
-            last = micro == tc.grad_accum - 1  # DDP: average gradients over ranks once, after the last micro-batch
-            with train_model.no_sync() if r.world > 1 and not last else contextlib.nullcontext():
-                loss = step_loss(x, y) / tc.grad_accum
-                loss.backward()
-            loss_sum += loss.item()
-        loss_sum = ddp.mean_over_ranks(loss_sum, r, device)
-        if not math.isfinite(loss_sum):
-            if bar:
-                bar.close()
-            kept_path = adapters_path or model_path
-            kept = f"the last good checkpoint is kept at {kept_path}" if kept_path.exists() else "no checkpoint was written"
-            raise TrainingDiverged(f"loss became {loss_sum} at iter {it} (lr {lr:.2e}); stopping: {kept}")
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_ms.append((time.perf_counter() - t0) * 1000)
-        history.append((it + 1, loss_sum))
-        if bar:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_iter / step_ms[-1] * 1000:,.0f}")
-    if bar:
-        bar.close()
-    final = evaluate_and_save(stop)
-    if r.world > 1:
-        log(f"{r.world} DDP ranks hold identical weights (sha256 {ddp.check_identical(model, r)[:16]})")
-    if tc.merge and r.main:  # fold the best-val adapters (not necessarily the last ones) into the base and save that
-        lora.load_adapters(adapters_path, model, tc.init_from)
-        lora.merge_lora(model)
-        best = checkpoint.read_metadata(adapters_path)["provenance"]
-        checkpoint.save_model(model_path, model, tokenizer,
-                              {**json.loads(best), "lora_merged": str(adapters_path), "base_sha256": base_sha})
-        log(f"merged the adapters of {adapters_path} into {model_path}")
-    wall = time.perf_counter() - t_start
-    ms = statistics.median(step_ms) if step_ms else float("nan")
-    if tc.plot and r.main:
-        plot_path = out_dir / f"{tc.name}.loss.png"
-        if save_loss_plot(plot_path, history, evals):
-            log(f"loss curve: {plot_path}")
-    log(f"done: {stop} iters, best val {best_val:.4f}, median {ms:.1f} ms/iter "
-        f"({tokens_per_iter / ms * 1000:,.0f} tokens/s), wall {wall:.1f} s")
-    result_path = model_path if adapters_path is None or tc.merge else adapters_path
-    return TrainResult(result_path, best_val, final["train"], final["val"], stop, ms,
-                       tokens_per_iter / ms * 1000, wall, history, evals, adapters_path, n_trainable)

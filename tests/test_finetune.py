@@ -51,7 +51,7 @@ def base_ckpt(request, tmp_path_factory, bpe):
 def finetune(tmp_path, text, init, **kw):
     base = dict(name="ft", out_dir=str(tmp_path), data=str(text), init_from=str(init), seq_len=24, batch_size=4,
                 max_iters=0, eval_interval=10, eval_iters=3, warmup_iters=0, lr=1e-3, min_lr=1e-3,
-                progress=False, plot=False)
+                plot=False)
     return TrainConfig(**{**base, **kw})
 
 
@@ -152,11 +152,11 @@ def test_init_from_cli(tmp_path, text_file, base_ckpt):
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(n_layer=3), "--init-from takes the architecture from the checkpoint, so --n-layer cannot be set"),
-    (dict(seq_len=65), "--seq-len 65 is longer than the model's context"),
-    (dict(lora_rank=-1), "--lora-rank must be >= 0"),
-    (dict(merge=True), "--merge folds LoRA adapters"),
-    (dict(init_from_layers=1), "--init-from-layers copies the teacher's first layers"),
+    (dict(n_layer=3), "init_from takes the architecture from the checkpoint, so n_layer cannot be set"),
+    (dict(seq_len=65), "seq_len 65 is longer than the model's context"),
+    (dict(lora_rank=-1), "lora_rank must be >= 0"),
+    (dict(merge=True), "merge folds LoRA adapters"),
+    (dict(init_from_layers=1), "init_from_layers copies the teacher's first layers"),
 ])
 def test_bad_flag_combinations(tmp_path, text_file, base_ckpt, kw, message):
     with pytest.raises(ValueError, match=message):
@@ -164,7 +164,7 @@ def test_bad_flag_combinations(tmp_path, text_file, base_ckpt, kw, message):
 
 
 def test_lora_without_init_from_and_missing_checkpoint(tmp_path, text_file):
-    with pytest.raises(ValueError, match="--lora-rank needs --init-from"):
+    with pytest.raises(ValueError, match="lora_rank needs init_from"):
         train(TrainConfig(data=str(text_file), lora_rank=4, out_dir=str(tmp_path)), log=quiet)
     with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nope.safetensors"):
         train(finetune(tmp_path, text_file, tmp_path / "nope.safetensors"), log=quiet)

@@ -169,7 +169,7 @@ def test_trainer_lora_run_saves_adapters_and_merged(tmp_path, shakespeare_text, 
     res = train(TrainConfig(name="ft", out_dir=str(tmp_path), data=str(text), init_from=str(base_path),
                             lora_rank=4, lora_alpha=8, lora_targets="q,v,down", merge=True, seq_len=16,
                             batch_size=4, max_iters=20, eval_interval=10, eval_iters=2, warmup_iters=0,
-                            lr=1e-2, min_lr=1e-2, progress=False, plot=False), log=lambda *a: None)
+                            lr=1e-2, min_lr=1e-2, plot=False), log=lambda *a: None)
     assert file_sha256(base_path) == base_sha
     assert res.adapters_path == tmp_path / "ft.lora.safetensors" and res.model_path == tmp_path / "ft.safetensors"
     assert res.evals[-1][2] < res.evals[0][2]
@@ -214,7 +214,7 @@ def test_lora_resume_state_holds_only_adapters_and_continues_exactly(tmp_path, s
         return train(TrainConfig(name="r", out_dir=str(tmp_path / out), data=str(text), init_from=str(base_path),
                                  lora_rank=4, lora_targets="q,v", seq_len=16, batch_size=4, max_iters=20,
                                  eval_interval=10, eval_iters=2, warmup_iters=0, lr=1e-2, min_lr=1e-3,
-                                 progress=False, plot=False, **kw), log=lambda *a: None)
+                                 plot=False, **kw), log=lambda *a: None)
     full = run("a")
     run("b", stop_after=10)
     state_file = tmp_path / "b" / "r.train.safetensors"

@@ -19,7 +19,7 @@ def small_text(tmp_path_factory, shakespeare_text):
 def tiny(tmp_path, data, **kw):
     base = dict(name="t", out_dir=str(tmp_path), data=str(data), n_layer=2, n_head=2, n_embd=32, block_size=16,
                 batch_size=4, max_iters=30, eval_interval=10, eval_iters=2, warmup_iters=5, dropout=0.1,
-                progress=False, plot=False)
+                plot=False)
     return TrainConfig(**{**base, **kw})
 
 
@@ -65,6 +65,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, small_text, mon
     assert load_model(path).provenance["step"] in (0, 10)
 
 
+def test_step_reports_and_progress_bar(tmp_path, small_text):
+    """The loop reports each step to on_step (rank 0 only); train.py's progress bar is drawn from them."""
+    first, rest = [], []
+    train(tiny(tmp_path, small_text, max_iters=12, stop_after=6), log=lambda *a: None, on_step=first.append)
+    train(tiny(tmp_path, small_text, max_iters=12, resume=True), log=lambda *a: None, on_step=rest.append)
+    assert [s.iter for s in first] == list(range(1, 7)) and {(s.first, s.stop) for s in first} == {(0, 6)}
+    assert [s.iter for s in rest] == list(range(7, 13)) and {(s.first, s.stop) for s in rest} == {(6, 12)}
+    assert all(s.tokens == 4 * 16 and s.ms > 0 and s.lr > 0 for s in first + rest)
+    bar = train_cli.ProgressBar()
+    for s in rest:
+        bar(s)
+    assert (bar.bar.n, bar.bar.total) == (6, 6)
+    bar.close()
+
+
 def test_lr_schedule():
     tc = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
     assert lr_at(0, tc) == pytest.approx(1e-3 / 11)
@@ -73,7 +88,7 @@ def test_lr_schedule():
     assert lr_at(110, tc) == pytest.approx(1e-4)
 
 
-def test_cli_flags(tmp_path):
+def test_cli_flags(tmp_path, capsys):
     tc = train_cli.parse_args(["--family", "llama", "--n-layer", "3", "--lr", "3e-4", "--no-plot", "--data", "x.txt"])
     assert (tc.family, tc.n_layer, tc.lr, tc.plot, tc.data) == ("llama", 3, 3e-4, False, "x.txt")
     r = tc.resolved()
@@ -82,13 +97,15 @@ def test_cli_flags(tmp_path):
     with pytest.raises(SystemExit):
         train_cli.parse_args(["--n-layers", "3"])  # unknown flag rejected
     assert train_cli.main(["--data", str(tmp_path / "missing.txt")]) == 2
+    assert train_cli.main(["--lora-rank", "-1", "--out-dir", str(tmp_path)]) == 2  # the trainer names the field,
+    assert "error: --lora-rank must be >= 0, got -1" in capsys.readouterr().err  # the command line its flag
 
 
 @pytest.mark.slow
 def test_baby_learns_shakespeare(tmp_path):
     """300 iterations of the baby preset on real tinyshakespeare get val loss well under the
     4.17 of an untrained model (nanoGPT's curve is at ~2.4 at iter 250)."""
-    res = train(TrainConfig(out_dir=str(tmp_path), max_iters=300, eval_interval=300, progress=False, plot=False),
+    res = train(TrainConfig(out_dir=str(tmp_path), max_iters=300, eval_interval=300, plot=False),
                 log=lambda *a: None)
     assert res.evals[0][2] > 4.0
     assert res.final_val < 2.6
