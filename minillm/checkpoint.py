@@ -19,7 +19,7 @@ The safetensors metadata (string -> string) holds:
     tokenizer   the tokenizer's full description as JSON (char vocab, or BPE ranks + regex + specials)
     provenance  JSON: where the weights came from (converted source, or training run: step, val loss, data sha256)
     quantization  (quantized models only) JSON {"bits", "group_size", "embedding_bits"}: every Linear and the
-                token embedding are stored as integer codes + scales; quantize.py documents the tensors
+                token embedding are stored as integer codes + scales; minillm.quantize documents the tensors
 
 Training state for --resume (optimizer moments, step, RNG states) goes to a second file,
 NAME.train.safetensors, written by save_train_state. No pickle anywhere.
@@ -29,18 +29,20 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from contextlib import contextmanager
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from .config import ModelConfig
 from .model import Transformer, rope_tables
+from .quantize import empty_quantized, finish_loading
 from .tokenizer import tokenizer_from_dict
 
 FORMAT = "minillm/1"
@@ -50,20 +52,30 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, truncated, of another format, or disagrees with its config."""
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """Write to a temp file in the same directory, then rename over `path`: a crash mid-write
-    leaves the old file (if any) intact and no half-written file under the final name."""
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Make the file `path` by calling write(tmp), then renaming tmp over `path`. tmp is a new, empty
+    file in the same directory (so the rename is atomic), with the mode a newly created file gets.
+    A crash or an error during write() leaves the old file (if any) as it was and no temp file behind."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot save {path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # O_EXCL: the name is ours alone
+    mode = tmp.stat().st_mode  # what a new file gets here: 0o666 less the umask
     try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        write(tmp)
+        os.chmod(tmp, mode)  # write() may have made the file anew (safetensors makes it owner-only)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Save tensors and string metadata as one .safetensors file, atomically (atomic_write)."""
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def model_tensors(model: Transformer) -> dict[str, torch.Tensor]:
@@ -75,29 +87,31 @@ def model_tensors(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def empty_model(cfg: ModelConfig, quantization: dict | None = None) -> Transformer:
-    """The model's skeleton on the meta device (no memory): float, or with quantize.py's modules."""
-    with torch.device("meta"), _no_init():
-        if quantization is None:
-            return Transformer(cfg)
-        from .quantize import empty_quantized  # lazy: quantize imports model, not checkpoint
-        return empty_quantized(cfg, quantization)
+    """The model's skeleton on the meta device (no memory): float, or with minillm.quantize's modules.
+    Its values all come from the file, so no initializer runs (see SkipInitOnMeta)."""
+    with torch.device("meta"), SkipInitOnMeta():
+        return Transformer(cfg) if quantization is None else empty_quantized(cfg, quantization)
 
 
-@contextmanager
-def _no_init():
-    """torch.nn.init's functions do nothing inside. A skeleton's values all come from the file, and
-    running the initializers on meta tensors makes torch import its Python meta kernels: ~830 modules,
-    ~70 MiB of resident memory for the rest of the process. (A process-wide switch: do not build models
-    in another thread meanwhile.)"""
-    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_")
-    saved = {n: getattr(nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(nn.init, n, f)
+class SkipInitOnMeta(TorchFunctionMode):
+    """Inside `with SkipInitOnMeta():`, torch.nn.init's functions and the tensor fills they are made of
+    return a meta tensor as it is, without running. Any op on a meta tensor makes torch import its
+    Python meta kernels (and sympy), which then stay in memory for the rest of the process
+    (bench/README.md). A torch function mode, like torch.device(...): it acts on this thread only,
+    inside the `with`, and patches nothing."""
+
+    SKIP = {*(getattr(nn.init, name) for name in ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_",
+                                                   "zeros_", "xavier_uniform_", "xavier_normal_",
+                                                   "kaiming_uniform_", "kaiming_normal_")),
+            torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.fill_, torch.Tensor.zero_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.SKIP:
+            tensor = args[0] if args else kwargs["tensor"]  # nn.init passes its tensor by keyword
+            if tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
 
 
 def expected_shapes(cfg: ModelConfig, quantization: dict | None = None) -> dict[str, tuple[int, ...]]:
@@ -140,6 +154,21 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
 
 
+def check_tensor_set(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
+    """The rule for a model's tensors, wherever they come from (a file, a converter's source): every
+    tensor `expected` names, with its shape, and no other. A CheckpointError names the first problem."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor {missing[0]!r} (expected shape {expected[missing[0]]})"
+                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    if extra:
+        raise CheckpointError(f"{where}: unexpected tensor {extra[0]!r} not used by this config"
+                              + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
+    for name, shape in expected.items():
+        if tuple(found[name]) != tuple(shape):
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(found[name])}, config expects {tuple(shape)}")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Loaded:
     """Load and validate a checkpoint: format version, every expected tensor present with its shape, no extras."""
     path = Path(path)
@@ -154,38 +183,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     tokenizer = tokenizer_from_dict(json.loads(meta["tokenizer"]))
     provenance = json.loads(meta.get("provenance", "{}"))
     quantization = json.loads(meta["quantization"]) if "quantization" in meta else None
-
     try:
         expected = expected_shapes(cfg, quantization)
     except ValueError as e:  # a quantization entry with bad bits / group size
         raise CheckpointError(f"{path}: {e}") from e
-    tensors = {}
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            found = set(f.keys())
-            missing, extra = sorted(set(expected) - found), sorted(found - set(expected))
-            if missing:
-                raise CheckpointError(f"{path}: missing tensor {missing[0]!r} (expected shape {expected[missing[0]]})"
-                                      + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
-            if extra:
-                raise CheckpointError(f"{path}: unexpected tensor {extra[0]!r} not used by this config"
-                                      + (f" and {len(extra) - 1} more" if len(extra) > 1 else ""))
-            for name in expected:
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != expected[name]:
-                    raise CheckpointError(f"{path}: tensor {name!r} has shape {shape}, config expects {expected[name]}")
-                tensors[name] = f.get_tensor(name)
-    except CheckpointError:
-        raise
-    except Exception as e:  # data section shorter than the header says, etc.
-        raise CheckpointError(f"{path}: cannot read tensors ({e}); the file may be truncated") from e
+    tensors = _read_tensors(path, expected)
 
     model = empty_model(cfg, quantization)
     if cfg.tie_embeddings and quantization is None:
         tensors["lm_head.weight"] = tensors["tok_emb.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)
     if quantization is not None:
-        from .quantize import finish_loading
         finish_loading(model)  # the tied head, rebuilt from the quantized embedding
     elif cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
@@ -194,6 +202,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
     return Loaded(model, tokenizer, cfg, provenance)
+
+
+def _read_tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """The file's tensors (memory-mapped), after check_tensor_set has passed on their names and shapes."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            check_tensor_set({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}, expected, str(path))
+            return {name: f.get_tensor(name) for name in expected}
+    except CheckpointError:
+        raise
+    except Exception as e:  # data section shorter than the header says, etc.
+        raise CheckpointError(f"{path}: cannot read tensors ({e}); the file may be truncated") from e
 
 
 # ----------------------------------------------------------------------------- training state

@@ -18,13 +18,14 @@ import http.client
 import json
 import os
 import shutil
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .checkpoint import atomic_write
 
 TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -68,16 +69,15 @@ def check_sha256(path: Path, expected: str) -> Path:
 
 
 def download(url: str, dest: Path, sha256: str | None = None) -> Path:
-    """Fetch url to dest atomically: a temp file beside dest, verified, then renamed over it.
+    """Fetch url to dest atomically (checkpoint.atomic_write): into a temp file beside dest, verified, then renamed.
 
     A failed or mismatching download leaves dest as it was (absent, or the old file)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
-    try:
+
+    def fetch(tmp: Path) -> None:
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
+            with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=30) as resp:
                 shutil.copyfileobj(resp, out, 1 << 20)
         except (OSError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
             raise RuntimeError(
@@ -86,11 +86,8 @@ def download(url: str, dest: Path, sha256: str | None = None) -> Path:
                 f"or put it at {dest}") from e
         if sha256 is not None:
             check_sha256(tmp, sha256)
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dest
+
+    return atomic_write(dest, fetch)
 
 
 def resolve_text_path(data: str | Path | None = None, name: str = "tinyshakespeare") -> Path:
@@ -158,7 +155,8 @@ def tokenizer_sha256(tokenizer) -> str:
 
 
 def id_dtype(vocab_size: int) -> type:
-    """The narrowest unsigned integer that holds every id: uint16 up to 65,536 ids, else uint32."""
+    """The narrowest unsigned integer that holds every id 0..vocab_size-1: uint16 (ids up to 65,535,
+    so vocab_size up to 65,536), else uint32. The one definition: every cache and memmap of ids uses it."""
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
@@ -179,12 +177,5 @@ def cached_token_ids(text_path: str | Path, tokenizer, cache: str | Path | None 
         if len(ids) == 0:
             raise ValueError(f"{text_path}: the text encodes to no tokens; nothing to train on")
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(ids.tobytes())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, ids.tofile)
     return np.memmap(path, dtype=dtype, mode="r")

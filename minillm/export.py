@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .checkpoint import load_model
 from .config import ModelConfig
-from .tokenizer import GPT2_PAT
+from .tokenizer import GPT2_PAT, bytes_to_token, merges_from_ranks
 
 
 class ExportError(ValueError):
@@ -106,7 +106,6 @@ def hf_tensors(model) -> dict[str, torch.Tensor]:
 
 def hf_tokenizer_files(tokenizer, block_size: int) -> dict[str, dict]:
     """tokenizer.json and tokenizer_config.json contents for `tokenizer`."""
-    from .convert import bytes_to_token, merges_from_ranks
     if tokenizer.kind == "char":
         tj = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
               "pre_tokenizer": {"type": "Split", "pattern": {"Regex": r"[\s\S]"}, "behavior": "Isolated", "invert": False},

@@ -234,3 +234,64 @@ def complete_utf8_prefix(b: bytes) -> int:
             need = 1 if byte < 0xC0 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4 if byte < 0xF8 else 1
             return len(b) if back >= need else len(b) - back
     return len(b)  # only continuation bytes: invalid anyway, emit (as U+FFFD)
+
+
+# ----------------------------------------------------------------------------- byte-level BPE as text
+# Hugging Face and GGUF vocabularies map *printable* strings to ids: GPT-2 wrote each byte as a
+# printable unicode character so that vocab and merges are text. tiktoken (and BPETokenizer) work
+# on the bytes themselves; these helpers go between the two.
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table byte -> printable character: printable Latin-1 bytes map to themselves, the other
+    68 bytes (controls, space, ...) to chr(256), chr(257), ... in byte order (so space is 'Ġ' = chr(288))."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+BYTE_ENCODER = bytes_to_unicode()
+BYTE_DECODER = {c: b for b, c in BYTE_ENCODER.items()}
+
+
+def bytes_to_token(b: bytes) -> str:
+    """Token bytes -> the printable string a Hugging Face / GGUF vocabulary holds."""
+    return "".join(BYTE_ENCODER[x] for x in b)
+
+
+def token_to_bytes(token: str) -> bytes:
+    """The inverse of bytes_to_token; a ValueError for a string outside GPT-2's byte table."""
+    try:
+        return bytes(BYTE_DECODER[c] for c in token)
+    except KeyError as e:
+        raise ValueError(f"token {token!r} is not byte-level BPE (character {e.args[0]!r} is outside GPT-2's "
+                         f"byte table); only byte-level BPE tokenizers are supported") from None
+
+
+def merges_from_ranks(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge list that tiktoken ranks imply: each multi-byte token's merge pair, in rank order. A
+    token's pair is what BPE leaves when it runs on the token's own bytes using only lower ranks (two
+    parts remain). A ValueError for a token that no merge of lower-ranked tokens builds."""
+    merges = []
+    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(tok) < 2:
+            continue
+        parts = [tok[i:i + 1] for i in range(len(tok))]
+        while len(parts) > 2:
+            best, at = None, -1
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and r < rank and (best is None or r < best):
+                    best, at = r, i
+            if best is None:
+                break
+            parts[at:at + 2] = [parts[at] + parts[at + 1]]
+        if len(parts) != 2:
+            raise ValueError(f"token {tok!r} (rank {rank}) cannot be built by merging lower-ranked tokens")
+        merges.append((parts[0], parts[1]))
+    return merges

@@ -120,6 +120,34 @@ def test_save_is_atomic(saved, monkeypatch):
     assert sorted(os.listdir(path.parent)) == [path.name]
 
 
+def test_atomic_write_makes_a_normal_file(saved, tmp_path):
+    """The one atomic write (checkpoints, converted files, token caches, downloads): the file gets the
+    mode any new file gets (0o666 less the umask); a failing write leaves the old file and no temp file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    saved_path = saved[0]
+    assert saved_path.stat().st_mode & 0o777 == 0o666 & ~umask  # safetensors alone would make it 0o600
+    (tmp_path / "d").mkdir()
+    path = checkpoint.atomic_write(tmp_path / "d" / "a.bin", lambda tmp: tmp.write_bytes(b"new"))
+    assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+    def fail(tmp):
+        tmp.write_bytes(b"half")
+        raise ValueError("write failed")
+    with pytest.raises(ValueError, match="write failed"):
+        checkpoint.atomic_write(path, fail)
+    assert path.read_bytes() == b"new" and os.listdir(path.parent) == ["a.bin"]
+
+
+def test_skip_init_on_meta_skips_only_meta_tensors():
+    """Inside SkipInitOnMeta an initializer leaves a meta tensor alone and still runs on a real one."""
+    real, meta = torch.zeros(1000), torch.empty(1000, device="meta")
+    with checkpoint.SkipInitOnMeta():
+        assert torch.nn.init.normal_(meta) is meta and meta.zero_() is meta
+        torch.nn.init.normal_(real)
+    assert real.std() > 0.5
+
+
 def test_save_into_missing_directory(saved, tmp_path):
     _, model, tok = saved
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -151,9 +179,9 @@ def test_training_state_roundtrip(tmp_path):
 
 def test_loading_builds_the_skeleton_without_running_ops_on_meta(tmp_path):
     """empty_model runs no initializer or other op on meta tensors: the first such op makes torch
-    import its Python meta kernels (sympy and ~800 modules, ~70 MiB resident for the rest of the
-    process). Checked in a fresh process, for a float and an int4 checkpoint; the model still works
-    and torch.nn.init is intact afterwards."""
+    import its Python meta kernels and sympy, resident for the rest of the process (bench/README.md).
+    Checked in a fresh process, for a float and an int4 checkpoint; the model still works and
+    torch.nn.init is intact afterwards."""
     import subprocess
     import sys
     code = f"""

@@ -19,10 +19,11 @@ gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 from minillm.checkpoint import load_model  # noqa: E402
-from minillm.convert import LLAMA3_PAT, ConvertError, bytes_to_token, convert, merges_from_ranks  # noqa: E402
+from minillm.convert import LLAMA3_PAT, ConvertError, convert  # noqa: E402
 from minillm.convert.rope import permute, unpermute  # noqa: E402
 from minillm.kv_cache import KVCache  # noqa: E402
 from minillm.model import apply_rope  # noqa: E402
+from minillm.tokenizer import bytes_to_token, merges_from_ranks  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 
@@ -201,7 +202,7 @@ def test_unknown_gguf_architecture(tiny_gguf):
 
 def test_missing_gguf_tensor(tiny_gguf):
     d, hf, ranks = tiny_gguf
-    _fails(write_gguf(d / "t.gguf", hf, ranks, skip={"blk.1.ffn_up.weight"}), d / "out", "no tensor 'blk.1.ffn_up.weight'")
+    _fails(write_gguf(d / "t.gguf", hf, ranks, skip={"blk.1.ffn_up.weight"}), d / "out", "missing tensor 'blk.1.ffn_up.weight'")
 
 
 def test_unknown_pre_tokenizer(tiny_gguf):

@@ -13,11 +13,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from minillm.checkpoint import load_model  # noqa: E402
-from minillm.convert import LLAMA3_PAT, ConvertError, bytes_to_token, convert, merges_from_ranks  # noqa: E402
+from minillm.convert import LLAMA3_PAT, ConvertError, convert  # noqa: E402
 from minillm.convert.__main__ import main as convert_main  # noqa: E402
 from minillm.export import hf_tokenizer_files  # noqa: E402
 from minillm.kv_cache import KVCache  # noqa: E402
-from minillm.tokenizer import BPETokenizer  # noqa: E402
+from minillm.tokenizer import BPETokenizer, bytes_to_token, merges_from_ranks  # noqa: E402
 
 TOL = 1e-4  # fp32; observed max |diff| ~1e-6 on these models
 

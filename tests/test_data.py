@@ -199,3 +199,23 @@ def test_get_batch_on_cuda():
     assert x.is_cuda and y.is_cuda and x.dtype == torch.int64
     torch.cuda.synchronize()
     assert torch.equal(y[:, :-1].cpu(), x[:, 1:].cpu())
+
+
+def test_token_cache_keeps_the_largest_uint16_id(tmp_path):
+    """id_dtype: a vocabulary of 65,536 ids (0..65535) is stored as uint16, one more id needs uint32;
+    the cached ids read back exactly either way."""
+    class Ids:  # a stand-in tokenizer: every text encodes to the first and the last id
+        def __init__(self, vocab_size):
+            self.vocab_size = vocab_size
+
+        def encode(self, text):
+            return [0, self.vocab_size - 1]
+
+        def to_dict(self):
+            return {"kind": "test", "vocab_size": self.vocab_size}
+
+    text = tmp_path / "t.txt"
+    text.write_text("x")
+    for vocab_size, dtype in ((2**16, np.uint16), (2**16 + 1, np.uint32)):
+        ids = data.cached_token_ids(text, Ids(vocab_size), cache=tmp_path / "cache")
+        assert ids.dtype == dtype and ids.tolist() == [0, vocab_size - 1]

@@ -13,6 +13,7 @@ from minillm.checkpoint import CheckpointError, load_model, save_model
 from minillm.config import preset
 from minillm.kv_cache import KVCache
 from minillm.model import Transformer
+from minillm.quantize.__main__ import main as quantize_main
 from minillm.tokenizer import CharTokenizer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak.\n"
@@ -158,11 +159,11 @@ def test_cli_end_to_end(tmp_path, capsys):
     tok = CharTokenizer.from_text(TEXT)
     src, out = tmp_path / "f.safetensors", tmp_path / "q.safetensors"
     save_model(src, tiny("llama"), tok)
-    Q.main([str(src), "--out", str(out), "--bits", "4", "--group-size", "64"])
+    quantize_main([str(src), "--out", str(out), "--bits", "4", "--group-size", "64"])
     assert "int4 group 64" in capsys.readouterr().out
     assert load_model(out).model.quantization == {"bits": 4, "group_size": 64, "embedding_bits": 8}
     with pytest.raises(SystemExit, match="already quantized"):
-        Q.main([str(out), "--out", str(tmp_path / "qq.safetensors"), "--bits", "8"])
+        quantize_main([str(out), "--out", str(tmp_path / "qq.safetensors"), "--bits", "8"])
 
 
 # ----------------------------------------------------------------------------- errors

@@ -6,7 +6,8 @@ import pytest
 import tiktoken
 from hypothesis import given, settings, strategies as st
 
-from minillm.tokenizer import GPT2_PAT, BPETokenizer, CharTokenizer, IncrementalDecoder, tokenizer_from_dict
+from minillm.tokenizer import (BYTE_ENCODER, GPT2_PAT, BPETokenizer, CharTokenizer, IncrementalDecoder, bytes_to_token,
+                               merges_from_ranks, token_to_bytes, tokenizer_from_dict)
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +144,25 @@ def test_partial_character_is_held_back(gpt2):
     dec = IncrementalDecoder(gpt2)
     assert [dec.feed(i) for i in ids[:-1]] == [""] * (len(ids) - 1)
     assert dec.feed(ids[-1]) == "🤖"
+
+
+# ----------------------------------------------------------------------------- byte-level BPE as text
+
+def test_byte_table_is_printable_and_invertible():
+    assert len(set(BYTE_ENCODER.values())) == 256 and all(c.isprintable() and not c.isspace() for c in BYTE_ENCODER.values())
+    assert bytes_to_token(b" hello\n") == "Ġhello" + chr(266) and bytes_to_token(b"A\xff") == "Aÿ"
+    every_byte = bytes(range(256))
+    assert token_to_bytes(bytes_to_token(every_byte)) == every_byte
+    with pytest.raises(ValueError, match="not byte-level BPE"):
+        token_to_bytes("▁hello")  # SentencePiece's space marker is outside the table
+
+
+def test_merges_from_ranks_rebuilds_every_token(gpt2_ranks_512):
+    """Each multi-byte token comes from exactly one merge of two lower-ranked tokens, in rank order."""
+    merges = merges_from_ranks(gpt2_ranks_512)
+    assert len(merges) == len(gpt2_ranks_512) - 256
+    ranks = [gpt2_ranks_512[a + b] for a, b in merges]
+    assert ranks == sorted(ranks)
+    assert all(gpt2_ranks_512[a] < gpt2_ranks_512[a + b] and gpt2_ranks_512[b] < gpt2_ranks_512[a + b] for a, b in merges)
+    with pytest.raises(ValueError, match="cannot be built"):
+        merges_from_ranks({b"a": 0, b"b": 1, b"abc": 2})

@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+from ..checkpoint import read_metadata
 from . import DTYPES, ConvertError, convert
 
 
@@ -33,7 +34,6 @@ def main(argv=None) -> int:
     size = out.stat().st_size
     what = args.dtype
     if args.keep_quant:
-        from ..checkpoint import read_metadata
         meta = read_metadata(out)
         what = f"quantized {meta['quantization']}; " + ", ".join(
             f"{n} {k}" for k, n in json.loads(meta["provenance"])["keep_quant"].items())

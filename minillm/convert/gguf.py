@@ -26,9 +26,18 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from ..tokenizer import BPETokenizer
-from . import GGUF_PRE, ConvertError, Source, Tensor, ranks_from_vocab
+from ..tokenizer import GPT2_PAT, BPETokenizer
 from .rope import unpermute
+from .source import ConvertError, Source, Tensor, TensorMap
+from .vocab import LLAMA3_PAT, ranks_from_vocab
+
+# `tokenizer.ggml.pre` (llama.cpp's pre-tokenizer names) -> (regex, split digits one per token first)
+GGUF_PRE = {
+    "gpt2": (GPT2_PAT, False),
+    "smollm": (GPT2_PAT, True),  # llama.cpp: digits one per token, then the GPT-2 regex
+    "llama-bpe": (LLAMA3_PAT, False),
+    "llama3": (LLAMA3_PAT, False),
+}
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -119,7 +128,7 @@ def _dequantize(t, transform=None):
 
 # Q4_0 / Q4_1 blocks: 32 consecutive inputs of one row share a float16 scale d (and, Q4_1, a minimum m);
 # bytes = d [, m], then 16 bytes of codes: byte j holds input j in its low nibble and input j + 16 in
-# its high nibble. Q4_0: w = d * (q - 8); Q4_1: w = d * q + m. Ours (quantize.py): w = (q - 8) * scale + zero,
+# its high nibble. Q4_0: w = d * (q - 8); Q4_1: w = d * q + m. Ours (minillm.quantize): w = (q - 8) * scale + zero,
 # so scale = d with zero = 0 (Q4_0) or m + 8 d (Q4_1): same codes, same values (zero computed in float32).
 Q4_BLOCK = {"Q4_0": 18, "Q4_1": 20}  # bytes per block of 32
 
@@ -163,40 +172,38 @@ def load_gguf(path: Path) -> Source:
     by_name = {t.name: t for t in reader.tensors}
     shapes = {n: tuple(int(x) for x in reversed(t.shape)) for n, t in by_name.items()}  # (out, in)
     cfg = config_from_gguf(meta, shapes)
-    C, H, hd = cfg.n_embd, cfg.mlp_hidden, cfg.head_dim
-
-    tensors: dict[str, Tensor] = {}
-    used = set()
-
-    def take(ours, theirs, shape, transform=None):
-        if theirs not in by_name:
-            raise ConvertError(f"GGUF has no tensor {theirs!r} (needed for {ours!r})")
-        if shapes[theirs] != shape:
-            raise ConvertError(f"GGUF tensor {theirs!r} has shape {shapes[theirs]}, but the metadata implies {shape}")
-        t = by_name[theirs]
-        tensors[ours] = Tensor(shape, _dequantize(t, transform), theirs, kind=t.tensor_type.name, codes=_codes(t, transform))
-        used.add(theirs)
-
-    take("tok_emb.weight", "token_embd.weight", (cfg.vocab_size, C))
-    for i in range(cfg.n_layer):
-        g, b = f"blk.{i}.", f"blocks.{i}."
-        take(f"{b}attn_norm.weight", f"{g}attn_norm.weight", (C,))
-        take(f"{b}attn.q_proj.weight", f"{g}attn_q.weight", (cfg.n_head * hd, C), lambda w: unpermute(w, cfg.n_head))
-        take(f"{b}attn.k_proj.weight", f"{g}attn_k.weight", (cfg.n_kv_head * hd, C), lambda w: unpermute(w, cfg.n_kv_head))
-        take(f"{b}attn.v_proj.weight", f"{g}attn_v.weight", (cfg.n_kv_head * hd, C))
-        take(f"{b}attn.o_proj.weight", f"{g}attn_output.weight", (C, cfg.n_head * hd))
-        take(f"{b}mlp_norm.weight", f"{g}ffn_norm.weight", (C,))
-        take(f"{b}mlp.gate_proj.weight", f"{g}ffn_gate.weight", (H, C))
-        take(f"{b}mlp.up_proj.weight", f"{g}ffn_up.weight", (H, C))
-        take(f"{b}mlp.down_proj.weight", f"{g}ffn_down.weight", (C, H))
-    take("norm.weight", "output_norm.weight", (C,))
-    if not cfg.tie_embeddings:
-        take("lm_head.weight", "output.weight", (cfg.vocab_size, C))
-    unused = sorted(set(by_name) - used)
-    if unused:
-        raise ConvertError(f"GGUF tensor {unused[0]!r} is not used by a llama model ({len(unused)} unused); "
-                           f"unsupported architecture variant?")
+    tensors = _llama_map(cfg, by_name, shapes)
     tokenizer = tokenizer_from_gguf(meta, path.stem)
     provenance = {"source": str(Path(path).resolve()), "source_format": "gguf",
                   "general.name": meta.get("general.name"), "general.file_type": meta.get("general.file_type")}
     return Source(cfg, tokenizer, tensors, provenance)
+
+
+def _llama_map(cfg: ModelConfig, by_name: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """Our names -> recipes (dequantize; q/k rows un-permuted), every GGUF tensor used exactly once."""
+    def recipe(name: str, transform, shape: tuple[int, ...]) -> Tensor:
+        t = by_name[name]
+        return Tensor(shape, _dequantize(t, transform), name, kind=t.tensor_type.name, codes=_codes(t, transform))
+
+    m = TensorMap(shapes, "the GGUF metadata", recipe)
+    C, H, hd = cfg.n_embd, cfg.mlp_hidden, cfg.head_dim
+    m.take("tok_emb.weight", "token_embd.weight", (cfg.vocab_size, C))
+    for i in range(cfg.n_layer):
+        g, b = f"blk.{i}.", f"blocks.{i}."
+        m.take(f"{b}attn_norm.weight", f"{g}attn_norm.weight", (C,))
+        m.take(f"{b}attn.q_proj.weight", f"{g}attn_q.weight", (cfg.n_head * hd, C), lambda w: unpermute(w, cfg.n_head))
+        m.take(f"{b}attn.k_proj.weight", f"{g}attn_k.weight", (cfg.n_kv_head * hd, C), lambda w: unpermute(w, cfg.n_kv_head))
+        m.take(f"{b}attn.v_proj.weight", f"{g}attn_v.weight", (cfg.n_kv_head * hd, C))
+        m.take(f"{b}attn.o_proj.weight", f"{g}attn_output.weight", (C, cfg.n_head * hd))
+        m.take(f"{b}mlp_norm.weight", f"{g}ffn_norm.weight", (C,))
+        m.take(f"{b}mlp.gate_proj.weight", f"{g}ffn_gate.weight", (H, C))
+        m.take(f"{b}mlp.up_proj.weight", f"{g}ffn_up.weight", (H, C))
+        m.take(f"{b}mlp.down_proj.weight", f"{g}ffn_down.weight", (C, H))
+    m.take("norm.weight", "output_norm.weight", (C,))
+    if not cfg.tie_embeddings:
+        m.take("lm_head.weight", "output.weight", (cfg.vocab_size, C))
+    unused = m.unused()
+    if unused:
+        raise ConvertError(f"GGUF tensor {unused[0]!r} is not used by a llama model ({len(unused)} unused); "
+                           f"unsupported architecture variant?")
+    return m.tensors

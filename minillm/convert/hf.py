@@ -28,15 +28,18 @@ A tied model's lm_head.weight, if saved anyway, is a copy of the embedding and i
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..config import ModelConfig
 from ..tokenizer import GPT2_PAT, BPETokenizer, CharTokenizer
-from . import LLAMA3_PAT, ConvertError, Source, Tensor, ranks_from_vocab
+from .source import ConvertError, Source, Tensor, TensorMap
+from .vocab import LLAMA3_PAT, ranks_from_vocab
 
 SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama"}
@@ -97,7 +100,6 @@ class Weights:
 
     def _names(self, f: Path) -> list[str]:
         if f.suffix == ".safetensors":
-            from safetensors import safe_open
             try:
                 h = safe_open(str(f), framework="pt")
                 names = list(h.keys())
@@ -131,6 +133,12 @@ class Weights:
         f = self.where[name]
         t = self._bin[f][name] if f in self._bin else self._open[f].get_tensor(name)
         return t.float() if t.is_floating_point() else t
+
+    def tensor_map(self) -> TensorMap:
+        """A TensorMap over this directory's tensors: each recipe reads its tensor lazily, as float."""
+        def recipe(name: str, transform, shape: tuple[int, ...]) -> Tensor:
+            return Tensor(shape, (lambda: transform(self.get(name))) if transform else (lambda: self.get(name)), name)
+        return TensorMap({name: self.shape(name) for name in self.where}, "config.json", recipe)
 
 
 # ----------------------------------------------------------------------------- config
@@ -188,23 +196,15 @@ def config_from_hf(c: dict) -> ModelConfig:
 
 # ----------------------------------------------------------------------------- name maps
 
-def _gpt2_map(cfg: ModelConfig, w: Weights) -> tuple[dict[str, Tensor], set[str]]:
+def _gpt2_map(cfg: ModelConfig, w: Weights) -> tuple[dict[str, Tensor], list[str]]:
+    """Our names -> recipes for a GPT-2 directory, and the source tensors left unused."""
     pre = "transformer." if "transformer.wte.weight" in w.where else ""
     C, H = cfg.n_embd, cfg.mlp_hidden
-    m: dict[str, Tensor] = {}
+    m = w.tensor_map()
 
-    def take(ours, theirs, want_shape, fn=lambda t: t, out_shape=None):
-        name = pre + theirs
-        if name not in w.where:
-            raise ConvertError(f"missing tensor {name!r} (needed for {ours!r})")
-        got = w.shape(name)
-        if got != want_shape:
-            raise ConvertError(f"tensor {name!r} has shape {got}, but config.json implies {want_shape}: "
-                               f"config and weights disagree")
-        m[ours] = Tensor(out_shape or want_shape, lambda: fn(w.get(name)), name)
-        used.add(name)
+    def take(ours, theirs, *rest):  # every name but lm_head's sits under the optional prefix
+        m.take(ours, pre + theirs, *rest)
 
-    used: set[str] = set()
     take("tok_emb.weight", "wte.weight", (cfg.vocab_size, C))
     take("pos_emb.weight", "wpe.weight", (cfg.block_size, C))
     for i in range(cfg.n_layer):
@@ -223,47 +223,34 @@ def _gpt2_map(cfg: ModelConfig, w: Weights) -> tuple[dict[str, Tensor], set[str]
     take("norm.weight", "ln_f.weight", (C,))
     take("norm.bias", "ln_f.bias", (C,))
     if not cfg.tie_embeddings:
-        pre = ""  # lm_head sits outside the "transformer." prefix
-        take("lm_head.weight", "lm_head.weight", (cfg.vocab_size, C))
-    ignore = re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$|^lm_head\.weight$")
-    return m, {n for n in w.where if n not in used and not ignore.match(n)}
+        m.take("lm_head.weight", "lm_head.weight", (cfg.vocab_size, C))
+    return m.tensors, m.unused(ignore=re.compile(r"^(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$|^lm_head\.weight$"))
 
 
-def _llama_map(cfg: ModelConfig, w: Weights) -> tuple[dict[str, Tensor], set[str]]:
+def _llama_map(cfg: ModelConfig, w: Weights) -> tuple[dict[str, Tensor], list[str]]:
+    """Our names -> recipes for a LLaMA-style directory (names only: the layouts are ours), and the unused rest."""
     C, H, hd = cfg.n_embd, cfg.mlp_hidden, cfg.head_dim
-    m: dict[str, Tensor] = {}
-    used: set[str] = set()
-
-    def take(ours, name, shape):
-        if name not in w.where:
-            raise ConvertError(f"missing tensor {name!r} (needed for {ours!r})")
-        got = w.shape(name)
-        if got != shape:
-            raise ConvertError(f"tensor {name!r} has shape {got}, but config.json implies {shape}: config and weights disagree")
-        m[ours] = Tensor(shape, lambda: w.get(name), name)
-        used.add(name)
-
-    take("tok_emb.weight", "model.embed_tokens.weight", (cfg.vocab_size, C))
+    m = w.tensor_map()
+    m.take("tok_emb.weight", "model.embed_tokens.weight", (cfg.vocab_size, C))
     for i in range(cfg.n_layer):
         h, b = f"model.layers.{i}.", f"blocks.{i}."
-        take(f"{b}attn_norm.weight", f"{h}input_layernorm.weight", (C,))
-        take(f"{b}mlp_norm.weight", f"{h}post_attention_layernorm.weight", (C,))
+        m.take(f"{b}attn_norm.weight", f"{h}input_layernorm.weight", (C,))
+        m.take(f"{b}mlp_norm.weight", f"{h}post_attention_layernorm.weight", (C,))
         for x, rows in (("q", cfg.n_head * hd), ("k", cfg.n_kv_head * hd), ("v", cfg.n_kv_head * hd)):
-            take(f"{b}attn.{x}_proj.weight", f"{h}self_attn.{x}_proj.weight", (rows, C))
+            m.take(f"{b}attn.{x}_proj.weight", f"{h}self_attn.{x}_proj.weight", (rows, C))
             if cfg.bias:
-                take(f"{b}attn.{x}_proj.bias", f"{h}self_attn.{x}_proj.bias", (rows,))
-        take(f"{b}attn.o_proj.weight", f"{h}self_attn.o_proj.weight", (C, cfg.n_head * hd))
+                m.take(f"{b}attn.{x}_proj.bias", f"{h}self_attn.{x}_proj.bias", (rows,))
+        m.take(f"{b}attn.o_proj.weight", f"{h}self_attn.o_proj.weight", (C, cfg.n_head * hd))
         for x, shape in (("gate", (H, C)), ("up", (H, C)), ("down", (C, H))):
-            take(f"{b}mlp.{x}_proj.weight", f"{h}mlp.{x}_proj.weight", shape)
+            m.take(f"{b}mlp.{x}_proj.weight", f"{h}mlp.{x}_proj.weight", shape)
             if cfg.bias:
-                take(f"{b}mlp.{x}_proj.bias", f"{h}mlp.{x}_proj.bias", (shape[0],))
+                m.take(f"{b}mlp.{x}_proj.bias", f"{h}mlp.{x}_proj.bias", (shape[0],))
         if cfg.bias:
-            take(f"{b}attn.o_proj.bias", f"{h}self_attn.o_proj.bias", (C,))
-    take("norm.weight", "model.norm.weight", (C,))
+            m.take(f"{b}attn.o_proj.bias", f"{h}self_attn.o_proj.bias", (C,))
+    m.take("norm.weight", "model.norm.weight", (C,))
     if not cfg.tie_embeddings:
-        take("lm_head.weight", "lm_head.weight", (cfg.vocab_size, C))
-    ignore = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$|^lm_head\.weight$")
-    return m, {n for n in w.where if n not in used and not ignore.match(n)}
+        m.take("lm_head.weight", "lm_head.weight", (cfg.vocab_size, C))
+    return m.tensors, m.unused(ignore=re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$|^lm_head\.weight$"))
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -297,84 +284,122 @@ def _pre_tokenizer(pt: dict | None, where: Path) -> tuple[str, bool]:
 
 
 def tokenizer_from_hf(d: Path, name: str) -> BPETokenizer | CharTokenizer:
-    """tokenizer.json (preferred; also a single-character WordLevel vocabulary), or vocab.json + merges.txt (GPT-2), or a tiktoken tokenizer.model (Llama 3)."""
-    tc_path = d / "tokenizer_config.json"
+    """The tokenizer of HF directory `d`, from the first of: tokenizer.json (byte-level BPE, or a
+    single-character WordLevel vocabulary as minillm.export writes), vocab.json + merges.txt (GPT-2),
+    a tiktoken tokenizer.model (Llama 3). Special tokens, BOS/EOS and the chat template come from
+    tokenizer_config.json (and generation_config.json's extra stop ids)."""
+    tc_path, tj_path = d / "tokenizer_config.json", d / "tokenizer.json"
     tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
-    specials: dict[str, int] = {}
-    for i, t in (tc.get("added_tokens_decoder") or {}).items():
-        specials[t["content"]] = int(i)
-    tj_path = d / "tokenizer.json"
-    add_bos = tc.get("add_bos_token")
-    if tj_path.is_file():
-        tj = json.loads(tj_path.read_text(encoding="utf-8"))
-        model = tj.get("model") or {}
-        vocab = model.get("vocab") or {}
-        if model.get("type") == "WordLevel" and all(len(t) == 1 for t in vocab) and \
-                sorted(vocab, key=vocab.get) == sorted(vocab) == [t for t, _ in sorted(vocab.items())] and \
-                sorted(vocab.values()) == list(range(len(vocab))):
-            return CharTokenizer("".join(vocab))  # one id per character, as minillm.export writes char vocabularies
-        if model.get("type") != "BPE":
-            raise ConvertError(f"{tj_path}: tokenizer model {model.get('type')!r} is not supported (only byte-level BPE)")
-        if model.get("byte_fallback") or tj.get("normalizer"):
-            raise ConvertError(f"{tj_path}: a SentencePiece-style BPE (byte_fallback / normalizer); SentencePiece "
-                               f"tokenizers (Llama 2, TinyLlama, ...) are not supported, only byte-level BPE")
-        pat, split_digits = _pre_tokenizer(tj.get("pre_tokenizer"), tj_path)
-        for t in tj.get("added_tokens") or []:
-            specials[t["content"]] = t["id"]
-        ranks = ranks_from_vocab(model["vocab"], model.get("merges") or [], specials, name)
-        post = tj.get("post_processor") or {}
-        if add_bos is None and post.get("type") == "TemplateProcessing":
-            first = (post.get("single") or [{}])[0]
-            add_bos = "SpecialToken" in first
-            if add_bos and not tc.get("bos_token"):
-                tc["bos_token"] = first["SpecialToken"]["id"]
+    specials = {t["content"]: int(i) for i, t in (tc.get("added_tokens_decoder") or {}).items()}
+    tj = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.is_file() else None
+    if tj is not None:
+        chars = _char_vocab(tj)
+        if chars is not None:
+            return CharTokenizer(chars)
+        ranks, pat, split_digits = _bpe_from_tokenizer_json(tj, tj_path, specials, name)
     elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-        vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
-        lines = (d / "merges.txt").read_text(encoding="utf-8").splitlines()
-        merges = [ln for ln in lines if ln and not ln.startswith("#version")]
-        if "<|endoftext|>" in vocab:
-            specials.setdefault("<|endoftext|>", vocab["<|endoftext|>"])
-        pat, split_digits = GPT2_PAT, False
-        ranks = ranks_from_vocab(vocab, merges, specials, name)
+        ranks, pat, split_digits = _bpe_from_vocab_and_merges(d, specials, name)
     elif (d / "tokenizer.model").is_file():
-        raw = (d / "tokenizer.model").read_bytes()
-        try:
-            import base64
-            ranks = {}
-            for line in raw.decode("ascii").splitlines():
-                if line:
-                    tok, rank = line.split()
-                    ranks[base64.b64decode(tok)] = int(rank)
-        except (UnicodeDecodeError, ValueError):
-            raise ConvertError(f"{d / 'tokenizer.model'}: a SentencePiece model; SentencePiece tokenizers "
-                               f"(Llama 2, TinyLlama, ...) are not supported, only byte-level BPE") from None
-        if not specials:
-            raise ConvertError(f"{d / 'tokenizer.model'}: a tiktoken rank file without its special tokens; put the "
-                               f"model's tokenizer_config.json (added_tokens_decoder) beside it")
-        pat, split_digits = LLAMA3_PAT, False
+        ranks, pat, split_digits = _bpe_from_tiktoken_file(d / "tokenizer.model", specials)
     else:
         raise ConvertError(f"{d}: no tokenizer found (expected tokenizer.json, vocab.json + merges.txt, "
                            f"or a tiktoken tokenizer.model)")
+    bos, add_bos = _special(tc.get("bos_token")), tc.get("add_bos_token")
+    if add_bos is None and tj is not None:
+        add_bos, bos = _bos_from_post_processor(tj, bos)
+    bos = bos if bos in specials else None
+    try:
+        return BPETokenizer(name, pat, ranks, specials, bos_token=bos, eos_tokens=_eos_tokens(d, tc, specials),
+                            add_bos=bool(add_bos and bos), chat_template=_chat_template(d, tc),
+                            pre_split_digits=split_digits)
+    except ValueError as e:
+        raise ConvertError(f"{d}: tokenizer cannot be built ({e})") from e
 
-    bos = _special(tc.get("bos_token"))
+
+def _char_vocab(tj: dict) -> str | None:
+    """The characters of a WordLevel vocabulary with one id per character, in order (minillm.export's char
+    tokenizers), else None."""
+    model = tj.get("model") or {}
+    vocab = model.get("vocab") or {}
+    if (model.get("type") == "WordLevel" and all(len(t) == 1 for t in vocab)
+            and sorted(vocab, key=vocab.get) == sorted(vocab) and sorted(vocab.values()) == list(range(len(vocab)))):
+        return "".join(sorted(vocab))
+    return None
+
+
+def _bpe_from_tokenizer_json(tj: dict, where: Path, specials: dict[str, int], name: str) -> tuple[dict[bytes, int], str, bool]:
+    """tokenizer.json -> (ranks, pre-tokenizer regex, split digits first); its added tokens join `specials`."""
+    model = tj.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ConvertError(f"{where}: tokenizer model {model.get('type')!r} is not supported (only byte-level BPE)")
+    if model.get("byte_fallback") or tj.get("normalizer"):
+        raise ConvertError(f"{where}: a SentencePiece-style BPE (byte_fallback / normalizer); SentencePiece "
+                           f"tokenizers (Llama 2, TinyLlama, ...) are not supported, only byte-level BPE")
+    pat, split_digits = _pre_tokenizer(tj.get("pre_tokenizer"), where)
+    for t in tj.get("added_tokens") or []:
+        specials[t["content"]] = t["id"]
+    return ranks_from_vocab(model["vocab"], model.get("merges") or [], specials, name), pat, split_digits
+
+
+def _bpe_from_vocab_and_merges(d: Path, specials: dict[str, int], name: str) -> tuple[dict[bytes, int], str, bool]:
+    """GPT-2's vocab.json + merges.txt -> (ranks, GPT-2's regex, False); <|endoftext|> joins `specials`."""
+    vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
+    lines = (d / "merges.txt").read_text(encoding="utf-8").splitlines()
+    merges = [ln for ln in lines if ln and not ln.startswith("#version")]
+    if "<|endoftext|>" in vocab:
+        specials.setdefault("<|endoftext|>", vocab["<|endoftext|>"])
+    return ranks_from_vocab(vocab, merges, specials, name), GPT2_PAT, False
+
+
+def _bpe_from_tiktoken_file(path: Path, specials: dict[str, int]) -> tuple[dict[bytes, int], str, bool]:
+    """Llama 3's tokenizer.model (tiktoken: base64 token and rank per line) -> (ranks, Llama 3's regex, False).
+    A SentencePiece model under the same name is refused."""
+    ranks = {}
+    try:
+        for line in path.read_bytes().decode("ascii").splitlines():
+            if line:
+                tok, rank = line.split()
+                ranks[base64.b64decode(tok)] = int(rank)
+    except (UnicodeDecodeError, ValueError):
+        raise ConvertError(f"{path}: a SentencePiece model; SentencePiece tokenizers "
+                           f"(Llama 2, TinyLlama, ...) are not supported, only byte-level BPE") from None
+    if not specials:
+        raise ConvertError(f"{path}: a tiktoken rank file without its special tokens; put the "
+                           f"model's tokenizer_config.json (added_tokens_decoder) beside it")
+    return ranks, LLAMA3_PAT, False
+
+
+def _bos_from_post_processor(tj: dict, bos: str | None) -> tuple[bool | None, str | None]:
+    """(add_bos, bos token) as tokenizer.json's TemplateProcessing post-processor implies them, when
+    tokenizer_config.json does not say: BOS is added if the template starts with a special token."""
+    post = tj.get("post_processor") or {}
+    if post.get("type") != "TemplateProcessing":
+        return None, bos
+    first = (post.get("single") or [{}])[0]
+    add_bos = "SpecialToken" in first
+    return add_bos, (bos or first["SpecialToken"]["id"]) if add_bos else bos
+
+
+def _eos_tokens(d: Path, tc: dict, specials: dict[str, int]) -> list[str]:
+    """tokenizer_config.json's eos_token, then generation_config.json's extra stop ids (instruct models
+    often list more, e.g. Llama 3's <|eot_id|>); special tokens only, each once."""
     eos = [_special(tc.get("eos_token"))]
     gen = d / "generation_config.json"
-    if gen.is_file():  # instruct models often list extra stop ids (e.g. Llama 3's <|eot_id|>)
+    if gen.is_file():
         ids = json.loads(gen.read_text()).get("eos_token_id")
         by_id = {i: t for t, i in specials.items()}
         eos += [by_id[i] for i in ([ids] if isinstance(ids, int) else ids or []) if i in by_id]
-    eos = list(dict.fromkeys(t for t in eos if t in specials))
-    bos = bos if bos in specials else None
+    return list(dict.fromkeys(t for t in eos if t in specials))
+
+
+def _chat_template(d: Path, tc: dict) -> str | None:
+    """tokenizer_config.json's chat_template (the default one of several), else chat_template.jinja."""
     chat = tc.get("chat_template")
     if chat is None and (d / "chat_template.jinja").is_file():
         chat = (d / "chat_template.jinja").read_text(encoding="utf-8")
     if isinstance(chat, list):  # several named templates: keep the default one
         chat = next((t["template"] for t in chat if t.get("name") == "default"), None)
-    try:
-        return BPETokenizer(name, pat, ranks, specials, bos_token=bos, eos_tokens=eos, add_bos=bool(add_bos and bos),
-                            chat_template=chat, pre_split_digits=split_digits)
-    except ValueError as e:
-        raise ConvertError(f"{d}: tokenizer cannot be built ({e})") from e
+    return chat
 
 
 # ----------------------------------------------------------------------------- entry
@@ -388,7 +413,7 @@ def load_hf_dir(d: Path) -> Source:
     w = Weights(d)
     tensors, unused = (_gpt2_map if cfg.family == "gpt2" else _llama_map)(cfg, w)
     if unused:
-        first = sorted(unused)[0]
+        first = unused[0]
         raise ConvertError(f"tensor {first!r} in {w.where[first].name} is not used by a {cfg.family} model "
                            f"({len(unused)} unused); unsupported architecture variant?")
     name = d.resolve().name

@@ -1,4 +1,4 @@
-"""`convert --keep-quant`: write a quantized checkpoint (quantize.py's format) straight from a GGUF file.
+"""`convert --keep-quant`: write a quantized checkpoint (minillm.quantize's format) straight from a GGUF file.
 
 A GGUF file is already quantized. Converting it to float and then running `minillm.quantize` would
 quantize twice: our int4 quantizer picks each group's scale from the min and max of the dequantized
@@ -13,8 +13,8 @@ report says so:
         row, and a row of a Q8_0 matrix has K/32 different scales.
     Q4_K, Q5_*, Q6_K, F16, F32, ... -> int4 group 32 or int8, from the dequantized floats.
 The scheme: int4 group 32 for the Linear layers when most of the source's Linear weights are Q4_0/Q4_1,
-else int8; the token embedding and output head int8 (quantize.py's default, and what llama.cpp's Q4
-files do too). Norms are stored in bf16, as quantize.py stores them.
+else int8; the token embedding and output head int8 (minillm.quantize's default, and what llama.cpp's Q4
+files do too). Norms are stored in bf16, as minillm.quantize stores them.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from ..checkpoint import empty_model, model_tensors
 from ..quantize import (COMPUTE_DTYPE, Int4Linear, Int8Linear, QuantEmbedding, make_spec, pack_nibbles,
                         quantize_int4, quantize_int8)
-from . import Entry
+from .source import Entry
 
 KEEP_GROUP = 32  # the block size of Q4_0 / Q4_1
 

@@ -17,8 +17,7 @@ the inverse, i.e. back to interleaved. We keep HF's rotate-half layout (as LitGP
 
 Per head, a weight of shape (n_heads * head_dim, in) is viewed as (n_heads, head_dim/2, 2, in) in the
 interleaved layout (pair index, member of the pair); rotate-half wants (n_heads, 2, head_dim/2, in).
-n_heads is the number of heads *of that matrix*: n_head for q, n_kv_head for k (llama2.c's exporter
-got GQA wrong by using n_head for k).
+n_heads is the number of heads *of that matrix*: n_head for q, n_kv_head for k.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ kernels compute in, so a checkpoint defines its model exactly.
 Kernels (torch 2.13): int8 -> aten._weight_int8pack_mm(x, q (N, K) int8, scale (N,)); int4 on CPU ->
 aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero (K/group, N, 2)) with `packed`
 made by aten._convert_weight_to_int4pack_for_cpu; on CUDA the same without `_for_cpu`. Both want x
-in the dtype of the scales: bf16 is the fast path on CPU (fp32 works but is ~10x slower).
+in the dtype of the scales: bf16 is the fast path on CPU (fp32 works, far slower: bench/README.md).
 The CPU int4 kernel needs N % 16 == 0 (rows are padded with zeros to get there) and group_size in
 {32, 64, 128, 256} dividing K (a group size that does not divide a matrix's K is an error).
 
@@ -32,18 +32,20 @@ With tied embeddings the file holds tok_emb's quantized tensors only; the head i
 The kernel's packed int4 layout is private to torch and depends on the CPU; the file keeps the
 portable nibble layout above and packing happens at load.
 
+The command line (__main__.py) quantizes a float checkpoint:
     python -m minillm.quantize weights/smollm2-135m.safetensors --out weights/smollm2-135m-int4.safetensors --bits 4
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import ctypes
+import ctypes.util
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..model import Transformer
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
@@ -53,8 +55,8 @@ COMPUTE_DTYPE = torch.bfloat16  # scales, zeros, and the activations the kernels
 def make_spec(bits: int, group_size: int | None = None, embedding_bits: int | None = None) -> dict:
     """The scheme as stored in a checkpoint's metadata; a ValueError names any bad value.
     embedding_bits (the token embedding and the output head) defaults to 8: these matrices are the
-    most sensitive ones (on SmolLM2-135M, int4 there costs ~4% perplexity, int8 ~0.3%), and decode
-    reads only one row of the embedding. llama.cpp's Q4 files keep them in 8 bits too."""
+    most sensitive to rounding (bench/README.md has the perplexities), and decode reads only one row
+    of the embedding. llama.cpp's Q4 files keep them in 8 bits too."""
     embedding_bits = 8 if embedding_bits is None else embedding_bits
     for name, b in (("bits", bits), ("embedding_bits", embedding_bits)):
         if b not in BITS:
@@ -227,7 +229,7 @@ class Int4Linear(nn.Module):
         if self.tied:
             return
         if self.packed.is_meta:  # shapes only (checkpoint.expected_shapes builds models on meta; no ops on
-            # meta tensors here: they would import torch's Python meta kernels, ~70 MiB)
+            # meta tensors here: see checkpoint.SkipInitOnMeta)
             nibbles = torch.empty(self.out_features, self.in_features // 2, dtype=torch.uint8, device="meta")
             scale = zero = torch.empty(self.out_features, self.in_features // self.group_size, dtype=COMPUTE_DTYPE, device="meta")
         else:
@@ -348,7 +350,6 @@ def quantize_model(model, bits: int, group_size: int | None = None, embedding_bi
 def empty_quantized(cfg, quant: dict):
     """A Transformer with the quantized modules `quant` (a checkpoint's metadata) names, ready for
     load_state_dict; build it under torch.device("meta")."""
-    from .model import Transformer
     unknown = set(quant) - {"bits", "group_size", "embedding_bits"}
     if unknown:
         raise ValueError(f"unknown quantization fields {sorted(unknown)}")
@@ -361,9 +362,9 @@ def finish_loading(model) -> None:
     """After load_state_dict: give every tensor read from the file its own memory, and build the tied
     head from the embedding.
 
-    Own memory: the int8 kernel segfaulted on the file's tensors (not on copies) with torch 2.11 on an
-    AVX-512 CPU; and once no tensor points into the memory-mapped file, its pages leave the process's
-    resident set (~100 MiB for SmolLM2-135M int4). int4 codes were repacked already."""
+    Own memory: once no tensor points into the memory-mapped file, its pages leave the process's
+    resident set; and the int8 kernel never reads from the file mapping (it has crashed on such
+    tensors: bench/README.md). int4 codes own their memory already (repacked at load)."""
     for m in model.modules():
         if not isinstance(m, Int4Linear):
             for name, b in list(m.named_buffers(recurse=False)):
@@ -377,13 +378,11 @@ def finish_loading(model) -> None:
 
 def release_freed_memory() -> None:
     """Hand memory freed by torch back to the OS now (glibc's malloc_trim; elsewhere nothing).
-    Repacking int4 codes makes a few MB of temporaries per matrix; glibc keeps freed heap memory for
-    reuse, and over the 211 matrices of SmolLM2-135M the heap grew by ~300 MB of free space. Trimming
-    after each matrix keeps the peak near the model's size (load peak RSS 776 -> 536 MiB, +0.2 s)."""
+    Repacking int4 codes makes temporaries for every matrix, and glibc keeps freed heap memory for
+    reuse: without a trim after each matrix, the heap of a loaded model grows by free space that the
+    process never uses again (bench/README.md has the load peaks with and without)."""
     global _malloc_trim
     if _malloc_trim is None:
-        import ctypes
-        import ctypes.util
         try:
             _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
         except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
@@ -393,37 +392,3 @@ def release_freed_memory() -> None:
 
 
 _malloc_trim = None  # looked up on first use
-
-
-# ----------------------------------------------------------------------------- command line
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m minillm.quantize",
-                                 description="Quantize a minillm checkpoint's weights to int8 (per channel) or int4 (group-wise).")
-    ap.add_argument("input", help="a float minillm checkpoint (.safetensors)")
-    ap.add_argument("--out", required=True, help="where to write the quantized checkpoint")
-    ap.add_argument("--bits", type=int, required=True, choices=BITS)
-    ap.add_argument("--group-size", type=int, default=32, choices=GROUP_SIZES,
-                    help="int4 only: inputs sharing one scale and zero (smaller: more accurate, larger file)")
-    ap.add_argument("--embedding-bits", type=int, default=8, choices=BITS,
-                    help="bits for the token embedding and the output head (default 8, also with --bits 4)")
-    args = ap.parse_args(argv)
-    from .checkpoint import load_model, save_model  # lazy: checkpoint imports this module lazily too
-
-    loaded = load_model(args.input)
-    if getattr(loaded.model, "quantization", None):
-        sys.exit(f"error: {args.input} is already quantized ({loaded.model.quantization}); start from a float checkpoint")
-    try:
-        model = quantize_model(loaded.model, args.bits, args.group_size, args.embedding_bits)
-    except ValueError as e:
-        sys.exit(f"error: {args.input}: {e}")
-    provenance = {**loaded.provenance, "quantized_from": str(args.input), "quantization": model.quantization}
-    save_model(args.out, model, loaded.tokenizer, provenance)
-    size_in, size_out = Path(args.input).stat().st_size, Path(args.out).stat().st_size
-    spec = model.quantization
-    print(f"wrote {args.out}: int{spec['bits']}" + (f" group {spec['group_size']}" if spec["group_size"] else "")
-          + f", embedding/head int{spec['embedding_bits']}, {size_out / 2**20:.1f} MiB (from {size_in / 2**20:.1f} MiB, {size_in / size_out:.1f}x smaller)")
-
-
-if __name__ == "__main__":
-    main()
