@@ -25,6 +25,9 @@ class ModelConfig:
     n_kv_head: int | None = None  # grouped-query attention: K/V heads (None: = n_head; gpt2 needs n_head)
     mlp_hidden: int | None = None  # MLP width (None: 4*n_embd for gpt2, ~8/3*n_embd rounded to 32 for llama)
     bias: bool | None = None  # biases in Linear/LayerNorm (None: True for gpt2, False for llama)
+    qkv_bias: bool = False  # biases on the q, k and v projections only (Qwen2), whatever `bias` says
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
+    head_dim: int | None = None  # width of one attention head (None: n_embd // n_head)
     dropout: float = 0.0
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # llama only
@@ -40,8 +43,12 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"ModelConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ValueError(f"ModelConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            self.head_dim = self.n_embd // self.n_head
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be an even number >= 2, got {self.head_dim}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
@@ -62,10 +69,6 @@ class ModelConfig:
             missing = need - set(self.rope_scaling)
             if missing:
                 raise ValueError(f"ModelConfig.rope_scaling is missing {sorted(missing)}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -91,25 +91,35 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         nh, nkv, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, nh * hd, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.n_embd, nkv * hd, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.n_embd, nkv * hd, bias=cfg.bias)
+        self.q_proj = nn.Linear(cfg.n_embd, nh * hd, bias=cfg.bias or cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, nkv * hd, bias=cfg.bias or cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, nkv * hd, bias=cfg.bias or cfg.qkv_bias)
         self.o_proj = nn.Linear(nh * hd, cfg.n_embd, bias=cfg.bias)
+        if cfg.qk_norm:  # Qwen3: each head's q and k scaled to unit RMS (learned gain) before RoPE
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.norm_eps), RMSNorm(hd, cfg.norm_eps)
         self.dropout = cfg.dropout
 
     def forward(self, x, rope, mask, cache: KVCache | None, start_pos: int):
-        cfg = self.cfg
-        B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        B, T, _ = x.shape
+        q, k, v = self.project(x, rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start_pos)  # (B, nkv, S, hd), S = start_pos + T
         y = self.attend(q, k, v, mask)  # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh*hd): heads side by side again
         return F.dropout(self.o_proj(y), self.dropout if self.training else 0.0, self.training)
+
+    def project(self, x, rope):
+        """x (B, T, C) -> q (B, nh, T, hd), k and v (B, nkv, T, hd), q and k rotated by position."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)  # over hd, per head and position
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
 
     def attend(self, q, k, v, mask):
         """softmax(q·kᵀ/√hd, causal) · v for q (B, nh, T, hd) and k, v (B, nkv, S, hd); mask (T, S)

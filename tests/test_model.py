@@ -15,6 +15,8 @@ FAMILIES = {
     "llama-untied-scaled": dict(family="llama", n_kv_head=1, tie_embeddings=False, rope_theta=500000.0,
                                 rope_scaling=dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                                   original_max_position_embeddings=8)),
+    "qwen2-qkv-bias": dict(family="llama", n_kv_head=2, qkv_bias=True, rope_theta=1e6, tie_embeddings=False),
+    "qwen3-qk-norm-wide-heads": dict(family="llama", n_kv_head=2, qk_norm=True, head_dim=16),
 }
 
 
@@ -139,6 +141,7 @@ def test_rope_tables_stay_float32_in_bf16():
     (dict(attn_impl="flash"), "attn_impl"),
     (dict(rope_scaling={"factor": 8.0}), "rope_scaling"),
     (dict(dropout=1.0), "dropout"),
+    (dict(head_dim=7), "head_dim"),
 ])
 def test_config_errors(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -150,3 +153,13 @@ def test_config_roundtrip():
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown ModelConfig fields"):
         ModelConfig.from_dict({**cfg.to_dict(), "n_experts": 8})
+
+
+def test_qwen_switches_add_exactly_their_tensors():
+    """qkv_bias: biases on q, k, v and nowhere else; qk_norm: one hd-wide gain each for q and k;
+    head_dim: q/k/v widths follow it, not n_embd / n_head."""
+    names = {n: tuple(p.shape) for n, p in make("qwen2-qkv-bias").named_parameters()}
+    assert {n for n in names if n.endswith(".bias")} == {f"blocks.{i}.attn.{m}_proj.bias" for i in range(2) for m in "qkv"}
+    shapes = {n: tuple(p.shape) for n, p in make("qwen3-qk-norm-wide-heads").named_parameters()}
+    assert shapes["blocks.0.attn.q_norm.weight"] == shapes["blocks.0.attn.k_norm.weight"] == (16,)
+    assert shapes["blocks.0.attn.q_proj.weight"] == (4 * 16, 32) and shapes["blocks.0.attn.o_proj.weight"] == (32, 64)

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from ..kv_cache import KVCache
-from ..model import apply_rope
 
 
 @torch.no_grad()
@@ -34,15 +33,9 @@ def attention_probs(attn, x: torch.Tensor, rope, mask, cache: KVCache | None = N
     0..start_pos+T-1). -> (B, nh, T, S) float32, S = T without a cache."""
     cfg = attn.cfg
     B, T, _ = x.shape
-    q = attn.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+    q, k, _ = attn.project(x, rope)  # (B, nh, T, hd), (B, nkv, T, hd): as the call computed them
     if cache is not None:
-        k = cache.k[attn.layer][:, :, :start_pos + T]  # (B, nkv, S, hd), already rotated
-        if rope is not None:
-            q = apply_rope(q, *rope)
-    else:
-        k = attn.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k = cache.k[attn.layer][:, :, :start_pos + T]  # (B, nkv, S, hd): every key the call attended to
     if cfg.n_kv_head != cfg.n_head:
         k = k.repeat_interleave(cfg.n_head // cfg.n_kv_head, dim=1)  # (B, nh, S, hd)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(cfg.head_dim))  # (B, nh, T, S)
