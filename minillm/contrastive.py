@@ -57,15 +57,23 @@ def beta_to_li_tau(beta: float) -> float:
     return (1 + beta) / beta if beta > 0 else math.inf
 
 
+def _check_alpha(alpha: float) -> None:
+    if not 0 < alpha <= 1:  # `not` also rejects NaN
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+
+
 def plausible_head(z_expert: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Bool mask (B, V) of V_head: z_e >= log(alpha) + max z_e. Never empty for alpha <= 1 (the argmax stays)."""
+    """Bool mask (B, V) of V_head: z_e >= log(alpha) + max z_e, for alpha in (0, 1] (ValueError otherwise).
+    Never empty (the argmax stays)."""
+    _check_alpha(alpha)
     z = z_expert.float()
     return z >= z.max(-1, keepdim=True).values + math.log(alpha)
 
 
 def contrastive_scores(z_expert: torch.Tensor, z_amateur: torch.Tensor, alpha: float = 0.1, beta: float = 0.5,
                        objective: str = "obrien", amateur_temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (B, V) of both models -> (scores (B, V) float32, -inf outside V_head; head mask (B, V))."""
+    """Logits (B, V) of both models -> (scores (B, V) float32, -inf outside V_head; head mask (B, V)).
+    alpha must be in (0, 1] (ValueError otherwise)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     z_e, z_a = z_expert.float(), z_amateur.float()
@@ -102,8 +110,7 @@ def _check_settings(expert, amateur, alpha: float, beta: float, objective: str, 
     if ve != va:
         raise ValueError(f"expert and amateur must share a tokenizer and vocabulary: expert vocab_size {ve}, "
                          f"amateur vocab_size {va}")
-    if not 0 < alpha <= 1:
-        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    _check_alpha(alpha)
     if not beta >= 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
     if not amateur_temperature > 0:

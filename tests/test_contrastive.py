@@ -1,11 +1,16 @@
-"""Contrastive decoding: invariants on tiny random models and hand-made logits."""
+"""Contrastive decoding: invariants on tiny random models and hand-made logits, and the sampling law
+(chi-square against the exact law on a 5-token vocabulary, with negative controls)."""
 
+import functools
+import itertools
 import math
 
 import pytest
 import torch
+from scipy.stats import chisquare
 
-from minillm.config import ModelConfig
+import minillm.contrastive as cd
+from minillm.config import ModelConfig, preset
 from minillm.generate import Stats
 from minillm.contrastive import (CDStep, amateur_weight, beta_to_li_tau, contrastive_scores,
                                  contrastive_stream, plausible_head)
@@ -121,7 +126,12 @@ def test_chosen_token_in_head_and_head_never_empty_random():
             assert not torch.isnan(scores).any()
             choice = scores.argmax(-1)
             assert head.gather(-1, choice[:, None]).all()
-            assert torch.equal(head, plausible_head(z_e.softmax(-1).log(), alpha))
+            # V_head against an independent computation, the paper's definition p_e >= alpha * max p_e
+            # in float64 (entries within rounding of the threshold, e.g. the max at alpha = 1, left out)
+            p = z_e.double().softmax(-1)
+            threshold = alpha * p.max(-1, keepdim=True).values
+            clear = (p.log() - threshold.log()).abs() > 1e-5
+            assert clear.float().mean() > 0.95 and torch.equal(head[clear], (p >= threshold)[clear])
         # sampling from the scores also stays in the head
         probs = (scores / 0.7).softmax(-1)
         assert not torch.isnan(probs).any() and (probs[~head] == 0).all()
@@ -194,6 +204,16 @@ def test_mismatched_vocab_and_bad_params_rejected():
         list(contrastive_stream(e, e, PROMPT, 5, amateur_context="x"))
 
 
+@pytest.mark.parametrize("alpha", [0, -0.5, 1.5, float("nan")])
+def test_public_helpers_reject_alpha_outside_0_1(alpha):
+    """alpha = 0 used to fail inside math.log with a bare "math domain error"; > 1 would give an empty head."""
+    z = torch.linspace(-3, 3, 20).view(2, 10)
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\], got"):
+        contrastive_scores(z, z, alpha=alpha)
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\], got"):
+        plausible_head(z, alpha)
+
+
 def test_eos_stops(pair):
     expert, amateur = pair
     full = list(contrastive_stream(expert, amateur, PROMPT, 20, alpha=0.01, beta=1.0))
@@ -260,3 +280,149 @@ def test_penalties_act_on_the_expert_before_the_head(pair):
     banned = list(contrastive_stream(expert, amateur, PROMPT, 25, alpha=0.01, beta=2.0,
                                      params=SamplingParams(temperature=0, no_repeat_ngram_size=1)))
     assert len(banned) == 25 and len(set(banned)) == 25 and not set(banned) & set(PROMPT)
+
+
+# ---- the sampling law, against the exact law on a tiny vocabulary ----
+#
+# An expert (2 layers) and an amateur (1 layer), nano llamas over 5 tokens with random weights rescaled
+# so that the next-token law depends on the whole context (so on the KV caches). The exact law of the
+# first 3 sampled tokens is enumerated from the definition, independently of contrastive.py: uncached
+# forwards of both models, V_head = {p_e >= alpha * max p_e} in float64, the objective's score on
+# log-probabilities (a per-row constant away from the raw-logit score), softmax(score / T) on V_head.
+
+CD_V, CD_PROMPT, CD_N = 5, [1, 2, 3], 3
+
+
+def cd_model(seed: int, n_layer: int) -> Transformer:
+    """Unit-variance embeddings, every matrix with gain 2, a head giving logits of std ~0.6 (many
+    tokens in V_head at alpha 0.3). The global RNG is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Transformer(preset("nano", family="llama", vocab_size=CD_V, n_layer=n_layer, tie_embeddings=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_((1.0 if name == "tok_emb.weight" else 2.0 / math.sqrt(p.size(1))) / p.std())
+        model.lm_head.weight.mul_(0.3)
+    return model.eval()
+
+
+@functools.cache
+def cd_models() -> tuple[Transformer, Transformer]:
+    return cd_model(0, n_layer=2), cd_model(1, n_layer=1)
+
+
+@torch.inference_mode()
+def exact_cd_law(alpha: float, beta: float = 0.5, objective: str = "obrien", amateur_temperature: float = 1.0,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """P(x_1..x_CD_N | CD_PROMPT) of sampled contrastive decoding (amateur_context "full"), shape (V,) * n."""
+    expert, amateur = cd_models()
+    law, seqs = torch.ones(1, dtype=torch.float64), torch.tensor([CD_PROMPT])
+    for _ in range(CD_N):
+        logp_e = expert(seqs)[:, -1].double().log_softmax(-1)
+        logp_a = amateur(seqs)[:, -1].double().log_softmax(-1)
+        p_e, threshold = logp_e.exp(), alpha * logp_e.exp().max(-1, keepdim=True).values
+        head = p_e >= threshold
+        gap = (logp_e - threshold.log()).abs()
+        assert alpha == 1 or gap.min() > 1e-4, "a token sits on the head's threshold: the law would hang on rounding"
+        if objective == "obrien":
+            score = (1 + beta) * logp_e - beta * logp_a
+        else:
+            score = logp_e - logp_a / amateur_temperature
+        probs = (score.masked_fill(~head, -math.inf) / temperature).softmax(-1)
+        law = (law[:, None] * probs).reshape(-1)
+        seqs = torch.cat([seqs.repeat_interleave(CD_V, 0), torch.arange(CD_V).repeat(seqs.size(0))[:, None]], 1)
+    return law.view((CD_V,) * CD_N)
+
+
+def sample_cd(N: int, seed: int, temperature: float, **settings) -> torch.Tensor:
+    """N runs of contrastive_stream (batch 1, one seeded generator) -> (N, CD_N) token ids."""
+    expert, amateur = cd_models()
+    g, params = torch.Generator().manual_seed(seed), SamplingParams(temperature=temperature)
+    return torch.tensor([list(contrastive_stream(expert, amateur, CD_PROMPT, CD_N, params=params, generator=g,
+                                                 **settings)) for _ in range(N)])
+
+
+def chi2_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Chi-square goodness of fit (cells with expected count < 5 pooled); a count where the law is 0: p = 0."""
+    obs, expected = counts.double().reshape(-1), probs.double().reshape(-1) * counts.sum()
+    if obs[expected == 0].sum() > 0:
+        return 0.0
+    big = expected >= 5
+    obs = torch.cat([obs[big], obs[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(chisquare(obs.numpy(), (exp * obs.sum() / exp.sum()).numpy()).pvalue)
+
+
+def law_family_p(samples: torch.Tensor, law: torch.Tensor) -> float:
+    """Chi-square of the joint law of the n tokens and of every pair (x_i, x_j); Bonferroni over them."""
+    n = samples.size(1)
+    ps = {"joint": chi2_p(torch.bincount((samples * CD_V ** torch.arange(n - 1, -1, -1)).sum(-1),
+                                         minlength=CD_V ** n), law)}
+    for i, j in itertools.combinations(range(n), 2):
+        pair = law.sum([a for a in range(n) if a not in (i, j)])
+        ps[f"x{i + 1},x{j + 1}"] = chi2_p(torch.bincount(samples[:, i] * CD_V + samples[:, j], minlength=CD_V ** 2), pair)
+    worst = min(ps, key=ps.get)
+    print(f"  smallest p: {worst} {ps[worst]:.3g}; joint p {ps['joint']:.3g}")
+    return min(1.0, len(ps) * ps[worst])
+
+
+CD_N_SAMPLES = 500
+CD_CASES = {
+    "obrien": dict(alpha=0.3, beta=1.0, temperature=1.0),
+    "li": dict(alpha=0.3, objective="li", amateur_temperature=2.0, temperature=1.0),
+}
+
+
+@pytest.mark.parametrize("name", CD_CASES)
+def test_sampling_law_matches_exact_law(name):
+    """N = 500 sequences of 3 tokens (5^3 cells) must pass the chi-square family (joint + 3 pairs,
+    Bonferroni) at p > 1e-4. It would catch a wrong head, score, temperature or context: see the
+    controls below."""
+    settings = CD_CASES[name]
+    p = law_family_p(sample_cd(CD_N_SAMPLES, 0, **settings), exact_cd_law(**settings))
+    print(f"{name}: family p {p:.3g}")
+    assert p > 1e-4
+
+
+_REAL_SCORES, _REAL_TIMED_LOGITS = cd.contrastive_scores, cd._timed_logits
+
+
+def _head_dropped(z_e, z_a, alpha, *rest):
+    """Bug: the plausibility constraint forgotten (every token scored): tokens outside V_head get sampled,
+    sequences of probability 0, which alone give p = 0."""
+    return _REAL_SCORES(z_e, z_a, 1e-30, *rest)
+
+
+def _amateur_lags_one_token():
+    """Bug: the amateur's logits are one step stale (as if the new token reached it a step late)."""
+    last = {}
+
+    def timed_logits(model, ids, cache, stats, role):
+        z = _REAL_TIMED_LOGITS(model, ids, cache, stats, role)
+        if role != "amateur":
+            return z
+        if len(ids) > 1:  # the prompt: a new run
+            last.clear()
+        stale, last["z"] = last.get("z", z), z
+        return stale
+    return timed_logits
+
+
+CD_CONTROLS = {
+    "head_dropped": ("contrastive_scores", _head_dropped),
+    "amateur_lags_one_token": ("_timed_logits", _amateur_lags_one_token()),
+}
+
+
+@pytest.mark.parametrize("control", CD_CONTROLS)
+def test_sampling_law_negative_controls_rejected(monkeypatch, control):
+    """The same test as above (case "obrien", N = 500, seed 0) with one piece broken: family p < 1e-6."""
+    attr, broken = CD_CONTROLS[control]
+    monkeypatch.setattr(cd, attr, broken)
+    settings = CD_CASES["obrien"]
+    p = law_family_p(sample_cd(CD_N_SAMPLES, 0, **settings), exact_cd_law(**settings))
+    print(f"{control}: family p {p:.3g}")
+    assert p < 1e-6

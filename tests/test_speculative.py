@@ -1,13 +1,26 @@
 """Speculative decoding: greedy == target greedy, sampled output ~ target law (chi-square), caches, stops.
 
-The statistical tests drive the real loop (SpeculativeDecoder) with toy "models": bigram tables plus a
-per-position bias, which return fixed logits and write a dummy KV cache, so the cache bookkeeping
-(start_pos must equal the cache length, crops) is exercised too. The exact law of the next L tokens is
-enumerated, and a chi-square goodness-of-fit test (cells with expected count < 5 pooled) must give
-p > 1e-4 for the correct loop; negative controls (raw q with a warped draft, resampling from p instead
-of the residual, one uniform shared across positions, penalties fed a history without the step's
-drafts) must give p < 1e-4 in the same test.
+The statistical tests drive the real loop (SpeculativeDecoder, through speculative_generate_batch and
+speculative_stream) on real tiny transformers whose next-token law depends on the whole context, so
+on what the KV caches hold after every crop: a 2-layer nano llama over a 4-token vocabulary as the
+target, and as the draft either an unrelated 1-layer model (drafts often rejected: the residual path)
+or a separate copy of the target (every draft accepted: every step ends with the bonus token).
+
+The exact law of the first n new tokens is enumerated with uncached forwards (`exact_law`), N
+sequences are sampled (`sample_sequences`), and `law_pvalues` runs chi-square goodness-of-fit tests
+(scipy; cells with expected count < 5 pooled; a sequence of probability 0 gives p = 0) on the joint
+law of all n tokens and on every pair (x_i, x_j), which includes the pair (x_k, x_{k+1}) where a
+step's bonus token lands. The family's p-value is Bonferroni's: (number of tests) x (smallest p).
+N = 10,000 sequences at batch 2,000 (one call per 2,000) and 600 at batch 1. The correct loop must
+give a family p > 1e-4; each negative control (one piece broken on purpose) must give a family
+p < 1e-6 in the same test, same N and seed. Everything is seeded: the tests are deterministic.
 """
+
+import copy
+import functools
+import itertools
+import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,7 +28,7 @@ import torch.nn as nn
 from scipy.stats import chisquare
 
 import minillm.speculative as spec
-from minillm.config import ModelConfig
+from minillm.config import ModelConfig, preset
 from minillm.generate import stream_tokens
 from minillm.kv_cache import KVCache
 from minillm.model import Transformer
@@ -29,11 +42,12 @@ V, BLOCK = 8, 16
 class ToyLM(nn.Module):
     """logits(token at position t) = table[token] + pos_bias[t]: a bigram model with a position term
     (so feeding a token at the wrong position changes the law). Keeps a 1-layer dummy KV cache and
-    insists that every write appends exactly at the cache's length (no silent overwrite of stale state)."""
+    insists that every write appends exactly at the cache's length (no silent overwrite of stale state).
+    Used for boundary cases (disjoint supports, identical models) and the stats bookkeeping."""
 
     def __init__(self, table: torch.Tensor, pos_bias: torch.Tensor):
         super().__init__()
-        self.config = ModelConfig(vocab_size=table.size(0), block_size=BLOCK, n_layer=1, n_head=1, n_embd=1)
+        self.config = ModelConfig(vocab_size=table.size(0), block_size=BLOCK, n_layer=1, n_head=1, n_embd=2)
         self.tok_emb = nn.Embedding.from_pretrained(table.float())
         self.register_buffer("pos_bias", pos_bias.float())
 
@@ -41,7 +55,7 @@ class ToyLM(nn.Module):
         B, T = tokens.shape
         if cache is not None:
             assert start_pos == cache.length, (start_pos, cache.length)
-            z = torch.zeros(B, 1, T, 1)
+            z = torch.zeros(B, 1, T, self.config.head_dim)
             cache.update(0, z, z, start_pos)
         return self.tok_emb(tokens) + self.pos_bias[start_pos:start_pos + T]
 
@@ -54,110 +68,241 @@ def toy_pair(seed=0, scale=1.5, draft_noise=1.0):
     return target, draft
 
 
-def exact_law(model: ToyLM, prompt: list[int], L: int, params: SamplingParams) -> torch.Tensor:
-    """P(x_1..x_L | prompt) for every sequence, as a flat tensor indexed by sum x_i V^(L-i)."""
-    law = torch.ones(1)
-    seqs = [list(prompt)]
-    for _ in range(L):
-        logits = torch.stack([model.tok_emb.weight[s[-1]] + model.pos_bias[len(s) - 1] for s in seqs])
-        history = torch.tensor(seqs) if params.needs_history else None
-        probs = process_logits(logits, params, history).softmax(-1)  # what plain sampling draws from
-        law = (law[:, None] * probs).reshape(-1)
-        seqs = [s + [x] for s in seqs for x in range(V)]
-    return law
-
-
-def chi2_p(samples: torch.Tensor, law: torch.Tensor) -> float:
-    """samples (N, L) of token ids vs the exact law over V^L cells; cells with expected < 5 pooled."""
-    N, L = samples.shape
-    idx = (samples * (V ** torch.arange(L - 1, -1, -1))).sum(-1)
-    observed = torch.bincount(idx, minlength=law.numel()).double()
-    expected = law.double() * N
-    assert observed[expected == 0].sum() == 0, "a sequence the target can never produce was sampled"
-    big = expected >= 5
-    obs = torch.cat([observed[big], observed[~big].sum().view(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    exp = exp * obs.sum() / exp.sum()  # exact up to float rounding
-    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
-
-
 PROMPT, L = [3, 1], 3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, many small ops: see conftest
 
 
-def law_p(params, rows, batch, k=2, pair=None, adaptive_k=False, seed=0, stats=None, extra=0):
-    """Drive the real loop: `rows` independent continuations of PROMPT, `batch` rows per synchronised
-    run -> chi-square p-value of their first L tokens against the target's exact law under `params`.
-    `extra` more tokens per run keep max_new_tokens from clamping k (the first L are still exact draws)."""
-    target, draft = toy_pair(**(pair or {}))
-    g = torch.Generator().manual_seed(seed)
-    samples = torch.cat([speculative_generate_batch(target, draft, [PROMPT] * batch, L + extra, k, params, g,
-                                                    stats=stats, adaptive_k=adaptive_k)[:, :L]
-                         for _ in range(rows // batch)])
-    assert samples.shape == (rows, L) and (samples >= 0).all()
-    return chi2_p(samples, exact_law(target, PROMPT, L, params))
+# ---- the three helpers of the statistical tests: exact law, samples, chi-square ----
+
+@torch.inference_mode()
+def exact_law(model, prompt: list[int], n: int, params: SamplingParams) -> torch.Tensor:
+    """P(x_1..x_n | prompt) under plain sampling, as a float64 tensor of shape (V,) * n. Every one of
+    the V^t prefixes of length t goes through an UNCACHED forward (no KV cache involved) and is extended
+    by softmax(process_logits(...)) of its last position, with prompt + prefix as the history."""
+    Vm = model.config.vocab_size
+    law, seqs = torch.ones(1, dtype=torch.float64), torch.tensor([prompt])
+    for _ in range(n):
+        logits = model(seqs)[:, -1]
+        probs = process_logits(logits, params, seqs if params.needs_history else None).softmax(-1).double()
+        law = (law[:, None] * probs).reshape(-1)  # prefixes in lexicographic order, last token fastest
+        seqs = torch.cat([seqs.repeat_interleave(Vm, 0), torch.arange(Vm).repeat(seqs.size(0))[:, None]], 1)
+    return law.view((Vm,) * n)
 
 
-# Two regimes, because of the synchronised rule: in a batch of B rows every row emits m+1 tokens per
-# step with m = min over rows of the accepted drafts, so at B = 250 m is almost always 0. Then every
-# step checks the FIRST draft of every row (acceptance, residual, processors, the synchronised cut;
-# rows that accepted more stop after d_1) but several accepted drafts in one step, the bonus token,
-# and what u_2 or the history of position 2 do are rare: that is the batch-1 regime's job.
-#
-# Vectorised regime: N = 100,000 sequences of L = 3 tokens over 8^3 = 512 cells (expected < 5 pooled),
-# 250 rows per run (400 runs; the loop's cost is per call, not per row), k = 2, pass at p > 1e-4.
-N_VEC, B_VEC = 100_000, 250
-VEC_CASES = {
-    "plain": (SamplingParams(temperature=1.0), False),
-    "temperature_0.7": (SamplingParams(temperature=0.7), False),
-    "top_k_3": (SamplingParams(temperature=1.0, top_k=3), False),
-    "top_p_0.8": (SamplingParams(temperature=1.0, top_p=0.8), False),
-    "repetition_penalty_1.5": (SamplingParams(temperature=1.0, repetition_penalty=1.5), False),
-    "adaptive_k": (SamplingParams(temperature=0.8, top_k=5), True),
+def chi2_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Chi-square goodness of fit of observed counts against exact cell probabilities (same shape);
+    cells with expected count < 5 are pooled into one. A count in a cell of probability 0 (a sequence
+    the target can never produce) is conclusive: p = 0."""
+    obs, expected = counts.double().reshape(-1), probs.double().reshape(-1) * counts.sum()
+    if obs[expected == 0].sum() > 0:
+        return 0.0
+    big = expected >= 5
+    obs = torch.cat([obs[big], obs[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    exp = exp * obs.sum() / exp.sum()  # the law sums to 1 up to float32 rounding
+    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+
+def law_pvalues(samples: torch.Tensor, law: torch.Tensor) -> dict[str, float]:
+    """samples (N, n) token ids vs the exact law (V,) * n -> p-values of the joint law of all n tokens
+    ("joint") and of each pair's law ("x1,x2", ..., the exact pair law summed out of the joint)."""
+    N, n = samples.shape
+    Vm = law.size(0)
+    cells = (samples * Vm ** torch.arange(n - 1, -1, -1)).sum(-1)
+    ps = {"joint": chi2_p(torch.bincount(cells, minlength=Vm ** n), law)}
+    for i, j in itertools.combinations(range(n), 2):
+        pair = law.sum([a for a in range(n) if a not in (i, j)])
+        ps[f"x{i + 1},x{j + 1}"] = chi2_p(torch.bincount(samples[:, i] * Vm + samples[:, j], minlength=Vm * Vm), pair)
+    return ps
+
+
+def family_p(ps: dict[str, float]) -> float:
+    """Bonferroni: the chance that the smallest of these p-values is this small under the null."""
+    return min(1.0, len(ps) * min(ps.values()))
+
+
+# ---- real tiny transformers for the law tests ----
+
+LAW_V, LAW_PROMPT = 4, [1, 2, 3]
+
+
+def law_model(seed: int, n_layer: int) -> Transformer:
+    """A nano llama over LAW_V tokens with random weights rescaled: unit-variance embeddings, every
+    matrix with gain 2 (attention and MLP reshape the residual stream, so the law depends on tokens far
+    back, not only on the last one) and a head giving next-token probabilities from ~0.005 to 0.9.
+    The global RNG is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Transformer(preset("nano", family="llama", vocab_size=LAW_V, n_layer=n_layer, tie_embeddings=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_((1.0 if name == "tok_emb.weight" else 2.0 / math.sqrt(p.size(1))) / p.std())
+        model.lm_head.weight.mul_(0.7)
+    return model.eval()
+
+
+@functools.cache
+def law_models() -> dict[str, Transformer]:
+    target = law_model(0, n_layer=2)
+    return {"target": target, "other": law_model(1, n_layer=1), "copy": copy.deepcopy(target)}
+
+
+@dataclass(frozen=True)
+class LawCase:
+    draft: str  # "other": an unrelated 1-layer model (alpha ~ 0.45); "copy": a copy of the target (alpha = 1)
+    k: int
+    batch: int  # rows per speculative_generate_batch call; 1: speculative_stream
+    n: int  # new tokens per sequence, all tested
+    N: int  # sequences
+    params: SamplingParams
+
+
+# Batch > 1 runs B = 2000 rows per call; because of the synchronised rule (every row emits the
+# smallest accepted count + 1) an "other" draft then checks only the first draft of each step (its
+# acceptance or residual, the cut of the other rows), while a "copy" draft makes every step accept
+# all k drafts and end with the bonus token, for every row. Batch 1 (speculative_stream) sees the
+# steps in between: several accepted drafts, then a residual or the bonus.
+LAW_CASES = {
+    # penalties: positions 2..6 are processed with histories that include the step's own drafts
+    "bonus_k5_penalties": LawCase("copy", 5, 2000, 6, 10_000,
+                                  SamplingParams(temperature=1.0, repetition_penalty=1.5, presence_penalty=0.5)),
+    # two steps of k = 2: the second starts from cropped caches and the draft's "fill" of d_2
+    "bonus_k2_two_steps_top_k": LawCase("copy", 2, 2000, 6, 10_000, SamplingParams(temperature=0.8, top_k=3)),
+    "residual_k3_top_k": LawCase("other", 3, 2000, 6, 10_000, SamplingParams(temperature=0.8, top_k=3)),
+    "batch1_k3": LawCase("other", 3, 1, 4, 600, SamplingParams(temperature=1.0)),
 }
 
-# Batch-1 regime: every run is its own batch, so a step emits all the drafts its row accepted (+1).
-# A close draft (alpha ~ 0.76) makes multi-token steps the common case; k = 2 = L - 1 (adaptive: k
-# starts at 1 and 3 extra tokens are generated so the grown k is not clamped before token L). Each run
-# costs ~1-4 ms of Python whatever its batch, so N = 5,000 here (12-28 s per case on the shared
-# 2-core box): measured, the shared-uniform control fails this test with p ~ 1e-10 and the
-# history control with p ~ 1e-19, while the correct loop gives p = 0.29 (plain) and 0.91 (penalty).
-N_ONE = 5_000
-ONE_PAIR = dict(seed=0, draft_noise=0.5)
-ONE_CASES = {
-    "plain": (SamplingParams(temperature=1.0), False),
-    "repetition_penalty_1.5": (SamplingParams(temperature=1.0, repetition_penalty=1.5), False),
-    "adaptive_k": (SamplingParams(temperature=0.8, top_k=5), True),
+
+@functools.cache
+def case_law(name: str) -> torch.Tensor:
+    case = LAW_CASES[name]
+    return exact_law(law_models()["target"], LAW_PROMPT, case.n, case.params)
+
+
+def sample_sequences(case: LawCase, stats: Stats, seed: int = 0) -> torch.Tensor:
+    """case.N sequences of case.n new tokens after LAW_PROMPT -> (N, n): batch > 1 in N / batch calls
+    of speculative_generate_batch (identical prompts: every row is an independent draw), batch 1 in N
+    calls of speculative_stream; one seeded generator throughout."""
+    models, g = law_models(), torch.Generator().manual_seed(seed)
+    target, draft = models["target"], models[case.draft]
+    if case.batch == 1:
+        return torch.tensor([list(speculative_stream(target, draft, LAW_PROMPT, case.n, case.k, case.params, g,
+                                                     stats=stats)) for _ in range(case.N)])
+    return torch.cat([speculative_generate_batch(target, draft, [LAW_PROMPT] * case.batch, case.n, case.k,
+                                                 case.params, g, stats=stats) for _ in range(case.N // case.batch)])
+
+
+def law_test(name: str, label: str, seed: int = 0) -> tuple[dict[str, float], Stats]:
+    """Sample case `name` and test it against its exact law -> (p-values, the run's Stats); prints one line."""
+    stats = Stats()
+    samples = sample_sequences(LAW_CASES[name], stats, seed)
+    assert samples.shape == (LAW_CASES[name].N, LAW_CASES[name].n) and (samples >= 0).all()
+    ps = law_pvalues(samples, case_law(name))
+    worst = min(ps, key=ps.get)
+    print(f"\n{label} ({name}): family p {family_p(ps):.3g}; smallest {worst} p {ps[worst]:.3g}; joint p {ps['joint']:.3g}")
+    return ps, stats
+
+
+def test_law_target_depends_on_the_whole_context():
+    """The law tests need a target whose next-token law is far from uniform and depends on more than the
+    last token (so on what the KV cache holds): measured on p(x_3 | prompt, x_1, x_2)."""
+    law = exact_law(law_models()["target"], LAW_PROMPT, 3, SamplingParams())
+    cond = law / law.sum(-1, keepdim=True)  # (V, V, V): x_1, x_2 -> the law of x_3
+    mean_tv = lambda a, b: float(((a - b).abs().sum(-1) / 2).mean())
+    assert mean_tv(cond, cond.mean(1, keepdim=True)) > 0.2  # x_2, the last token, matters (0.33)
+    assert mean_tv(cond, cond.mean(0, keepdim=True)) > 0.08  # and so does x_1, one further back (0.12)
+    assert cond.max() > 0.8 and cond.min() > 1e-3  # peaked, yet every cell reachable
+
+
+def _slow_if_batch1(ids, case_of):
+    """Batch-1 runs cost ~5 ms per sequence (~3 s a test): mark them slow (they still run by default)."""
+    return [pytest.param(i, marks=pytest.mark.slow) if LAW_CASES[case_of(i)].batch == 1 else i for i in ids]
+
+
+@pytest.mark.parametrize("name", _slow_if_batch1(LAW_CASES, lambda name: name))
+def test_target_law(name):
+    """Each case samples N sequences (10,000 at batch 2,000; 600 at batch 1) and must pass the family
+    (chi-square of the joint law and of every pair, so also (x_k, x_{k+1}) where the bonus lands;
+    Bonferroni) at p > 1e-4. What each case is shown to catch (family p < 1e-6, test below):
+    bonus_k5_penalties: a bonus from the wrong position, a penalty history off by one;
+    residual_k3_top_k: resampling from p instead of the residual, a raw-softmax q_draft;
+    batch1_k3: a bonus from the wrong position, one uniform shared across draft positions.
+    bonus_k2_two_steps_top_k has no control of its own: it checks two full steps in a row (cropped
+    caches, the draft's fill of d_k) and top-k on the bonus."""
+    case = LAW_CASES[name]
+    ps, stats = law_test(name, "correct loop")
+    assert family_p(ps) > 1e-4, (name, ps)
+    if case.draft == "copy":  # every draft accepted (also proves the draft's cache right), every step a bonus
+        assert stats.drafts_accepted == stats.drafts_proposed == case.N * (case.n // (case.k + 1)) * case.k
+    else:  # both the acceptance and the residual paths ran
+        assert 0 < stats.drafts_accepted < stats.drafts_proposed
+    if case.batch == 1:  # steps ending in a residual after accepted drafts, and in the bonus, are common
+        assert sum(stats.accept_hist[1:case.k]) > case.N // 5 and stats.accept_hist[case.k] > case.N // 20
+
+
+# ---- negative controls: one piece broken on purpose, the same test must reject it ----
+
+_REAL_VERIFY, _REAL_DRAFT_TOKEN = SpeculativeDecoder._verify, spec.draft_token
+
+
+def _bonus_from_previous_position(self, d):
+    """Bug: after k accepted drafts the bonus is drawn from p_target_k (d_k's own position) instead of
+    p_target_{k+1} (the position after d_k). Only the bonus reads p_target_{k+1}."""
+    p_target, k = _REAL_VERIFY(self, d), d.size(1)
+    return torch.cat([p_target[:, :k], p_target[:, k - 1:k]], 1) if k else p_target
+
+
+def _history_lags_one_draft(self, d, i):
+    """Bug (off by one): the penalties at draft position i see seq + d_1..d_{i-2}, missing d_{i-1}."""
+    return torch.cat([self.seq, d[:, :max(i - 1, 0)]], 1) if self.params.needs_history else None
+
+
+def _residual_is_p(p_target, q_draft):
+    """Bug: after a rejection, resample from p_target instead of norm(max(0, p_target - q_draft)).
+    (Forgetting only the normalisation is no bug here: torch.multinomial normalises its weights.)"""
+    return p_target.float()
+
+
+def _q_draft_raw_softmax(logits, params, history, generator):
+    """Bug: the draft samples from the processed q but reports the raw softmax as q_draft."""
+    d, _ = _REAL_DRAFT_TOKEN(logits, params, history, generator)
+    return d, logits.float().softmax(-1)
+
+
+def _shared_uniform(batch, k, generator, device):
+    """Bug: one uniform per row, reused at every draft position (correlated acceptances)."""
+    return torch.rand(batch, 1, generator=generator, device=device).expand(batch, k)
+
+
+# control -> (where the piece lives, its name, the broken piece, the law case that must reject it,
+# the statistic that must reject it on its own (Bonferroni-corrected like the family), or None)
+CONTROLS = {
+    "bonus_from_previous_position": (SpeculativeDecoder, "_verify", _bonus_from_previous_position,
+                                     "bonus_k5_penalties", "x5,x6"),
+    "bonus_from_previous_position_batch1": (SpeculativeDecoder, "_verify", _bonus_from_previous_position,
+                                            "batch1_k3", "x3,x4"),
+    "history_lags_one_draft": (SpeculativeDecoder, "_history", _history_lags_one_draft, "bonus_k5_penalties", None),
+    "residual_is_p": (spec, "residual", _residual_is_p, "residual_k3_top_k", None),
+    "q_draft_raw_softmax": (spec, "draft_token", _q_draft_raw_softmax, "residual_k3_top_k", None),
+    "shared_uniform_batch1": (spec, "uniforms", _shared_uniform, "batch1_k3", None),
 }
 
 
-@pytest.mark.parametrize("name", VEC_CASES)
-def test_target_law_vectorised(name):
-    params, adaptive = VEC_CASES[name]
-    stats = Stats()
-    p = law_p(params, N_VEC, B_VEC, adaptive_k=adaptive, stats=stats)
-    assert p > 1e-4, f"{name}: chi-square p = {p:.2e}"
-    assert 0 < stats.drafts_accepted < stats.drafts_proposed  # both the acceptance and the residual path ran
-    if adaptive:  # the schedule moved k: it starts at 2 and shrinks to 1 after a rejection
-        assert stats.mean_k < 2 and stats.drafts_proposed > 0
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ONE_CASES)
-def test_target_law_batch_one(name):
-    params, adaptive = ONE_CASES[name]
-    stats = Stats()
-    p = law_p(params, N_ONE, 1, k=1 if adaptive else 2, pair=ONE_PAIR, adaptive_k=adaptive, stats=stats,
-              extra=3 if adaptive else 0)
-    assert p > 1e-4, f"{name}: chi-square p = {p:.2e}"
-    if adaptive:  # k grew from 1 after full acceptances (+2 each), and steps accepted 2 or 3 drafts
-        assert stats.mean_k > 1.3 and sum(stats.accept_hist[2:]) > N_ONE // 10
-    else:  # steps that accepted both drafts (bonus token) are common
-        assert stats.accept_hist[2] > N_ONE // 4
+@pytest.mark.parametrize("control", _slow_if_batch1(CONTROLS, lambda control: CONTROLS[control][3]))
+def test_negative_control_rejected(monkeypatch, control):
+    """The SAME test as test_target_law (case, N, seed), with one piece broken: the family p must be
+    < 1e-6 (and, where named, the pair that the bug distorts must reject it by itself)."""
+    owner, attr, broken, name, by = CONTROLS[control]
+    monkeypatch.setattr(owner, attr, broken)
+    ps, _ = law_test(name, control)
+    assert family_p(ps) < 1e-6, f"{control}: the test failed to notice the bug ({ps})"
+    if by is not None:
+        assert min(1.0, len(ps) * ps[by]) < 1e-6, f"{control}: {by} alone does not reject it ({ps})"
 
 
 def test_disjoint_draft_everything_rejected_output_still_target():
@@ -172,55 +317,7 @@ def test_disjoint_draft_everything_rejected_output_still_target():
     samples = torch.cat([speculative_generate_batch(target, draft, [PROMPT] * 50, L, 2, params, g, stats=stats)
                          for _ in range(160)])
     assert stats.drafts_accepted == 0 and stats.drafts_proposed > 0
-    assert chi2_p(samples, exact_law(target, PROMPT, L, params)) > 1e-4
-
-
-REAL_DRAFT_TOKEN = spec.draft_token
-
-
-def _raw_q(logits, params, history, generator):
-    """Bug: draw d from the processed q but report the raw softmax as q_draft."""
-    d, _ = REAL_DRAFT_TOKEN(logits, params, history, generator)
-    return d, logits.float().softmax(-1)
-
-
-def _shared_uniform(batch, k, generator, device):
-    """Bug: one uniform per row, reused at every draft position."""
-    return torch.rand(batch, 1, generator=generator, device=device).expand(batch, k)
-
-
-def _history_without_drafts(self, d, i):
-    """Bug: every position gets the history before the step (earlier drafts of the step left out)."""
-    return self.seq if self.params.needs_history else None
-
-
-# Each control breaks one piece and runs the SAME test (regime, case, N, threshold) that the correct
-# loop passes: the test has power against it.
-CONTROLS = {
-    "raw_q_with_warped_draft": ("draft_token", _raw_q, "vec", "top_k_3"),
-    "resample_from_p": ("residual", lambda p_target, q_draft: p_target, "vec", "plain"),
-    "shared_uniform": ("uniforms", _shared_uniform, "one", "plain"),
-    "history_without_drafts": ("SpeculativeDecoder._history", _history_without_drafts, "one", "repetition_penalty_1.5"),
-}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("broken", CONTROLS)
-def test_negative_controls_fail(monkeypatch, broken):
-    name, fn, regime, case = CONTROLS[broken]
-    if "." in name:
-        cls, attr = name.split(".")
-        monkeypatch.setattr(getattr(spec, cls), attr, fn)
-    else:
-        monkeypatch.setattr(spec, name, fn)
-    if regime == "vec":
-        params, adaptive = VEC_CASES[case]
-        p = law_p(params, N_VEC, B_VEC, adaptive_k=adaptive)
-    else:
-        params, adaptive = ONE_CASES[case]
-        p = law_p(params, N_ONE, 1, k=1 if adaptive else 2, pair=ONE_PAIR, adaptive_k=adaptive,
-                  extra=3 if adaptive else 0)
-    assert p < 1e-4, f"{broken}: the test failed to notice the bug (p = {p:.2e})"
+    assert family_p(law_pvalues(samples, exact_law(target, PROMPT, L, params))) > 1e-4
 
 
 def test_identical_draft_accepts_everything():
