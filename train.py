@@ -30,7 +30,8 @@ import typing
 
 from tqdm import tqdm
 
-from minillm.trainer import ARCH_FIELDS, TRAIN_PRESETS, ConfigError, Step, TrainConfig, TrainingDiverged, train
+from minillm.ddp import exit_process
+from minillm.trainer import ARCH_FIELDS, TRAIN_PRESETS, Step, TrainConfig, TrainingDiverged, train
 
 PRESET_FIELDS = {*ARCH_FIELDS, *(k for p in TRAIN_PRESETS.values() for k in p)}  # None: the preset's value
 
@@ -93,33 +94,37 @@ class ProgressBar:
             self.bar.close()
 
 
-def flag_message(e: ConfigError) -> str:
-    """The trainer's message with the TrainConfig fields it names written as this command's flags."""
+def flag_message(e: BaseException) -> str:
+    """The trainer's message with the TrainConfig fields it names (ConfigError.fields) written as this
+    command's flags; a word inside a path (/data/, my_name.txt) is left alone."""
     message = str(e)
-    for name in e.fields:
-        message = re.sub(rf"\b{name}\b", flag(name), message)
+    for name in getattr(e, "fields", ()):
+        message = re.sub(rf"(?<![\w/\\.-]){name}(?![\w/\\-]|\.\w)", flag(name), message)
     return message
 
 
 def main(argv=None) -> int:
+    """Train; every error a user can cause is one line on stderr: exit 2 (1 when the loss diverged,
+    130 on Ctrl-C, which says which checkpoint is the last good one)."""
     args = make_parser().parse_args(argv)
     bar = ProgressBar() if args.progress else None
     try:
-        train(config_of(args), on_step=bar)
+        try:
+            train(config_of(args), on_step=bar)
+        finally:
+            if bar is not None:
+                bar.close()  # before a message, so that it goes below the bar
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except ConfigError as e:
+    except KeyboardInterrupt as e:
+        print(f"\n{flag_message(e) or 'interrupted'}", file=sys.stderr)  # below the ^C the terminal echoed
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:  # ConfigError is a ValueError; FileNotFoundError an OSError
         print(f"error: {flag_message(e)}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if bar is not None:
-            bar.close()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # sys.exit, or under torchrun os._exit (see minillm.ddp.exit_process)

@@ -24,11 +24,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+from .device import pick_device
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class Rank:
 
 def setup(device_name: str) -> tuple[Rank, str]:
     """Join the process group torchrun describes (if any) -> (this rank, the device name to train on)."""
+    pick_device(device_name)  # a device this machine lacks is refused before any process group is joined
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Rank(), device_name
@@ -108,6 +113,44 @@ def check_identical(model: torch.nn.Module, r: Rank) -> str:
     return digest
 
 
-def teardown(r: Rank) -> None:
+@contextlib.contextmanager
+def process_group(r: Rank):
+    """The span of a run in the process group that `setup` joined: however the run ends, every rank
+    leaves it through `teardown` (after a clean run, in step with the others)."""
+    clean = False
+    try:
+        yield r
+        clean = True
+    finally:
+        teardown(r, clean)
+
+
+def teardown(r: Rank, clean: bool = True) -> None:
+    """Leave the process group, on every rank. After a clean run a barrier first waits until every rank
+    is done with its collectives (after a failure there is none: a failed rank may never come to it).
+    A process that ran under torchrun should then end with `exit_process` (see there)."""
     if r.world > 1 and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with exit status `code`; under torchrun (WORLD_SIZE > 1) without interpreter
+    finalization: stdout and stderr are flushed, then os._exit.
+
+    Why: gloo runs collectives on worker threads, and a worker drops its reference to a finished
+    collective only after the caller's wait() has returned; dropping it releases the collective's
+    tensors, which takes the GIL. destroy_process_group does not stop those threads, and the group
+    cannot be freed early (torch 2.13's DDP keeps references to it). So on a busy CPU a worker can
+    come to that release only once the interpreter is finalizing, and there CPython (3.11 here)
+    ends any thread that asks for the GIL with pthread_exit. Its unwinding crosses the work's noexcept
+    destructor, std::terminate aborts the process ("terminate called without an active exception",
+    SIGABRT), and torchrun reports a run that finished and saved everything as failed. os._exit ends
+    all threads at once, with nothing left to run; every file a run writes is complete and closed
+    before it returns (checkpoint.atomic_write), and the output lock is the OS's."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

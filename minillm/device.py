@@ -13,15 +13,32 @@ from typing import Callable, ContextManager
 import torch
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """The device called `name` (cpu, cuda, cuda:1, mps), or for "auto" the best one present."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
+def available_devices() -> list[str]:
+    """The device names this machine can run on: cpu, then cuda:N for each GPU, then mps."""
+    names = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        names.append("mps")
+    return names
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """The device called `name` (cpu, cuda, cuda:1, mps), or for "auto" the best one present.
+    A name that is not a device, or a device this machine lacks, is a ValueError naming those it has."""
+    if name == "auto":
+        here = available_devices()
+        return torch.device("cuda" if len(here) > 1 and here[1].startswith("cuda") else here[-1])
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    here = available_devices()
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {name!r} is not a device name: use auto or one of {', '.join(here)}")
+    present = device.type in {torch.device(h).type for h in here}
+    if not present or (device.type == "cuda" and device.index is not None and str(device) not in here):
+        raise ValueError(f"device {name!r} is not available on this machine (torch {torch.__version__}): "
+                         f"use auto or one of {', '.join(here)}")
+    return device
 
 
 def uses_bf16(device: torch.device) -> bool:

@@ -26,8 +26,13 @@ Files written for a run named NAME in out_dir:
     NAME.lora.safetensors    LoRA: the best-val adapters only, naming their base checkpoint and its sha256
     NAME.train.safetensors   the latest training state: weights, optimizer moments, step, RNG states
     NAME.loss.png            train/val loss curve (when matplotlib is installed)
+    NAME.lock                held (flock) by the run writing these files, removed when it ends: a second
+                             run of the same name and folder is refused meanwhile
+A resume continues the training state only with the data it was trained on (its sha256 is in the
+state) and only forward (max_iters above the saved iteration).
 
-Errors about the configuration name TrainConfig fields (lora_rank); train.py shows them as flags.
+Every value is checked before anything is read or written (TrainConfig.check). Errors about the
+configuration are ConfigError and name TrainConfig fields (lora_rank); train.py shows them as flags.
 """
 
 from __future__ import annotations
@@ -35,12 +40,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
+try:
+    import fcntl  # the output lock (Linux, macOS)
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -59,6 +69,17 @@ TRAIN_PRESETS: dict[str, dict] = {
     "shakespeare": dict(batch_size=64, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, eval_iters=200),
 }
 ARCH_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "mlp_hidden", "dropout")
+# The numeric fields and what each allows (a None field is left to the preset or unused)
+INT_AT_LEAST = {"batch_size": 1, "grad_accum": 1, "eval_interval": 1, "eval_iters": 1, "max_iters": 0,
+                "stop_after": 0, "warmup_iters": 0, "seed": 0, "lora_rank": 0, "seq_len": 1, "init_from_layers": 1,
+                **{k: 1 for k in ARCH_FIELDS if k != "dropout"}}
+FLOAT_RANGES = {  # field: (low, high, whether low itself is allowed, whether high itself is allowed)
+    "lr": (0, math.inf, False, False), "min_lr": (0, math.inf, True, False),
+    "weight_decay": (0, math.inf, True, False), "grad_clip": (0, math.inf, True, False),
+    "beta1": (0, 1, True, False), "beta2": (0, 1, True, False), "dropout": (0, 1, True, False),
+    "lora_alpha": (0, math.inf, False, False), "distill_temperature": (0, math.inf, False, False),
+    "distill_alpha": (0, 1, True, True)}
+MAX_SEED = 2**62  # torch seeds are 64-bit; DDP ranks add small offsets
 
 
 class ConfigError(ValueError):
@@ -126,7 +147,10 @@ class TrainConfig:
         return dataclasses.replace(self, **filled)
 
     def check(self) -> None:
-        """Refuse field combinations that cannot mean anything (ConfigError, naming the fields)."""
+        """Refuse values and field combinations that cannot mean anything (ConfigError, naming the
+        fields), before anything is read or written. Call it on the resolved() config."""
+        check_numbers(self)
+        check_name(self.name)
         arch = [k for k in ARCH_FIELDS if getattr(self, k) is not None]
         if (self.init_from or self.init_from_layers is not None) and arch:
             source = "init_from" if self.init_from else "init_from_layers"
@@ -144,8 +168,11 @@ class TrainConfig:
         if self.init_from_layers is not None and self.init_from:
             raise ConfigError("init_from and init_from_layers both choose the student's weights; pass one",
                               "init_from", "init_from_layers")
-        if self.seq_len is not None and self.seq_len < 1:
-            raise ConfigError(f"seq_len must be >= 1, got {self.seq_len}", "seq_len")
+        if not self.init_from and self.init_from_layers is None:
+            try:  # a fresh model's shape: the same checks ModelConfig makes, named as fields here
+                self.model_config(vocab_size=1)
+            except ValueError as e:
+                raise ConfigError(str(e).replace("ModelConfig.", ""), *ARCH_FIELDS, "family", "attn_impl") from None
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         over = {k: getattr(self, k) for k in ARCH_FIELDS if getattr(self, k) is not None}
@@ -157,8 +184,46 @@ class TrainConfig:
         return self.max_iters if self.stop_after is None else min(self.stop_after, self.max_iters)
 
 
+def check_numbers(tc: TrainConfig) -> None:
+    """Every numeric field within what it allows (INT_AT_LEAST, FLOAT_RANGES): ConfigError naming it."""
+    for name, low in INT_AT_LEAST.items():
+        value = getattr(tc, name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be a whole number, got {value!r}", name)
+        if not low <= value <= MAX_SEED:
+            raise ConfigError(f"{name} must be >= {low}{' and <= 2**62' if value > 0 else ''}, got {value}", name)
+    for name, (low, high, low_ok, high_ok) in FLOAT_RANGES.items():
+        value = getattr(tc, name)
+        if value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not (ok and (low < value or low_ok and value == low) and (value < high or high_ok and value == high)):
+            above = f">= {low}" if low_ok else f"> {low}"
+            below = "" if high == math.inf else f" and {'<=' if high_ok else '<'} {high}"
+            raise ConfigError(f"{name} must be a number {above}{below}, got {value!r}", name)
+
+
+def check_name(name: str) -> None:
+    """A run's name is a file stem inside out_dir: no folder part, no '..', nothing hidden or empty."""
+    seps = [os.sep] + ([os.altsep] if os.altsep else [])
+    if not name or name.startswith(".") or any(sep in name for sep in seps) or "\0" in name:
+        raise ConfigError(f"name must be a plain file stem, with no folder part (its files go in out_dir), got {name!r}",
+                          "name", "out_dir")
+
+
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says which checkpoint is the last good one and how to
+    continue. `fields` as in ConfigError."""
+
+    def __init__(self, message: str, *fields: str):
+        super().__init__(message)
+        self.fields = fields
 
 
 @dataclass
@@ -221,13 +286,14 @@ class Files:
     adapters: Path
     state: Path
     plot: Path
+    lock: Path  # held while a run writes the others (output_lock)
 
     @classmethod
     def of(cls, tc: TrainConfig) -> "Files":
         out = Path(tc.out_dir)
         model = out / f"{tc.name}.safetensors"
         return cls(model, out / f"{tc.name}.lora.safetensors", checkpoint.train_state_path(model),
-                   out / f"{tc.name}.loss.png")
+                   out / f"{tc.name}.loss.png", out / f"{tc.name}.lock")
 
 
 @dataclass
@@ -280,6 +346,7 @@ class State:
     history: list = field(default_factory=list)  # (iter, train loss) per step of this process
     step_ms: list = field(default_factory=list)
     resumed_at: int | None = None  # the eval at this iteration was done before the run stopped
+    saved_at: int | None = None  # the iteration the training-state file holds (rank 0 wrote it)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -307,7 +374,7 @@ def train_loop(run: Run, state: State, on_step: Callable[[Step], None] | None = 
             group["lr"] = lr
         loss = forward_backward(run, state.batch_gen)
         if not math.isfinite(loss):
-            raise diverged(loss, it, lr, run.trainable.path)
+            raise TrainingDiverged(f"loss became {loss} at iter {it} (lr {lr:.2e}); stopping: {last_good(run, state)}")
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tc.grad_clip)
         optimizer.step()
@@ -318,6 +385,17 @@ def train_loop(run: Run, state: State, on_step: Callable[[Step], None] | None = 
         if on_step is not None:
             on_step(Step(it + 1, first, tc.stop, loss, lr, state.step_ms[-1], run.tokens_per_iter))
     evaluate_and_save(run, state, tc.stop)
+
+
+def last_good(run: Run, state: State) -> str:
+    """Which files of this run hold good weights: the best-val checkpoint, and the training state a
+    resume continues from (said when training stops early: divergence, Ctrl-C)."""
+    if not math.isfinite(state.best_val):
+        return "no checkpoint was written"
+    kept = f"the last good checkpoint is kept at {run.trainable.path} (val {state.best_val:.4f})"
+    if state.saved_at is not None:
+        kept += f"; resume continues from iter {state.saved_at} ({run.files.state})"
+    return kept
 
 
 def forward_backward(run: Run, gen: torch.Generator) -> float:
@@ -362,15 +440,17 @@ def evaluate_and_save(run: Run, state: State, it: int) -> dict[str, float]:
     state.evals.append((it, losses["train"], losses["val"]))
     saved = ""
     if losses["val"] < state.best_val:
-        state.best_val = losses["val"]
         if run.rank.main:  # one writer: rank 0
             run.trainable.save_best(run.model, {**run.source, "step": it, "val_loss": losses["val"],
                                                 "train_loss": losses["train"]})
             saved = f" -> saved {run.trainable.path}"
+        state.best_val = losses["val"]
     if run.rank.main:
-        counters = {"iter": it, "best_val": state.best_val, "evals": state.evals, "config": run.model.config.to_dict()}
+        counters = {"iter": it, "best_val": state.best_val, "evals": state.evals, "config": run.model.config.to_dict(),
+                    "data": run.source["data"], "data_sha256": run.source["data_sha256"]}
         checkpoint.save_train_state(run.files.state, run.optimizer, counters, rng_states(state, run.batches.device),
                                     run.model, trainable_only=run.trainable.trainable_only)
+    state.saved_at = it
     run.log(f"iter {it}: train {losses['train']:.4f}, val {losses['val']:.4f}{saved}")
     return losses
 
@@ -383,60 +463,111 @@ def rng_states(state: State, device: torch.device) -> dict[str, torch.Tensor]:
     return rng
 
 
-def diverged(loss: float, it: int, lr: float, path: Path) -> TrainingDiverged:
-    kept = f"the last good checkpoint is kept at {path}" if path.exists() else "no checkpoint was written"
-    return TrainingDiverged(f"loss became {loss} at iter {it} (lr {lr:.2e}); stopping: {kept}")
-
-
 # ----------------------------------------------------------------------------- setup, phase by phase
 
 def train(tc: TrainConfig, log: Callable = print, on_step: Callable[[Step], None] | None = None) -> TrainResult:
     """Train as tc says: setup, train_loop, finish. log(line) gets the run's messages, on_step(Step)
     a report after every step. Under torchrun (WORLD_SIZE > 1) this is one data-parallel rank (see
-    ddp.py): rank 0 logs, reports and writes the files, every rank returns the same result."""
+    ddp.py): rank 0 logs, reports and writes the files, every rank returns the same result.
+    Ctrl-C during the loop raises TrainingInterrupted, which says what was saved."""
+    tc = tc.resolved()
+    tc.check()  # before a process group is joined or any file is read or written
     r, device_name = ddp.setup(tc.device)
-    try:
-        if not r.main:
-            log, on_step = quiet, None
-        run, state = setup(tc.resolved(), r, pick_device(device_name), log)
-        train_loop(run, state, on_step)
+    with ddp.process_group(r):
+        return run_phases(tc, r, pick_device(device_name), log if r.main else quiet, on_step if r.main else None)
+
+
+def run_phases(tc: TrainConfig, r: ddp.Rank, device: torch.device, log: Callable,
+               on_step: Callable[[Step], None] | None) -> TrainResult:
+    """setup, train_loop, finish, with the output lock held from setup to the end."""
+    with contextlib.ExitStack() as held:
+        run, state = setup(tc, r, device, log, held)
+        try:
+            train_loop(run, state, on_step)
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(f"interrupted at iter {state.iter}: {last_good(run, state)}", "resume") from None
         return finish(run, state)
-    finally:
-        ddp.teardown(r)
 
 
 def quiet(*args, **kwargs) -> None:
     """The log of every rank but rank 0."""
 
 
-def setup(tc: TrainConfig, r: ddp.Rank, device: torch.device, log: Callable) -> tuple[Run, State]:
-    """Everything before the first step: sources, data, model, loss, trainable set, optimizer, resume, DDP."""
+def setup(tc: TrainConfig, r: ddp.Rank, device: torch.device, log: Callable,
+          held: contextlib.ExitStack) -> tuple[Run, State]:
+    """Everything before the first step: sources, data, model, loss, trainable set, optimizer, the
+    output lock (rank 0 holds it in `held`), resume, DDP. Nothing is written before the lock is held."""
     t_start = time.perf_counter()
-    tc.check()
     files = Files.of(tc)
-    files.model.parent.mkdir(parents=True, exist_ok=True)
     if tc.resume and not files.state.is_file():
         raise FileNotFoundError(f"nothing to resume: no training state at {files.state}")
     text_path = data.resolve_text_path(tc.data)
+    source = source_provenance(tc, text_path)
     tokenizer, init, teacher = load_sources(tc, files.model)
     tokenizer, ids = load_ids(text_path, tokenizer, from_checkpoint=init is not None or teacher is not None)
     torch.manual_seed(tc.seed)
     model = build_model(tc, tokenizer, init, teacher).to(device)
     seq_len = check_fits(tc, model.config, teacher)
+    splits = make_splits(ids, text_path, seq_len)
     loss = make_loss(tc, teacher, device)
     trainable = make_trainable(tc, files, tokenizer)
     trainable.prepare(model)
     optimizer = make_optimizer(model, tc, device)
+    if r.main:  # the one writer holds the lock to the end, from before a resume reads the state
+        held.enter_context(output_lock(files.lock))
     state = State(torch.Generator().manual_seed(tc.seed))
     if tc.resume:
-        resume(files.state, model, optimizer, state, device)
+        resume(files.state, tc, source, model, optimizer, state, device)
         log(f"resumed from {files.state} at iter {state.iter} (best val {state.best_val:.4f})")
     step_model = distribute(model, tc, r, device, state.iter)
-    batches = Batches(dict(zip(("train", "val"), data.split_train_val(ids))), seq_len, tc.batch_size, device, r)
+    batches = Batches(splits, seq_len, tc.batch_size, device, r)
     run = Run(tc, files, model, step_model, optimizer, loss, trainable, batches, autocast_for(device),
-              source_provenance(tc, text_path), log, t_start)
+              source, log, t_start)
     log_setup(run, text_path, teacher)
     return run, state
+
+
+@contextlib.contextmanager
+def output_lock(path: Path):
+    """Hold `path` (NAME.lock in out_dir) while this run writes NAME's files: another run of the same
+    name in the same folder is refused meanwhile (ConfigError). An OS lock (flock): the OS drops it
+    when the process ends, even when killed. The file is removed at the end; one left by a killed
+    run is not locked, and the next run takes it."""
+    fd = take_lock(path)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still locked: a run that opened this file meanwhile sees it gone (take_lock)
+        os.close(fd)
+
+
+def take_lock(path: Path) -> int:
+    """Open and lock `path`, making its folder if need be -> the open descriptor (see output_lock)."""
+    folder = path.parent
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"out_dir {folder} is a file, not a folder", "out_dir")
+    while True:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise ConfigError(f"cannot write in out_dir {folder}: {e.strerror}", "out_dir") from None
+        if fcntl is None:
+            return fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"another run (pid {holder}) is writing the files of name {path.stem!r} in {folder} "
+                              f"(it holds {path.name}): wait for it to end, or pick another name", "name") from None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:  # still the file at `path`: the lock is ours
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return fd
+        os.close(fd)  # the run that held it removed it as we opened it: lock the new one
 
 
 def load_sources(tc: TrainConfig, model_path: Path):
@@ -492,6 +623,22 @@ def check_fits(tc: TrainConfig, cfg: ModelConfig, teacher) -> int:
     return seq_len
 
 
+def make_splits(ids: np.ndarray, text_path: Path, seq_len: int) -> dict[str, np.ndarray]:
+    """The train and val splits of the text's ids (data.split_train_val), each long enough to draw a
+    training sequence from: a ConfigError says which split of which file is too short."""
+    try:
+        splits = dict(zip(("train", "val"), data.split_train_val(ids)))
+    except ValueError:
+        raise ValueError(f"{text_path} has {len(ids)} tokens: too few to split into train and val") from None
+    for split, part in splits.items():
+        if len(part) <= seq_len:
+            where = "first" if split == "train" else "last"
+            raise ConfigError(f"the {split} split of {text_path} (the {where} {len(part):,} of its {len(ids):,} tokens) "
+                              f"is too short for one sequence of seq_len {seq_len} (+1 for the labels): "
+                              "use a longer text or a shorter seq_len", "seq_len")
+    return splits
+
+
 def make_loss(tc: TrainConfig, teacher, device: torch.device) -> Callable:
     """What the loop minimises: cross-entropy, or with a teacher the distillation mix (distill.py)."""
     if teacher is None:
@@ -517,20 +664,33 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig, device: torch.device
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=cuda, foreach=not cuda)
 
 
-def resume(path: Path, model: Transformer, optimizer: torch.optim.Optimizer, state: State,
-           device: torch.device) -> None:
+def resume(path: Path, tc: TrainConfig, source: dict, model: Transformer, optimizer: torch.optim.Optimizer,
+           state: State, device: torch.device) -> None:
     """Continue where the training-state file left off: the latest weights, optimizer moments, counters
     and every random stream, so that the run goes on exactly as if it had never stopped."""
     saved, rng = checkpoint.load_train_state(path, optimizer, model)
-    if saved["config"] != model.config.to_dict():
-        raise ValueError(f"cannot resume: {path} was trained with config {saved['config']}, "
-                         f"not {model.config.to_dict()}")
-    state.iter = state.resumed_at = saved["iter"]
+    check_resumable(path, tc, saved, source, model.config)
+    state.iter = state.resumed_at = state.saved_at = saved["iter"]
     state.best_val, state.evals = saved["best_val"], [tuple(e) for e in saved["evals"]]
     state.batch_gen.set_state(rng["batch"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"])
+
+
+def check_resumable(path: Path, tc: TrainConfig, saved: dict, source: dict, cfg: ModelConfig) -> None:
+    """A resume goes on with the same model and data, and forward: it never rewinds over later weights."""
+    if saved["config"] != cfg.to_dict():
+        raise ValueError(f"cannot resume: {path} was trained with config {saved['config']}, not {cfg.to_dict()}")
+    if saved.get("data_sha256", source["data_sha256"]) != source["data_sha256"]:  # older states: not recorded
+        raise ConfigError(f"cannot continue {path}: it was trained on {saved.get('data')} (sha256 "
+                          f"{saved['data_sha256'][:12]}), not on {source['data']} (sha256 {source['data_sha256'][:12]}); "
+                          "resume needs the same data. To start fresh, leave out resume (the run's files are "
+                          "then replaced) or pick another name", "data", "resume", "name")
+    if tc.stop <= saved["iter"]:
+        field = "stop_after" if tc.stop_after is not None and tc.stop_after < tc.max_iters else "max_iters"
+        raise ConfigError(f"cannot continue {path}: it is at iter {saved['iter']} and {field} {getattr(tc, field)} "
+                          f"does not go past it; pass a {field} above {saved['iter']} to continue", field)
 
 
 def distribute(model: Transformer, tc: TrainConfig, r: ddp.Rank, device: torch.device, start_iter: int):

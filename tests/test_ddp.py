@@ -1,5 +1,5 @@
 """Data-parallel training: 2 CPU processes under torchrun (gloo) train exactly like 1 process with the
-global batch, and their weights stay bit-identical."""
+global batch, and their weights stay bit-identical; a rank ends without interpreter finalization."""
 
 import os
 import re
@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from minillm import data
+from minillm import data, ddp
 from minillm.ddp import Rank
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +55,26 @@ def test_two_process_ddp_matches_one_process_with_the_global_batch(tmp_path):
     worst = max((ddp_w[k] - one_w[k]).abs().max().item() for k in ddp_w)
     assert worst < 1e-5, worst
     assert float(one_evals[-1][2]) < float(one_evals[0][2]) - 0.05  # it trained: the match is not of two idle runs
+
+
+def test_a_torchrun_rank_ends_without_finalization(monkeypatch, capsys):
+    """exit_process under torchrun flushes what was printed and ends with os._exit: gloo's worker
+    threads can then never meet interpreter finalization (see ddp.exit_process for the abort that
+    did). A single process ends with sys.exit as usual."""
+    class Exited(BaseException):
+        pass
+
+    def fake_exit(code):
+        ended.append((code, capsys.readouterr().out))  # what was flushed by then
+        raise Exited
+    ended = []
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    print("last line", end="")
+    with pytest.raises(Exited):
+        ddp.exit_process(3)
+    assert ended == [(3, "last line")]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit) as e:
+        ddp.exit_process(0)
+    assert e.value.code == 0 and len(ended) == 1

@@ -1,12 +1,15 @@
 """The trainer: it learns, resume is exact, divergence stops cleanly, flags parse."""
 
+import json
+
 import pytest
 import torch
 
 import train as train_cli
 from minillm import trainer
-from minillm.checkpoint import load_model, train_state_path
-from minillm.trainer import TrainConfig, TrainingDiverged, lr_at, train
+from minillm.checkpoint import load_model, read_metadata, train_state_path
+from minillm.device import pick_device
+from minillm.trainer import ConfigError, TrainConfig, TrainingDiverged, lr_at, train
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,8 @@ def test_best_val_checkpoint_and_provenance(tmp_path, small_text):
     prov = loaded.provenance
     assert prov["val_loss"] == pytest.approx(res.best_val) == pytest.approx(min(e[2] for e in res.evals))
     assert len(prov["data_sha256"]) == 64 and prov["step"] in [e[0] for e in res.evals]
-    assert train_state_path(res.model_path).is_file()
+    state = json.loads(read_metadata(train_state_path(res.model_path))["state"])
+    assert state["data_sha256"] == prov["data_sha256"] and state["data"] == str(small_text)  # resume checks it
     assert (tmp_path / "t.loss.png").stat().st_size > 1000
     assert loaded.tokenizer.decode(loaded.tokenizer.encode("ROMEO")) == "ROMEO"
 
@@ -99,6 +103,34 @@ def test_cli_flags(tmp_path, capsys):
     assert train_cli.main(["--data", str(tmp_path / "missing.txt")]) == 2
     assert train_cli.main(["--lora-rank", "-1", "--out-dir", str(tmp_path)]) == 2  # the trainer names the field,
     assert "error: --lora-rank must be >= 0, got -1" in capsys.readouterr().err  # the command line its flag
+
+
+def test_every_numeric_field_is_checked_and_named():
+    """check() refuses an out-of-range or non-numeric value of each numeric field, naming that field."""
+    for name, low in trainer.INT_AT_LEAST.items():
+        for bad in (low - 1, 2**63, 2.5, True):
+            with pytest.raises(ConfigError) as e:
+                TrainConfig(**{name: bad}).resolved().check()
+            assert e.value.fields == (name,) and str(e.value).startswith(f"{name} must be"), (name, bad, e.value)
+    for name, (low, high, low_ok, high_ok) in trainer.FLOAT_RANGES.items():
+        bad_values = [float("nan"), float("inf"), low - 1, "1"] + ([] if low_ok else [low]) + \
+            ([high + 1] if high != float("inf") else []) + ([high] if high != float("inf") and not high_ok else [])
+        for bad in bad_values:
+            with pytest.raises(ConfigError) as e:
+                TrainConfig(**{name: bad}).resolved().check()
+            assert e.value.fields == (name,), (name, bad, e.value)
+    TrainConfig().resolved().check()  # the defaults pass
+
+
+def test_pick_device_names_what_is_there():
+    assert pick_device("cpu") == torch.device("cpu") and pick_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(ValueError, match=r"device 'foo' is not a device name: use auto or one of cpu"):
+        pick_device("foo")
+    with pytest.raises(ValueError, match=r"device 'meta' is not a device name"):
+        pick_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device 'cuda:0' is not available on this machine .*: use auto or one of cpu"):
+            pick_device("cuda:0")
 
 
 @pytest.mark.slow
