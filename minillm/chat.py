@@ -24,11 +24,25 @@ def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_to
         raise RuntimeError("chat templates need jinja2: pip install jinja2 (it comes with the 'convert' extra)") from e
 
     def raise_exception(msg):
-        raise ValueError(f"chat template: {msg}")
+        raise TemplateRaised(f"chat template: {msg}")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            bos_token=bos_token, eos_token=eos_token)
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                bos_token=bos_token, eos_token=eos_token)
+    except TemplateRaised:
+        raise
+    except RecursionError:
+        raise ValueError("chat template cannot be rendered: it recurses without end") from None
+    except Exception as e:  # a syntax error, an undefined name, what the sandbox blocks (SecurityError), a
+        # TypeError inside the template...: a template is data, so its failure is a ValueError that names it
+        where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"chat template cannot be rendered{where}: {type(e).__name__}: {first}") from None
+
+
+class TemplateRaised(ValueError):
+    """The template's own raise_exception(msg): the template refuses these messages."""
 
 
 class ChatSession:

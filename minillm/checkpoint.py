@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -52,14 +54,50 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, truncated, of another format, or disagrees with its config."""
 
 
+def check_output(path: str | Path, flag: str = "", folder: bool = False, make_parents: bool = False,
+                 inputs: tuple = ()) -> Path:
+    """Refuse, before any work, an output that cannot be made. `path` is a file to write, or with
+    folder=True a folder to write into; it is not a folder where a file goes (or the reverse), nor any of
+    `inputs` (writing there would replace the source with its own output). Where it will be written
+    must be writable: the folder itself if it exists, else the folder that holds it, which must exist
+    (with make_parents, its nearest existing ancestor, the missing folders being made). An OSError
+    (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError, PermissionError) whose
+    one-line message names `flag`, the path and the problem."""
+    path = Path(path)
+    where = f"{flag} {path}" if flag else f"cannot write {path}"
+    if path.is_dir() and not folder:
+        raise IsADirectoryError(f"{where}: is a folder; give a file name inside it")
+    if path.exists() and folder and not path.is_dir():
+        raise FileExistsError(f"{where}: is a file, not a folder")
+    for src in inputs:
+        if path.exists() and Path(src).exists() and os.path.samefile(path, src):
+            raise FileExistsError(f"{where}: is the input {src}; writing there would replace it with its own "
+                                  f"output: choose another {flag or 'path'}")
+    ancestor = path.parent
+    if not make_parents and not ancestor.exists():
+        raise FileNotFoundError(f"{where}: folder {ancestor} does not exist")
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{where}: {ancestor} is a file, not a folder")
+    target = path if folder and path.is_dir() else ancestor
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise PermissionError(f"{where}: folder {target} is not writable")
+    return path
+
+
+_HOST = re.sub(r"[^\w.-]", "_", socket.gethostname()) or "host"
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Make the file `path` by calling write(tmp), then renaming tmp over `path`. tmp is a new, empty
-    file in the same directory (so the rename is atomic), with the mode a newly created file gets.
-    A crash or an error during write() leaves the old file (if any) as it was and no temp file behind."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot save {path}: directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    file in the same directory (so the rename is atomic), .NAME.HOST-PID.RANDOM.tmp, with the mode a
+    newly created file gets (0o666 less the umask). A crash or an error during write() leaves the old
+    file (if any) as it was and no temp file behind; a kill (SIGKILL, power loss) can leave one, which
+    the next atomic_write of the same name removes once its process is gone (_remove_stale_temps)."""
+    path = check_output(path)
+    _remove_stale_temps(path)
+    tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # O_EXCL: the name is ours alone
     mode = tmp.stat().st_mode  # what a new file gets here: 0o666 less the umask
     try:
@@ -70,6 +108,29 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temp files of earlier atomic writes of `path` whose process was killed: made on this
+    host by a process id that no longer runs. A live writer's temp file (another process saving the
+    same name right now) is left alone. POSIX only (elsewhere os.kill(pid, 0) is not a probe)."""
+    if os.name != "posix":
+        return
+    own = re.compile(rf"\.{re.escape(path.name)}\.{re.escape(_HOST)}-(\d+)\.[0-9a-f]{{8}}\.tmp")
+    for sibling in path.parent.iterdir():
+        m = own.fullmatch(sibling.name)
+        if m and not _running(int(m.group(1))):
+            sibling.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: no signal, only the check that the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, as another user
+        return True
+    return True
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
@@ -170,26 +231,29 @@ def check_tensor_set(found: dict[str, tuple[int, ...]], expected: dict[str, tupl
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Loaded:
-    """Load and validate a checkpoint: format version, every expected tensor present with its shape, no extras."""
+    """Load and validate a checkpoint: format version, readable metadata, every expected tensor present
+    with its shape and dtype, no extras, no NaN or infinite weights. Any problem is a CheckpointError
+    naming the file (FileNotFoundError for a missing one)."""
     path = Path(path)
     meta = read_metadata(path)
     fmt = meta.get("format")
     if fmt != FORMAT:
         raise CheckpointError(f"{path}: format {fmt!r} is not {FORMAT!r} (not a minillm checkpoint, or another version)")
-    for key in ("config", "tokenizer"):
-        if key not in meta:
-            raise CheckpointError(f"{path}: metadata has no {key!r} entry")
-    cfg = ModelConfig.from_dict(json.loads(meta["config"]))
-    tokenizer = tokenizer_from_dict(json.loads(meta["tokenizer"]))
-    provenance = json.loads(meta.get("provenance", "{}"))
-    quantization = json.loads(meta["quantization"]) if "quantization" in meta else None
     try:
-        expected = expected_shapes(cfg, quantization)
+        cfg = ModelConfig.from_dict(_metadata_json(meta, "config", path))
+        tokenizer = tokenizer_from_dict(_metadata_json(meta, "tokenizer", path))
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:  # a config or tokenizer that cannot be: names the field
+        raise CheckpointError(f"{path}: invalid metadata ({type(e).__name__}: {e})") from None
+    provenance = _metadata_json(meta, "provenance", path, default={})
+    quantization = _metadata_json(meta, "quantization", path) if "quantization" in meta else None
+    try:
+        model = empty_model(cfg, quantization)
     except ValueError as e:  # a quantization entry with bad bits / group size
         raise CheckpointError(f"{path}: {e}") from e
-    tensors = _read_tensors(path, expected)
+    tensors = _read_tensors(path, model_tensors(model))
 
-    model = empty_model(cfg, quantization)
     if cfg.tie_embeddings and quantization is None:
         tensors["lm_head.weight"] = tensors["tok_emb.weight"]
     model.load_state_dict(tensors, strict=True, assign=True)
@@ -204,16 +268,61 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return Loaded(model, tokenizer, cfg, provenance)
 
 
-def _read_tensors(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """The file's tensors (memory-mapped), after check_tensor_set has passed on their names and shapes."""
+def _metadata_json(meta: dict[str, str], key: str, path: Path, default: dict | None = None) -> dict:
+    """The metadata entry `key`, which must be a JSON object; a CheckpointError names the entry otherwise."""
+    if key not in meta:
+        if default is not None:
+            return default
+        raise CheckpointError(f"{path}: metadata has no {key!r} entry")
+    try:
+        value = json.loads(meta[key])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: metadata {key!r} is a JSON {type(value).__name__}, not an object")
+    return value
+
+
+FLOAT_DTYPES = ("F32", "BF16", "F16")  # what weights are stored as (safetensors' names)
+_ST_INT = {torch.int8: "I8", torch.uint8: "U8"}  # quantized codes
+
+
+def _read_tensors(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's tensors (memory-mapped), after the checks: check_tensor_set on their names and shapes
+    against `expected` (the model's tensors on meta), then their dtypes, then their values."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            check_tensor_set({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}, expected, str(path))
-            return {name: f.get_tensor(name) for name in expected}
+            check_tensor_set({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()},
+                             {name: tuple(t.shape) for name, t in expected.items()}, str(path))
+            _check_dtypes({name: f.get_slice(name).get_dtype() for name in expected}, expected, path)
+            tensors = {name: f.get_tensor(name) for name in expected}
     except CheckpointError:
         raise
     except Exception as e:  # data section shorter than the header says, etc.
         raise CheckpointError(f"{path}: cannot read tensors ({e}); the file may be truncated") from e
+    for name, t in tensors.items():  # a sum first: one cheap pass, the full check only where it is not finite
+        if t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float32)):
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise CheckpointError(f"{path}: tensor {name!r} holds {bad} NaN or infinite values (of {t.numel()}); "
+                                      f"these weights cannot compute (a training run that diverged?)")
+    return tensors
+
+
+def _check_dtypes(found: dict[str, str], expected: dict[str, torch.Tensor], path: Path) -> None:
+    """Float weights as F32, BF16 or F16, one of them for the whole file; quantized codes in their own dtype."""
+    floats = {}
+    for name, t in expected.items():
+        want = FLOAT_DTYPES if t.dtype.is_floating_point else (_ST_INT[t.dtype],)
+        if found[name] not in want:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {found[name]}; this model stores it as "
+                                  f"{' or '.join(want)}")
+        if t.dtype.is_floating_point:
+            floats.setdefault(found[name], name)
+    if len(floats) > 1:
+        (a, na), (b, nb) = list(floats.items())[:2]
+        raise CheckpointError(f"{path}: float tensors of two dtypes ({na!r} is {a}, {nb!r} is {b}); "
+                              f"a checkpoint stores all its float weights in one")
 
 
 # ----------------------------------------------------------------------------- training state

@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from .checkpoint import load_model
+from .checkpoint import atomic_save, check_output, load_model
 from .config import ModelConfig
 from .tokenizer import GPT2_PAT, bytes_to_token, merges_from_ranks
 
@@ -153,18 +153,21 @@ def hf_tokenizer_files(tokenizer, block_size: int) -> dict[str, dict]:
 def export_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write a Hugging Face directory for checkpoint `ckpt` at `out_dir` (created; its parent must exist)."""
     out_dir = Path(out_dir)
-    if not out_dir.parent.is_dir():
-        raise ExportError(f"cannot write {out_dir}: directory {out_dir.parent} does not exist")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"{out_dir} exists and is not a directory")
+    try:  # a folder (not a file) in a folder that exists
+        check_output(out_dir, "--out", folder=True)
+    except OSError as e:
+        raise ExportError(str(e)) from None
+    if not os.access(out_dir.parent, os.W_OK | os.X_OK):  # it is made beside, then renamed into place
+        raise ExportError(f"--out {out_dir}: folder {out_dir.parent} is not writable")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir} is not empty (pass overwrite=True / --overwrite to replace it)")
+        raise ExportError(f"--out {out_dir} is not empty (pass overwrite=True / --overwrite to replace it)")
     loaded = load_model(ckpt)
     model, tok, cfg = loaded.model, loaded.tokenizer, loaded.config
     dtype = model.tok_emb.weight.dtype
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
+    os.mkdir(tmp, 0o777)  # the mode any new folder gets here: 0o777 less the umask (mkdtemp's is 0o700)
     try:
-        save_file(hf_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic_save(hf_tensors(model), tmp / "model.safetensors", {"format": "pt"})  # the umask's mode too
         config = hf_config(cfg, tok, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         gen = {"bos_token_id": config["bos_token_id"],
@@ -172,7 +175,6 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False) ->
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         for name, content in hf_tokenizer_files(tok, cfg.block_size).items():
             (tmp / name).write_text(json.dumps(content, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        tmp.chmod(0o755)
         if out_dir.is_dir():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -192,9 +194,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         out = export_hf(args.ckpt, args.out, overwrite=args.overwrite)
-    except (ExportError, FileNotFoundError, ValueError) as e:
+    except (ValueError, OSError) as e:  # ExportError, CheckpointError, a missing checkpoint, a failed write
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0
 

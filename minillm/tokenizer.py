@@ -104,10 +104,10 @@ class BPETokenizer:
         self.eos_id = special_tokens[self.eos_tokens[0]] if self.eos_tokens else None
         longest_first = "|".join(regex.escape(t) for t in sorted(special_tokens, key=len, reverse=True))
         self._special_split = regex.compile(f"({longest_first})") if special_tokens else None
-        # Some vocabularies (SmolLM2's) lack a few ASCII control bytes; tiktoken cannot encode a byte
-        # it has no rank for, and Hugging Face's tokenizer drops such characters, so we drop them too.
-        missing = [b for b in range(128) if bytes([b]) not in mergeable_ranks]
-        self._drop = regex.compile("[" + "".join(regex.escape(chr(b)) for b in missing) + "]") if missing else None
+        # Bytes without a token of their own (SmolLM2 lacks 6 ASCII controls and the UTF-8 lead bytes
+        # 0xF1, 0xF2 of U+40000..U+BFFFF): tiktoken panics on them, Hugging Face drops them (see _encode_piece).
+        self._missing = bytes(b for b in range(256) if bytes([b]) not in mergeable_ranks)
+        self._pat = regex.compile(pat_str) if self._missing else None
 
     @classmethod
     def gpt2(cls, path: str | None = None) -> "BPETokenizer":
@@ -135,10 +135,8 @@ class BPETokenizer:
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Special-token strings in the text become their ids (as Hugging Face tokenizers do);
         allow_special=False encodes them as plain text instead. add_bos prepends bos_id.
-        ASCII characters the vocabulary has no byte token for are dropped (see __init__)."""
-        if self._drop is not None:
-            text = self._drop.sub("", text)
-        if not self.pre_split_digits:
+        Bytes the vocabulary has no token for are dropped as Hugging Face drops them (_encode_piece)."""
+        if not self.pre_split_digits and not self._lacks_bytes(text):  # all in tiktoken (Rust)
             ids = self.enc.encode(text, allowed_special="all") if allow_special else self.enc.encode_ordinary(text)
         else:
             ids = []
@@ -148,10 +146,32 @@ class BPETokenizer:
                 if k % 2:
                     ids.append(self.special_tokens[part])
                     continue
-                for piece in DIGIT_SPLIT.split(part):
+                for piece in DIGIT_SPLIT.split(part) if self.pre_split_digits else [part]:
                     if piece:
-                        ids += self.enc.encode_ordinary(piece)
+                        ids += self._encode_piece(piece)
         return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+
+    def _lacks_bytes(self, text: str) -> bool:
+        """Whether the text's UTF-8 holds a byte that has no token (never, for most vocabularies)."""
+        if not self._missing:
+            return False
+        b = text.encode("utf-8", "surrogatepass")
+        return len(b.translate(None, self._missing)) != len(b)
+
+    def _encode_piece(self, text: str) -> list[int]:
+        """Text without special tokens (or digits, with pre_split_digits) -> ids. Where the vocabulary
+        lacks some of its bytes, Hugging Face's way: the regex splits the text as it is, then each
+        piece loses the bytes that have no token, then BPE merges what is left ("a\\x04b" is "a", "b"
+        when \\x04 has no token; "!\\x04!" is "!!"). tiktoken would panic on such a byte instead."""
+        if not self._lacks_bytes(text):
+            return self.enc.encode_ordinary(text)
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # lone surrogates: U+FFFD, as tiktoken
+        ids = []
+        for m in self._pat.finditer(text):
+            piece = m.group().encode("utf-8").translate(None, self._missing)
+            if piece:
+                ids += self.enc._encode_single_piece(piece)  # BPE on the bytes of one piece, no regex
+        return ids
 
     def decode(self, ids) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")

@@ -29,6 +29,20 @@ def test_render_chatml():
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
+@pytest.mark.parametrize("template,match", [
+    ("{% for m in messages %}{{ m.content }}", r"\(line 1\): TemplateSyntaxError: .*'endfor'"),
+    ("{{ nothing.here }}", "UndefinedError: 'nothing' is undefined"),
+    ("{{ messages.__class__.__mro__ }}", "SecurityError: access to attribute '__class__'"),  # the sandbox
+    ("{{ messages + 1 }}", "TypeError: can only concatenate list"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "recurses without end"),
+    ("{{ raise_exception('roles must alternate') }}", "^chat template: roles must alternate$"),  # the template's own
+])
+def test_a_template_that_cannot_render_is_a_value_error_naming_the_problem(template, match):
+    with pytest.raises(ValueError, match=match) as e:
+        render_chat(template, [{"role": "user", "content": "Hi"}])
+    assert "\n" not in str(e.value) and str(e.value).startswith("chat template")
+
+
 def test_turns_reuse_the_cache_and_match_a_fresh_run(chat_model):
     model, tok = chat_model
     eos = tok.eos_ids

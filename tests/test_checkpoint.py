@@ -208,3 +208,55 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd())
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_temp_file_of_a_killed_writer_is_removed_by_the_next_write(saved):
+    """A writer killed between making its temp file and renaming it (here: at once, SIGKILL) leaves a
+    hidden zero-byte .NAME.HOST-PID.RANDOM.tmp; the next atomic write of that name removes it, and
+    leaves alone the temp files of a writer that still runs (this process) or runs on another host."""
+    import signal
+    import subprocess
+    import sys
+    path, model, tok = saved
+    code = (f"import os, signal; open(os.path.join({str(path.parent)!r}, '.{path.name}.{checkpoint._HOST}-' "
+            f"+ str(os.getpid()) + '.0123abcd.tmp'), 'w').close(); os.kill(os.getpid(), signal.SIGKILL)")
+    r = subprocess.run([sys.executable, "-c", code])
+    assert r.returncode == -signal.SIGKILL
+    (left,) = [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    assert left.stat().st_size == 0
+    dead_pid = left.name.split("-")[-1].split(".")[0]
+    live = path.with_name(f".{path.name}.{checkpoint._HOST}-{os.getpid()}.89abcdef.tmp")
+    other_host = path.with_name(f".{path.name}.elsewhere-{dead_pid}.01234567.tmp")  # that pid may run there
+    live.touch()
+    other_host.touch()
+    save_model(path, model, tok)
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, live.name, other_host.name])
+
+
+def test_every_writer_gives_the_umasks_mode(tmp_path, monkeypatch):
+    """Checkpoints, training state, quantize's and convert's outputs, and export's folder and files: the
+    mode any new file (folder) gets under the umask, here 0o027 -> 0o640 (0o750). safetensors alone makes
+    its files 0o600 and mkdtemp its folders 0o700."""
+    from minillm.convert import convert
+    from minillm.export import export_hf
+    from minillm.quantize.__main__ import main as quantize_main
+    torch.manual_seed(0)
+    tok = CharTokenizer.from_text(TEXT)
+    model = Transformer(preset("nano", vocab_size=tok.vocab_size))
+    old = os.umask(0o027)
+    try:
+        save_model(tmp_path / "m.safetensors", model, tok)
+        opt = torch.optim.AdamW(model.parameters())
+        checkpoint.save_train_state(checkpoint.train_state_path(tmp_path / "m.safetensors"), opt, {"iter": 0},
+                                    {"torch": torch.get_rng_state()}, model)
+        assert quantize_main([str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "q.safetensors"), "--bits", "8"]) == 0
+        export_hf(tmp_path / "m.safetensors", tmp_path / "hf")
+        convert(tmp_path / "hf", tmp_path / "c.safetensors", progress=False)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert modes.pop("hf") == 0o750
+    assert set(modes) == {"m.safetensors", "m.train.safetensors", "q.safetensors", "c.safetensors",
+                          *(f"hf/{n}" for n in ("model.safetensors", "config.json", "generation_config.json",
+                                                "tokenizer.json", "tokenizer_config.json"))}
+    assert set(modes.values()) == {0o640}, modes

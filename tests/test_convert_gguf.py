@@ -210,6 +210,15 @@ def test_unknown_pre_tokenizer(tiny_gguf):
     _fails(write_gguf(d / "t.gguf", hf, ranks, pre="qwen2"), d / "out", "pre-tokenizer 'qwen2' is not supported")
 
 
+def test_llama_cpp_spelling_of_the_gpt2_pre_tokenizer(tiny_gguf):
+    """llama.cpp's converter writes GPT-2's pre-tokenizer as "gpt-2"; it is GPT-2's regex, no digit split."""
+    from minillm.convert import load_source
+    from minillm.tokenizer import GPT2_PAT
+    d, hf, ranks = tiny_gguf
+    tok = load_source(write_gguf(d / "t.gguf", hf, ranks, pre="gpt-2")).tokenizer
+    assert tok.pat_str == GPT2_PAT and not tok.pre_split_digits
+
+
 def test_sentencepiece_gguf_refused(tiny_gguf):
     d, hf, ranks = tiny_gguf
     _fails(write_gguf(d / "t.gguf", hf, ranks, tok_model="llama"), d / "out", "SentencePiece.*not supported")

@@ -191,7 +191,7 @@ def test_cli_and_dtype(tmp_path, gpt2_ranks_512, capsys):
     with torch.no_grad():
         diff = (loaded.model.float()(x) - hf(x).logits).abs().max().item()
     assert diff < 0.05  # bf16 weights: ~3 significant digits
-    assert convert_main([str(tmp_path / "nope"), "--out", str(out)]) == 1
+    assert convert_main([str(tmp_path / "nope"), "--out", str(out)]) == 2  # a user error: exit 2, as argparse
     assert "no such file" in capsys.readouterr().err
 
 

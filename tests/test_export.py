@@ -138,7 +138,7 @@ def test_errors_write_nothing(tmp_path, shakespeare_text, capsys):
         export_hf(tmp_path / "m.safetensors", tmp_path / "full")
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
     (tmp_path / "bad.safetensors").write_bytes((tmp_path / "m.safetensors").read_bytes()[:1000])
-    assert export_main([str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "hf2")]) == 1
+    assert export_main([str(tmp_path / "bad.safetensors"), "--out", str(tmp_path / "hf2")]) == 2  # a user error
     assert "error:" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "full", "m.safetensors"]
     assert export_main([str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "hf3")]) == 0

@@ -159,11 +159,54 @@ def test_cli_end_to_end(tmp_path, capsys):
     tok = CharTokenizer.from_text(TEXT)
     src, out = tmp_path / "f.safetensors", tmp_path / "q.safetensors"
     save_model(src, tiny("llama"), tok)
-    quantize_main([str(src), "--out", str(out), "--bits", "4", "--group-size", "64"])
+    assert quantize_main([str(src), "--out", str(out), "--bits", "4", "--group-size", "64"]) == 0
     assert "int4 group 64" in capsys.readouterr().out
     assert load_model(out).model.quantization == {"bits": 4, "group_size": 64, "embedding_bits": 8}
-    with pytest.raises(SystemExit, match="already quantized"):
-        quantize_main([str(out), "--out", str(tmp_path / "qq.safetensors"), "--bits", "8"])
+    assert quantize_main([str(out), "--out", str(tmp_path / "qq.safetensors"), "--bits", "8"]) == 2
+    assert "already quantized" in capsys.readouterr().err and not (tmp_path / "qq.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- int8 on any input width
+
+@pytest.mark.parametrize("in_features", [36, 8, 17, 100])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_any_input_width_equals_float_matmul(in_features, rows):
+    """torch's CPU int8 kernel needs in_features % 16 == 0: K = 36 crashed (SIGSEGV) for several rows
+    and gave garbage (NaN, 1e30) for one. Int8Linear pads K with zero columns, which changes no sum."""
+    torch.manual_seed(in_features)
+    lin = torch.nn.Linear(in_features, 24, bias=True)
+    m = Q.Int8Linear.from_float(lin)
+    assert m.weight.shape == (24, -(-in_features // 16) * 16) and (m.weight[:, in_features:] == 0).all()
+    q, scale = Q.quantize_int8(lin.weight.detach())
+    x = torch.randn(rows, in_features).to(torch.bfloat16)
+    ref = x.float() @ (q.float() * scale.float()[:, None]).t() + lin.bias.detach().to(torch.bfloat16).float()
+    torch.testing.assert_close(m(x).float(), ref, rtol=2**-7, atol=1e-2)
+    state = m.state_dict()  # the checkpoint form is unpadded; loading pads again
+    assert torch.equal(state["weight"], q)
+    again = Q.Int8Linear(in_features, 24, bias=True)
+    again.load_state_dict(state)
+    assert torch.equal(again(x), m(x))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_int8_model_of_width_36_saves_loads_and_matches_float(tmp_path, family):
+    """A char model with --n-embd 36 (issue 14): quantize, save, load, and one-row and many-row logits
+    close to the float model's; the tied head (the embedding's codes, padded) too."""
+    tok = CharTokenizer.from_text(TEXT)
+    torch.manual_seed(0)
+    model = Transformer(preset("nano", family=family, n_embd=36, n_head=6, vocab_size=tok.vocab_size)).eval()
+    src, out = tmp_path / "f.safetensors", tmp_path / "q8.safetensors"
+    save_model(src, model, tok)
+    assert quantize_main([str(src), "--out", str(out), "--bits", "8"]) == 0
+    loaded = load_model(out).model
+    with safe_open(str(out), framework="pt") as f:
+        assert f.get_slice("blocks.0.attn.q_proj.weight").get_shape() == [36, 36]  # the file: unpadded
+    x = torch.tensor([tok.encode("Before we proceed")])
+    with torch.inference_mode():
+        for inp in (x[:, :1], x):
+            ref, got = model(inp), loaded(inp).float()
+            assert got.isfinite().all()
+            assert ((got - ref).norm() / ref.norm()).item() < 0.02
 
 
 # ----------------------------------------------------------------------------- errors

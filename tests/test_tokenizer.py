@@ -93,6 +93,76 @@ def test_ascii_bytes_missing_from_vocab_are_dropped():
     assert tok.decode(tok.encode("a\x04b\x13c")) == "abc"  # tiktoken alone panics on these bytes
 
 
+def test_bytes_missing_from_vocab_are_dropped_after_the_split(gpt2_ranks_512):
+    """As Hugging Face (and llama.cpp) do: the regex splits the text first, then each piece loses the
+    bytes that have no token, then BPE merges the rest. "a\\x04b" is three pieces, so "a", "b" (not the
+    token "ab", which deleting \\x04 first gave); "-\\x04-" is one piece, so "--" merges. A lead byte
+    without a token (SmolLM2 lacks 0xF1, 0xF2) leaves its continuation bytes, and no panic."""
+    ranks = {b: r for b, r in gpt2_ranks_512.items() if b not in (b"\x04", b"\xf1")}
+    tok = BPETokenizer("gappy", GPT2_PAT, ranks, {"<|x|>": 600})
+    r = gpt2_ranks_512
+    assert b"ab" in r and tok.encode("a\x04b") == [r[b"a"], r[b"b"]]
+    assert tok.encode("-\x04-") == [r[b"--"]]
+    assert tok.encode("x\U00040000y") == [r[b"x"], r[b"\x80"], r[b"\x80"], r[b"\x80"], r[b"y"]]
+    assert tok.encode("\x04<|x|>\x04", allow_special=True) == [600]
+    assert tok.encode("\ud800\x04") == tok.encode("\ufffd")  # a lone surrogate: U+FFFD, as tiktoken does
+
+
+# ----------------------------------------------------------------------------- against Hugging Face, any text
+# The reference is Hugging Face's `tokenizers` (what transformers runs): SmolLM2 from the GGUF as transformers
+# loads it, with the Digits step its own tokenizer.json has (transformers' GGUF loader leaves it out, see
+# test_convert_gguf._hf_digit_tokenizer); GPT-2 from vocab and merges derived from gpt2.tiktoken's ranks.
+
+SMOLLM2_GAPS = ["\x04", "\x06", "\x13", "\x14", "\x16", "\x1d", "\U00040000", "\U0007ffff", "\U00080000",
+                "\U000bffff", "!", "-", " ", "  ", "a", "ab", "7", "\n", "é", "<|im_start|>", "<|endoftext|>"]
+ANY_TEXT = st.text() | st.lists(st.text(max_size=4) | st.sampled_from(SMOLLM2_GAPS), max_size=12).map("".join)
+
+
+@pytest.fixture(scope="session")
+def smollm2_pair(smollm2_ours, smollm2_hf_tokenizer):
+    from tokenizers import Tokenizer, pre_tokenizers
+    hf = Tokenizer.from_str(smollm2_hf_tokenizer.backend_tokenizer.to_str())  # a copy: the fixture stays as it is
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    return smollm2_ours.tokenizer, hf
+
+
+@pytest.fixture(scope="session")
+def gpt2_pair(data_dir):
+    tokenizers = pytest.importorskip("tokenizers")
+    ours = BPETokenizer.gpt2(str(data_dir / "gpt2" / "gpt2.tiktoken"))
+    vocab = {bytes_to_token(b): r for b, r in ours.ranks.items()}
+    merges = [(bytes_to_token(a), bytes_to_token(b)) for a, b in merges_from_ranks(ours.ranks)]
+    hf = tokenizers.Tokenizer(tokenizers.models.BPE(vocab, merges))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.add_special_tokens([tokenizers.AddedToken("<|endoftext|>", special=True, normalized=False)])
+    return ours, hf
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=ANY_TEXT)
+def test_smollm2_encodes_any_text_as_hugging_face(smollm2_pair, text):
+    ours, hf = smollm2_pair
+    assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=ANY_TEXT)
+def test_gpt2_encodes_any_text_as_hugging_face(gpt2_pair, text):
+    ours, hf = gpt2_pair
+    ids = ours.encode(text)
+    assert ids == hf.encode(text, add_special_tokens=False).ids
+    assert ours.decode(ids) == text  # every byte has a token: nothing is lost
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(st.characters(exclude_categories=())))  # lone surrogates too, which Hugging Face refuses
+def test_no_text_crashes_the_smollm2_tokenizer(smollm2_pair, text):
+    ours, _ = smollm2_pair
+    ids = ours.encode(text) + ours.encode(text, allow_special=False)
+    assert all(0 <= i < ours.vocab_size for i in ids)
+
+
 def test_pre_split_digits(gpt2):
     assert [gpt2.decode([i]) for i in gpt2.encode(" 12345")] == [" 123", "45"]  # without: merged
     ranks = gpt2.ranks | {b"  ": 50257}  # a double-space token, as SmolLM2 has

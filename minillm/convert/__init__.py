@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import check_output
 from .gguf import load_gguf
 from .hf import download_hub, load_hf_dir
 from .source import ConvertError, Source, Tensor
@@ -59,6 +60,14 @@ def load_source(src: str | Path) -> Source:
     raise ConvertError(f"{src}: no such file or directory")
 
 
+def _check_out(out: Path, inputs: list[Path]) -> None:
+    """checkpoint.check_output's rules for --out (a writable folder, not one of the source's files), as a ConvertError."""
+    try:
+        check_output(out, "--out", inputs=tuple(inputs))
+    except OSError as e:
+        raise ConvertError(str(e)) from None
+
+
 def convert(src: str | Path, out: str | Path, dtype: str | torch.dtype = "float32", progress: bool = True,
             keep_quant: bool = False) -> Path:
     """Convert `src` (HF dir, hub id, or .gguf) to our format at `out`; returns the output path.
@@ -68,12 +77,12 @@ def convert(src: str | Path, out: str | Path, dtype: str | torch.dtype = "float3
             raise ConvertError(f"unsupported --dtype {dtype!r}; choose from {sorted(DTYPES)}")
         dtype = DTYPES[dtype]
     out = Path(out)
-    if not out.parent.is_dir():  # fail before reading anything
-        raise ConvertError(f"cannot write {out}: directory {out.parent} does not exist")
+    _check_out(out, [Path(src).expanduser()])  # fail before reading anything
     if keep_quant and not _is_gguf(Path(src).expanduser()):
         raise ConvertError(f"{src}: --keep-quant needs a GGUF source (its blocks are what is kept); "
                            f"to quantize a float model use: python -m minillm.quantize CKPT --out OUT --bits 4")
     source = load_source(src)
+    _check_out(out, source.files)  # a Hugging Face directory's own weights, config, tokenizer
     source.provenance = {**source.provenance, "converted_by": "minillm.convert",
                          "dtype": "quantized" if keep_quant else str(dtype).removeprefix("torch.")}
     return write_checkpoint(source, out, dtype, progress, keep_quant)

@@ -28,9 +28,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         out = convert(args.src, args.out, dtype=args.dtype, progress=not args.quiet, keep_quant=args.keep_quant)
-    except (ConvertError, FileNotFoundError) as e:
+    except (ConvertError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     size = out.stat().st_size
     what = args.dtype
     if args.keep_quant:

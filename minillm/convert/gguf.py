@@ -34,6 +34,7 @@ from .vocab import LLAMA3_PAT, ranks_from_vocab
 # `tokenizer.ggml.pre` (llama.cpp's pre-tokenizer names) -> (regex, split digits one per token first)
 GGUF_PRE = {
     "gpt2": (GPT2_PAT, False),
+    "gpt-2": (GPT2_PAT, False),  # how llama.cpp's convert_hf_to_gguf.py spells GPT-2's
     "smollm": (GPT2_PAT, True),  # llama.cpp: digits one per token, then the GPT-2 regex
     "llama-bpe": (LLAMA3_PAT, False),
     "llama3": (LLAMA3_PAT, False),
@@ -171,12 +172,15 @@ def load_gguf(path: Path) -> Source:
     meta = _fields(reader)
     by_name = {t.name: t for t in reader.tensors}
     shapes = {n: tuple(int(x) for x in reversed(t.shape)) for n, t in by_name.items()}  # (out, in)
-    cfg = config_from_gguf(meta, shapes)
+    try:
+        cfg = config_from_gguf(meta, shapes)
+    except (ValueError, TypeError) as e:  # ConvertError, and ModelConfig's own checks (n_head must divide n_embd, ...)
+        raise ConvertError(f"{path}: {e}") from None
     tensors = _llama_map(cfg, by_name, shapes)
     tokenizer = tokenizer_from_gguf(meta, path.stem)
     provenance = {"source": str(Path(path).resolve()), "source_format": "gguf",
                   "general.name": meta.get("general.name"), "general.file_type": meta.get("general.file_type")}
-    return Source(cfg, tokenizer, tensors, provenance)
+    return Source(cfg, tokenizer, tensors, provenance, [Path(path)])
 
 
 def _llama_map(cfg: ModelConfig, by_name: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:

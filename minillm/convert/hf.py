@@ -31,7 +31,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePath, PureWindowsPath
 
 import torch
 from safetensors import safe_open
@@ -69,6 +69,17 @@ def download_hub(repo_id: str) -> Path:
 
 # ----------------------------------------------------------------------------- weights
 
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; a ConvertError names the file when it is not valid JSON or not an object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ConvertError(f"{path}: a JSON {type(value).__name__}, where an object ({{...}}) belongs")
+    return value
+
+
 class Weights:
     """Names and shapes of every tensor in a HF directory, read lazily (safetensors) or once (.bin)."""
 
@@ -86,7 +97,14 @@ class Weights:
     def _files(d: Path) -> list[Path]:
         for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             if (d / index).is_file():
-                weight_map = json.loads((d / index).read_text())["weight_map"]
+                weight_map = read_json(d / index).get("weight_map")
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise ConvertError(f"{d / index}: no 'weight_map' of tensor names to shard file names")
+                for name in sorted(set(weight_map.values())):  # confined to the folder: no absolute path, no ..
+                    outside = PurePath(name).is_absolute() or PureWindowsPath(name).is_absolute()
+                    if outside or ".." in re.split(r"[/\\]", name):
+                        raise ConvertError(f"{d / index} names shard {name!r}, outside its folder; shard names "
+                                           f"must be file names inside {d}")
                 files = sorted({d / f for f in weight_map.values()})
                 absent = [f.name for f in files if not f.is_file()]
                 if absent:
@@ -289,9 +307,9 @@ def tokenizer_from_hf(d: Path, name: str) -> BPETokenizer | CharTokenizer:
     a tiktoken tokenizer.model (Llama 3). Special tokens, BOS/EOS and the chat template come from
     tokenizer_config.json (and generation_config.json's extra stop ids)."""
     tc_path, tj_path = d / "tokenizer_config.json", d / "tokenizer.json"
-    tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
+    tc = read_json(tc_path) if tc_path.is_file() else {}
     specials = {t["content"]: int(i) for i, t in (tc.get("added_tokens_decoder") or {}).items()}
-    tj = json.loads(tj_path.read_text(encoding="utf-8")) if tj_path.is_file() else None
+    tj = read_json(tj_path) if tj_path.is_file() else None
     if tj is not None:
         chars = _char_vocab(tj)
         if chars is not None:
@@ -343,7 +361,7 @@ def _bpe_from_tokenizer_json(tj: dict, where: Path, specials: dict[str, int], na
 
 def _bpe_from_vocab_and_merges(d: Path, specials: dict[str, int], name: str) -> tuple[dict[bytes, int], str, bool]:
     """GPT-2's vocab.json + merges.txt -> (ranks, GPT-2's regex, False); <|endoftext|> joins `specials`."""
-    vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
+    vocab = read_json(d / "vocab.json")
     lines = (d / "merges.txt").read_text(encoding="utf-8").splitlines()
     merges = [ln for ln in lines if ln and not ln.startswith("#version")]
     if "<|endoftext|>" in vocab:
@@ -386,7 +404,7 @@ def _eos_tokens(d: Path, tc: dict, specials: dict[str, int]) -> list[str]:
     eos = [_special(tc.get("eos_token"))]
     gen = d / "generation_config.json"
     if gen.is_file():
-        ids = json.loads(gen.read_text()).get("eos_token_id")
+        ids = read_json(gen).get("eos_token_id")
         by_id = {i: t for t, i in specials.items()}
         eos += [by_id[i] for i in ([ids] if isinstance(ids, int) else ids or []) if i in by_id]
     return list(dict.fromkeys(t for t in eos if t in specials))
@@ -408,8 +426,11 @@ def load_hf_dir(d: Path) -> Source:
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise ConvertError(f"{d}: no config.json (not a Hugging Face model directory)")
-    c = json.loads(cfg_path.read_text())
-    cfg = config_from_hf(c)
+    c = read_json(cfg_path)
+    try:
+        cfg = config_from_hf(c)
+    except (ValueError, TypeError) as e:  # ConvertError, and ModelConfig's own checks (n_head must divide n_embd, ...)
+        raise ConvertError(f"{cfg_path}: {e}") from None
     w = Weights(d)
     tensors, unused = (_gpt2_map if cfg.family == "gpt2" else _llama_map)(cfg, w)
     if unused:
@@ -420,4 +441,5 @@ def load_hf_dir(d: Path) -> Source:
     tokenizer = tokenizer_from_hf(d, name)
     provenance = {"source": str(d.resolve()), "source_format": "huggingface",
                   "architecture": (c.get("architectures") or [c.get("model_type")])[0]}
-    return Source(cfg, tokenizer, tensors, provenance)
+    files = sorted({*w.where.values(), *(p for p in d.iterdir() if p.suffix in (".json", ".txt", ".model", ".jinja"))})
+    return Source(cfg, tokenizer, tensors, provenance, files)

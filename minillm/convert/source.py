@@ -49,6 +49,7 @@ class Source:
     tokenizer: BPETokenizer | CharTokenizer
     tensors: dict[str, Tensor]  # our name -> recipe
     provenance: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)  # the files it reads (an output may be none of them)
 
 
 # recipe(source name, transform or None, our shape) -> Tensor: how a reader reads one of its tensors

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..checkpoint import load_model
+from ..checkpoint import check_output, load_model
 from ..cli import add_decoding_args, method_from_args, partner_path, unescape
 from ..device import pick_device
 from ..methods import Method, load_partner
@@ -79,10 +79,21 @@ def write_outputs(rep: Report, args) -> None:
         print(f"wrote {write_json(rep, args.json)}")
 
 
+def check_outputs(args) -> None:
+    """--out (a folder, made with its parents) and --json (a file, its folders made) can be written:
+    checked before any work, so that a bad path is a one-line error and nothing is written."""
+    if args.out:
+        check_output(args.out, "--out", folder=True, make_parents=True)
+    if args.json:
+        check_output(args.json, "--json", make_parents=True)
+
+
 def main(argv: list[str] | None = None) -> Report:
     """Run the command; the Report is returned for tests and notebooks. Bad flags exit (argparse);
-    a bad prompt or checkpoint is a ValueError / FileNotFoundError."""
+    a bad prompt or checkpoint is a ValueError / FileNotFoundError, an output path that cannot be
+    written an OSError (check_outputs), before any work."""
     args, method = parse_args(argv)
+    check_outputs(args)
     device = pick_device(args.device)
     loaded = load_model(args.model, device=device)
     tracing = args.generate > 0
@@ -98,9 +109,11 @@ def main(argv: list[str] | None = None) -> Report:
     return rep
 
 
-def run() -> None:
-    """`python -m minillm.inspector`: a bad prompt or checkpoint is a message, not a traceback."""
+def run(argv: list[str] | None = None) -> None:
+    """`python -m minillm.inspector`: a bad prompt, checkpoint or output path is one line and exit
+    status 2 (argparse's for bad flags), not a traceback."""
     try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        main(argv)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -21,7 +21,12 @@ aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero (K/group,
 made by aten._convert_weight_to_int4pack_for_cpu; on CUDA the same without `_for_cpu`. Both want x
 in the dtype of the scales: bf16 is the fast path on CPU (fp32 works, far slower: bench/README.md).
 The CPU int4 kernel needs N % 16 == 0 (rows are padded with zeros to get there) and group_size in
-{32, 64, 128, 256} dividing K (a group size that does not divide a matrix's K is an error).
+{32, 64, 128, 256} dividing K (a group size that does not divide a matrix's K is an error). The CPU
+int8 kernel needs K % 16 == 0, and checks nothing: for every other K from 1 to 72 it segfaulted on
+inputs of 2 to 16 rows, and on one row it segfaulted (N = 7) or often returned garbage (NaN, 1e30;
+N = 48), while every K % 16 == 0 tried (16 to 576, N from 1 to 1000, 1 to 64 rows, bf16 and fp32
+inputs) was right. An Int8Linear of another width keeps its codes padded with zero columns in memory
+and pads each input with zeros to match: the extra products are 0 * 0, so y is unchanged.
 
 File format (metadata "quantization" = {"bits", "group_size", "embedding_bits"}; the rest of the format is checkpoint.py's):
     NAME.weight   int8 (N, K)        | int4: uint8 (N, K/2), q[:, 2j] in the low nibble, q[:, 2j+1] in the high
@@ -49,6 +54,7 @@ from ..model import Transformer
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
+INT8_K_ALIGN = 16  # the int8 kernel's in_features must be a multiple of this (see the top)
 COMPUTE_DTYPE = torch.bfloat16  # scales, zeros, and the activations the kernels multiply
 
 
@@ -133,12 +139,17 @@ def _int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_zero:
 # ----------------------------------------------------------------------------- modules
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale)^T + bias, with q int8 (out, in) and one scale per output feature."""
+    """y = x @ (q * scale)^T + bias, with q int8 (out, in) and one scale per output feature.
+
+    In memory `weight` is (out, k_padded): in_features rounded up to INT8_K_ALIGN with zero columns
+    (the kernel needs it, see the top), and inputs are padded with zeros to match. The state dict
+    (what checkpoints hold) is the unpadded (out, in)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.k_padded = -(-in_features // INT8_K_ALIGN) * INT8_K_ALIGN
+        self.register_buffer("weight", torch.zeros(out_features, self.k_padded, dtype=torch.int8))
         self.register_buffer("scales", torch.ones(out_features, dtype=COMPUTE_DTYPE))
         self.register_buffer("bias", torch.zeros(out_features, dtype=COMPUTE_DTYPE) if bias else None)
         self.tied = False  # True: the tied output head, whose matrix the checkpoint stores as tok_emb
@@ -146,20 +157,40 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_float(cls, linear: nn.Linear) -> "Int8Linear":
         m = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        m.weight, m.scales = quantize_int8(linear.weight.detach())
+        q, m.scales = quantize_int8(linear.weight.detach())
+        m.set_codes(q)
         if linear.bias is not None:
             m.bias = linear.bias.detach().to(COMPUTE_DTYPE)
         return m
 
+    def set_codes(self, q: torch.Tensor) -> None:
+        """Take q (out, in) int8: as it is (shared, not copied) when in is aligned, else padded."""
+        pad = self.k_padded - self.in_features
+        self.weight = F.pad(q, (0, pad)) if pad else q
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.scales.dtype), self.weight, self.scales)
+        x = x.reshape(-1, shape[-1]).to(self.scales.dtype)
+        if self.k_padded != self.in_features:
+            x = F.pad(x, (0, self.k_padded - self.in_features))
+        y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
         y = y.reshape(*shape[:-1], self.out_features)  # (..., out)
         return y + self.bias if self.bias is not None else y
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if not self.tied:
-            super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.tied:
+            return
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.k_padded != self.in_features:  # the portable form; on meta (shapes only) no op runs
+            w = self.weight
+            destination[prefix + "weight"] = (torch.empty(self.out_features, self.in_features, dtype=w.dtype,
+                                                          device="meta") if w.is_meta else w[:, :self.in_features])
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        key, pad = prefix + "weight", self.k_padded - self.in_features
+        if pad and key in state_dict and state_dict[key].shape[-1] == self.in_features:
+            state_dict = {**state_dict, key: F.pad(state_dict[key], (0, pad))}
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 class Int4Linear(nn.Module):
@@ -291,7 +322,8 @@ class QuantEmbedding(nn.Module):
         V, C = self.num_embeddings, self.embedding_dim
         if self.bits == 8:
             head = Int8Linear(C, V, bias=False)
-            head.weight, head.scales = self.weight, self.scales  # shared storage, not a copy
+            head.scales = self.scales
+            head.set_codes(self.weight)  # shared storage, not a copy (a padded one for C not a multiple of 16)
         else:
             head = Int4Linear(C, V, bias=False, group_size=C // self.scales.shape[1])
             head.set_codes(unpack_nibbles(self.weight), self.scales, self.zeros)

@@ -6,11 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..checkpoint import load_model, save_model
+from ..checkpoint import check_output, load_model, save_model
 from . import BITS, GROUP_SIZES, quantize_model
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minillm.quantize",
                                  description="Quantize a minillm checkpoint's weights to int8 (per channel) or int4 (group-wise).")
     ap.add_argument("input", help="a float minillm checkpoint (.safetensors)")
@@ -21,21 +21,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--embedding-bits", type=int, default=8, choices=BITS,
                     help="bits for the token embedding and the output head (default 8, also with --bits 4)")
     args = ap.parse_args(argv)
-
-    loaded = load_model(args.input)
-    if getattr(loaded.model, "quantization", None):
-        sys.exit(f"error: {args.input} is already quantized ({loaded.model.quantization}); start from a float checkpoint")
     try:
-        model = quantize_model(loaded.model, args.bits, args.group_size, args.embedding_bits)
-    except ValueError as e:
-        sys.exit(f"error: {args.input}: {e}")
-    provenance = {**loaded.provenance, "quantized_from": str(args.input), "quantization": model.quantization}
-    save_model(args.out, model, loaded.tokenizer, provenance)
+        model, loaded = _quantize(args)
+        provenance = {**loaded.provenance, "quantized_from": str(args.input), "quantization": model.quantization}
+        save_model(args.out, model, loaded.tokenizer, provenance)
+    except (ValueError, OSError) as e:  # CheckpointError, a scheme the model cannot take, an output that cannot be
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     size_in, size_out = Path(args.input).stat().st_size, Path(args.out).stat().st_size
     spec = model.quantization
     print(f"wrote {args.out}: int{spec['bits']}" + (f" group {spec['group_size']}" if spec["group_size"] else "")
           + f", embedding/head int{spec['embedding_bits']}, {size_out / 2**20:.1f} MiB (from {size_in / 2**20:.1f} MiB, {size_in / size_out:.1f}x smaller)")
+    return 0
+
+
+def _quantize(args):
+    """The output checked first (nothing is read or written if it cannot be made), then the model loaded and quantized."""
+    check_output(args.out, "--out", inputs=(args.input,))
+    loaded = load_model(args.input)
+    if getattr(loaded.model, "quantization", None):
+        raise ValueError(f"{args.input} is already quantized ({loaded.model.quantization}); start from a float checkpoint")
+    try:
+        return quantize_model(loaded.model, args.bits, args.group_size, args.embedding_bits), loaded
+    except ValueError as e:
+        raise ValueError(f"{args.input}: {e}") from None
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
