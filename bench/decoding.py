@@ -12,7 +12,7 @@ Redoes the first experiment of the seed article (docs/seeds/000_*) without its f
 Every method runs through minillm.methods.stream (the dispatch sample.py uses), on models with the
 speed layer on (speed.speed_up, as sample.py runs them; same numbers as model.py).
 
-Metrics (bench/text_metrics.py): n-gram entropy n = 1..3 (bits, corpus-pooled), distinct-1/2
+Metrics (minillm/eval/text_metrics.py): n-gram entropy n = 1..3 (bits, corpus-pooled), distinct-1/2
 (distinct / all n-grams, corpus-pooled), rep-2 and rep-4 (SimCTG, %, within each text), on
 whitespace words. Expert perplexity: exp(mean NLL) over all continuation tokens of the corpus,
 each scored by one uncached float32 forward of prompt + continuation, prompt tokens not counted.
@@ -46,7 +46,7 @@ from minillm.generate import Stats
 from minillm.methods import Method, load_partner, stream
 from minillm.sampling import SamplingParams
 from minillm.speed import speed_up
-from text_metrics import distinct_n, ngram_entropy, rep_n
+from minillm.eval.text_metrics import distinct_n, ngram_entropy, rep_n
 
 # The seed article's five prompts, verbatim.
 ARTICLE_PROMPTS = [

