@@ -5,8 +5,9 @@
 writes DIR/config.json, DIR/model.safetensors, DIR/generation_config.json and the tokenizer:
 DIR/tokenizer.json + DIR/tokenizer_config.json (loadable with AutoTokenizer / PreTrainedTokenizerFast).
 The name maps are the inverse of convert/hf.py: gpt2 -> GPT2LMHeadModel (Linear weights transposed into
-Conv1D's (in, out), q/k/v concatenated into c_attn), llama -> LlamaForCausalLM (names only; our RoPE
-layout is HF's). A gpt2-family model trained without biases gets zero biases, which changes nothing.
+Conv1D's (in, out), q/k/v concatenated into c_attn), llama -> LlamaForCausalLM, or Qwen2ForCausalLM with
+qkv_bias, Qwen3ForCausalLM with qk_norm (names only; our RoPE layout is HF's). A gpt2-family model
+trained without biases gets zero biases, which changes nothing.
 
 Tokenizers: BPE becomes a byte-level BPE tokenizer.json (vocab in GPT-2's printable byte alphabet,
 merges recovered from the ranks, the pre-tokenizer regex, special tokens as added tokens); a char
@@ -51,13 +52,25 @@ def hf_config(cfg: ModelConfig, tokenizer, dtype: torch.dtype) -> dict:
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling:
         rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **cfg.rope_scaling}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
+    arch, model_type, extra = _llama_class(cfg)
+    return {"architectures": [arch], "model_type": model_type, **common, **extra,
             "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
             "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
-            "attention_bias": bool(cfg.bias), "mlp_bias": bool(cfg.bias),
             "rope_parameters": rope,  # transformers >= 5
             "rope_theta": cfg.rope_theta, "rope_scaling": rope if cfg.rope_scaling else None}  # transformers 4
+
+
+def _llama_class(cfg: ModelConfig) -> tuple[str, str, dict]:
+    """The Hugging Face class of a llama-family config: (architecture, model_type, its own config keys).
+    Qwen2: biases on q, k, v only; Qwen3: q/k RMSNorm, no biases; Llama: biases on every Linear or none."""
+    if cfg.qk_norm:
+        if cfg.bias or cfg.qkv_bias:
+            raise ExportError("a model with q/k norms and biases has no Hugging Face class (Qwen3 has no MLP biases)")
+        return "Qwen3ForCausalLM", "qwen3", {"attention_bias": False, "use_sliding_window": False}
+    if cfg.qkv_bias and not cfg.bias:
+        return "Qwen2ForCausalLM", "qwen2", {"use_sliding_window": False}
+    return "LlamaForCausalLM", "llama", {"attention_bias": bool(cfg.bias), "mlp_bias": bool(cfg.bias)}
 
 
 def hf_tensors(model) -> dict[str, torch.Tensor]:
@@ -91,8 +104,12 @@ def hf_tensors(model) -> dict[str, torch.Tensor]:
             out[f"{h}input_layernorm.weight"] = sd[f"{b}attn_norm.weight"]
             out[f"{h}post_attention_layernorm.weight"] = sd[f"{b}mlp_norm.weight"]
             for x in "qkvo":
-                for kind in ("weight", "bias") if cfg.bias else ("weight",):
+                biased = cfg.bias or (cfg.qkv_bias and x != "o")
+                for kind in ("weight", "bias") if biased else ("weight",):
                     out[f"{h}self_attn.{x}_proj.{kind}"] = sd[f"{b}attn.{x}_proj.{kind}"]
+            if cfg.qk_norm:
+                out[f"{h}self_attn.q_norm.weight"] = sd[f"{b}attn.q_norm.weight"]
+                out[f"{h}self_attn.k_norm.weight"] = sd[f"{b}attn.k_norm.weight"]
             for x in ("gate", "up", "down"):
                 for kind in ("weight", "bias") if cfg.bias else ("weight",):
                     out[f"{h}mlp.{x}_proj.{kind}"] = sd[f"{b}mlp.{x}_proj.{kind}"]
@@ -133,7 +150,8 @@ def hf_tokenizer_files(tokenizer, block_size: int) -> dict[str, dict]:
                 "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
                          {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
                 "special_tokens": {bos: {"id": bos, "ids": [tokenizer.bos_id], "tokens": [bos]}}}
-    tj = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+    norm = {"type": tokenizer.normalize} if getattr(tokenizer, "normalize", None) else None  # Qwen2: NFC
+    tj = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": norm,
           "pre_tokenizer": steps[0] if len(steps) == 1 else {"type": "Sequence", "pretokenizers": steps},
           "post_processor": post, "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                                               "use_regex": True},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+import unicodedata
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import tiktoken.load
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 GPT2_EOT = "<|endoftext|>"
 DIGIT_SPLIT = regex.compile(r"(\p{N})")  # capturing, so split() keeps each digit as its own piece
+NORMAL_FORMS = (None, "NFC", "NFKC", "NFD", "NFKD")  # BPETokenizer.normalize: unicodedata's forms
 
 
 class CharTokenizer:
@@ -74,13 +76,18 @@ class BPETokenizer:
     then ByteLevel): special tokens are cut out first, then every digit (Unicode category N) becomes
     a piece of its own, and pat_str runs on each stretch between digits separately (so "$" in it
     means that stretch's end). A pat_str branch for digits would not do: " 12" must give " ", "1", "2".
+    normalize ("NFC", "NFKC", "NFD" or "NFKD"; Qwen2's tokenizer.json has NFC): the Unicode
+    normalization Hugging Face's normalizer applies to the text between special tokens before the regex.
     """
 
     kind = "bpe"
 
     def __init__(self, name: str, pat_str: str, mergeable_ranks: dict[bytes, int], special_tokens: dict[str, int],
                  bos_token: str | None = None, eos_tokens: list[str] | None = None, add_bos: bool = False,
-                 chat_template: str | None = None, pre_split_digits: bool = False):
+                 chat_template: str | None = None, pre_split_digits: bool = False, normalize: str | None = None):
+        if normalize not in NORMAL_FORMS:
+            raise ValueError(f"tokenizer {name!r}: normalize must be one of {NORMAL_FORMS}, got {normalize!r}")
+        self.normalize = normalize
         self.name, self.pat_str, self.ranks, self.special_tokens = name, pat_str, mergeable_ranks, special_tokens
         self.bos_token, self.eos_tokens, self.add_bos = bos_token, list(eos_tokens or []), add_bos
         self.chat_template, self.pre_split_digits = chat_template, pre_split_digits
@@ -136,7 +143,7 @@ class BPETokenizer:
         """Special-token strings in the text become their ids (as Hugging Face tokenizers do);
         allow_special=False encodes them as plain text instead. add_bos prepends bos_id.
         Bytes the vocabulary has no token for are dropped as Hugging Face drops them (_encode_piece)."""
-        if not self.pre_split_digits and not self._lacks_bytes(text):  # all in tiktoken (Rust)
+        if not self.pre_split_digits and not self.normalize and not self._lacks_bytes(text):  # all in tiktoken (Rust)
             ids = self.enc.encode(text, allowed_special="all") if allow_special else self.enc.encode_ordinary(text)
         else:
             ids = []
@@ -146,6 +153,8 @@ class BPETokenizer:
                 if k % 2:
                     ids.append(self.special_tokens[part])
                     continue
+                if self.normalize:
+                    part = unicodedata.normalize(self.normalize, part)
                 for piece in DIGIT_SPLIT.split(part) if self.pre_split_digits else [part]:
                     if piece:
                         ids += self._encode_piece(piece)
@@ -191,14 +200,16 @@ class BPETokenizer:
                 "ranks": [base64.b64encode(t).decode("ascii") for t, _ in ordered],
                 "rank_ids": None if all(r == i for i, (_, r) in enumerate(ordered)) else [r for _, r in ordered],
                 "special_tokens": self.special_tokens, "bos_token": self.bos_token, "eos_tokens": self.eos_tokens,
-                "add_bos": self.add_bos, "chat_template": self.chat_template, "pre_split_digits": self.pre_split_digits}
+                "add_bos": self.add_bos, "chat_template": self.chat_template, "pre_split_digits": self.pre_split_digits,
+                "normalize": self.normalize}
 
     @classmethod
     def from_dict(cls, d: dict) -> "BPETokenizer":
         rank_ids = d.get("rank_ids") or range(len(d["ranks"]))
         ranks = {base64.b64decode(t): r for t, r in zip(d["ranks"], rank_ids)}
         return cls(d["name"], d["pat_str"], ranks, d["special_tokens"], d.get("bos_token"), d.get("eos_tokens"),
-                   d.get("add_bos", False), d.get("chat_template"), d.get("pre_split_digits", False))
+                   d.get("add_bos", False), d.get("chat_template"), d.get("pre_split_digits", False),
+                   d.get("normalize"))
 
 
 def tokenizer_from_dict(d: dict) -> CharTokenizer | BPETokenizer:
@@ -210,10 +221,14 @@ def tokenizer_from_dict(d: dict) -> CharTokenizer | BPETokenizer:
     raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'char' or 'bpe')")
 
 
+ID_MEANING = ("kind", "chars", "ranks", "rank_ids", "special_tokens")  # the parts of to_dict() that map ids to text
+
+
 def tokenizer_identity(tokenizer) -> dict:
-    """What decides which text each token id stands for. A name or a chat template may differ between
-    two copies of one vocabulary without changing a single id, so they are left out."""
-    return {k: v for k, v in tokenizer.to_dict().items() if k not in ("name", "chat_template")}
+    """What decides which text each token id stands for: the vocabulary and the special tokens. Two
+    models that exchange ids need only this; a name, a chat template, the stop set or how text is split
+    before merging may differ between two copies of one vocabulary without changing what an id means."""
+    return {k: v for k, v in tokenizer.to_dict().items() if k in ID_MEANING}
 
 
 def check_same_tokenizer(tok_a, tok_b, name_a: str = "model", name_b: str = "other model", purpose: str = "") -> None:

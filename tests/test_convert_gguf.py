@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from minillm.checkpoint import load_model  # noqa: E402
 from minillm.convert import LLAMA3_PAT, ConvertError, convert  # noqa: E402
+from minillm.convert.vocab import QWEN2_PAT  # noqa: E402
 from minillm.convert.rope import permute, unpermute  # noqa: E402
 from minillm.kv_cache import KVCache  # noqa: E402
 from minillm.model import apply_rope  # noqa: E402
@@ -207,7 +208,7 @@ def test_missing_gguf_tensor(tiny_gguf):
 
 def test_unknown_pre_tokenizer(tiny_gguf):
     d, hf, ranks = tiny_gguf
-    _fails(write_gguf(d / "t.gguf", hf, ranks, pre="qwen2"), d / "out", "pre-tokenizer 'qwen2' is not supported")
+    _fails(write_gguf(d / "t.gguf", hf, ranks, pre="chatglm-bpe"), d / "out", "pre-tokenizer 'chatglm-bpe' is not supported")
 
 
 def test_llama_cpp_spelling_of_the_gpt2_pre_tokenizer(tiny_gguf):
@@ -222,6 +223,191 @@ def test_llama_cpp_spelling_of_the_gpt2_pre_tokenizer(tiny_gguf):
 def test_sentencepiece_gguf_refused(tiny_gguf):
     d, hf, ranks = tiny_gguf
     _fails(write_gguf(d / "t.gguf", hf, ranks, tok_model="llama"), d / "out", "SentencePiece.*not supported")
+
+
+# ----------------------------------------------------------------------------- Qwen2 / Qwen3 GGUF files, K-quants
+
+QWEN_SPECIALS = [("<|endoftext|>", 3), ("<|im_start|>", 3), ("<|im_end|>", 3), ("<tool_call>", 4)]  # 3 control, 4 user-defined
+QWEN_UNUSED = 4  # [PADnnn] tokens (type 5) after them, as Qwen's GGUFs pad the vocabulary
+# tensor -> type, the most specific name first; every type of the issue appears (1-D tensors stay F32)
+QWEN_TYPES = {"blk.0.attn_v": "Q5_K", "blk.1.attn_v": "Q8_0", "blk.0.ffn_down": "Q6_K", "blk.1.ffn_down": "Q5_0",
+              "token_embd": "Q4_K", "output": "Q6_K", "attn_q": "Q4_K", "attn_k": "Q4_K", "attn_output": "Q4_K",
+              "ffn_gate": "Q4_K", "ffn_up": "Q4_K"}
+KQ_HALF = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}  # where each super-block's float16 d (and dmin) sit
+KQ_D = {"Q4_K": 1e-4, "Q5_K": 5e-5, "Q6_K": 1e-5}  # their size: weights of at most ~0.1
+
+
+def random_kquant(rng, ty, shape):
+    """Raw bytes (N, row bytes) of an (N, K) matrix in K-quant `ty`: random codes and sub-block scales (any
+    bytes are valid), float16 super-block scales near KQ_D[ty]. gguf can dequantize K-quants, not make them."""
+    N, K = shape
+    block, size = gguf.GGML_QUANT_SIZES[Q[ty]]
+    raw = rng.integers(0, 256, size=(N, K // block, size), dtype=np.uint8)
+    for at in KQ_HALF[ty]:
+        d = (KQ_D[ty] * rng.uniform(0.5, 1.5, size=(N, K // block))).astype(np.float16)
+        raw[..., at:at + 2] = d.view(np.uint8).reshape(N, K // block, 2)
+    return raw.reshape(N, -1)
+
+
+def _hf_qwen(arch, tie=False, seed=0):
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=512 + len(QWEN_SPECIALS) + QWEN_UNUSED, hidden_size=256, intermediate_size=512,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=tie, initializer_range=0.05)
+    if arch == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw))
+    else:  # an explicit head_dim: 4 heads of 128 on a 256-wide model
+        model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=128, **kw))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:  # norm gains and the q/k/v biases: not the 1s and 0s they start as
+                p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def _qwen_tokenizer_meta(w, ranks):
+    n = len(ranks)
+    tokens = [bytes_to_token(b) for b, _ in sorted(ranks.items(), key=lambda kv: kv[1])]
+    tokens += [t for t, _ in QWEN_SPECIALS] + [f"[PAD{n + len(QWEN_SPECIALS) + i}]" for i in range(QWEN_UNUSED)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * n + [ty for _, ty in QWEN_SPECIALS] + [5] * QWEN_UNUSED)
+    w.add_token_merges([f"{bytes_to_token(a)} {bytes_to_token(b)}" for a, b in merges_from_ranks(ranks)])
+    w.add_bos_token_id(n)  # <|endoftext|>, never added
+    w.add_eos_token_id(n + 2)  # <|im_end|>
+    w.add_add_bos_token(False)
+    w.add_chat_template("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _qwen_names(c) -> dict[str, str]:
+    """HF Qwen2/Qwen3 tensor name -> GGUF name (llama.cpp's)."""
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for i in range(c.num_hidden_layers):
+        h, g = f"model.layers.{i}.", f"blk.{i}."
+        names.update({f"{h}input_layernorm.weight": f"{g}attn_norm.weight",
+                      f"{h}post_attention_layernorm.weight": f"{g}ffn_norm.weight",
+                      f"{h}self_attn.q_norm.weight": f"{g}attn_q_norm.weight",
+                      f"{h}self_attn.k_norm.weight": f"{g}attn_k_norm.weight",
+                      **{f"{h}self_attn.{x}_proj.{k}": f"{g}attn_{y}.{k}" for x, y in
+                         (("q", "q"), ("k", "k"), ("v", "v"), ("o", "output")) for k in ("weight", "bias")},
+                      **{f"{h}mlp.{x}_proj.weight": f"{g}ffn_{x}.weight" for x in ("gate", "up", "down")}})
+    return names
+
+
+def write_qwen_gguf(path, hf, ranks, arch):
+    """HF Qwen2/Qwen3 -> GGUF as llama.cpp writes these architectures: q/k rows NOT permuted (rotate-half RoPE),
+    matrices in the types of QWEN_TYPES (K-quants with random codes). The HF model's weights become the GGUF's
+    dequantized values, so both sides hold the same numbers."""
+    c, rng = hf.config, np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), arch)
+    for add, v in ((w.add_block_count, c.num_hidden_layers), (w.add_context_length, c.max_position_embeddings),
+                   (w.add_embedding_length, c.hidden_size), (w.add_feed_forward_length, c.intermediate_size),
+                   (w.add_head_count, c.num_attention_heads), (w.add_head_count_kv, c.num_key_value_heads),
+                   (w.add_rope_freq_base, 1e6), (w.add_layer_norm_rms_eps, c.rms_norm_eps)):
+        add(v)
+    if arch == "qwen3":
+        w.add_key_length(c.head_dim)
+        w.add_value_length(c.head_dim)
+    _qwen_tokenizer_meta(w, ranks)
+    sd = hf.state_dict()
+    for hf_name, g_name in _qwen_names(c).items():
+        if hf_name not in sd or (hf_name == "lm_head.weight" and c.tie_word_embeddings):
+            continue
+        a = sd[hf_name].float().numpy()
+        ty = next((t for key, t in QWEN_TYPES.items() if g_name.startswith(key + ".") or f".{key}." in g_name), None)
+        if a.ndim == 1 or ty is None:
+            w.add_tensor(g_name, a)
+            continue
+        raw = random_kquant(rng, ty, a.shape) if ty in KQ_HALF else gguf.quants.quantize(a, Q[ty])
+        w.add_tensor(g_name, raw, raw_dtype=Q[ty])
+        sd[hf_name].copy_(torch.from_numpy(gguf.quants.dequantize(raw, Q[ty]).reshape(a.shape)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module", params=["qwen2", "qwen3"])
+def tiny_qwen(request, tmp_path_factory, gpt2_ranks_512):
+    d = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    hf = _hf_qwen(request.param)
+    path = write_qwen_gguf(d / f"tiny-{request.param}.gguf", hf, gpt2_ranks_512, request.param)
+    return request.param, hf, path, load_model(convert(path, d / "ours.safetensors", progress=False))
+
+
+def test_tiny_qwen_gguf_matches_hf(tiny_qwen):
+    """Every K-quant type of the issue (Q4_K, Q5_K, Q6_K, Q5_0, Q8_0) dequantized, q/k left as they are:
+    our logits (with and without the KV cache) are the HF model's holding the same numbers, and those of
+    transformers' own loading of the same GGUF file."""
+    arch, hf, path, ours = tiny_qwen
+    cfg = ours.config
+    assert (cfg.qkv_bias, cfg.qk_norm, cfg.head_dim, cfg.norm_eps, cfg.rope_theta) == (
+        arch == "qwen2", arch == "qwen3", 64 if arch == "qwen2" else 128, 1e-6, 1e6)
+    x = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    with torch.no_grad():
+        ref = hf(x).logits
+        assert (ours.model(x) - ref).abs().max().item() <= 1e-4
+        assert (ours.model(x) - theirs.eval()(x).logits).abs().max().item() <= 1e-4
+        cache = KVCache.for_model(ours.model, batch_size=2)
+        parts = [ours.model(x[:, :10], cache=cache)] + [ours.model(x[:, t:t + 1], cache=cache, start_pos=t)
+                                                        for t in range(10, 40)]
+        assert (torch.cat(parts, 1) - ref).abs().max().item() <= 1e-4
+    assert ours.provenance["general.architecture"] == arch
+
+
+def test_tiny_qwen_gguf_tokenizer(tiny_qwen):
+    """llama.cpp's qwen2 pre-tokenizer (single digits), control and user-defined tokens matched whole, the
+    [PAD] fillers plain vocabulary, both end tokens stop, no BOS: ids as transformers' GGUF tokenizer gives them."""
+    arch, _, path, ours = tiny_qwen
+    tok = ours.tokenizer
+    n = 512
+    assert (tok.pat_str, tok.add_bos, tok.normalize) == (QWEN2_PAT, False, None)
+    assert tok.eos_tokens == ["<|im_end|>", "<|endoftext|>"] and tok.eos_ids == {n + 2, n}
+    assert "<tool_call>" in tok.special_tokens and f"[PAD{n + 4}]" not in tok.special_tokens
+    assert tok.decode([n + 4]) == f"[PAD{n + 4}]"
+    theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for s in ["x 2024 = 1,000", "<|im_start|>user\nhi<tool_call><|im_end|>", f"[PAD{n + 4}] <|endoftext|>",
+              "cafe\u0301 caf\u00e9  \t\n\n  end", "emoji 👋🏽 ١٢٣"]:
+        assert tok.encode(s) == theirs(s)["input_ids"], s
+        assert tok.decode(tok.encode(s)) == s
+
+
+def test_keep_quant_copies_q4_k_codes(tiny_qwen, tmp_path):
+    """Q4_K codes arrive unchanged; scale and zero are d*sc and 8*d*sc - dmin*m rounded once to bf16; the values
+    are the GGUF's own dequantized ones within that rounding. The provenance names what was kept and what
+    was quantized from float."""
+    from minillm.convert.blocks import q4k_codes
+    from minillm.quantize import Int4Linear, dequantize_int4
+    arch, hf, path, _ = tiny_qwen
+    keep = load_model(convert(path, tmp_path / "keep.safetensors", progress=False, keep_quant=True))
+    assert keep.model.quantization == {"bits": 4, "group_size": 32, "embedding_bits": 8}
+    assert keep.provenance["keep_quant"] == {  # F32: 5 norms, and qwen2's 6 biases or qwen3's 4 q/k norms
+        "F32 -> bf16": 11 if arch == "qwen2" else 9, "Q4_K -> int4 codes kept": 10, "Q4_K -> int8 from float": 1, "Q5_0 -> int4 from float": 1,
+        "Q5_K -> int4 from float": 1, "Q6_K -> int4 from float": 1, "Q6_K -> int8 from float": 1, "Q8_0 -> int4 from float": 1}
+    named = keep.provenance["keep_quant_tensors"]
+    assert named["Q6_K -> int4 from float"] == ["blocks.0.mlp.down_proj.weight"]
+    assert named["Q6_K -> int8 from float"] == ["lm_head.weight"] and named["Q4_K -> int8 from float"] == ["tok_emb.weight"]
+    assert "blocks.1.attn.q_proj.weight" in named["Q4_K -> int4 codes kept"]
+    raw = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for i in range(2):
+        for g, o in (("attn_q", "attn.q_proj"), ("attn_k", "attn.k_proj"), ("attn_output", "attn.o_proj"),
+                     ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj")):
+            t = raw[f"blk.{i}.{g}.weight"]
+            shape = tuple(reversed([int(n) for n in t.shape]))
+            theirs = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape))
+            q, scale, zero = q4k_codes(t.data, shape)
+            assert torch.equal(dequantize_int4(q, scale, zero), theirs)  # our reading of the layout: exact in float32
+            m = keep.model.blocks[i].get_submodule(o)
+            assert isinstance(m, Int4Linear)
+            mq, ms, mz = m.codes()
+            assert torch.equal(mq, q) and torch.equal(ms, scale.bfloat16()) and torch.equal(mz, zero.bfloat16()), (i, g)
+            bound = 2.0 ** -8 * (8 * scale.abs() + zero.abs()).repeat_interleave(32, dim=1) + 1e-7
+            assert ((dequantize_int4(mq, ms, mz) - theirs).abs() <= bound).all(), (i, g)
 
 
 # ----------------------------------------------------------------------------- the real SmolLM2-135M-Instruct
@@ -292,7 +478,7 @@ def test_smollm2_tokenizer_matches_hf(smollm2_ours, smollm2_hf_tokenizer, shakes
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_64_matches_transformers(smollm2_ours, smollm2_hf_model):
+def test_smollm2_greedy_64_matches_transformers(smollm2_ours, smollm2_hf_model, one_thread):
     tok = smollm2_ours.tokenizer
     prompt = tok.encode("<|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n"
                         "<|im_start|>assistant\n")
@@ -340,7 +526,7 @@ def test_keep_quant_copies_q4_codes(tmp_path, gpt2_ranks_512, capsys):
     """Q4_0/Q4_1 codes arrive unchanged (q/k rows un-permuted), scales and zeros are the blocks' float16
     values rounded once to bf16; the other tensors are quantized from float; the model computes."""
     from minillm.convert.__main__ import main
-    from minillm.convert.gguf import q4_codes
+    from minillm.convert.blocks import q4_codes
     from minillm.quantize import Int4Linear, dequantize_int4
     hf = _hf_llama(tie=True)
     path = write_gguf(tmp_path / "q4.gguf", hf, gpt2_ranks_512, q4=KEEP)

@@ -1,11 +1,12 @@
-"""Hugging Face -> minillm: tiny random GPT-2 / LLaMA models saved with save_pretrained, converted,
-and compared with transformers (logits with and without our KV cache, greedy generation), plus the
-tokenizer paths and every bad input we promise a clear error for."""
+"""Hugging Face -> minillm: tiny random GPT-2 / LLaMA / Mistral / Qwen2 / Qwen3 models saved with
+save_pretrained, converted, and compared with transformers (logits with and without our KV cache, greedy
+generation), plus the tokenizer paths and every bad input we promise a clear error for."""
 
 import json
 import os
 import shutil
 import sys
+import unicodedata
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ transformers = pytest.importorskip("transformers")
 from minillm.checkpoint import load_model  # noqa: E402
 from minillm.convert import LLAMA3_PAT, ConvertError, convert  # noqa: E402
 from minillm.convert.__main__ import main as convert_main  # noqa: E402
-from minillm.export import hf_tokenizer_files  # noqa: E402
+from minillm.convert.hf import config_from_hf  # noqa: E402
+from minillm.convert.vocab import QWEN2_PAT  # noqa: E402
+from minillm.export import export_hf, hf_tokenizer_files  # noqa: E402
 from minillm.kv_cache import KVCache  # noqa: E402
 from minillm.tokenizer import BPETokenizer, bytes_to_token, merges_from_ranks  # noqa: E402
 
@@ -27,7 +30,13 @@ LLAMA_CASES = {
     "llama-gqa-untied-llama3-scaling": dict(tie_word_embeddings=False, rope_theta=500000.0, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 32}),
+    # the same family under other names: (HF class, its own config keys)
+    "mistral-head_dim32": dict(arch="mistral", head_dim=32, sliding_window=None, tie_word_embeddings=False),
+    "qwen2-untied-qkv_bias": dict(arch="qwen2", tie_word_embeddings=False, rope_theta=1e6),
+    "qwen3-qk_norm-head_dim32": dict(arch="qwen3", head_dim=32, tie_word_embeddings=False, rope_theta=1e6),
 }
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 GPT2_CASES = {"gpt2-tied": dict(tie_word_embeddings=True), "gpt2-untied": dict(tie_word_embeddings=False)}
 
 
@@ -55,22 +64,46 @@ def write_llama3_tokenizer(d, ranks):
         (d / name).write_text(json.dumps(content), encoding="utf-8")
 
 
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def write_qwen2_tokenizer(d, ranks):
+    """As Qwen2.5-Instruct ships it: NFC normalizer, Split(Qwen2 regex: single digits) + ByteLevel, no BOS,
+    ChatML; tokenizer_config's eos <|im_end|>, generation_config's stop ids <|im_end|> and <|endoftext|>."""
+    n = len(ranks)
+    tok = BPETokenizer("tiny-qwen2", QWEN2_PAT, ranks, {"<|endoftext|>": n, "<|im_start|>": n + 1, "<|im_end|>": n + 2},
+                       eos_tokens=["<|im_end|>"], chat_template=CHATML, normalize="NFC")
+    for name, content in hf_tokenizer_files(tok, 128).items():
+        (d / name).write_text(json.dumps(content), encoding="utf-8")
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [n + 2, n]}), encoding="utf-8")
+
+
 def make_hf(family, case, d, ranks, seed=0):
+    """A tiny random model of `family` ("gpt2", or "llama" with case["arch"] naming the HF class), its
+    1-D parameters (norm gains, biases) randomized too, saved with its tokenizer into d."""
     torch.manual_seed(seed)
-    V = len(ranks) + 2
+    case = dict(case)
+    arch = case.pop("arch", "llama")
+    V = len(ranks) + 2 + (arch == "qwen2")
     if family == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=4,
                                       initializer_range=0.1, bos_token_id=V - 2, eos_token_id=V - 2, **case)
         model = transformers.GPT2LMHeadModel(cfg)
     else:
-        cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                       rms_norm_eps=1e-5, initializer_range=0.1, bos_token_id=V - 2,
-                                       eos_token_id=V - 1, **case)
-        model = transformers.LlamaForCausalLM(cfg)
+        config_class, model_class = (getattr(transformers, c) for c in HF_CLASSES[arch])
+        cfg = config_class(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                           rms_norm_eps=1e-5, initializer_range=0.1, bos_token_id=V - 2, eos_token_id=V - 1, **case)
+        model = model_class(cfg)
+    with torch.no_grad():  # HF initializes norms to 1 and biases to 0: a swapped or dropped one would not show
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.2)
     model.eval()
     model.save_pretrained(d)
-    (write_gpt2_tokenizer if family == "gpt2" else write_llama3_tokenizer)(d, ranks)
+    writer = {"gpt2": write_gpt2_tokenizer, "qwen2": write_qwen2_tokenizer}.get(family if family == "gpt2" else arch)
+    (writer or write_llama3_tokenizer)(d, ranks)
     return model
 
 
@@ -144,22 +177,71 @@ def test_greedy_32_matches_generate(converted):
 
 def test_config_and_tokenizer_carried(converted, shakespeare_text):
     name, hf, ours, d = converted
-    cfg = ours.config
+    cfg, tok = ours.config, ours.tokenizer
     assert cfg.vocab_size == hf.config.vocab_size and cfg.tie_embeddings == hf.config.tie_word_embeddings
+    case = LLAMA_CASES.get(name, {})
     if cfg.family == "llama":
-        assert (cfg.n_head, cfg.n_kv_head) == (4, 2)
-        assert cfg.rope_theta == LLAMA_CASES[name]["rope_theta"]
-        assert (cfg.rope_scaling is not None) == ("rope_scaling" in LLAMA_CASES[name])
+        assert (cfg.n_head, cfg.n_kv_head, cfg.head_dim) == (4, 2, case.get("head_dim", 16))
+        assert cfg.rope_theta == case.get("rope_theta", 10000.0)
+        assert (cfg.rope_scaling is not None) == ("rope_scaling" in case)
+        assert (cfg.qkv_bias, cfg.qk_norm, cfg.bias) == (case.get("arch") == "qwen2", case.get("arch") == "qwen3", False)
     hf_tok = transformers.AutoTokenizer.from_pretrained(d / "hf")
-    text = shakespeare_text[:5000] + " 1234 héllo 👋 <|endoftext|>\n\n  x"
-    assert ours.tokenizer.encode(text) == hf_tok(text)["input_ids"]
-    ids = ours.tokenizer.encode(text)
-    assert ours.tokenizer.decode(ids[1:] if ours.tokenizer.add_bos else ids) == text
-    if cfg.family == "llama":
-        assert ours.tokenizer.add_bos and ours.tokenizer.encode("hi")[0] == ours.tokenizer.bos_id
-        assert ours.tokenizer.chat_template
+    text = shakespeare_text[:5000] + " 1234 héllo 👋 <|endoftext|>\n\n  x cafe\u0301 \u212b \ufb01"  # NFD é, Å sign, ﬁ
+    ids = tok.encode(text)
+    assert ids == hf_tok(text)["input_ids"]
+    assert tok.decode(ids[1:] if tok.add_bos else ids) == (unicodedata.normalize(tok.normalize, text) if tok.normalize else text)
+    if case.get("arch") == "qwen2":  # Qwen2.5-Instruct's: NFC, single digits, no BOS, two stop tokens, ChatML
+        assert (tok.normalize, tok.pat_str, tok.add_bos, tok.bos_id) == ("NFC", QWEN2_PAT, False, None)
+        assert tok.eos_tokens == ["<|im_end|>", "<|endoftext|>"] and "<|im_start|>" in tok.chat_template
+        assert tok.encode("x 2024") == hf_tok("x 2024")["input_ids"] and len(tok.encode("2024")) == 4
+    elif cfg.family == "llama":
+        assert tok.add_bos and tok.encode("hi")[0] == tok.bos_id
+        assert tok.chat_template
     prov = ours.provenance
     assert prov["source_format"] == "huggingface" and prov["dtype"] == "float32"
+
+
+# ----------------------------------------------------------------------------- Mistral / Qwen specifics
+
+def test_sliding_window_caps_the_context_exactly(tmp_path, gpt2_ranks_512):
+    """A query sees the last `sliding_window` positions (itself included): on up to that many tokens the
+    model is plain causal attention, one token more and it is not. So the context is capped at the window."""
+    hf = make_hf("llama", dict(arch="mistral", sliding_window=16), tmp_path / "hf", gpt2_ranks_512)
+    ours = load_model(convert(tmp_path / "hf", tmp_path / "m.safetensors", progress=False))
+    assert ours.config.block_size == 16 and "sliding window" in ours.provenance["context"]
+    x = torch.randint(0, hf.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    full = transformers.MistralForCausalLM(transformers.MistralConfig(**{**hf.config.to_dict(), "sliding_window": None}))
+    full.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        assert (ours.model(x[:, :16]) - hf(x[:, :16]).logits).abs().max().item() <= TOL
+        assert (full.eval()(x).logits[:, -1] - hf(x).logits[:, -1]).abs().max().item() > 1e-3  # 17 tokens: the window bites
+
+
+def test_qwen_sliding_window_only_when_used():
+    c = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=100, hidden_size=64, intermediate_size=96,
+             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    for use, max_window_layers, block_size in ((False, 2, 1024), (True, 4, 1024), (True, 2, 64)):
+        cfg = config_from_hf({**c, "use_sliding_window": use, "sliding_window": 64, "max_window_layers": max_window_layers})
+        assert cfg.block_size == block_size, (use, max_window_layers)
+    assert config_from_hf({**c, "layer_types": ["full_attention"] * 4, "sliding_window": 64}).block_size == 1024
+    with pytest.raises(ConvertError, match="Qwen3 attention_bias=True"):
+        config_from_hf({**c, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": True})
+
+
+@pytest.mark.parametrize("name", ["qwen2-untied-qkv_bias", "qwen3-qk_norm-head_dim32"])
+def test_export_back_to_qwen(tmp_path, gpt2_ranks_512, name):
+    """Our Qwen2 (qkv_bias) and Qwen3 (qk_norm) checkpoints export to Qwen2ForCausalLM / Qwen3ForCausalLM with
+    the tokenizer (NFC included): transformers loads them and computes the original's logits."""
+    hf = make_hf("llama", LLAMA_CASES[name], tmp_path / "hf", gpt2_ranks_512)
+    ckpt = convert(tmp_path / "hf", tmp_path / "m.safetensors", progress=False)
+    back = transformers.AutoModelForCausalLM.from_pretrained(export_hf(ckpt, tmp_path / "out"), dtype=torch.float32)
+    assert type(back).__name__ == type(hf).__name__
+    x = torch.randint(0, hf.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (back.eval()(x).logits - hf(x).logits).abs().max().item() <= TOL
+    text = "cafe\u0301 2024 <|im_end|>"
+    assert (transformers.AutoTokenizer.from_pretrained(tmp_path / "out")(text)["input_ids"]
+            == transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(text)["input_ids"])
 
 
 # ----------------------------------------------------------------------------- other weight layouts, dtypes, CLI
@@ -270,6 +352,13 @@ def test_unsafe_bin_refused(hf_dir):
     torch.save({"model.embed_tokens.weight": torch.zeros(2), "x": evil}, hf_dir / "pytorch_model.bin")
     _fails(hf_dir, hf_dir.parent / "out", "weights_only")
     assert not marker.exists(), "pickled code must never run"
+
+
+def test_unsupported_normalizer_refused(hf_dir):
+    tj = json.loads((hf_dir / "tokenizer.json").read_text())
+    tj["normalizer"] = {"type": "Lowercase"}
+    (hf_dir / "tokenizer.json").write_text(json.dumps(tj))
+    _fails(hf_dir, hf_dir.parent / "out", "normalizer 'Lowercase' is not supported")
 
 
 def test_sentencepiece_tokenizer_refused(hf_dir):

@@ -176,6 +176,20 @@ def test_pre_split_digits(gpt2):
     assert again.pre_split_digits and again.encode("x 2024<|r12|>") == tok.encode("x 2024<|r12|>")
 
 
+def test_unicode_normalization(gpt2):
+    """normalize="NFC" (Qwen2's tokenizer.json): the text between special tokens is NFC-normalized first."""
+    tok = BPETokenizer("nfc", GPT2_PAT, gpt2.ranks, {"<|x|>": 50257}, normalize="NFC")
+    nfd, nfc = "cafe\u0301 \u212b", "caf\u00e9 \u00c5"  # e + combining acute, the Angstrom sign
+    assert tok.encode(nfd) == tok.encode(nfc) == gpt2.encode(nfc) != gpt2.encode(nfd)
+    assert tok.encode(f"<|x|>{nfd}", allow_special=False) == gpt2.encode(f"<|x|>{nfc}", allow_special=False)
+    assert tok.decode(tok.encode(f"a<|x|>{nfd}")) == f"a<|x|>{nfc}"
+    again = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
+    assert again.normalize == "NFC" and again.encode(nfd) == tok.encode(nfd)
+    assert tokenizer_from_dict(gpt2.to_dict()).normalize is None
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        BPETokenizer("bad", GPT2_PAT, gpt2.ranks, {}, normalize="NFX")
+
+
 def test_unknown_kind():
     with pytest.raises(ValueError, match="unknown tokenizer kind 'sentencepiece'"):
         tokenizer_from_dict({"kind": "sentencepiece"})
@@ -236,3 +250,18 @@ def test_merges_from_ranks_rebuilds_every_token(gpt2_ranks_512):
     assert all(gpt2_ranks_512[a] < gpt2_ranks_512[a + b] and gpt2_ranks_512[b] < gpt2_ranks_512[a + b] for a, b in merges)
     with pytest.raises(ValueError, match="cannot be built"):
         merges_from_ranks({b"a": 0, b"b": 1, b"abc": 2})
+
+
+def test_same_tokenizer_rule_looks_at_what_ids_mean_only(data_dir):
+    """Two copies of one vocabulary pass whatever their name, chat template or stop set; another
+    vocabulary or another special-token id is refused, naming both models."""
+    from minillm.tokenizer import check_same_tokenizer
+    base = BPETokenizer.gpt2(str(data_dir / "gpt2" / "gpt2.tiktoken"))
+    d = base.to_dict()
+    renamed = BPETokenizer.from_dict({**d, "name": "other", "chat_template": "{{ messages }}", "eos_tokens": []})
+    check_same_tokenizer(base, renamed)
+    moved = BPETokenizer.from_dict({**d, "special_tokens": {"<|endoftext|>": 50257}})
+    with pytest.raises(ValueError, match="draft .* different tokenizers"):
+        check_same_tokenizer(base, moved, "the target", "the draft")
+    with pytest.raises(ValueError, match="different tokenizers"):
+        check_same_tokenizer(CharTokenizer("abc"), CharTokenizer("abd"))

@@ -1,4 +1,5 @@
-"""Bring other people's checkpoints into our format: Hugging Face (GPT-2, LLaMA-style) and GGUF.
+"""Bring other people's checkpoints into our format: Hugging Face (GPT-2; LLaMA-style: Llama, Mistral,
+Qwen2, Qwen3) and GGUF (llama, qwen2, qwen3).
 
     from minillm.convert import convert
     convert("path/to/hf_dir" | "hub/id" | "model.gguf", "weights/NAME.safetensors", dtype="float32")
@@ -12,7 +13,8 @@ each of our tensors, every one checked for presence and shape before anything is
     hf.py         Hugging Face directories and hub ids
     gguf.py       GGUF files (llama.cpp)
     rope.py       the one place where q/k rows are permuted between the two RoPE layouts
-    quantized.py  --keep-quant: GGUF Q4_0/Q4_1 codes straight into our int4 format
+    blocks.py     GGUF Q4_0/Q4_1/Q4_K block layouts -> our int4 codes, scales and zeros
+    quantized.py  --keep-quant: those codes straight into our int4 format
     writer.py     write_checkpoint: the streaming, atomic writer
     __main__.py   python -m minillm.convert
 """
@@ -71,7 +73,7 @@ def _check_out(out: Path, inputs: list[Path]) -> None:
 def convert(src: str | Path, out: str | Path, dtype: str | torch.dtype = "float32", progress: bool = True,
             keep_quant: bool = False) -> Path:
     """Convert `src` (HF dir, hub id, or .gguf) to our format at `out`; returns the output path.
-    keep_quant (GGUF only): a quantized checkpoint keeping the file's Q4_0/Q4_1 codes (quantized.py)."""
+    keep_quant (GGUF only): a quantized checkpoint keeping the file's Q4_0/Q4_1/Q4_K codes (quantized.py)."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ConvertError(f"unsupported --dtype {dtype!r}; choose from {sorted(DTYPES)}")

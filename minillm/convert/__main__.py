@@ -14,13 +14,15 @@ from . import DTYPES, ConvertError, convert
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m minillm.convert",
                                  description="Convert a Hugging Face model (local directory or hub id: GPT-2, "
-                                             "LLaMA-style) or a GGUF file into minillm's .safetensors format.")
+                                             "LLaMA-style: Llama, Mistral, Qwen2, Qwen3) or a GGUF file (llama, "
+                                             "qwen2, qwen3) into minillm's .safetensors format.")
     ap.add_argument("src", help="HF model directory, hub id (e.g. gpt2, HuggingFaceTB/SmolLM2-135M), or file.gguf")
     ap.add_argument("--out", required=True, help="output file, e.g. weights/NAME.safetensors (its directory must exist)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="stored weight dtype (default float32)")
     ap.add_argument("--keep-quant", action="store_true",
                     help="GGUF only: write a quantized checkpoint (int4 group 32 / int8, as minillm.quantize makes) "
-                         "that keeps the file's Q4_0/Q4_1 codes instead of going through float")
+                         "that keeps the file's Q4_0/Q4_1/Q4_K codes instead of going through float; "
+                         "the provenance lists what was kept and what was quantized from float")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.keep_quant and args.dtype != "float32":
@@ -32,12 +34,14 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     size = out.stat().st_size
+    meta = read_metadata(out)
+    provenance = json.loads(meta["provenance"])
     what = args.dtype
     if args.keep_quant:
-        meta = read_metadata(out)
-        what = f"quantized {meta['quantization']}; " + ", ".join(
-            f"{n} {k}" for k, n in json.loads(meta["provenance"])["keep_quant"].items())
+        what = f"quantized {meta['quantization']}; " + ", ".join(f"{n} {k}" for k, n in provenance["keep_quant"].items())
     print(f"wrote {out} ({size / 1e6:.1f} MB, {what}) in {time.perf_counter() - t0:.1f}s")
+    if "context" in provenance:  # a sliding window capped the context
+        print(f"note: {provenance['context']}")
     return 0
 
 

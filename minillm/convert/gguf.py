@@ -1,21 +1,27 @@
 """GGUF files (llama.cpp) -> Source: metadata -> config, tokenizer.ggml.* -> BPE tokenizer, tensors dequantized.
 
 Read with the `gguf` package (GGUFReader memory-maps the file; nothing is loaded until a tensor is
-dequantized). Supported: `general.architecture` = llama (LLaMA, SmolLM2, Llama 3.x without rope_freqs),
-tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1 and the K-quants that gguf.quants can dequantize.
-Q4_0 and Q4_1 tensors also offer their 4-bit codes as they are (`q4_codes`), for `--keep-quant`.
+dequantized, a slice of rows at a time, into one float32 tensor). Supported: `general.architecture` =
+llama (LLaMA, SmolLM2, Llama 3.x without rope_freqs), qwen2 (Qwen2/Qwen2.5: biases on q, k and v) and
+qwen3 (RMSNorm on each head's q and k); tensor types F32, F16, BF16 and every block type
+gguf.quants.dequantize handles (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, IQ*, ...).
+Q4_0, Q4_1 and Q4_K tensors also offer their 4-bit codes as they are (blocks.py), for `--keep-quant`.
 
-GGUF (llama arch)                       ours
+GGUF                                    ours
     token_embd.weight                   tok_emb.weight
     blk.{i}.attn_norm.weight            blocks.{i}.attn_norm.weight
-    blk.{i}.attn_q.weight / attn_k      blocks.{i}.attn.q_proj / k_proj .weight  (un-permuted: rope.py)
+    blk.{i}.attn_q / attn_k .weight     blocks.{i}.attn.q_proj / k_proj .weight  (llama: un-permuted, rope.py)
+    blk.{i}.attn_q / k / v .bias        blocks.{i}.attn.q_proj / k_proj / v_proj .bias  (qwen2)
+    blk.{i}.attn_q_norm / attn_k_norm   blocks.{i}.attn.q_norm / k_norm .weight  (qwen3)
     blk.{i}.attn_v / attn_output        blocks.{i}.attn.v_proj / o_proj .weight
     blk.{i}.ffn_norm.weight             blocks.{i}.mlp_norm.weight
     blk.{i}.ffn_gate / ffn_up / ffn_down  blocks.{i}.mlp.gate_proj / up_proj / down_proj .weight
     output_norm.weight                  norm.weight
     output.weight (absent: tied)        lm_head.weight
 GGUF lists a tensor's shape fastest-dimension first (ne0 = in_features), so the numpy array is
-reshaped to the reversed shape, (out, in), which is nn.Linear's layout.
+reshaped to the reversed shape, (out, in), which is nn.Linear's layout. Only the llama architecture
+stores q/k rows in the interleaved RoPE layout (llama.cpp's converter permutes them for llama alone);
+qwen2 and qwen3 use rotate-half RoPE (llama.cpp's NEOX mode) and keep Hugging Face's rows, which are ours.
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ import torch
 
 from ..config import ModelConfig
 from ..tokenizer import GPT2_PAT, BPETokenizer
+from .blocks import KEEPABLE, int4_codes
 from .rope import unpermute
 from .source import ConvertError, Source, Tensor, TensorMap
-from .vocab import LLAMA3_PAT, ranks_from_vocab
+from .vocab import LLAMA3_PAT, QWEN2_PAT, ranks_from_vocab
 
 # `tokenizer.ggml.pre` (llama.cpp's pre-tokenizer names) -> (regex, split digits one per token first)
 GGUF_PRE = {
@@ -38,7 +45,16 @@ GGUF_PRE = {
     "smollm": (GPT2_PAT, True),  # llama.cpp: digits one per token, then the GPT-2 regex
     "llama-bpe": (LLAMA3_PAT, False),
     "llama3": (LLAMA3_PAT, False),
+    "qwen2": (QWEN2_PAT, False),  # Qwen2/2.5 and Qwen3: single digits
+    "deepseek-r1-qwen": (QWEN2_PAT, False),  # DeepSeek-R1's Qwen distills: Qwen2's vocabulary and regex
 }
+
+# general.architecture -> whether llama.cpp stored q/k rows interleaved (they are un-permuted on import)
+ARCHS = {"llama": True, "qwen2": False, "qwen3": False}
+
+# Control tokens that end generation whatever the file's eos_token_id says (llama.cpp treats them so too):
+# an instruct model's end of turn and its base model's end of text both stop a reply.
+END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>")
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -56,8 +72,8 @@ def _fields(reader) -> dict:
 
 def config_from_gguf(meta: dict, shapes: dict[str, tuple]) -> ModelConfig:
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ConvertError(f"GGUF architecture {arch!r} is not supported (supported: 'llama')")
+    if arch not in ARCHS:
+        raise ConvertError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(map(repr, ARCHS))})")
 
     def get(key, default=None):
         v = meta.get(f"{arch}.{key}", default)
@@ -66,7 +82,10 @@ def config_from_gguf(meta: dict, shapes: dict[str, tuple]) -> ModelConfig:
         return v
 
     n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
-    if int(meta.get(f"{arch}.rope.dimension_count", n_embd // n_head)) != n_embd // n_head:
+    head_dim = int(get("attention.key_length", n_embd // n_head))
+    if int(get("attention.value_length", head_dim)) != head_dim:
+        raise ConvertError("GGUF attention.value_length != key_length is not supported")
+    if int(get("rope.dimension_count", head_dim)) != head_dim:
         raise ConvertError("GGUF rope.dimension_count != head_dim (partial rotary) is not supported")
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", None) or "rope_freqs.weight" in shapes:
@@ -75,9 +94,10 @@ def config_from_gguf(meta: dict, shapes: dict[str, tuple]) -> ModelConfig:
     # the file stores eps as float32 (1e-5 -> 9.99999975e-06): take the shortest decimal that rounds to it
     eps = float(str(np.float32(get("attention.layer_norm_rms_epsilon"))))
     return ModelConfig(family="llama", vocab_size=int(vocab), block_size=int(get("context_length")),
-                       n_layer=int(get("block_count")), n_head=n_head, n_embd=n_embd,
+                       n_layer=int(get("block_count")), n_head=n_head, n_embd=n_embd, head_dim=head_dim,
                        n_kv_head=int(meta.get(f"{arch}.attention.head_count_kv", n_head)),
                        mlp_hidden=int(get("feed_forward_length")), bias=False, norm_eps=eps,
+                       qkv_bias="blk.0.attn_q.bias" in shapes, qk_norm=arch == "qwen3",
                        rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
                        tie_embeddings="output.weight" not in shapes, attn_impl="sdpa")
 
@@ -86,7 +106,7 @@ def tokenizer_from_gguf(meta: dict, name: str) -> BPETokenizer:
     model = meta.get("tokenizer.ggml.model")
     if model in ("llama", "t5", "rwkv"):
         raise ConvertError(f"GGUF tokenizer model {model!r} is SentencePiece-style; SentencePiece tokenizers "
-                           f"(Llama 2, TinyLlama, ...) are not supported, only byte-level BPE ('gpt2')")
+                           f"(Llama 2, TinyLlama, Mistral 7B, ...) are not supported, only byte-level BPE ('gpt2')")
     if model != "gpt2":
         raise ConvertError(f"GGUF tokenizer model {model!r} is not supported (only 'gpt2' byte-level BPE)")
     pre = meta.get("tokenizer.ggml.pre", "default")
@@ -95,7 +115,9 @@ def tokenizer_from_gguf(meta: dict, name: str) -> BPETokenizer:
     pat, split_digits = GGUF_PRE[pre]
     tokens = meta["tokenizer.ggml.tokens"]
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (CONTROL, USER_DEFINED, UNUSED)}
+    # control and user-defined tokens are matched whole in text (llama.cpp and Hugging Face); unused ones
+    # (Qwen's [PAD151665]...) are plain vocabulary entries that no text ever produces, as Hugging Face has them
+    specials = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (CONTROL, USER_DEFINED)}
     if any(ty == BYTE for ty in types):
         raise ConvertError("GGUF tokenizer has <0xNN> byte tokens (SentencePiece byte fallback): not supported")
     vocab = {t: i for i, t in enumerate(tokens) if t not in specials}
@@ -107,55 +129,45 @@ def tokenizer_from_gguf(meta: dict, name: str) -> BPETokenizer:
 
     bos = tok("bos_token_id")
     eos = [t for t in (tok("eos_token_id"), tok("eot_token_id"), tok("eom_token_id")) if t]
+    eos += sorted((t for t in END_TOKENS if t in specials), key=specials.get)
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
     return BPETokenizer(name, pat, ranks, specials, bos_token=bos, eos_tokens=list(dict.fromkeys(eos)), add_bos=add_bos,
                         chat_template=meta.get("tokenizer.chat_template"), pre_split_digits=split_digits)
 
 
+DEQUANT_CHUNK = 1 << 22  # weights dequantized per gguf call: bounds the temporaries of a large tensor
+
+
 def _dequantize(t, transform=None):
+    """() -> GGUF tensor `t` as one float32 tensor (out, in), dequantized a slice of rows at a time (the
+    K-quant code makes several temporaries of its input's size), then passed through `transform`."""
     def load():
         from gguf.quants import dequantize
-        try:
-            a = dequantize(t.data, t.tensor_type)
-        except NotImplementedError as e:
-            raise ConvertError(f"GGUF tensor {t.name!r}: type {t.tensor_type.name} cannot be dequantized ({e})") from e
-        if a.dtype == np.dtype("uint16") and t.tensor_type.name == "BF16":  # older gguf: bf16 raw bits
-            a = (a.astype(np.uint32) << 16).view(np.float32)
         shape = tuple(reversed([int(n) for n in t.shape]))  # (out, in)
-        x = torch.from_numpy(a.astype(np.float32)).reshape(shape)  # astype copies: the memmap is read-only
-        return transform(x) if transform else x
+        out = torch.empty(shape, dtype=torch.float32)
+        rows_out = out.view(-1, shape[-1]).numpy()  # writes land in `out`
+        rows_in = t.data.reshape(rows_out.shape[0], -1)  # raw rows: elements, or the blocks of each row
+        step = max(1, DEQUANT_CHUNK // shape[-1])
+        for i in range(0, rows_out.shape[0], step):
+            try:
+                a = dequantize(rows_in[i:i + step], t.tensor_type)
+            except NotImplementedError as e:
+                raise ConvertError(f"GGUF tensor {t.name!r}: type {t.tensor_type.name} cannot be dequantized ({e})") from e
+            if a.dtype == np.dtype("uint16") and t.tensor_type.name == "BF16":  # older gguf: bf16 raw bits
+                a = (a.astype(np.uint32) << 16).view(np.float32)
+            rows_out[i:i + step] = a.reshape(-1, shape[-1])
+        return transform(out) if transform else out
     return load
 
 
-# Q4_0 / Q4_1 blocks: 32 consecutive inputs of one row share a float16 scale d (and, Q4_1, a minimum m);
-# bytes = d [, m], then 16 bytes of codes: byte j holds input j in its low nibble and input j + 16 in
-# its high nibble. Q4_0: w = d * (q - 8); Q4_1: w = d * q + m. Ours (minillm.quantize): w = (q - 8) * scale + zero,
-# so scale = d with zero = 0 (Q4_0) or m + 8 d (Q4_1): same codes, same values (zero computed in float32).
-Q4_BLOCK = {"Q4_0": 18, "Q4_1": 20}  # bytes per block of 32
-
-
-def q4_codes(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw Q4_0/Q4_1 bytes of an (N, K) matrix -> q uint8 (N, K) in [0, 15], scale, zero float32 (N, K/32)."""
-    N, K = shape
-    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(N, K // 32, Q4_BLOCK[type_name])
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, K/32)
-    if type_name == "Q4_1":
-        zero = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d
-    else:
-        zero = np.zeros_like(d)
-    qs = blocks[..., -16:]  # (N, K/32, 16)
-    q = np.concatenate((qs & 0xF, qs >> 4), axis=-1).reshape(N, K)  # inputs 0..15, then 16..31 of each block
-    return torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zero)
-
-
 def _codes(t, transform=None):
-    """For a Q4_0/Q4_1 tensor: () -> (q, scale, zero), rows put in our order by `transform`; else None."""
-    if t.tensor_type.name not in Q4_BLOCK:
+    """For a Q4_0/Q4_1/Q4_K matrix: () -> (q, scale, zero) (blocks.py), rows put in our order by `transform`; else None."""
+    if t.tensor_type.name not in KEEPABLE or len(t.shape) != 2:
         return None
     shape = tuple(reversed([int(n) for n in t.shape]))
 
     def load():
-        parts = q4_codes(t.data, t.tensor_type.name, shape)
+        parts = int4_codes(t.data, t.tensor_type.name, shape)
         return tuple(transform(p) for p in parts) if transform else parts
     return load
 
@@ -176,28 +188,36 @@ def load_gguf(path: Path) -> Source:
         cfg = config_from_gguf(meta, shapes)
     except (ValueError, TypeError) as e:  # ConvertError, and ModelConfig's own checks (n_head must divide n_embd, ...)
         raise ConvertError(f"{path}: {e}") from None
-    tensors = _llama_map(cfg, by_name, shapes)
+    arch = meta["general.architecture"]
+    tensors = _llama_map(cfg, by_name, shapes, permuted=ARCHS[arch])
     tokenizer = tokenizer_from_gguf(meta, path.stem)
-    provenance = {"source": str(Path(path).resolve()), "source_format": "gguf",
+    provenance = {"source": str(Path(path).resolve()), "source_format": "gguf", "general.architecture": arch,
                   "general.name": meta.get("general.name"), "general.file_type": meta.get("general.file_type")}
     return Source(cfg, tokenizer, tensors, provenance, [Path(path)])
 
 
-def _llama_map(cfg: ModelConfig, by_name: dict, shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
-    """Our names -> recipes (dequantize; q/k rows un-permuted), every GGUF tensor used exactly once."""
+def _llama_map(cfg: ModelConfig, by_name: dict, shapes: dict[str, tuple[int, ...]], permuted: bool) -> dict[str, Tensor]:
+    """Our names -> recipes (dequantize; q/k rows un-permuted if `permuted`), every GGUF tensor used exactly once."""
     def recipe(name: str, transform, shape: tuple[int, ...]) -> Tensor:
         t = by_name[name]
         return Tensor(shape, _dequantize(t, transform), name, kind=t.tensor_type.name, codes=_codes(t, transform))
 
     m = TensorMap(shapes, "the GGUF metadata", recipe)
     C, H, hd = cfg.n_embd, cfg.mlp_hidden, cfg.head_dim
+    rows = {"q": cfg.n_head * hd, "k": cfg.n_kv_head * hd, "v": cfg.n_kv_head * hd}
+    order = {"q": (lambda w: unpermute(w, cfg.n_head)) if permuted else None,  # rows and biases alike
+             "k": (lambda w: unpermute(w, cfg.n_kv_head)) if permuted else None, "v": None}
     m.take("tok_emb.weight", "token_embd.weight", (cfg.vocab_size, C))
     for i in range(cfg.n_layer):
         g, b = f"blk.{i}.", f"blocks.{i}."
         m.take(f"{b}attn_norm.weight", f"{g}attn_norm.weight", (C,))
-        m.take(f"{b}attn.q_proj.weight", f"{g}attn_q.weight", (cfg.n_head * hd, C), lambda w: unpermute(w, cfg.n_head))
-        m.take(f"{b}attn.k_proj.weight", f"{g}attn_k.weight", (cfg.n_kv_head * hd, C), lambda w: unpermute(w, cfg.n_kv_head))
-        m.take(f"{b}attn.v_proj.weight", f"{g}attn_v.weight", (cfg.n_kv_head * hd, C))
+        for x in "qkv":
+            m.take(f"{b}attn.{x}_proj.weight", f"{g}attn_{x}.weight", (rows[x], C), order[x])
+            if cfg.qkv_bias:
+                m.take(f"{b}attn.{x}_proj.bias", f"{g}attn_{x}.bias", (rows[x],), order[x])
+        if cfg.qk_norm:  # over one head's channels: the same for every head, and never permuted (qwen3 only)
+            m.take(f"{b}attn.q_norm.weight", f"{g}attn_q_norm.weight", (hd,))
+            m.take(f"{b}attn.k_norm.weight", f"{g}attn_k_norm.weight", (hd,))
         m.take(f"{b}attn.o_proj.weight", f"{g}attn_output.weight", (C, cfg.n_head * hd))
         m.take(f"{b}mlp_norm.weight", f"{g}ffn_norm.weight", (C,))
         m.take(f"{b}mlp.gate_proj.weight", f"{g}ffn_gate.weight", (H, C))

@@ -1,8 +1,10 @@
 """Hugging Face model directories (and hub ids) -> Source: config, tokenizer, and the tensor name map.
 
-Supported: GPT2LMHeadModel and LlamaForCausalLM (also SmolLM/SmolLM2, TinyLlama's weights, Llama 3.x),
-weights as model.safetensors, sharded *.safetensors with model.safetensors.index.json, or
-pytorch_model.bin (sharded too), read with torch.load(weights_only=True): no pickle code ever runs.
+Supported: GPT2LMHeadModel, LlamaForCausalLM (also SmolLM/SmolLM2, TinyLlama's weights, Llama 3.x),
+MistralForCausalLM (a Llama under another name), Qwen2ForCausalLM (biases on q, k and v: qkv_bias) and
+Qwen3ForCausalLM (RMSNorm on each head's q and k: qk_norm; an explicit head_dim). Weights as model.safetensors,
+sharded *.safetensors with model.safetensors.index.json, or pytorch_model.bin (sharded too), read with
+torch.load(weights_only=True): no pickle code ever runs.
 
 The name maps below are the whole story of how their models become ours:
 
@@ -20,10 +22,17 @@ LLaMA (HF name)                                              ours
     model.layers.{i}.input_layernorm.weight                  blocks.{i}.attn_norm.weight
     model.layers.{i}.self_attn.{q,k,v,o}_proj.weight         blocks.{i}.attn.{q,k,v,o}_proj.weight (as is:
                                                              HF's rotate-half RoPE layout is ours, see rope.py)
+    model.layers.{i}.self_attn.{q,k,v}_proj.bias             blocks.{i}.attn.{q,k,v}_proj.bias (Qwen2)
+    model.layers.{i}.self_attn.{q,k}_norm.weight             blocks.{i}.attn.{q,k}_norm.weight (Qwen3)
     model.layers.{i}.post_attention_layernorm.weight         blocks.{i}.mlp_norm.weight
     model.layers.{i}.mlp.{gate,up,down}_proj.weight          blocks.{i}.mlp.{gate,up,down}_proj.weight
     model.norm.weight, lm_head.weight (untied only)          norm.weight, lm_head.weight
 A tied model's lm_head.weight, if saved anyway, is a copy of the embedding and is ignored.
+
+Sliding-window attention (Mistral 7B v0.1's `sliding_window`, Qwen's `use_sliding_window`): a query sees
+only the last `sliding_window` positions, itself included. On a sequence no longer than the window that
+is plain causal attention, so the context (block_size) is capped at the window: exact up to there, and
+the provenance says so. Our model has no windowed attention to go further.
 """
 
 from __future__ import annotations
@@ -41,8 +50,9 @@ from ..tokenizer import GPT2_PAT, BPETokenizer, CharTokenizer
 from .source import ConvertError, Source, Tensor, TensorMap
 from .vocab import LLAMA3_PAT, ranks_from_vocab
 
-SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
-MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama"}
+SUPPORTED = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+             "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}  # architecture -> model_type
+MODEL_TYPES = {t: ("gpt2" if t == "gpt2" else "llama") for t in SUPPORTED.values()}  # model_type -> our family
 
 
 # ----------------------------------------------------------------------------- hub
@@ -177,39 +187,68 @@ def _rope(c: dict) -> tuple[float, dict | None]:
 
 def config_from_hf(c: dict) -> ModelConfig:
     arch = (c.get("architectures") or [None])[0]
-    family = SUPPORTED.get(arch) if arch else MODEL_TYPES.get(c.get("model_type"))
-    if family is None:
-        raise ConvertError(f"unsupported architecture {arch or c.get('model_type')!r}; "
-                           f"supported: {', '.join(SUPPORTED)} (and SmolLM/TinyLlama/Llama 3.x, which are LlamaForCausalLM)")
+    kind = SUPPORTED.get(arch) if arch else c.get("model_type")
+    if kind not in MODEL_TYPES:
+        raise ConvertError(f"unsupported architecture {arch or c.get('model_type')!r}; supported: {', '.join(SUPPORTED)} "
+                           f"(and SmolLM/TinyLlama/Llama 3.x, which are LlamaForCausalLM)")
     try:
-        if family == "gpt2":
-            act = c.get("activation_function", "gelu_new")
-            if act not in ("gelu_new", "gelu_pytorch_tanh"):
-                raise ConvertError(f"GPT-2 activation {act!r} is not supported (ours is tanh-approximated GELU)")
-            if not c.get("scale_attn_weights", True) or c.get("scale_attn_by_inverse_layer_idx", False):
-                raise ConvertError("GPT-2 attention scaling variants (scale_attn_weights=False, "
-                                   "scale_attn_by_inverse_layer_idx) are not supported")
-            return ModelConfig(family="gpt2", vocab_size=c["vocab_size"], block_size=c["n_positions"],
-                               n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
-                               mlp_hidden=c.get("n_inner") or 4 * c["n_embd"], bias=True,
-                               norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                               tie_embeddings=c.get("tie_word_embeddings", True), attn_impl="sdpa")
-        if c.get("hidden_act", "silu") != "silu":
-            raise ConvertError(f"LLaMA activation {c['hidden_act']!r} is not supported (SwiGLU uses silu)")
-        attn_bias, mlp_bias = bool(c.get("attention_bias", False)), bool(c.get("mlp_bias", False))
-        if attn_bias != mlp_bias:
-            raise ConvertError("attention_bias != mlp_bias is not supported (our bias flag covers every linear layer)")
-        n_head = c["num_attention_heads"]
-        if c.get("head_dim") not in (None, c["hidden_size"] // n_head):
-            raise ConvertError(f"head_dim {c['head_dim']} != hidden_size/num_attention_heads is not supported")
-        theta, scaling = _rope(c)
-        return ModelConfig(family="llama", vocab_size=c["vocab_size"], block_size=c["max_position_embeddings"],
-                           n_layer=c["num_hidden_layers"], n_head=n_head, n_embd=c["hidden_size"],
-                           n_kv_head=c.get("num_key_value_heads") or n_head, mlp_hidden=c["intermediate_size"],
-                           bias=attn_bias, norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=theta,
-                           rope_scaling=scaling, tie_embeddings=c.get("tie_word_embeddings", False), attn_impl="sdpa")
+        return _gpt2_config(c) if kind == "gpt2" else _llama_config(c, kind)
     except KeyError as e:
-        raise ConvertError(f"config.json has no {e.args[0]!r}, which a {family} model needs") from None
+        raise ConvertError(f"config.json has no {e.args[0]!r}, which a {MODEL_TYPES[kind]} model needs") from None
+
+
+def _gpt2_config(c: dict) -> ModelConfig:
+    act = c.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ConvertError(f"GPT-2 activation {act!r} is not supported (ours is tanh-approximated GELU)")
+    if not c.get("scale_attn_weights", True) or c.get("scale_attn_by_inverse_layer_idx", False):
+        raise ConvertError("GPT-2 attention scaling variants (scale_attn_weights=False, "
+                           "scale_attn_by_inverse_layer_idx) are not supported")
+    return ModelConfig(family="gpt2", vocab_size=c["vocab_size"], block_size=c["n_positions"],
+                       n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
+                       mlp_hidden=c.get("n_inner") or 4 * c["n_embd"], bias=True,
+                       norm_eps=c.get("layer_norm_epsilon", 1e-5),
+                       tie_embeddings=c.get("tie_word_embeddings", True), attn_impl="sdpa")
+
+
+def _llama_config(c: dict, kind: str) -> ModelConfig:
+    """A LLaMA-family config: llama and mistral (biases on every Linear or none), qwen2 (biases on q, k
+    and v only, always), qwen3 (q/k RMSNorm; `attention_bias` would put biases on q, k, v and o only)."""
+    if c.get("hidden_act", "silu") != "silu":
+        raise ConvertError(f"LLaMA activation {c['hidden_act']!r} is not supported (SwiGLU uses silu)")
+    attn_bias, mlp_bias = bool(c.get("attention_bias", False)), bool(c.get("mlp_bias", False))
+    if kind == "qwen2":  # its attention has q/k/v biases and an unbiased o_proj whatever the config says
+        attn_bias = mlp_bias = False
+    if kind == "qwen3" and attn_bias:
+        raise ConvertError("Qwen3 attention_bias=True (biases on q, k, v and o, none in the MLP) is not supported")
+    if attn_bias != mlp_bias:
+        raise ConvertError("attention_bias != mlp_bias is not supported (our bias flag covers every linear layer)")
+    n_head, n_layer = c["num_attention_heads"], c["num_hidden_layers"]
+    theta, scaling = _rope(c)
+    window = _sliding_window(c, n_layer)
+    return ModelConfig(family="llama", vocab_size=c["vocab_size"], n_layer=n_layer, n_head=n_head,
+                       block_size=min(c["max_position_embeddings"], window or c["max_position_embeddings"]),
+                       n_embd=c["hidden_size"], head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
+                       n_kv_head=c.get("num_key_value_heads") or n_head, mlp_hidden=c["intermediate_size"],
+                       bias=attn_bias, qkv_bias=kind == "qwen2", qk_norm=kind == "qwen3",
+                       norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+                       tie_embeddings=c.get("tie_word_embeddings", False), attn_impl="sdpa")
+
+
+def _sliding_window(c: dict, n_layer: int) -> int | None:
+    """The attention window some layer of this config uses, or None when every layer sees the whole context:
+    transformers 5's `layer_types`, else Qwen's use_sliding_window (from layer max_window_layers on), else
+    Mistral's sliding_window (every layer)."""
+    window = c.get("sliding_window")
+    if not window:
+        return None
+    if isinstance(c.get("layer_types"), list):
+        used = "sliding_attention" in c["layer_types"]
+    elif "use_sliding_window" in c or c.get("model_type") in ("qwen2", "qwen3"):
+        used = bool(c.get("use_sliding_window")) and c.get("max_window_layers", n_layer) < n_layer
+    else:
+        used = True
+    return int(window) if used else None
 
 
 # ----------------------------------------------------------------------------- name maps
@@ -246,7 +285,8 @@ def _gpt2_map(cfg: ModelConfig, w: Weights) -> tuple[dict[str, Tensor], list[str
 
 
 def _llama_map(cfg: ModelConfig, w: Weights) -> tuple[dict[str, Tensor], list[str]]:
-    """Our names -> recipes for a LLaMA-style directory (names only: the layouts are ours), and the unused rest."""
+    """Our names -> recipes for a LLaMA-style directory (Llama, Mistral, Qwen2, Qwen3; names only: the
+    layouts are ours), and the unused rest."""
     C, H, hd = cfg.n_embd, cfg.mlp_hidden, cfg.head_dim
     m = w.tensor_map()
     m.take("tok_emb.weight", "model.embed_tokens.weight", (cfg.vocab_size, C))
@@ -256,8 +296,11 @@ def _llama_map(cfg: ModelConfig, w: Weights) -> tuple[dict[str, Tensor], list[st
         m.take(f"{b}mlp_norm.weight", f"{h}post_attention_layernorm.weight", (C,))
         for x, rows in (("q", cfg.n_head * hd), ("k", cfg.n_kv_head * hd), ("v", cfg.n_kv_head * hd)):
             m.take(f"{b}attn.{x}_proj.weight", f"{h}self_attn.{x}_proj.weight", (rows, C))
-            if cfg.bias:
+            if cfg.bias or cfg.qkv_bias:
                 m.take(f"{b}attn.{x}_proj.bias", f"{h}self_attn.{x}_proj.bias", (rows,))
+        if cfg.qk_norm:
+            m.take(f"{b}attn.q_norm.weight", f"{h}self_attn.q_norm.weight", (hd,))
+            m.take(f"{b}attn.k_norm.weight", f"{h}self_attn.k_norm.weight", (hd,))
         m.take(f"{b}attn.o_proj.weight", f"{h}self_attn.o_proj.weight", (C, cfg.n_head * hd))
         for x, shape in (("gate", (H, C)), ("up", (H, C)), ("down", (C, H))):
             m.take(f"{b}mlp.{x}_proj.weight", f"{h}mlp.{x}_proj.weight", shape)
@@ -296,18 +339,20 @@ def _pre_tokenizer(pt: dict | None, where: Path) -> tuple[str, bool]:
             return pattern, False  # Llama 3 (and other tiktoken-style regexes)
     if "Metaspace" in kinds:
         raise ConvertError(f"{where}: a SentencePiece tokenizer (Metaspace); SentencePiece tokenizers "
-                           f"(Llama 2, TinyLlama, ...) are not supported, only byte-level BPE")
+                           f"(Llama 2, TinyLlama, Mistral 7B, ...) are not supported, only byte-level BPE")
     raise ConvertError(f"{where}: unsupported pre-tokenizer {kinds or None}; supported: GPT-2 ByteLevel, "
                        f"Digits+ByteLevel (SmolLM), Split(regex)+ByteLevel (Llama 3)")
 
 
 def tokenizer_from_hf(d: Path, name: str) -> BPETokenizer | CharTokenizer:
     """The tokenizer of HF directory `d`, from the first of: tokenizer.json (byte-level BPE, or a
-    single-character WordLevel vocabulary as minillm.export writes), vocab.json + merges.txt (GPT-2),
-    a tiktoken tokenizer.model (Llama 3). Special tokens, BOS/EOS and the chat template come from
-    tokenizer_config.json (and generation_config.json's extra stop ids)."""
+    single-character WordLevel vocabulary as minillm.export writes; its Unicode normalizer, Qwen2's NFC,
+    comes along), vocab.json + merges.txt (GPT-2), a tiktoken tokenizer.model (Llama 3). Special tokens,
+    BOS/EOS and the chat template come from tokenizer_config.json (and generation_config.json's extra
+    stop ids)."""
     tc_path, tj_path = d / "tokenizer_config.json", d / "tokenizer.json"
     tc = read_json(tc_path) if tc_path.is_file() else {}
+    normalize = None
     specials = {t["content"]: int(i) for i, t in (tc.get("added_tokens_decoder") or {}).items()}
     tj = read_json(tj_path) if tj_path.is_file() else None
     if tj is not None:
@@ -315,6 +360,7 @@ def tokenizer_from_hf(d: Path, name: str) -> BPETokenizer | CharTokenizer:
         if chars is not None:
             return CharTokenizer(chars)
         ranks, pat, split_digits = _bpe_from_tokenizer_json(tj, tj_path, specials, name)
+        normalize = _normalizer(tj, tj_path)
     elif (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
         ranks, pat, split_digits = _bpe_from_vocab_and_merges(d, specials, name)
     elif (d / "tokenizer.model").is_file():
@@ -329,7 +375,7 @@ def tokenizer_from_hf(d: Path, name: str) -> BPETokenizer | CharTokenizer:
     try:
         return BPETokenizer(name, pat, ranks, specials, bos_token=bos, eos_tokens=_eos_tokens(d, tc, specials),
                             add_bos=bool(add_bos and bos), chat_template=_chat_template(d, tc),
-                            pre_split_digits=split_digits)
+                            pre_split_digits=split_digits, normalize=normalize)
     except ValueError as e:
         raise ConvertError(f"{d}: tokenizer cannot be built ({e})") from e
 
@@ -350,13 +396,26 @@ def _bpe_from_tokenizer_json(tj: dict, where: Path, specials: dict[str, int], na
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         raise ConvertError(f"{where}: tokenizer model {model.get('type')!r} is not supported (only byte-level BPE)")
-    if model.get("byte_fallback") or tj.get("normalizer"):
-        raise ConvertError(f"{where}: a SentencePiece-style BPE (byte_fallback / normalizer); SentencePiece "
-                           f"tokenizers (Llama 2, TinyLlama, ...) are not supported, only byte-level BPE")
+    if model.get("byte_fallback"):
+        raise ConvertError(f"{where}: a SentencePiece-style BPE (byte_fallback); SentencePiece "
+                           f"tokenizers (Llama 2, TinyLlama, Mistral 7B, ...) are not supported, only byte-level BPE")
     pat, split_digits = _pre_tokenizer(tj.get("pre_tokenizer"), where)
     for t in tj.get("added_tokens") or []:
         specials[t["content"]] = t["id"]
     return ranks_from_vocab(model["vocab"], model.get("merges") or [], specials, name), pat, split_digits
+
+
+def _normalizer(tj: dict, where: Path) -> str | None:
+    """tokenizer.json's normalizer -> BPETokenizer.normalize: none, or one Unicode normal form (Qwen2: NFC)."""
+    norm = tj.get("normalizer")
+    if norm and norm.get("type") == "Sequence" and len(norm.get("normalizers") or []) == 1:
+        norm = norm["normalizers"][0]
+    if not norm:
+        return None
+    if norm.get("type") in ("NFC", "NFKC", "NFD", "NFKD"):
+        return norm["type"]
+    raise ConvertError(f"{where}: normalizer {norm.get('type')!r} is not supported (a SentencePiece-style tokenizer?); "
+                       f"supported: none, or one Unicode normal form (NFC, NFKC, NFD, NFKD)")
 
 
 def _bpe_from_vocab_and_merges(d: Path, specials: dict[str, int], name: str) -> tuple[dict[bytes, int], str, bool]:
@@ -380,7 +439,7 @@ def _bpe_from_tiktoken_file(path: Path, specials: dict[str, int]) -> tuple[dict[
                 ranks[base64.b64decode(tok)] = int(rank)
     except (UnicodeDecodeError, ValueError):
         raise ConvertError(f"{path}: a SentencePiece model; SentencePiece tokenizers "
-                           f"(Llama 2, TinyLlama, ...) are not supported, only byte-level BPE") from None
+                           f"(Llama 2, TinyLlama, Mistral 7B, ...) are not supported, only byte-level BPE") from None
     if not specials:
         raise ConvertError(f"{path}: a tiktoken rank file without its special tokens; put the "
                            f"model's tokenizer_config.json (added_tokens_decoder) beside it")
@@ -441,5 +500,8 @@ def load_hf_dir(d: Path) -> Source:
     tokenizer = tokenizer_from_hf(d, name)
     provenance = {"source": str(d.resolve()), "source_format": "huggingface",
                   "architecture": (c.get("architectures") or [c.get("model_type")])[0]}
+    if cfg.family == "llama" and cfg.block_size < c.get("max_position_embeddings", 0):
+        provenance["context"] = (f"block_size {cfg.block_size}: the sliding window (exact up to it); "
+                                 f"the source allows {c['max_position_embeddings']}")
     files = sorted({*w.where.values(), *(p for p in d.iterdir() if p.suffix in (".json", ".txt", ".model", ".jinja"))})
     return Source(cfg, tokenizer, tensors, provenance, files)

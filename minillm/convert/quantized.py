@@ -2,24 +2,28 @@
 
 A GGUF file is already quantized. Converting it to float and then running `minillm.quantize` would
 quantize twice: our int4 quantizer picks each group's scale from the min and max of the dequantized
-values, which puts the grid somewhere else whenever a block did not use all 16 codes. Q4_0 and Q4_1
-blocks (32 inputs, a float16 scale, Q4_1 also a minimum) are already our int4 group-32 scheme, so their
-codes are copied as they are; only the scale and zero are rounded from float16 to bf16, the dtype our
-kernels take them in (a relative error of at most 2^-9 on each; the codes are exact).
+values, which puts the grid somewhere else whenever a block did not use all 16 codes. Q4_0, Q4_1 and
+Q4_K blocks are our int4 group-32 scheme already (one scale and one offset per 32 inputs of a row;
+Q4_K derives them from 6-bit sub-block scales and minimums times its super-block's float16 d and dmin,
+blocks.py has the layouts and the algebra), so their codes are copied as they are; only the scale and
+zero are rounded from float32 to bf16, the dtype our kernels take them in (a relative error of at most
+2^-9 on each; the codes are exact).
 
 Where the math does not allow a copy, the tensor goes through float and our own quantizer, and the
-report says so:
+provenance says so: tensors counted by kind ("keep_quant": {"Q4_K -> int4 codes kept": 168,
+"Q6_K -> int4 from float": 28, ...}) and named ("keep_quant_tensors": {"Q6_K -> int4 from float":
+["blocks.0.mlp.down_proj.weight", ...], ...}):
     Q8_0 (32 inputs per float16 scale) -> int8 per output channel: our int8 kernel takes one scale per
         row, and a row of a Q8_0 matrix has K/32 different scales.
-    Q4_K, Q5_*, Q6_K, F16, F32, ... -> int4 group 32 or int8, from the dequantized floats.
-The scheme: int4 group 32 for the Linear layers when most of the source's Linear weights are Q4_0/Q4_1,
+    Q5_0, Q5_K, Q6_K, F16, F32, ... -> int4 group 32 or int8, from the dequantized floats.
+The scheme: int4 group 32 for the Linear layers when most of the source's Linear weights are Q4_0/Q4_1/Q4_K,
 else int8; the token embedding and output head int8 (minillm.quantize's default, and what llama.cpp's Q4
-files do too). Norms are stored in bf16, as minillm.quantize stores them.
+files do too). Norms and biases are stored in bf16, as minillm.quantize stores them.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import defaultdict
 from typing import Callable
 
 import torch
@@ -29,22 +33,22 @@ from ..quantize import (COMPUTE_DTYPE, Int4Linear, Int8Linear, QuantEmbedding, m
                         quantize_int4, quantize_int8)
 from .source import Entry
 
-KEEP_GROUP = 32  # the block size of Q4_0 / Q4_1
+KEEP_GROUP = 32  # the block size of Q4_0 / Q4_1, and of a Q4_K sub-block
 
 
 def choose_spec(src) -> dict:
-    """int4 group 32 if most Linear weights of `src` are Q4_0/Q4_1 blocks (their codes can be kept), else int8."""
+    """int4 group 32 if most Linear weights of `src` are Q4_0/Q4_1/Q4_K blocks (their codes can be kept), else int8."""
     linear = [t for name, t in src.tensors.items() if name.endswith("_proj.weight")]
     keepable = sum(t.codes is not None for t in linear)
     return make_spec(4 if keepable * 2 > len(linear) else 8, KEEP_GROUP, 8)
 
 
-def quantized_entries(src, spec: dict) -> tuple[dict[str, Entry], dict[str, int]]:
+def quantized_entries(src, spec: dict) -> tuple[dict[str, Entry], dict[str, list[str]]]:
     """Every tensor of the quantized checkpoint for `spec`, in the order to write them, and the plan:
-    {"Q4_1 -> int4 codes kept": 210, "Q8_0 -> int8 from float": 1, ...} (source tensors by kind)."""
+    {"Q4_1 -> int4 codes kept": [our names of those tensors], "Q8_0 -> int8 from float": [...], ...}."""
     model = empty_model(src.config, spec)  # meta: names, shapes and dtypes of the quantized state dict
     want = model_tensors(model)
-    report: Counter = Counter()
+    report: dict[str, list[str]] = defaultdict(list)
     quantized = {}  # module name -> bits
     for mname, m in model.named_modules():
         if isinstance(m, QuantEmbedding):
@@ -94,5 +98,5 @@ def quantized_entries(src, spec: dict) -> tuple[dict[str, Entry], dict[str, int]
     for name, rec in src.tensors.items():
         mname = name.rsplit(".", 1)[0]
         what = how(mname) if mname in quantized and name == mname + ".weight" else "bf16"
-        report[f"{rec.kind or 'float'} -> {what}"] += 1
+        report[f"{rec.kind or 'float'} -> {what}"].append(name)
     return entries, dict(sorted(report.items()))

@@ -11,9 +11,11 @@ Face's conversion script from Meta weights permutes rows so that, within each he
 (first of each pair) come first and the odd rows second; GGUF files are written from HF weights with
 the inverse, i.e. back to interleaved. We keep HF's rotate-half layout (as LitGPT does), so:
 
-    Hugging Face -> ours: nothing to do
-    GGUF -> ours:         unpermute (below)
-    ours -> GGUF/Meta:    permute (used by the tests to make GGUF files)
+    Hugging Face -> ours:    nothing to do
+    GGUF (llama) -> ours:    unpermute (below)
+    GGUF (qwen2, qwen3):     nothing to do: llama.cpp permutes rows for its llama architecture only;
+                             Qwen models rotate halves (its NEOX RoPE mode), so their rows stay HF's
+    ours -> GGUF/Meta:       permute (used by the tests to make llama GGUF files)
 
 Per head, a weight of shape (n_heads * head_dim, in) is viewed as (n_heads, head_dim/2, 2, in) in the
 interleaved layout (pair index, member of the pair); rotate-half wants (n_heads, 2, head_dim/2, in).

@@ -31,7 +31,7 @@ class Tensor:
     kind: str = ""  # the source's storage type (GGUF: "Q4_1", "F32", ...), for reports
     codes: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     # codes: a block-quantized source's own int4 codes (q (N, K) in [0, 15], scale, zero (N, K/32)) with
-    # W = (q - 8) * scale + zero, as quantize stores them: lets --keep-quant skip the float round trip
+    # W = (q - 8) * scale + zero, as quantize stores them (blocks.py): lets --keep-quant skip the float round trip
 
 
 @dataclass

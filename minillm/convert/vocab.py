@@ -20,6 +20,8 @@ from .source import ConvertError
 # leading non-letter, numbers in groups of up to 3 digits, punctuation runs, newlines, spaces.
 LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2's (tokenizer.json's Split regex, llama.cpp's `qwen2` pre-tokenizer): Llama 3's with single digits.
+QWEN2_PAT = LLAMA3_PAT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
 def ranks_from_vocab(vocab: dict[str, int], merges: list, special: dict[str, int], name: str) -> dict[bytes, int]:

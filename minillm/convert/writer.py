@@ -36,8 +36,8 @@ _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
 def write_checkpoint(src: Source, out: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True,
                      keep_quant: bool = False) -> Path:
     """Write `src` to our format at `out` (see the top). keep_quant: a quantized checkpoint instead
-    (quantized.py: GGUF Q4_0/Q4_1 codes copied, the rest quantized by us); what happens to each kind
-    of source tensor goes into the provenance ("keep_quant")."""
+    (quantized.py: GGUF Q4_0/Q4_1/Q4_K codes copied, the rest quantized by us); what happens to each kind
+    of source tensor goes into the provenance ("keep_quant", "keep_quant_tensors")."""
     out = Path(out)
     if not out.parent.is_dir():
         raise ConvertError(f"cannot write {out}: directory {out.parent} does not exist")
@@ -73,7 +73,9 @@ def _plan(src: Source, dtype: torch.dtype, keep_quant: bool) -> tuple[dict[str, 
     provenance, quantization = dict(src.provenance), None
     if keep_quant:
         quantization = choose_spec(src)
-        entries, provenance["keep_quant"] = quantized_entries(src, quantization)
+        entries, plan = quantized_entries(src, quantization)
+        provenance["keep_quant"] = {what: len(names) for what, names in plan.items()}  # counts, then the names
+        provenance["keep_quant_tensors"] = plan
         metadata["quantization"] = json.dumps(quantization)
     else:
         entries = {name: Entry(tuple(src.tensors[name].shape), dtype, src.tensors[name].load, src.tensors[name].source)
