@@ -2,15 +2,14 @@
 (chi-square against the exact law on a 5-token vocabulary, with negative controls)."""
 
 import functools
-import itertools
 import math
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from law import family_p, law_pvalues, rescaled_llama
 
 import minillm.contrastive as cd
-from minillm.config import ModelConfig, preset
+from minillm.config import ModelConfig
 from minillm.generate import Stats
 from minillm.contrastive import (CDStep, amateur_weight, beta_to_li_tau, contrastive_scores,
                                  contrastive_stream, plausible_head)
@@ -294,17 +293,8 @@ CD_V, CD_PROMPT, CD_N = 5, [1, 2, 3], 3
 
 
 def cd_model(seed: int, n_layer: int) -> Transformer:
-    """Unit-variance embeddings, every matrix with gain 2, a head giving logits of std ~0.6 (many
-    tokens in V_head at alpha 0.3). The global RNG is left as it was."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Transformer(preset("nano", family="llama", vocab_size=CD_V, n_layer=n_layer, tie_embeddings=False))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.mul_((1.0 if name == "tok_emb.weight" else 2.0 / math.sqrt(p.size(1))) / p.std())
-        model.lm_head.weight.mul_(0.3)
-    return model.eval()
+    """Logits of std ~0.6: many tokens in V_head at alpha 0.3 (see law.rescaled_llama)."""
+    return rescaled_llama(seed, n_layer, CD_V, head_gain=0.3)
 
 
 @functools.cache
@@ -343,30 +333,12 @@ def sample_cd(N: int, seed: int, temperature: float, **settings) -> torch.Tensor
                                                  **settings)) for _ in range(N)])
 
 
-def chi2_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Chi-square goodness of fit (cells with expected count < 5 pooled); a count where the law is 0: p = 0."""
-    obs, expected = counts.double().reshape(-1), probs.double().reshape(-1) * counts.sum()
-    if obs[expected == 0].sum() > 0:
-        return 0.0
-    big = expected >= 5
-    obs = torch.cat([obs[big], obs[~big].sum().view(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    return float(chisquare(obs.numpy(), (exp * obs.sum() / exp.sum()).numpy()).pvalue)
-
-
 def law_family_p(samples: torch.Tensor, law: torch.Tensor) -> float:
     """Chi-square of the joint law of the n tokens and of every pair (x_i, x_j); Bonferroni over them."""
-    n = samples.size(1)
-    ps = {"joint": chi2_p(torch.bincount((samples * CD_V ** torch.arange(n - 1, -1, -1)).sum(-1),
-                                         minlength=CD_V ** n), law)}
-    for i, j in itertools.combinations(range(n), 2):
-        pair = law.sum([a for a in range(n) if a not in (i, j)])
-        ps[f"x{i + 1},x{j + 1}"] = chi2_p(torch.bincount(samples[:, i] * CD_V + samples[:, j], minlength=CD_V ** 2), pair)
+    ps = law_pvalues(samples, law)
     worst = min(ps, key=ps.get)
     print(f"  smallest p: {worst} {ps[worst]:.3g}; joint p {ps['joint']:.3g}")
-    return min(1.0, len(ps) * ps[worst])
+    return family_p(ps)
 
 
 CD_N_SAMPLES = 500

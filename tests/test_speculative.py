@@ -18,22 +18,19 @@ p < 1e-6 in the same test, same N and seed. Everything is seeded: the tests are 
 
 import copy
 import functools
-import itertools
-import math
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn as nn
-from scipy.stats import chisquare
+from law import family_p, law_pvalues, rescaled_llama
 
 import minillm.speculative as spec
-from minillm.config import ModelConfig, preset
-from minillm.generate import stream_tokens
+from minillm.config import ModelConfig
+from minillm.generate import Stats, stream_tokens
 from minillm.kv_cache import KVCache
 from minillm.model import Transformer
 from minillm.sampling import SamplingParams, process_logits
-from minillm.generate import Stats
 from minillm.speculative import SpeculativeDecoder, speculative_generate_batch, speculative_stream
 
 V, BLOCK = 8, 16
@@ -91,59 +88,14 @@ def exact_law(model, prompt: list[int], n: int, params: SamplingParams) -> torch
     return law.view((Vm,) * n)
 
 
-def chi2_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Chi-square goodness of fit of observed counts against exact cell probabilities (same shape);
-    cells with expected count < 5 are pooled into one. A count in a cell of probability 0 (a sequence
-    the target can never produce) is conclusive: p = 0."""
-    obs, expected = counts.double().reshape(-1), probs.double().reshape(-1) * counts.sum()
-    if obs[expected == 0].sum() > 0:
-        return 0.0
-    big = expected >= 5
-    obs = torch.cat([obs[big], obs[~big].sum().view(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    exp = exp * obs.sum() / exp.sum()  # the law sums to 1 up to float32 rounding
-    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
-
-
-def law_pvalues(samples: torch.Tensor, law: torch.Tensor) -> dict[str, float]:
-    """samples (N, n) token ids vs the exact law (V,) * n -> p-values of the joint law of all n tokens
-    ("joint") and of each pair's law ("x1,x2", ..., the exact pair law summed out of the joint)."""
-    N, n = samples.shape
-    Vm = law.size(0)
-    cells = (samples * Vm ** torch.arange(n - 1, -1, -1)).sum(-1)
-    ps = {"joint": chi2_p(torch.bincount(cells, minlength=Vm ** n), law)}
-    for i, j in itertools.combinations(range(n), 2):
-        pair = law.sum([a for a in range(n) if a not in (i, j)])
-        ps[f"x{i + 1},x{j + 1}"] = chi2_p(torch.bincount(samples[:, i] * Vm + samples[:, j], minlength=Vm * Vm), pair)
-    return ps
-
-
-def family_p(ps: dict[str, float]) -> float:
-    """Bonferroni: the chance that the smallest of these p-values is this small under the null."""
-    return min(1.0, len(ps) * min(ps.values()))
-
-
 # ---- real tiny transformers for the law tests ----
 
 LAW_V, LAW_PROMPT = 4, [1, 2, 3]
 
 
 def law_model(seed: int, n_layer: int) -> Transformer:
-    """A nano llama over LAW_V tokens with random weights rescaled: unit-variance embeddings, every
-    matrix with gain 2 (attention and MLP reshape the residual stream, so the law depends on tokens far
-    back, not only on the last one) and a head giving next-token probabilities from ~0.005 to 0.9.
-    The global RNG is left as it was."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Transformer(preset("nano", family="llama", vocab_size=LAW_V, n_layer=n_layer, tie_embeddings=False))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.mul_((1.0 if name == "tok_emb.weight" else 2.0 / math.sqrt(p.size(1))) / p.std())
-        model.lm_head.weight.mul_(0.7)
-    return model.eval()
+    """Next-token probabilities from ~0.005 to 0.9 over LAW_V tokens (see law.rescaled_llama)."""
+    return rescaled_llama(seed, n_layer, LAW_V, head_gain=0.7)
 
 
 @functools.cache
