@@ -218,12 +218,14 @@ def stream_batch(model, prompts: list[list[int]], max_new_tokens: int, params: S
     B, ctx, device = len(prompts), model.config.block_size, model.tok_emb.weight.device
     stats = stats if stats is not None else [Stats() for _ in prompts]
     cache = cache if cache is not None else KVCache.for_model(model, batch_size=B)
-    lens = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
-    seq = torch.zeros(B, int(lens.max()) + max_new_tokens, dtype=torch.long, device=device)  # prompt, then new tokens
+    prompt_lens = [len(p) for p in prompts]
+    lens, longest = torch.tensor(prompt_lens, device=device), max(prompt_lens)  # (B,) and the longest
+    seq = torch.zeros(B, longest + max_new_tokens, dtype=torch.long, device=device)  # prompt, then new tokens
     for b, p in enumerate(prompts):
         seq[b, :len(p)] = torch.tensor(p)
         stats[b].prompt_tokens, stats[b].stopped_by = len(p), "max_new_tokens"
-    pos, done = int(lens.min()), [max_new_tokens == 0] * B  # columns 0..pos-1 are known in every row
+    pos = min(prompt_lens)  # columns 0..pos-1 are known in every row
+    done = [max_new_tokens == 0] * B
     first = pos - ctx // 2 if pos >= ctx else 0  # a sliding window starts from the prompt's last half-context
     t0 = time.perf_counter()
     logits = next_logits(model, seq[:, first:pos], cache)
@@ -232,9 +234,10 @@ def stream_batch(model, prompts: list[list[int]], max_new_tokens: int, params: S
             return
         history = seq[:, :pos] if params.needs_history else None
         tokens = _choose(logits, params, generator, history, step, trace)
-        tokens = torch.where(pos < lens, seq[:, pos], tokens)  # a row still reading its prompt is fed it
+        if pos < longest:  # a row still reading its prompt is fed its prompt token
+            tokens = torch.where(pos < lens, seq[:, pos], tokens)
         seq[:, pos] = tokens
-        yield _record(tokens.tolist(), pos, lens.tolist(), done, stats, eos_ids, max_new_tokens, t0)
+        yield _record(tokens.tolist(), pos, prompt_lens, done, stats, eos_ids, max_new_tokens, t0)
         pos += 1
         if all(done):
             return

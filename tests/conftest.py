@@ -74,19 +74,27 @@ def smollm2_ours(smollm2_converted):
     return load_model(smollm2_converted)
 
 
-@pytest.fixture(scope="session")
-def smollm2_hf_model(smollm2_gguf):
+def hf_model_from_gguf(path: Path):
+    """transformers' own float32 loading of a GGUF: the reference our conversions are held against."""
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF")
     import torch
     from transformers import AutoModelForCausalLM
-    m = AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32)
-    return m.eval()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def hf_tokenizer_from_gguf(path: Path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_model(smollm2_gguf):
+    return hf_model_from_gguf(smollm2_gguf)
 
 
 @pytest.fixture(scope="session")
 def smollm2_hf_tokenizer(smollm2_gguf):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    return hf_tokenizer_from_gguf(smollm2_gguf)
 
 
 @pytest.fixture(scope="session")
@@ -142,14 +150,9 @@ def qwen05_ours(qwen05_gguf, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qwen05_hf_model(qwen05_gguf):
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF")
-    import torch
-    from transformers import AutoModelForCausalLM
-    m = AutoModelForCausalLM.from_pretrained(str(qwen05_gguf.parent), gguf_file=qwen05_gguf.name, dtype=torch.float32)
-    return m.eval()
+    return hf_model_from_gguf(qwen05_gguf)
 
 
 @pytest.fixture(scope="session")
 def qwen05_hf_tokenizer(qwen05_gguf):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(qwen05_gguf.parent), gguf_file=qwen05_gguf.name)
+    return hf_tokenizer_from_gguf(qwen05_gguf)

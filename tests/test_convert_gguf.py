@@ -107,16 +107,7 @@ def write_gguf(path, hf, ranks, arch="llama", pre="llama-bpe", tok_model="gpt2",
     w.add_add_bos_token(True)
     w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     sd = hf.state_dict()
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    for i in range(c.num_hidden_layers):
-        h, g = f"model.layers.{i}.", f"blk.{i}."
-        names.update({f"{h}input_layernorm.weight": f"{g}attn_norm.weight",
-                      f"{h}post_attention_layernorm.weight": f"{g}ffn_norm.weight",
-                      **{f"{h}self_attn.{x}_proj.weight": f"{g}attn_{y}.weight"
-                         for x, y in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "output"))},
-                      **{f"{h}mlp.{x}_proj.weight": f"{g}ffn_{x}.weight" for x in ("gate", "up", "down")}})
-    for hf_name, g_name in names.items():
+    for hf_name, g_name in hf_to_gguf_names(c).items():  # names the model lacks (biases, q/k norms) are skipped
         if hf_name not in sd or (hf_name == "lm_head.weight" and c.tie_word_embeddings) or g_name in skip:
             continue
         t = sd[hf_name].float()
@@ -281,8 +272,8 @@ def _qwen_tokenizer_meta(w, ranks):
                         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def _qwen_names(c) -> dict[str, str]:
-    """HF Qwen2/Qwen3 tensor name -> GGUF name (llama.cpp's)."""
+def hf_to_gguf_names(c) -> dict[str, str]:
+    """HF LLaMA/Qwen2/Qwen3 tensor name -> GGUF name (llama.cpp's), biases and q/k norms included."""
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     for i in range(c.num_hidden_layers):
@@ -313,7 +304,7 @@ def write_qwen_gguf(path, hf, ranks, arch):
         w.add_value_length(c.head_dim)
     _qwen_tokenizer_meta(w, ranks)
     sd = hf.state_dict()
-    for hf_name, g_name in _qwen_names(c).items():
+    for hf_name, g_name in hf_to_gguf_names(c).items():
         if hf_name not in sd or (hf_name == "lm_head.weight" and c.tie_word_embeddings):
             continue
         a = sd[hf_name].float().numpy()
