@@ -2,8 +2,10 @@
 
 Redoes the first experiment of the seed article (docs/seeds/000_*) without its flaws:
   * it scored prompt + continuation; we score the continuation only;
-  * 5 prompts, one sample each, no seed, no spread; we use its 5 prompts plus 20 of ours, several
-    seeds, and print mean ± std over seeds (std of the corpus-level metric across seeds);
+  * 5 prompts, one sample each, no seed, no spread; we use its 5 prompts plus 20 of ours (or 10
+    openings of code, --prompt-set code, for code models), several seeds, and print mean ± std
+    over seeds (std of the corpus-level metric across seeds); the article's own per-text means are
+    printed too, beside its numbers;
   * diversity alone rewards noise (uniformly random words maximise distinct-n), so every row also
     carries a quality number: the expert's perplexity of the continuation given the prompt, and
     the table has greedy (the degenerate end) and top-p next to plain sampling (the noisy end);
@@ -24,6 +26,9 @@ their ± is 0 by construction and printed as "·".
         --amateur weights/shakespeare-char-baby256.safetensors --reference-text ../shared/data/tinyshakespeare/input.txt
     python bench/decoding.py --expert weights/smollm2-135m.safetensors \\
         --amateur weights/smollm2-135m-first8.safetensors --max-new-tokens 64 --seeds 3
+    python bench/decoding.py --expert weights/qwen2.5-coder-1.5b-keepq.safetensors \\
+        --amateur weights/qwen2.5-coder-0.5b-keepq.safetensors --prompt-set code \\
+        --methods greedy,top-p,cd,cd-li,cd-li-t1 --max-new-tokens 64 --plot bench/out/decoding-qwen.png
 """
 
 from __future__ import annotations
@@ -67,7 +72,21 @@ OUR_PROMPTS = [
     "My favourite book is", "The old man walked to the sea and", "Music can change the way we",
     "The history of the printing press",
 ]
-PROMPTS = ARTICLE_PROMPTS + OUR_PROMPTS
+# For code models (Qwen2.5-Coder): ten openings of code, Python mostly.
+CODE_PROMPTS = [
+    "def quicksort(arr):\n", "class Stack:\n    def __init__(self):\n", "def is_prime(n: int) -> bool:\n",
+    "import numpy as np\n\ndef normalize(", "# Read a CSV file and print the mean of its second column\nimport csv\n",
+    "def binary_search(items, target):\n    \"\"\"", "def merge_sorted_lists(a, b):\n",
+    "SELECT name, COUNT(*) FROM orders", "function debounce(fn, delay) {\n",
+    "# Count the words of a text file and print the ten most common\n",
+]
+PROMPT_SETS = {"general": ARTICLE_PROMPTS + OUR_PROMPTS, "code": ARTICLE_PROMPTS + CODE_PROMPTS}
+# The seed article's results (5 prompts, one sample each, 50 tokens, per-text means over prompt + continuation;
+# GPT-2-large expert, GPT-2 amateur): naive sampling and its contrastive decoding.
+ARTICLE_RESULTS = {
+    "article: naive sampling": {"ent-1": 4.990, "ent-2": 5.175, "ent-3": 5.144, "distinct-1": 0.895, "distinct-2": 0.995},
+    "article: contrastive": {"ent-1": 5.183, "ent-2": 5.350, "ent-3": 5.314, "distinct-1": 0.903, "distinct-2": 1.000},
+}
 
 
 @dataclass
@@ -91,6 +110,10 @@ SETTINGS = {
     "cd-li": Setting("cd-li", "greedy; li α=0.1 τ=0.5 (amateur weight 2); amateur sees last prompt token",
                      Method("contrastive", SamplingParams(temperature=0), alpha=0.1, objective="li",
                             amateur_temperature=0.5, amateur_context="last_prompt_token")),
+    "cd-li-t1": Setting("cd-li-t1", "greedy; li α=0.1 τ=1.0 (amateur weight 1, Li et al.'s OPT setting); amateur "
+                        "sees last prompt token",
+                        Method("contrastive", SamplingParams(temperature=0), alpha=0.1, objective="li",
+                               amateur_temperature=1.0, amateur_context="last_prompt_token")),
     "cd-sample": Setting("cd-sample", "T=1 on obrien scores α=0.1 β=0.5; amateur sees full prompt",
                          Method("contrastive", SamplingParams(temperature=1.0), alpha=0.1, beta=0.5,
                                 objective="obrien", amateur_context="full")),
@@ -99,7 +122,7 @@ SETTINGS = {
 
 @dataclass
 class Run:
-    """One method, one seed: the 25 continuations and what was measured on them."""
+    """One method, one seed: one continuation per prompt and what was measured on them."""
     texts: list[str]
     nll: float  # summed over all continuation tokens
     n_tokens: int
@@ -114,8 +137,14 @@ class Run:
         m["expert ppl"] = math.exp(self.nll / self.n_tokens)
         return m
 
+    def per_text(self) -> dict[str, float]:
+        """The seed article's way: each metric on each text alone, then the mean over texts."""
+        m = {f"ent-{n}": statistics.fmean(ngram_entropy([t], n) for t in self.texts) for n in (1, 2, 3)}
+        return m | {f"distinct-{n}": statistics.fmean(distinct_n([t], n) for t in self.texts) for n in (1, 2)}
+
 
 COLUMNS = ["ent-1", "ent-2", "ent-3", "distinct-1", "distinct-2", "rep-2", "rep-4", "expert ppl"]
+ARTICLE_COLUMNS = ["ent-1", "ent-2", "ent-3", "distinct-1", "distinct-2"]
 
 
 @torch.inference_mode()
@@ -172,7 +201,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--methods", default="sample,top-p,greedy,cd,cd-li,cd-sample", help=f"from {list(SETTINGS)}")
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N of the 25 prompts")
+    ap.add_argument("--prompt-set", choices=list(PROMPT_SETS), default="general",
+                    help="the article's 5 prompts + 20 general (default) or + 10 code openings")
+    ap.add_argument("--prompts", type=int, default=None, help="use the first N of the set")
+    ap.add_argument("--plot", type=Path, help="a PNG of 3-gram entropy, distinct-2 and expert ppl per method")
     ap.add_argument("--reference-text", type=Path, help="add a row for human text from this file's last 10%%")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (1 is steadier on a busy shared CPU)")
     ap.add_argument("--json", type=Path, help="write every number and text here")
@@ -194,7 +226,7 @@ def load(args):
 def print_header(args, expert_l, amateur_l, n_prompts: int) -> None:
     for role, path, m in (("expert ", args.expert, expert_l), ("amateur", args.amateur, amateur_l)):
         print(f"{role} {path} ({m.config.family}, {m.config.n_layer} layers, {m.model.num_params() / 1e6:.1f}M params)")
-    print(f"{n_prompts} prompts (article's 5 + {n_prompts - 5} ours), {args.max_new_tokens} new tokens each, EOS not "
+    print(f"{n_prompts} prompts (article's 5 + {n_prompts - 5} ours, set {args.prompt_set}), {args.max_new_tokens} new tokens each, EOS not "
           f"stopping, seeds 0..{args.seeds - 1} (sampling methods), float32 CPU, threads {torch.get_num_threads()}, "
           f"load {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     print("metrics on whitespace words of the continuations only; ent-n in bits (corpus-pooled), distinct-n = "
@@ -234,9 +266,52 @@ def print_table(results: dict[str, dict], prompts: list[str]) -> None:
               if heads else "")
         print(f"| {name} | {r['settings']} | " + " | ".join(cells) + f" | {cd} |")
     print(f"\nload after: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    print_article_table(results)
     print(f"\nfirst continuation of prompt 0 ({prompts[0]!r}), seed 0:")
     for name, r in results.items():
         print(f"  {name:>16}: {r['runs'][0].texts[0][:160]!r}")
+
+
+def print_article_table(results: dict[str, dict]) -> None:
+    """The metrics the seed article's way (per-text means; it also counted the prompt, we do not),
+    beside its own numbers."""
+    print("\nthe seed article's way: each metric per text, mean over texts (mean over seeds); its own rows last\n")
+    print("| method | " + " | ".join(ARTICLE_COLUMNS) + " |")
+    print("|" + "---|" * (len(ARTICLE_COLUMNS) + 1))
+    for name, r in results.items():
+        per_seed = [run.per_text() for run in r["runs"]]
+        print(f"| {name} | " + " | ".join(fmt([ps[c] for ps in per_seed], c, r["deterministic"]) for c in ARTICLE_COLUMNS)
+              + " |")
+    for name, values in ARTICLE_RESULTS.items():
+        print(f"| {name} | " + " | ".join(f"{values[c]:.3f}" for c in ARTICLE_COLUMNS) + " |")
+
+
+def plot(results: dict[str, dict], title: str, path: Path) -> bool:
+    """Three panels, one bar per method (mean over seeds, std as error bar): 3-gram entropy,
+    distinct-2 and the expert's perplexity (the quality side of the trade-off)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = list(results)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, col in zip(axes, ("ent-3", "distinct-2", "expert ppl")):
+        values = [[run.metrics()[col] for run in results[n]["runs"]] for n in names]
+        means = [statistics.fmean(v) for v in values]
+        errs = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        ax.bar(range(len(names)), means, yerr=errs, capsize=3, color="tab:blue", alpha=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(col + (" (lower: the expert finds the text likelier)" if col == "expert ppl" else ""), fontsize=9)
+        ax.set_yscale("log" if col == "expert ppl" else "linear")
+        ax.grid(axis="y", ls="--", alpha=0.5)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
@@ -248,10 +323,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: unknown --methods {unknown}; choose from {list(SETTINGS)}")
     settings = [SETTINGS[m] for m in args.methods.split(",")]
     expert_l, amateur_l = load(args)
-    prompts = PROMPTS[:args.prompts]
+    prompts = PROMPT_SETS[args.prompt_set][:args.prompts]
     print_header(args, expert_l, amateur_l, len(prompts))
     results = collect(args, settings, expert_l.model, amateur_l.model, expert_l.tokenizer, prompts)
     print_table(results, prompts)
+    if args.plot and plot(results, f"{args.expert.name} vs amateur {args.amateur.name}: {len(prompts)} prompts "
+                                   f"({args.prompt_set} set), {args.max_new_tokens} tokens, {args.seeds} seeds",
+                          args.plot):
+        print(f"chart: {args.plot}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({name: dict(settings=r["settings"], runs=[

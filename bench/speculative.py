@@ -10,7 +10,12 @@ Redoes the second experiment of the seed article (docs/seeds/000_*) fairly:
     draw the median plain time as the line (and each k's own plain time as a tick), and report the paired ratio plain/speculative per k;
   * it reported time only; we also report the acceptance rate (accepted drafts / proposed), mean
     drafts accepted per target call and new tokens per target call, and at temperature 0 we check
-    that the output is token for token the plain greedy output (speculative decoding is exact).
+    that the output is token for token the plain greedy output (speculative decoding is exact);
+  * beside each k, the speedup Leviathan et al. (2023) predict from the measured alpha (1 - total
+    variation between target and draft, Stats.empirical_alpha) and cost ratio c (a draft call's
+    time over a plain step's): (1 - alpha^(k+1)) / ((1 - alpha)(c k + 1)). Their formula prices a
+    verify call of k+1 tokens like one plain step; the "verify/plain step" column says how far
+    that holds on this machine.
 
 Per k and temperature: every prompt generates --max-new-tokens tokens (EOS does not stop), seed
 1000*k + prompt index for both ways; one untimed warm-up generation first. The bar chart (one panel
@@ -157,16 +162,37 @@ def load(args):
     return target, draft, t_l.tokenizer
 
 
+def leviathan(alpha: float, c: float, k: int) -> tuple[float, float]:
+    """Leviathan et al. (2023): expected tokens per target call (1 - a^(k+1)) / (1 - a), and the
+    expected speedup over plain decoding, that over (c k + 1): a target call costs one plain step,
+    a draft step c of one."""
+    if alpha >= 1.0:
+        return k + 1.0, (k + 1.0) / (c * k + 1)
+    tokens = (1 - alpha ** (k + 1)) / (1 - alpha)
+    return tokens, tokens / (c * k + 1)
+
+
+def costs(r: Row, total: int) -> tuple[float, float]:
+    """(c, v): a draft call's and a target (verify) call's mean time, each over a plain step's."""
+    step = r.plain_s / total
+    mean = lambda role: r.stats.seconds.get(role, 0.0) / max(r.stats.calls.get(role, 0), 1)
+    return mean("draft") / step, mean("target") / step
+
+
 def report(rows: list[Row], temps: list[float], total: int) -> None:
     print("\n| T | k | plain s | spec s | speedup (paired) | plain tok/s | spec tok/s | acceptance | mean accepted / call "
-          "| tokens / target call | target calls | draft s / target s | identical to plain greedy |")
-    print("|" + "---|" * 13)
+          "| tokens / target call | target calls | draft s / target s | alpha (1-TV) | c = draft/plain step "
+          "| verify/plain step | Leviathan tokens/call | Leviathan speedup | identical to plain greedy |")
+    print("|" + "---|" * 18)
     for r in rows:
         s = r.stats
         same = "" if r.identical is None else ("yes" if r.identical else "**NO**")
+        c, v = costs(r, total)
+        tokens, speedup = leviathan(s.empirical_alpha, c, r.k)
         print(f"| {r.temperature:g} | {r.k} | {r.plain_s:.2f} | {r.spec_s:.2f} | {r.speedup:.2f}x | {total / r.plain_s:.1f} | "
               f"{total / r.spec_s:.1f} | {s.acceptance_rate:.1%} | {s.mean_accepted:.2f} | {s.tokens_per_target_call:.2f} | "
-              f"{s.calls.get('target', 0)} | {s.seconds.get('draft', 0.0):.2f} / {s.seconds.get('target', 0.0):.2f} | {same} |")
+              f"{s.calls.get('target', 0)} | {s.seconds.get('draft', 0.0):.2f} / {s.seconds.get('target', 0.0):.2f} | "
+              f"{s.empirical_alpha:.3f} | {c:.3f} | {v:.2f} | {tokens:.2f} | {speedup:.2f}x | {same} |")
     print()
     for t in temps:
         rs = [r for r in rows if r.temperature == t]

@@ -278,12 +278,32 @@ def test_model_completer_chat_and_base(tiny_bpe_model, problems):
     assert "<|im_start|>user\nComplete the following Python function" in he.chat_prompt(problems[0], loaded.tokenizer)
 
 
+def test_model_completer_batched_equals_one_at_a_time(tiny_bpe_model, problems):
+    """Greedy answers made 3 problems at a time (the 4 problems: a batch of 3, then of 1) grouped by prompt length, so a batch mixes prompts
+    of different lengths, are the answers made one by one, in chat and base prompting."""
+    from minillm.checkpoint import load_model
+    from minillm.methods import Method
+    from minillm.sampling import SamplingParams
+    loaded = load_model(tiny_bpe_model)
+    greedy, some = Method("greedy", SamplingParams(temperature=0.0)), problems
+    for mode in ("chat", "base"):
+        one = he.ModelCompleter(loaded, greedy, mode, max_new_tokens=16)
+        many = he.ModelCompleter(loaded, greedy, mode, max_new_tokens=16, batch_size=3)
+        many.expect(some)
+        assert len({len(many.prompt_ids(p)) for p in some}) > 1  # the rows' prompts differ in length
+        assert [many(p, 0) for p in some] == [one(p, 0) for p in some]
+        assert len(many.stats) == len(some) and all(s.new_tokens <= 16 for s in many.stats)
+    with pytest.raises(ValueError, match="batch_size"):
+        he.ModelCompleter(loaded, Method("speculative", SamplingParams(temperature=0.0)), "chat", batch_size=2)
+
+
 def test_cli_humaneval(tiny_bpe_model, tmp_path, capsys):
     out = tmp_path / "he.json"
     assert eval_main(["humaneval", "--model", str(tiny_bpe_model), "--limit", "2"]) == 2
     assert "--allow-code-execution" in capsys.readouterr().err
     assert eval_main(["humaneval", "--model", str(tiny_bpe_model), "--limit", "2", "--allow-code-execution",
-                      "--max-new-tokens", "8", "--prompting", "base", "--timeout", "3", "--json", str(out)]) == 0
+                      "--max-new-tokens", "8", "--prompting", "base", "--timeout", "3", "--batch-size", "2",
+                      "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "pass@1 %" in table and "base" in table and "greedy" in table
     data = json.loads(out.read_text())

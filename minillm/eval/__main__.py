@@ -6,6 +6,7 @@
     python -m minillm.eval generate-metrics --model M --tasks shakespeare.jsonl --method greedy
     python -m minillm.eval generate-metrics --model M --tasks tinyshakespeare --top-p 0.9 --limit 10
     python -m minillm.eval humaneval --model M --allow-code-execution --limit 20       # greedy pass@1
+    python -m minillm.eval humaneval --model M --allow-code-execution --batch-size 16  # 16 problems at a time
     python -m minillm.eval humaneval --model M --allow-code-execution --method sample --temperature 0.8 \\
         --samples 10 --pass-k 1,5,10
 
@@ -100,6 +101,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--task-ids", default=None, help="comma-separated, e.g. HumanEval/0,HumanEval/5")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per program (default 10)")
     p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program (default 1024)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B",
+                   help="greedy/sample: decode B problems at a time, grouped by prompt length (default 1)")
     return ap
 
 
@@ -243,7 +246,9 @@ def cmd_humaneval(args, device) -> None:
     for model_path in args.model:
         loaded, partner = _load_pair(model_path, args, method, device)
         mode = args.prompting if args.prompting != "auto" else "chat" if loaded.tokenizer.chat_template else "base"
-        complete = he.ModelCompleter(loaded, method, mode, args.max_new_tokens or 512, partner, args.seed)
+        complete = he.ModelCompleter(loaded, method, mode, args.max_new_tokens or 512, partner, args.seed,
+                                     args.batch_size)
+        complete.expect(problems)
         with _bar(len(problems), f"humaneval {model_path}") as bar:
             report = he.evaluate(problems, complete, args.samples, mode, ks, limits, True, bar.update)
         del loaded, partner, complete

@@ -41,7 +41,7 @@ from typing import Callable
 
 from ..chat import render_chat
 from ..checkpoint import Loaded
-from ..generate import Stats, make_generator
+from ..generate import Stats, make_generator, stream_batch
 from ..methods import Method
 from .generation import continue_text, fit_context
 from .sandbox import Limits, Outcome, isolation, run_program
@@ -134,20 +134,49 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 class ModelCompleter:
     """complete(problem, sample_index) -> the model's answer text, by any decoding method; sample i of
-    a problem draws from a generator seeded by (seed, task id, i), so any subset of problems reproduces."""
+    a problem draws from a generator seeded by (seed, task id, i), so any subset of problems reproduces.
+
+    batch_size > 1 (greedy and sample only): after expect(problems), the problems are decoded
+    batch_size at a time, grouped by prompt length (a batch's rows read their prompts one token per
+    step until the longest is read: similar lengths waste least), and a batch goes on until its
+    last row has finished. Greedy answers then equal batch 1's up to float rounding (a near tie can
+    flip); sampled ones draw from one generator per batch, so they depend on the grouping."""
 
     def __init__(self, loaded: Loaded, method: Method, mode: str, max_new_tokens: int = 512, partner=None,
-                 seed: int = 1337):
+                 seed: int = 1337, batch_size: int = 1):
         if mode == "chat" and not getattr(loaded.tokenizer, "chat_template", None):
             raise ValueError("this checkpoint has no chat template: use mode base (--prompting base)")
+        if batch_size < 1 or (batch_size > 1 and method.name not in ("greedy", "sample")):
+            raise ValueError(f"batch_size must be >= 1, and 1 for {method.name} (it decodes one sequence at a "
+                             f"time), got {batch_size}")
         self.loaded, self.method, self.mode, self.partner = loaded, method, mode, partner
-        self.max_new_tokens, self.seed = max_new_tokens, seed
-        self.stats: list[Stats] = []  # one per answer, in order
+        self.max_new_tokens, self.seed, self.batch_size = max_new_tokens, seed, batch_size
+        self.stats: list[Stats] = []  # one per answer, in the order they were made
+        self._ids: dict[str, list[int]] = {}  # task id -> prompt ids
+        self._groups: dict[str, list[dict]] = {}  # task id -> its batch (after expect)
+        self._ready: dict[tuple[str, int], str] = {}  # answers made in a batch, not yet asked for
+
+    def prompt_ids(self, problem: dict) -> list[int]:
+        if problem["task_id"] not in self._ids:
+            tok = self.loaded.tokenizer
+            self._ids[problem["task_id"]] = tok.encode(chat_prompt(problem, tok) if self.mode == "chat"
+                                                       else problem["prompt"])
+        return self._ids[problem["task_id"]]
+
+    def expect(self, problems: list[dict]) -> None:
+        """The problems that will be asked for: with batch_size > 1, group them into batches."""
+        ordered = sorted(problems, key=lambda p: len(self.prompt_ids(p)))
+        for i in range(0, len(ordered), self.batch_size):
+            for p in ordered[i:i + self.batch_size]:
+                self._groups[p["task_id"]] = ordered[i:i + self.batch_size]
 
     def __call__(self, problem: dict, index: int) -> str:
-        tok, entry = self.loaded.tokenizer, problem["entry_point"]
-        prompt = chat_prompt(problem, tok) if self.mode == "chat" else problem["prompt"]
-        ids, n = fit_context(self.loaded, self.method, tok.encode(prompt), self.max_new_tokens, self.partner)
+        if self.batch_size > 1 and problem["task_id"] in self._groups:
+            if (problem["task_id"], index) not in self._ready:
+                self._complete_batch(self._groups[problem["task_id"]], index)
+            return self._ready.pop((problem["task_id"], index))
+        entry = problem["entry_point"]
+        ids, n = fit_context(self.loaded, self.method, self.prompt_ids(problem), self.max_new_tokens, self.partner)
         seed = self.seed + zlib.crc32(f"{problem['task_id']}/{index}".encode())
         stats = Stats()
         answer = continue_text(self.loaded, self.method, ids, n, self.partner,
@@ -156,6 +185,35 @@ class ModelCompleter:
                                until=(lambda text: has_complete_block(text, entry)) if self.mode == "chat" else None)
         self.stats.append(stats)
         return answer
+
+    def _finished(self, problem: dict, text: str) -> tuple[str, bool]:
+        """(the answer so far, whether it is complete): as continue_text's stop and until would end it."""
+        if self.mode == "chat":
+            return text, has_complete_block(text, problem["entry_point"])
+        cut = min((i for i in (text.find(s) for s in BASE_STOPS) if i >= 0), default=-1)
+        return (text[:cut], True) if cut >= 0 else (text, False)
+
+    def _complete_batch(self, group: list[dict], index: int) -> None:
+        tok = self.loaded.tokenizer
+        fitted = [fit_context(self.loaded, self.method, self.prompt_ids(p), self.max_new_tokens) for p in group]
+        n, stats = fitted[0][1], [Stats() for _ in group]  # n depends only on the context
+        seed = self.seed + zlib.crc32(f"{group[0]['task_id']}/{index}/batch".encode())
+        steps = stream_batch(self.loaded.model, [ids for ids, _ in fitted], n, self.method.params,
+                             make_generator(seed, self.loaded.model.tok_emb.weight.device), set(tok.eos_ids),
+                             self.method.sliding_window, stats)
+        new, answers, over = [[] for _ in group], [""] * len(group), [False] * len(group)
+        for step in steps:
+            for b, token in enumerate(step):
+                if token is not None and not over[b]:
+                    new[b].append(token)
+                    answers[b], over[b] = self._finished(group[b], tok.decode(new[b]))
+                    stats[b].stopped_by = "stop" if over[b] else stats[b].stopped_by
+            over = [o or s.stopped_by == "eos" or s.new_tokens == n for o, s in zip(over, stats)]
+            if all(over):
+                steps.close()
+                break
+        self.stats += stats
+        self._ready.update(((p["task_id"], index), a) for p, a in zip(group, answers))
 
 
 @dataclass
