@@ -200,6 +200,21 @@ def test_chat_answers_whole_function_or_body_only(problems):
         assert run_program(he.build_program(p, answer, "chat"), FAST).passed, he.build_program(p, answer, "chat")
 
 
+def test_chat_code_keeps_definitions_not_the_models_own_checks(problems):
+    """A right function followed by the model's own wrong assert, a print and a statement cut off by
+    max_new_tokens passes: only imports, defs and assignments of the answer are run."""
+    p = problems[1]  # HumanEval/2 truncate_number
+    answer = ("```python\nimport math\nSCALE = 1.0\n\n@staticmethod\ndef helper(x):\n    return x\n\n"
+              "def truncate_number(number: float) -> float:\n    return math.fmod(number, SCALE)\n\n"
+              "assert truncate_number(3.5) == 0.4, 'Test case 1 failed'\nprint(truncate_number(3.5))\n"
+              "if __name__ == '__main__':\n    print('hi')\nprint(truncate_number([")
+    code = he.definitions(he.extract_code(answer, "truncate_number"))
+    assert code.startswith("import math\n\nSCALE = 1.0\n\n@staticmethod\ndef helper(x):")
+    assert "assert" not in code and "print" not in code and "__main__" not in code
+    assert run_program(he.build_program(p, answer, "chat"), FAST).passed
+    assert he.definitions("def f(:\n") == "def f(:\n"  # never parses: as it is
+
+
 def test_refuses_without_permission(problems):
     with pytest.raises(PermissionError, match="allow-code-execution"):
         he.evaluate(problems, lambda p, i: p["canonical_solution"])

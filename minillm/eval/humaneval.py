@@ -18,8 +18,10 @@ Two ways to prompt (mode):
     (the code that would be extracted anyway). The code is the first fenced block that defines the
     entry point, else the first fenced block (an unclosed one reaches to the end), else the whole
     answer; an `if __name__ == "__main__":` tail is cut off. Program = the problem's prompt (its
-    imports and helper functions) + the code (whose def replaces the prompt's stub); code without a
-    def of the entry point is taken as the function's body (indented if it is not).
+    imports and helper functions) + the code's definitions (definitions(): imports, functions,
+    classes, assignments; the model's own example calls and asserts dropped, like the sanitizer
+    of EvalPlus, the harness behind the Qwen2.5-Coder report), whose def replaces the prompt's stub; code without a def of the entry point is taken as
+    the function's body (indented if it is not).
 
 pass@k: with n samples per problem of which c pass, pass@k = 1 - C(n-c, k) / C(n, k), the chance that
 at least one of k samples drawn without replacement from the n passes, averaged over problems; with
@@ -31,6 +33,7 @@ runs each program through sandbox.run_program (its docstring says what is and is
 
 from __future__ import annotations
 
+import ast
 import math
 import re
 import secrets
@@ -105,6 +108,33 @@ def extract_code(answer: str, entry_point: str) -> str:
     return MAIN.sub("", code).rstrip() + "\n"
 
 
+DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign,
+               ast.AnnAssign)
+
+
+def definitions(code: str) -> str:
+    """The code's top-level imports, functions, classes and assignments, in order: what a solution
+    is made of. Dropped: the model's own examples, prints, asserts and __main__ block, which would
+    run before the problem's tests (a wrong expected value in the model's own check fails a right
+    function). Code cut off mid-statement (max_new_tokens) loses its unfinished last lines; code
+    that never parses is returned as it is (the run then reports its SyntaxError)."""
+    lines = code.splitlines()
+    for end in range(len(lines), 0, -1):
+        try:
+            tree = ast.parse("\n".join(lines[:end]))
+            break
+        except SyntaxError:
+            continue
+    else:
+        return code
+    kept = []
+    for node in tree.body:
+        if isinstance(node, DEFINITIONS):
+            start = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
+            kept.append("\n".join(lines[start - 1:node.end_lineno]))
+    return "\n\n".join(kept) + "\n"
+
+
 def build_program(problem: dict, answer: str, mode: str = "base") -> str:
     """The program that decides the problem: code, the problem's test code, and the call of check()."""
     if mode == "base":
@@ -117,7 +147,7 @@ def build_program(problem: dict, answer: str, mode: str = "base") -> str:
                 body = "".join(f"    {line}\n" if line.strip() else "\n" for line in body.splitlines())
             code = problem["prompt"] + body
         else:
-            code = problem["prompt"] + "\n" + body
+            code = problem["prompt"] + "\n" + definitions(body)
     else:
         raise ValueError(f"mode must be base or chat, got {mode!r}")
     return f"{code}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
