@@ -217,9 +217,10 @@ def stream_batch(model, prompts: list[list[int]], max_new_tokens: int, params: S
     _check_prompts(model, prompts, max_new_tokens, sliding_window, cache)
     B, ctx, device = len(prompts), model.config.block_size, model.tok_emb.weight.device
     stats = stats if stats is not None else [Stats() for _ in prompts]
-    cache = cache if cache is not None else KVCache.for_model(model, batch_size=B)
     prompt_lens = [len(p) for p in prompts]
     lens, longest = torch.tensor(prompt_lens, device=device), max(prompt_lens)  # (B,) and the longest
+    if cache is None:  # as long as this run needs: a 32k-context model's full cache is GBs per row
+        cache = KVCache.for_model(model, B, ctx if sliding_window else min(ctx, longest + max_new_tokens))
     seq = torch.zeros(B, longest + max_new_tokens, dtype=torch.long, device=device)  # prompt, then new tokens
     for b, p in enumerate(prompts):
         seq[b, :len(p)] = torch.tensor(p)
