@@ -39,19 +39,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decoding import ARTICLE_PROMPTS, CODE_PROMPTS
 from minillm import checkpoint
 from minillm.generate import Stats
 from minillm.methods import Method, load_partner, stream
 from minillm.sampling import SamplingParams
 from minillm.speed import compile_decode, speed_up
 
-PROMPTS = [  # the seed article's five
-    "Large Language models are",
-    "Barack Obama was",
-    "Decoding strategy is important because",
-    "A good recipe for Halloween is",
-    "Stanford is known for",
-]
+PROMPT_SETS = {"article": ARTICLE_PROMPTS, "code": CODE_PROMPTS}  # the seed article's five; openings of code
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
 
@@ -128,7 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--ks", default="1,2,3,4,5,6,7,8,9,10")
     ap.add_argument("--temperatures", default="0,0.8")
     ap.add_argument("--max-new-tokens", type=int, default=100)
-    ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N of the article's 5 prompts")
+    ap.add_argument("--prompt-set", choices=list(PROMPT_SETS), default="article",
+                    help="the seed article's 5 prompts (default) or 10 openings of code (for code models)")
+    ap.add_argument("--prompts", type=int, default=None, help="use the first N of the set")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (1 is steadier on a busy shared CPU)")
     ap.add_argument("--plot", type=Path, help="default: bench/out/speculative-<target>-<draft>.png")
     ap.add_argument("--compile-draft", action="store_true", help="the draft's one-token steps through torch.compile")
@@ -209,10 +207,10 @@ def main(argv=None) -> int:
     ks = [int(k) for k in args.ks.split(",")]
     temps = [float(t) for t in args.temperatures.split(",")]
     target, draft, tok = load(args)
-    prompts = [tok.encode(p) for p in PROMPTS[:args.prompts]]
+    prompts = [tok.encode(p) for p in PROMPT_SETS[args.prompt_set][:args.prompts]]
     n = args.max_new_tokens
     title = (f"{stem(args.target)} ({describe(target, args.target, args.compile_target)}) + draft {stem(args.draft)} "
-             f"({describe(draft, args.draft, args.compile_draft)}): {len(prompts)} prompts x {n} new tokens, CPU, "
+             f"({describe(draft, args.draft, args.compile_draft)}): {len(prompts)} {args.prompt_set} prompts x {n} new tokens, CPU, "
              f"{torch.get_num_threads()} thread(s)")
     print(title)
     print(f"load before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}", flush=True)
