@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,8 @@ def plot(rows: list[Row], temps: list[float], title: str, path: Path) -> bool:
         ax.set_xticks(ks), ax.set_title(f"temperature {t:g}", fontsize=10), ax.legend(fontsize=8)
         ax.grid(axis="y", ls="--", alpha=0.5)
         ax.set_ylim(0, max(max(r.spec_s for r in rs), max(r.plain_s for r in rs)) * 1.25)
-    fig.suptitle(title + "\n(labels: paired speedup plain/speculative, acceptance rate)", fontsize=9)
+    fig.suptitle(textwrap.fill(title, 80 * len(temps)) + "\n(labels: paired speedup plain/speculative, acceptance rate)",
+                 fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
