@@ -223,11 +223,18 @@ def load(args):
     return expert_l, amateur_l
 
 
+def describe(model, path: Path, compiled: bool = False) -> str:
+    """File size and weight format, e.g. "1230 MiB, int4 weights"."""
+    q = getattr(model, "quantization", None)
+    w = f"int{q['bits']} weights" if q else str(next(model.parameters()).dtype).removeprefix("torch.")
+    return f"{path.stat().st_size / 2**20:.0f} MiB, {w}{', compiled step' if compiled else ''}"
+
+
 def print_header(args, expert_l, amateur_l, n_prompts: int) -> None:
     for role, path, m in (("expert ", args.expert, expert_l), ("amateur", args.amateur, amateur_l)):
-        print(f"{role} {path} ({m.config.family}, {m.config.n_layer} layers, {m.model.num_params() / 1e6:.1f}M params)")
+        print(f"{role} {path} ({m.config.family}, {m.config.n_layer} layers, {describe(m.model, path)})")
     print(f"{n_prompts} prompts (article's 5 + {n_prompts - 5} ours, set {args.prompt_set}), {args.max_new_tokens} new tokens each, EOS not "
-          f"stopping, seeds 0..{args.seeds - 1} (sampling methods), float32 CPU, threads {torch.get_num_threads()}, "
+          f"stopping, seeds 0..{args.seeds - 1} (sampling methods), CPU, threads {torch.get_num_threads()}, "
           f"load {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
     print("metrics on whitespace words of the continuations only; ent-n in bits (corpus-pooled), distinct-n = "
           "distinct/all n-grams (corpus-pooled), rep-n % (within-text, SimCTG), expert ppl = exp(mean NLL of the "

@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decoding import ARTICLE_PROMPTS, CODE_PROMPTS
+from decoding import ARTICLE_PROMPTS, CODE_PROMPTS, describe
 from minillm import checkpoint
 from minillm.generate import Stats
 from minillm.methods import Method, load_partner, stream
@@ -139,12 +139,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def stem(path: Path) -> str:
     return path.name.removesuffix(".safetensors")
-
-
-def describe(model, path: Path, compiled: bool) -> str:
-    q = getattr(model, "quantization", None)
-    w = f"int{q['bits']} weights" if q else str(next(model.parameters()).dtype).removeprefix("torch.")
-    return f"{path.stat().st_size / 2**20:.0f} MiB, {w}{', compiled step' if compiled else ''}"
 
 
 def load(args):
