@@ -6,7 +6,8 @@ logits for a position are the same whether it reads that position in a verify ca
 in a one-row decode step. In float32 that held in every run of bench/speculative.py here; in bf16
 (and the int4 kernel's bf16 activations) the two calls round differently, and where the top two
 logits lie within a rounding step of each other the argmax can flip. For each prompt this prints
-"identical", or the first differing token and the top-2 logits of a one-row forward at that point.
+"identical", or the first differing token and the top-2 logits there from an uncached forward of the
+whole sequence (a third way to compute the same logits, rounding differently again).
 
     python bench/spec_exactness.py --target weights/qwen2.5-coder-1.5b-bf16.safetensors \\
         --draft weights/qwen2.5-coder-0.5b-int4.safetensors --prompt-set code --prompts 5 --k 4
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             top = target(torch.tensor([ids + plain[:i]]))[0, -1].float().topk(2)
         print(f"{prompt!r}: parts at new token {i}: plain {tok.decode([plain[i]])!r}, speculative "
-              f"{tok.decode([spec[i]])!r}; one-row top-2 logits {top.values.tolist()} "
+              f"{tok.decode([spec[i]])!r}; uncached forward's top-2 logits {top.values.tolist()} "
               f"({[tok.decode([t]) for t in top.indices.tolist()]})")
     return 0
 
