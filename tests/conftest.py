@@ -82,6 +82,24 @@ def hf_model_from_gguf(path: Path):
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
 
 
+def greedy_ours_and_hf(ours, hf, prompt: list[int], pad_id: int, n: int = 64) -> tuple[list[int], list[int]]:
+    """n greedy tokens after prompt from our model (prefill, then one cached step per token) and from
+    transformers' generate (EOS never stops it)."""
+    import torch
+    from minillm.kv_cache import KVCache
+    hf.generation_config.eos_token_id = None  # never stop early
+    hf.generation_config.pad_token_id = pad_id
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n)[0, len(prompt):]
+        cache = KVCache.for_model(ours, max_len=len(prompt) + n)
+        logits = ours(torch.tensor([prompt]), cache=cache, last_only=True)
+        out = []
+        for pos in range(len(prompt), len(prompt) + n):
+            out.append(int(logits[0, -1].argmax()))
+            logits = ours(torch.tensor([[out[-1]]]), cache=cache, start_pos=pos)
+    return out, ref.tolist()
+
+
 def hf_tokenizer_from_gguf(path: Path):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -23,6 +23,7 @@ from minillm.convert import LLAMA3_PAT, ConvertError, convert  # noqa: E402
 from minillm.convert.vocab import QWEN2_PAT  # noqa: E402
 from minillm.convert.rope import permute, unpermute  # noqa: E402
 from minillm.kv_cache import KVCache  # noqa: E402
+from conftest import greedy_ours_and_hf  # noqa: E402
 from minillm.model import apply_rope  # noqa: E402
 from minillm.tokenizer import bytes_to_token, merges_from_ranks  # noqa: E402
 
@@ -473,18 +474,8 @@ def test_smollm2_greedy_64_matches_transformers(smollm2_ours, smollm2_hf_model, 
     tok = smollm2_ours.tokenizer
     prompt = tok.encode("<|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n"
                         "<|im_start|>assistant\n")
-    hf = smollm2_hf_model
-    hf.generation_config.eos_token_id = None
-    hf.generation_config.pad_token_id = 2
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=64, min_new_tokens=64)[0, len(prompt):]
-        cache = KVCache.for_model(smollm2_ours.model, max_len=len(prompt) + 64)
-        logits = smollm2_ours.model(torch.tensor([prompt]), cache=cache, last_only=True)
-        out = []
-        for pos in range(len(prompt), len(prompt) + 64):
-            out.append(int(logits[0, -1].argmax()))
-            logits = smollm2_ours.model(torch.tensor([[out[-1]]]), cache=cache, start_pos=pos)
-    assert out == ref.tolist()
+    out, ref = greedy_ours_and_hf(smollm2_ours.model, smollm2_hf_model, prompt, pad_id=2)
+    assert out == ref
     assert "Paris" in tok.decode(out)
 
 

@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 from minillm.chat import ChatSession, render_chat  # noqa: E402
 from minillm.convert.blocks import q4k_codes  # noqa: E402
 from minillm.convert.vocab import QWEN2_PAT  # noqa: E402
-from minillm.kv_cache import KVCache  # noqa: E402
+from conftest import greedy_ours_and_hf  # noqa: E402
 from minillm.quantize import dequantize_int4  # noqa: E402
 from minillm.sampling import SamplingParams  # noqa: E402
 
@@ -101,18 +101,8 @@ def test_qwen_greedy_64_matches_transformers(qwen05_ours, qwen05_hf_model, one_t
     tok = qwen05_ours.tokenizer
     prompt = tok.encode(render_chat(tok.chat_template, [{"role": "user", "content": "Write a Python function that "
                                                          "checks whether a number is prime."}]))
-    hf = qwen05_hf_model
-    hf.generation_config.eos_token_id = None  # never stop early
-    hf.generation_config.pad_token_id = 151643
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=64, min_new_tokens=64)[0, len(prompt):]
-        cache = KVCache.for_model(qwen05_ours.model, max_len=len(prompt) + 64)
-        logits = qwen05_ours.model(torch.tensor([prompt]), cache=cache, last_only=True)
-        out = []
-        for pos in range(len(prompt), len(prompt) + 64):
-            out.append(int(logits[0, -1].argmax()))
-            logits = qwen05_ours.model(torch.tensor([[out[-1]]]), cache=cache, start_pos=pos)
-    assert out == ref.tolist()
+    out, ref = greedy_ours_and_hf(qwen05_ours.model, qwen05_hf_model, prompt, pad_id=151643)
+    assert out == ref
     assert "def " in tok.decode(out)
 
 
