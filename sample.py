@@ -31,20 +31,23 @@ from minillm.chat import ChatSession
 from minillm.checkpoint import load_model
 from minillm.cli import add_decoding_args, method_from_args, partner_path, unescape
 from minillm.device import pick_device
+from minillm.flags import Parser, add_input, integer
 from minillm.generate import Stats, StopScanner, decode_stream, make_generator
 from minillm.methods import load_partner, stream
 from minillm.speed import compile_decode, speed_up
 
 DEFAULT_NEW_TOKENS = 500
+DEFAULT_MODEL = "weights/shakespeare-char.safetensors"  # what `python train.py` writes
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="weights/shakespeare-char.safetensors", help="checkpoint in our format")
+def make_parser() -> Parser:
+    p = Parser(description=__doc__)
+    add_input(p, "--model", default=DEFAULT_MODEL, help=f"checkpoint in our format (default: {DEFAULT_MODEL}, "
+              "made by python train.py; a GGUF or Hugging Face model: python -m minillm.convert first)")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=integer(0), default=None,
                    help="tokens to generate (default 500; speculative and contrastive: at most what fits the context)")
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=integer(1), default=1, help="texts to generate, seeds --seed, --seed + 1, ... (default 1)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text (repeatable; \\n and \\t are understood)")
     add_decoding_args(p)
@@ -62,7 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "token waits for the compile (a minute or more on a small CPU), later ones are faster")
     p.add_argument("--reference", action="store_true",
                    help="run model.py as written, without the speed layer (minillm/speed.py; same numbers)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def check_args(args) -> None:
@@ -71,8 +78,9 @@ def check_args(args) -> None:
         raise ValueError(f"--chat works with --method sample or greedy, not {args.method}")
     if args.chat and args.stop:
         raise ValueError("--stop is not supported with --chat (a reply ends at the end-of-turn token)")
-    if args.num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.model == DEFAULT_MODEL and not os.path.exists(DEFAULT_MODEL):
+        raise FileNotFoundError(f"checkpoint not found: {DEFAULT_MODEL} (the default --model): make it with "
+                                "`python train.py` (a few minutes on a CPU), or pass --model PATH")
 
 
 def load(args, method, device):

@@ -26,14 +26,19 @@ import dataclasses
 import inspect
 import re
 import sys
+import time
 import typing
 
 from tqdm import tqdm
 
 from minillm.ddp import exit_process
-from minillm.trainer import ARCH_FIELDS, TRAIN_PRESETS, Step, TrainConfig, TrainingDiverged, train
+from minillm.flags import Parser, add_input, add_output, fail, integer, real
+from minillm.trainer import (ARCH_FIELDS, FLOAT_RANGES, INT_AT_LEAST, KEEPS, MAX_SEED, TRAIN_PRESETS, Step, TrainConfig,
+                             TrainingDiverged, train)
 
 PRESET_FIELDS = {*ARCH_FIELDS, *(k for p in TRAIN_PRESETS.values() for k in p)}  # None: the preset's value
+INPUTS = ("data", "init_from", "distill_from")  # files the run reads; out_dir is where it writes
+CHOICES = {"preset": sorted(TRAIN_PRESETS), "family": ("gpt2", "llama"), "keep": KEEPS, "attn_impl": ("manual", "sdpa")}
 
 
 def field_comments(cls) -> dict[str, str]:
@@ -46,24 +51,53 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def make_parser() -> argparse.ArgumentParser:
+def value_type(name: str, base: type):
+    """The flag's type: a number in the range the trainer allows (INT_AT_LEAST, FLOAT_RANGES), else `base`."""
+    if name in INT_AT_LEAST:
+        return integer(INT_AT_LEAST[name], MAX_SEED)
+    if name in FLOAT_RANGES:
+        low, high, low_ok, high_ok = FLOAT_RANGES[name]
+        return real(low, high, low_open=not low_ok, high_open=not high_ok)
+    return base
+
+
+def add_field(p: Parser, name: str, **kwargs) -> None:
+    """The flag of field `name`, declared as an input or output path where it is one (minillm.flags)."""
+    if name in INPUTS:
+        add_input(p, flag(name), **kwargs)
+    elif name == "out_dir":
+        add_output(p, flag(name), folder=True, **kwargs)
+    else:
+        p.add_argument(flag(name), **kwargs)
+
+
+def help_of(f: dataclasses.Field, comment: str) -> str:
+    """A flag's help: the field's comment, then its default (a None default is the preset's value, or
+    what the comment says it means)."""
+    if f.default is not None:
+        default = f"default: {'on' if f.default is True else 'off' if f.default is False else f.default}"
+    else:
+        default = "default: the preset's value (see --preset)" if f.name in PRESET_FIELDS else ""
+    return "; ".join(part for part in (comment, default) if part) or None
+
+
+def make_parser() -> Parser:
     """A flag for every TrainConfig field (type and default from the field, help from its comment)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     hints = typing.get_type_hints(TrainConfig)
     comments = field_comments(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        kind = hints[f.name]
-        note = f"{comments[f.name]}; " if f.name in comments else ""
-        if f.default is None and f.name in PRESET_FIELDS:
-            note += "(None: the preset's value) "
-        if kind is bool:
-            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=f.default,
-                           help=note.rstrip("; ") or None)
+        kind, text = hints[f.name], help_of(f, comments.get(f.name, ""))
+        if f.name in CHOICES:
+            p.add_argument(flag(f.name), choices=CHOICES[f.name], default=f.default, help=text)
+        elif kind is bool:
+            p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
-            p.add_argument(flag(f.name), type=base, default=f.default, metavar=base.__name__.upper(),
-                           help=f"{note}default: {f.default}")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar over the steps")
+            add_field(p, f.name, type=value_type(f.name, base), default=f.default, metavar=base.__name__.upper(),
+                      help=text)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="a progress bar over the steps (a line every 10 s when stderr is not a terminal); default: on")
     return p
 
 
@@ -76,18 +110,29 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 class ProgressBar:
-    """A tqdm bar fed by the trainer's report after each step: train(tc, on_step=bar)."""
+    """A tqdm bar fed by the trainer's report after each step: train(tc, on_step=bar). When stderr is
+    not a terminal (a log file), a plain line every `every_s` seconds and at the last step instead of
+    a bar's redraws (2,000 redraws of one line made 240 KB)."""
 
-    def __init__(self):
-        self.bar = None
+    def __init__(self, every_s: float = 10.0, stream=None):
+        self.bar, self.stream, self.every_s, self.last = None, stream or sys.stderr, every_s, None
 
     def __call__(self, step: Step) -> None:
+        if not self.stream.isatty():
+            return self.line(step)
         if self.bar is None:  # the first report says where the run starts (later than 0 when resumed)
             self.bar = tqdm(total=step.stop - step.first, desc="train", unit="it", dynamic_ncols=True, mininterval=1.0)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{step.lr:.1e}", tok_s=f"{step.tokens / step.ms * 1000:,.0f}")
         if step.iter == step.stop:  # the last step: the final eval's line goes below the bar
             self.bar.close()
+
+    def line(self, step: Step) -> None:
+        now = time.monotonic()
+        if self.last is None or now - self.last >= self.every_s or step.iter == step.stop:
+            self.last = now
+            print(f"train: iter {step.iter}/{step.stop} loss {step.loss:.4f} lr {step.lr:.1e} "
+                  f"{step.tokens / step.ms * 1000:,.0f} tok/s", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -115,14 +160,12 @@ def main(argv=None) -> int:
             if bar is not None:
                 bar.close()  # before a message, so that it goes below the bar
     except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e), 1)
     except KeyboardInterrupt as e:
         print(f"\n{flag_message(e) or 'interrupted'}", file=sys.stderr)  # below the ^C the terminal echoed
         return 130
     except (ValueError, OSError, RuntimeError) as e:  # ConfigError is a ValueError; FileNotFoundError an OSError
-        print(f"error: {flag_message(e)}", file=sys.stderr)
-        return 2
+        return fail(flag_message(e))
     return 0
 
 

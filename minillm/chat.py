@@ -8,6 +8,9 @@ read once, not recomputed; the reply stops at the end-of-turn token.
 
 from __future__ import annotations
 
+import re
+import sys
+import time
 from typing import Iterator
 
 from .generate import Stats, make_generator, stream_tokens
@@ -16,8 +19,15 @@ from .sampling import SamplingParams
 from .tokenizer import IncrementalDecoder
 
 
+TEMPLATE_SECONDS = 2.0  # a chat template renders within this time ...
+TEMPLATE_CHARS = 1 << 20  # ... and writes at most this many characters beyond the messages' own
+
+
 def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_token: str = "") -> str:
-    """Render a Hugging Face-style Jinja chat template, sandboxed (templates are data, not code)."""
+    """Render a Hugging Face-style Jinja chat template in Jinja's sandbox (templates are data, not code),
+    under a budget: TEMPLATE_SECONDS of time (checked on every line the template runs) and
+    TEMPLATE_CHARS of output and of any string or list it builds. A template over budget (nested loops,
+    lipsum(10**7), 'x' * 10**9) is a ValueError that says so, never a hang or an exhausted memory."""
     try:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError as e:
@@ -25,12 +35,15 @@ def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_to
 
     def raise_exception(msg):
         raise TemplateRaised(f"chat template: {msg}")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = _budgeted(ImmutableSandboxedEnvironment)(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
+    env.globals.pop("lipsum", None)  # Jinja's filler-text generator: a template has no use for it
+    budget = TEMPLATE_CHARS + sum(len(str(m.get("content", ""))) for m in messages)
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                bos_token=bos_token, eos_token=eos_token)
-    except TemplateRaised:
+        gen = env.from_string(template).generate(messages=messages, add_generation_prompt=True,
+                                                 bos_token=bos_token, eos_token=eos_token)
+        return _within_budget(gen, budget, time.monotonic() + TEMPLATE_SECONDS)
+    except (TemplateRaised, TemplateOverBudget):
         raise
     except RecursionError:
         raise ValueError("chat template cannot be rendered: it recurses without end") from None
@@ -39,6 +52,55 @@ def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_to
         where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
         first = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"chat template cannot be rendered{where}: {type(e).__name__}: {first}") from None
+
+
+def _within_budget(chunks, chars: int, deadline: float) -> str:
+    """Join the template's output, stopping it once past `deadline` (a line tracer) or `chars`."""
+    def tracer(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise TemplateOverBudget(f"chat template takes over {TEMPLATE_SECONDS:g} s to render (a loop without end?)")
+        return tracer
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        out, n = [], 0
+        for chunk in chunks:
+            out.append(chunk)
+            n += len(chunk)
+            if n > chars:
+                raise TemplateOverBudget(f"chat template writes over {chars:,} characters")
+        return "".join(out)
+    finally:
+        sys.settrace(previous)
+
+
+def _budgeted(base):
+    """Jinja's sandbox with *, ** and % checked before they run: no string, list or number beyond the budget."""
+    class Budgeted(base):
+        intercepted_binops = frozenset({"*", "**", "%"})
+
+        def call_binop(self, context, operator, left, right):
+            size = _binop_size(operator, left, right)
+            if size > TEMPLATE_CHARS:
+                raise TemplateOverBudget(f"chat template builds a value of ~{size:,} items with {operator!r}")
+            return super().call_binop(context, operator, left, right)
+    return Budgeted
+
+
+def _binop_size(operator: str, left, right) -> int:
+    """About how big the result of `left operator right` would be (0 when small by nature)."""
+    if operator == "*":
+        seq, n = (left, right) if isinstance(right, int) else (right, left)
+        return len(seq) * n if isinstance(seq, (str, list, tuple)) and isinstance(n, int) else 0
+    if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0:
+        return max(1, abs(left).bit_length()) * right // 8
+    if operator == "%" and isinstance(left, str):  # a width or precision of its own: '%09999999d'
+        return max([int(w) for w in re.findall(r"%[-+ #0]*(\d+)", left) + re.findall(r"\.(\d+)", left)] or [0])
+    return 0
+
+
+class TemplateOverBudget(ValueError):
+    """A chat template past its time or size budget (render_chat)."""
 
 
 class TemplateRaised(ValueError):
@@ -63,6 +125,9 @@ class ChatSession:
         tok = self.tokenizer
         ids = tok.encode(render_chat(tok.chat_template, self.messages, tok.bos_token or "",
                                      tok.eos_tokens[0] if tok.eos_tokens else ""))
+        if not ids:
+            raise ValueError("the chat template rendered this conversation as no text at all: the checkpoint's "
+                             "template does not handle these messages")
         common = 0
         while common < min(len(ids), len(self.cached_ids)) and ids[common] == self.cached_ids[common]:
             common += 1

@@ -139,6 +139,15 @@ def atomic_save(tensors: dict[str, torch.Tensor], path: str | Path, metadata: di
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def amend_provenance(path: str | Path, extra: dict) -> None:
+    """Add `extra` to a file's provenance, its tensors and other metadata as they are (atomic_write)."""
+    meta = read_metadata(path)
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["provenance"] = json.dumps({**json.loads(meta.get("provenance") or "{}"), **extra})
+    atomic_save(tensors, path, meta)
+
+
 def model_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """The state dict we store: a tied lm_head is the embedding, so it is left out."""
     sd = model.state_dict()
@@ -206,6 +215,10 @@ class Loaded:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
+    foreign = _foreign_format(path)
+    if foreign:
+        raise CheckpointError(f"{path}: {foreign}, not a minillm checkpoint; convert it first: "
+                              f"python -m minillm.convert {path} --out weights/{path.stem or 'model'}.safetensors")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -213,6 +226,17 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             return f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _foreign_format(path: Path) -> str:
+    """What a model file of another kind is ("a GGUF file", "a Hugging Face model folder"), or ""."""
+    if path.is_dir():
+        return "a Hugging Face model folder" if (path / "config.json").is_file() else ""
+    try:
+        with open(path, "rb") as f:
+            return "a GGUF file" if f.read(4) == b"GGUF" else ""
+    except OSError:
+        return ""
 
 
 def check_tensor_set(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
@@ -237,6 +261,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     path = Path(path)
     meta = read_metadata(path)
     fmt = meta.get("format")
+    if fmt == FORMAT + "-train":
+        raise CheckpointError(f"{path}: a training state (optimizer moments and counters), not a model: the run's "
+                              f"model is {str(path).removesuffix('.train.safetensors')}.safetensors (train.py "
+                              "--keep last makes it the latest weights)")
     if fmt != FORMAT:
         raise CheckpointError(f"{path}: format {fmt!r} is not {FORMAT!r} (not a minillm checkpoint, or another version)")
     try:
@@ -358,13 +386,20 @@ def save_train_state(path: str | Path, optimizer: torch.optim.Optimizer, state: 
     atomic_save(tensors, path, metadata)
 
 
+def train_state_info(path: str | Path) -> dict:
+    """The state a training-state file records (iter, config, data, ...), read from its header only."""
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT + "-train":
+        raise CheckpointError(f"{path}: not a minillm training-state file (format {meta.get('format')!r})")
+    return json.loads(meta["state"])
+
+
 def load_train_state(path: str | Path, optimizer: torch.optim.Optimizer,
                      model: Transformer) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore the model's weights and the optimizer in place; return (state, rng tensors)."""
     path = Path(path)
+    train_state_info(path)
     meta = read_metadata(path)
-    if meta.get("format") != FORMAT + "-train":
-        raise CheckpointError(f"{path}: not a minillm training-state file (format {meta.get('format')!r})")
     weights, opt_state, rng = {}, {}, {}
     with safe_open(str(path), framework="pt") as f:
         for name in f.keys():

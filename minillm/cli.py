@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from .flags import add_input, integer, real
 from .methods import METHODS, PARTNER, Method, with_temperature
 from .sampling import SamplingParams
 
@@ -18,31 +19,31 @@ def unescape(s: str) -> str:
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     """--method, the sampler, speculative and contrastive flags, and --seed."""
     p.add_argument("--method", choices=METHODS, default="sample", help="decoding method (default: sample)")
-    p.add_argument("--seed", type=int, default=1337, help="same seed, same text")
+    p.add_argument("--seed", type=integer(0), default=1337, help="same seed, same text")
     s = p.add_argument_group("sampler (in the order applied; defaults are off)")
-    s.add_argument("--repetition-penalty", type=float, default=1.0,
+    s.add_argument("--repetition-penalty", type=real(0, low_open=True), default=1.0,
                    help="> 1 discourages tokens already in the prompt or output (CTRL; default 1 = off)")
-    s.add_argument("--presence-penalty", type=float, default=0.0, help="subtract once from seen tokens' logits (default 0)")
-    s.add_argument("--frequency-penalty", type=float, default=0.0, help="subtract per occurrence (default 0)")
-    s.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram of this size (default 0 = off)")
-    s.add_argument("--temperature", type=float, default=None,
+    s.add_argument("--presence-penalty", type=real(), default=0.0, help="subtract once from seen tokens' logits (default 0)")
+    s.add_argument("--frequency-penalty", type=real(), default=0.0, help="subtract per occurrence (default 0)")
+    s.add_argument("--no-repeat-ngram-size", type=integer(0), default=0, help="never repeat an n-gram of this size (default 0 = off)")
+    s.add_argument("--temperature", type=real(0), default=None,
                    help="0 = greedy (default: 0.8 for sample and speculative, 0 for greedy and contrastive)")
-    s.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: off)")
-    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (default: off)")
-    s.add_argument("--min-p", type=float, default=None, help="keep tokens with p >= min_p * max p, in [0, 1] (default: off)")
-    s.add_argument("--typical-p", type=float, default=None, help="locally typical sampling mass in (0, 1] (default: off)")
+    s.add_argument("--top-k", type=integer(1), default=None, help="keep the k most likely tokens (default: off)")
+    s.add_argument("--top-p", type=real(0, 1, low_open=True), default=None, help="nucleus sampling threshold in (0, 1] (default: off)")
+    s.add_argument("--min-p", type=real(0, 1), default=None, help="keep tokens with p >= min_p * max p, in [0, 1] (default: off)")
+    s.add_argument("--typical-p", type=real(0, 1, low_open=True), default=None, help="locally typical sampling mass in (0, 1] (default: off)")
     sp = p.add_argument_group("speculative decoding (--method speculative)")
-    sp.add_argument("--draft", default=None, metavar="PATH", help="draft checkpoint (same tokenizer as --model)")
-    sp.add_argument("--k", type=int, default=4, help="draft tokens proposed per target forward (default 4)")
+    add_input(sp, "--draft", default=None, metavar="PATH", help="draft checkpoint (same tokenizer as --model)")
+    sp.add_argument("--k", type=integer(1), default=4, help="draft tokens proposed per target forward (default 4)")
     sp.add_argument("--adaptive-k", action="store_true",
                     help="adapt k as it goes: +2 after a step where all drafts passed, else -1 (floor 1); stays exact")
     cd = p.add_argument_group("contrastive decoding (--method contrastive)")
-    cd.add_argument("--amateur", default=None, metavar="PATH", help="amateur checkpoint (same tokenizer as --model)")
-    cd.add_argument("--alpha", type=float, default=0.1, help="plausibility: only tokens with p >= alpha * max p (default 0.1)")
-    cd.add_argument("--beta", type=float, default=0.5, help="strength of the contrast, O'Brien & Lewis (default 0.5)")
+    add_input(cd, "--amateur", default=None, metavar="PATH", help="amateur checkpoint (same tokenizer as --model)")
+    cd.add_argument("--alpha", type=real(0, 1, low_open=True), default=0.1, help="plausibility: only tokens with p >= alpha * max p (default 0.1)")
+    cd.add_argument("--beta", type=real(0), default=0.5, help="strength of the contrast, O'Brien & Lewis (default 0.5)")
     cd.add_argument("--objective", choices=("obrien", "li"), default="obrien",
                     help="obrien: (1+beta) z_model - beta z_amateur; li: log p_model - log p_amateur / amateur-temperature")
-    cd.add_argument("--amateur-temperature", type=float, default=1.0, help="Li's tau (objective li; default 1)")
+    cd.add_argument("--amateur-temperature", type=real(0, low_open=True), default=1.0, help="Li's tau (objective li; default 1)")
     cd.add_argument("--amateur-context", choices=("full", "last_prompt_token"), default="full",
                     help="what the amateur reads of the prompt (default full; Li et al.: last_prompt_token)")
 
@@ -54,8 +55,6 @@ def check_decoding_args(args) -> None:
             raise ValueError(f"--method {name} needs --{role} PATH (a smaller model with the same tokenizer)")
         if getattr(args, role) and args.method != name:
             raise ValueError(f"--{role} is used only by --method {name} (got --method {args.method})")
-    if args.method == "speculative" and args.k < 1:
-        raise ValueError(f"--k must be >= 1 (draft tokens per target call), got {args.k}")
     if args.adaptive_k and args.method != "speculative":
         raise ValueError(f"--adaptive-k is used only by --method speculative (got --method {args.method})")
     if args.method == "greedy" and args.temperature not in (None, 0):

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 FAMILIES = ("gpt2", "llama")
 ATTN_IMPLS = ("manual", "sdpa")
+MAX_CONTEXT = 1 << 20  # tokens: RoPE tables and a KV cache of 2**20 positions already take GBs
+WHOLE = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "mlp_hidden", "head_dim")
 
 
 @dataclass
@@ -36,13 +39,14 @@ class ModelConfig:
     attn_impl: str = "sdpa"  # "manual": attention written out; "sdpa": F.scaled_dot_product_attention
 
     def __post_init__(self):
+        """Fill the derived fields and refuse a model that cannot compute: every size a whole number
+        >= 1, the context at most MAX_CONTEXT, heads dividing the width, norm_eps and rope_theta finite
+        and > 0 (a ValueError naming the field; the loader and the converters add the file)."""
+        self._check_numbers()
         if self.family not in FAMILIES:
             raise ValueError(f"ModelConfig.family must be one of {FAMILIES}, got {self.family!r}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"ModelConfig.attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.head_dim is None:
             if self.n_embd % self.n_head:
                 raise ValueError(f"ModelConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
@@ -62,13 +66,28 @@ class ModelConfig:
                 self.mlp_hidden = 4 * self.n_embd
             else:  # SwiGLU has 3 matrices: 2/3 of 4x keeps the parameter count of a 4x GELU MLP
                 self.mlp_hidden = 32 * -(-(8 * self.n_embd // 3) // 32)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.rope_scaling is not None:
             need = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
             missing = need - set(self.rope_scaling)
             if missing:
                 raise ValueError(f"ModelConfig.rope_scaling is missing {sorted(missing)}")
+            bad = {k: v for k, v in self.rope_scaling.items() if k in need and not _positive(v)}
+            if bad:
+                raise ValueError(f"ModelConfig.rope_scaling values must be finite numbers > 0, got {bad}")
+
+    def _check_numbers(self) -> None:
+        for name in WHOLE:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"ModelConfig.{name} must be a whole number >= 1, got {value!r}")
+        if self.block_size > MAX_CONTEXT:
+            raise ValueError(f"ModelConfig.block_size (the context) must be at most {MAX_CONTEXT:,} tokens, got "
+                             f"{self.block_size:,}")
+        for name in ("norm_eps", "rope_theta"):
+            if not _positive(getattr(self, name)):
+                raise ValueError(f"ModelConfig.{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        if not (_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -83,6 +102,14 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
         return cls(**d)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _positive(x) -> bool:
+    return _number(x) and x > 0
 
 
 # Named model shapes. Training presets (iterations, lr, batch) live in trainer.py.

@@ -18,7 +18,6 @@ behind on failure.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import atomic_save, check_output, load_model
+from .flags import Parser, add_input, add_output, fail
 from .config import ModelConfig
 from .tokenizer import GPT2_PAT, bytes_to_token, merges_from_ranks
 
@@ -202,19 +202,23 @@ def export_hf(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False) ->
     return out_dir
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m minillm.export",
+def make_parser() -> Parser:
+    ap = Parser(prog="python -m minillm.export",
                                  description="Export a minillm checkpoint as a Hugging Face model directory "
                                              "(config.json, model.safetensors, tokenizer.json) that transformers loads.")
-    ap.add_argument("ckpt", help="our checkpoint, e.g. weights/NAME.safetensors")
-    ap.add_argument("--out", required=True, help="output directory (created; its parent must exist)")
+    add_input(ap, "ckpt", help="our checkpoint, e.g. weights/NAME.safetensors")
+    add_output(ap, "--out", required=True, folder=True, replaces=True,
+               help="output directory (created; its parent must exist)")
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
     try:
         out = export_hf(args.ckpt, args.out, overwrite=args.overwrite)
     except (ValueError, OSError) as e:  # ExportError, CheckpointError, a missing checkpoint, a failed write
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
     return 0
 

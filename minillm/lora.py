@@ -26,7 +26,6 @@ For the trainer, `Adapters` is LoRA as a trainable set: what trains, and what th
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -41,6 +40,7 @@ from safetensors import safe_open
 
 from . import checkpoint
 from .data import file_sha256
+from .flags import Parser, add_input, add_output, fail
 from .model import Transformer
 
 FORMAT = "minillm-lora/1"
@@ -234,17 +234,20 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+def make_parser():
+    p = Parser(prog="python -m minillm.lora", description="Merge a LoRA adapters file into its base checkpoint.")
+    add_input(p, "base", help="the base checkpoint the adapters were trained on")
+    add_input(p, "adapters", help="the adapters file (NAME.lora.safetensors)")
+    add_output(p, "--out", required=True, help="where to write the merged checkpoint")
+    return p
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Merge a LoRA adapters file into its base checkpoint.")
-    p.add_argument("base", help="the base checkpoint the adapters were trained on")
-    p.add_argument("adapters", help="the adapters file (NAME.lora.safetensors)")
-    p.add_argument("--out", required=True, help="where to write the merged checkpoint")
-    args = p.parse_args(argv)
+    args = make_parser().parse_args(argv)
     try:
         save_merged(args.base, args.adapters, args.out)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     print(f"merged {args.adapters} into {args.base} -> {args.out}")
     return 0
 

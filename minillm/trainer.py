@@ -61,13 +61,21 @@ from .device import autocast_for, pick_device, uses_bf16
 from .model import Transformer
 from .tokenizer import CharTokenizer, check_same_tokenizer
 
-# Training presets: the model shape comes from config.PRESETS of the same name.
+# Training presets: the model shape comes from config.PRESETS of the same name (finetune and lora take
+# theirs from init_from, and are the default when it is given: a few minutes for SmolLM2-135M on 2 cores).
 TRAIN_PRESETS: dict[str, dict] = {
     # nanoGPT's CPU config for shakespeare_char: reaches val ~1.88 in 2000 iters
     "baby": dict(batch_size=12, max_iters=2000, lr=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, eval_iters=20),
     # nanoGPT's GPU config: val ~1.47 after 5000 iters (needs a GPU to be quick)
     "shakespeare": dict(batch_size=64, max_iters=5000, lr=1e-3, min_lr=1e-4, warmup_iters=100, eval_interval=250, eval_iters=200),
+    # fine-tuning every weight of a checkpoint on a few KB of text
+    "finetune": dict(batch_size=4, seq_len=128, max_iters=60, lr=1e-4, min_lr=1e-5, warmup_iters=5, eval_interval=10,
+                     eval_iters=4),
+    # LoRA adapters on a checkpoint: a larger lr (only the small adapters move)
+    "lora": dict(batch_size=4, seq_len=128, max_iters=60, lr=1e-3, min_lr=1e-4, warmup_iters=5, eval_interval=10,
+                 eval_iters=4),
 }
+KEEPS = ("best", "last")  # which weights NAME.safetensors keeps
 ARCH_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "mlp_hidden", "dropout")
 # The numeric fields and what each allows (a None field is left to the preset or unused)
 INT_AT_LEAST = {"batch_size": 1, "grad_accum": 1, "eval_interval": 1, "eval_iters": 1, "max_iters": 0,
@@ -96,7 +104,7 @@ class TrainConfig:
     name: str = "shakespeare-char"  # output file stem in out_dir
     out_dir: str = "weights"
     data: str | None = None  # a text file; default: tinyshakespeare (local copy, cache or download)
-    preset: str = "baby"  # model shape + training schedule
+    preset: str | None = None  # model shape + training schedule (None: baby; finetune or lora with init_from)
     family: str = "gpt2"  # gpt2 | llama
     # model overrides (None: the preset's value)
     n_layer: int | None = None
@@ -126,9 +134,10 @@ class TrainConfig:
     compile: bool = False
     resume: bool = False
     plot: bool = True
+    keep: str = "best"  # which weights the model file keeps: best (lowest val loss) or last (the latest eval)
     # fine-tuning a checkpoint: its weights, config and tokenizer (architecture fields are then refused)
     init_from: str | None = None  # a .safetensors checkpoint to start from
-    seq_len: int | None = None  # tokens per training sequence (None: the model's block_size)
+    seq_len: int | None = None  # tokens per training sequence (finetune, lora: 128; other presets: the model's block_size)
     lora_rank: int = 0  # > 0: freeze the init_from model and train rank-R LoRA adapters only
     lora_alpha: float = 16.0  # adapter output scaled by alpha / rank
     lora_targets: str = "q,k,v,o"  # which Linear layers get adapters: q,k,v,o,gate,up,down
@@ -140,17 +149,27 @@ class TrainConfig:
     init_from_layers: int | None = None  # student = the teacher's first N blocks (+ embeddings, final norm, head)
 
     def resolved(self) -> "TrainConfig":
-        """A copy with the preset's values filled in for every None."""
-        if self.preset not in TRAIN_PRESETS:
-            raise ConfigError(f"unknown preset {self.preset!r}; choose from {sorted(TRAIN_PRESETS)}", "preset")
-        filled = {k: v for k, v in TRAIN_PRESETS[self.preset].items() if getattr(self, k) is None}
-        return dataclasses.replace(self, **filled)
+        """A copy with the preset's values filled in for every None (the preset: baby, or with init_from
+        finetune / lora). An eval_interval left to the preset that would skip every eval before the end
+        becomes a fifth of the run, so that a short run is still evaluated as it goes."""
+        name = self.preset or ("lora" if self.lora_rank and self.init_from else "finetune" if self.init_from else "baby")
+        if name not in TRAIN_PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose from {sorted(TRAIN_PRESETS)}", "preset")
+        filled = {k: v for k, v in TRAIN_PRESETS[name].items() if getattr(self, k) is None}
+        out = dataclasses.replace(self, preset=name, **filled)
+        if self.eval_interval is None and out.eval_interval >= out.max_iters > 1:
+            out.eval_interval = max(1, out.max_iters // 5)
+        return out
 
     def check(self) -> None:
         """Refuse values and field combinations that cannot mean anything (ConfigError, naming the
         fields), before anything is read or written. Call it on the resolved() config."""
         check_numbers(self)
         check_name(self.name)
+        if self.keep not in KEEPS:
+            raise ConfigError(f"keep must be one of {KEEPS}, got {self.keep!r}", "keep")
+        if self.preset in ("finetune", "lora") and not self.init_from:
+            raise ConfigError(f"preset {self.preset} fine-tunes a checkpoint: it needs init_from", "preset", "init_from")
         arch = [k for k in ARCH_FIELDS if getattr(self, k) is not None]
         if (self.init_from or self.init_from_layers is not None) and arch:
             source = "init_from" if self.init_from else "init_from_layers"
@@ -162,6 +181,7 @@ class TrainConfig:
             raise ConfigError("lora_rank needs init_from: adapters adapt a pretrained checkpoint", "lora_rank", "init_from")
         if self.merge and not self.lora_rank:
             raise ConfigError("merge folds LoRA adapters into the base: it needs lora_rank > 0", "merge", "lora_rank")
+        check_not_own_output(self)
         if self.init_from_layers is not None and not self.distill_from:
             raise ConfigError("init_from_layers copies the teacher's first layers: it needs distill_from",
                               "init_from_layers", "distill_from")
@@ -203,6 +223,17 @@ def check_numbers(tc: TrainConfig) -> None:
             above = f">= {low}" if low_ok else f"> {low}"
             below = "" if high == math.inf else f" and {'<=' if high_ok else '<'} {high}"
             raise ConfigError(f"{name} must be a number {above}{below}, got {value!r}", name)
+
+
+def check_not_own_output(tc: TrainConfig) -> None:
+    """No file the run reads (init_from, distill_from, data) may be one it writes (Files.of), through links too."""
+    files = Files.of(tc)
+    for name in ("init_from", "distill_from", "data"):
+        src = getattr(tc, name)
+        for out in (files.model, files.adapters, files.state):
+            if src and out.exists() and Path(src).exists() and os.path.samefile(src, out):
+                raise ConfigError(f"{name} {src} is this run's own output {out}: the run would overwrite what it "
+                                  "reads; choose another name or out_dir", name, "name", "out_dir")
 
 
 def check_name(name: str) -> None:
@@ -392,7 +423,8 @@ def last_good(run: Run, state: State) -> str:
     resume continues from (said when training stops early: divergence, Ctrl-C)."""
     if not math.isfinite(state.best_val):
         return "no checkpoint was written"
-    kept = f"the last good checkpoint is kept at {run.trainable.path} (val {state.best_val:.4f})"
+    val = state.evals[-1][2] if run.tc.keep == "last" else state.best_val
+    kept = f"the last good checkpoint is kept at {run.trainable.path} (val {val:.4f})"
     if state.saved_at is not None:
         kept += f"; resume continues from iter {state.saved_at} ({run.files.state})"
     return kept
@@ -439,11 +471,13 @@ def evaluate_and_save(run: Run, state: State, it: int) -> dict[str, float]:
     losses = estimate_loss(run.model, run.batches, run.tc.eval_iters, run.tc.seed + 1, run.autocast)
     state.evals.append((it, losses["train"], losses["val"]))
     saved = ""
-    if losses["val"] < state.best_val:
+    improved = losses["val"] < state.best_val
+    if improved or run.tc.keep == "last":
         if run.rank.main:  # one writer: rank 0
             run.trainable.save_best(run.model, {**run.source, "step": it, "val_loss": losses["val"],
-                                                "train_loss": losses["train"]})
+                                                "train_loss": losses["train"], "kept": run.tc.keep})
             saved = f" -> saved {run.trainable.path}"
+    if improved:
         state.best_val = losses["val"]
     if run.rank.main:
         counters = {"iter": it, "best_val": state.best_val, "evals": state.evals, "config": run.model.config.to_dict(),
@@ -668,8 +702,8 @@ def resume(path: Path, tc: TrainConfig, source: dict, model: Transformer, optimi
            state: State, device: torch.device) -> None:
     """Continue where the training-state file left off: the latest weights, optimizer moments, counters
     and every random stream, so that the run goes on exactly as if it had never stopped."""
+    check_resumable(path, tc, checkpoint.train_state_info(path), source, model.config)  # before any tensor is read
     saved, rng = checkpoint.load_train_state(path, optimizer, model)
-    check_resumable(path, tc, saved, source, model.config)
     state.iter = state.resumed_at = state.saved_at = saved["iter"]
     state.best_val, state.evals = saved["best_val"], [tuple(e) for e in saved["evals"]]
     state.batch_gen.set_state(rng["batch"])
@@ -681,7 +715,12 @@ def resume(path: Path, tc: TrainConfig, source: dict, model: Transformer, optimi
 def check_resumable(path: Path, tc: TrainConfig, saved: dict, source: dict, cfg: ModelConfig) -> None:
     """A resume goes on with the same model and data, and forward: it never rewinds over later weights."""
     if saved["config"] != cfg.to_dict():
-        raise ValueError(f"cannot resume: {path} was trained with config {saved['config']}, not {cfg.to_dict()}")
+        ours = cfg.to_dict()
+        diff = [k for k in ours if saved["config"].get(k) != ours[k]]
+        was = ", ".join(f"{k} {saved['config'].get(k)}" for k in diff)
+        raise ConfigError(f"cannot continue {path}: it was trained with {was}; this run asks for "
+                          f"{', '.join(f'{k} {ours[k]}' for k in diff)}. Pass the same shape, or leave out resume "
+                          "to start fresh", *diff, "resume")
     if saved.get("data_sha256", source["data_sha256"]) != source["data_sha256"]:  # older states: not recorded
         raise ConfigError(f"cannot continue {path}: it was trained on {saved.get('data')} (sha256 "
                           f"{saved['data_sha256'][:12]}), not on {source['data']} (sha256 {source['data_sha256'][:12]}); "
@@ -727,6 +766,11 @@ def log_setup(run: Run, text_path: Path, teacher) -> None:
             f"{run.tokens_per_iter:,} tokens/iter on {run.batches.device}"
             f"{' (bf16 autocast)' if uses_bf16(run.batches.device) else ''}"
             f"{f' x {r.world} DDP ranks (batch {tc.batch_size} per rank)' if r.world > 1 else ''}")
+    evals = (f"eval every {tc.eval_interval} iters on {tc.eval_iters} batches" if tc.eval_interval < tc.stop
+             else f"eval only at iters 0 and {tc.stop} (eval_interval {tc.eval_interval})")
+    run.log(f"schedule (preset {tc.preset}): {tc.max_iters} iters of {tc.batch_size} x {run.batches.seq_len} tokens, "
+            f"lr {tc.lr:g} after {tc.warmup_iters} warm-up iters (rising from {lr_at(0, tc):.1e}), cosine to "
+            f"{tc.min_lr:g}; {evals}; keeping the {tc.keep} weights")
     if teacher is not None:
         run.log(f"distilling from {tc.distill_from} ({teacher.model.num_params() / 1e6:.2f}M parameters), "
                 f"T={tc.distill_temperature}, alpha={tc.distill_alpha}")
@@ -740,6 +784,7 @@ def finish(run: Run, state: State) -> TrainResult:
     tc, files, r, log = run.tc, run.files, run.rank, run.log
     if r.world > 1:
         log(f"{r.world} DDP ranks hold identical weights (sha256 {ddp.check_identical(run.model, r)[:16]})")
+    report_no_gain(run, state)
     if tc.merge and r.main:  # the best-val adapters (not necessarily the last ones), folded into the base
         lora.save_merged(tc.init_from, files.adapters, files.model)
         log(f"merged the adapters of {files.adapters} into {files.model}")
@@ -755,6 +800,20 @@ def finish(run: Run, state: State) -> TrainResult:
     return TrainResult(adapters if adapters and not tc.merge else files.model, state.best_val, final_train,
                        final_val, tc.stop, ms, tokens_per_s, wall, state.history, state.evals, adapters,
                        lora.count_trainable(run.model)[0])
+
+
+def report_no_gain(run: Run, state: State) -> None:
+    """Say plainly, in the log and in the kept file's provenance, when keeping the best weights kept the
+    first evaluation's: no later one beat it (a fine-tune that overfits a tiny text keeps its start)."""
+    evals = state.evals
+    if run.tc.keep != "best" or len(evals) < 2 or min(e[2] for e in evals[1:]) < evals[0][2]:
+        return
+    (i0, _, v0), (i1, _, v1) = evals[0], evals[-1]
+    note = (f"no evaluation beat the first (val {v0:.4f} at iter {i0}; the last: {v1:.4f} at iter {i1}), so "
+            f"{run.trainable.path} holds the weights of iter {i0}")
+    if run.rank.main:
+        checkpoint.amend_provenance(run.trainable.path, {"note": note})
+    run.log(f"note: {note}; more text, a lower lr or fewer iters may help, and keep=last keeps the latest weights")
 
 
 def save_loss_plot(path: Path, history, evals) -> bool:

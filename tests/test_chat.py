@@ -1,5 +1,7 @@
 """Chat: the template renders, replies stop at end-of-turn, and later turns reuse the KV cache."""
 
+import time
+
 import pytest
 import torch
 
@@ -41,6 +43,28 @@ def test_a_template_that_cannot_render_is_a_value_error_naming_the_problem(templ
     with pytest.raises(ValueError, match=match) as e:
         render_chat(template, [{"role": "user", "content": "Hi"}])
     assert "\n" not in str(e.value) and str(e.value).startswith("chat template")
+
+
+@pytest.mark.parametrize("template,match", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "over 2 s"),  # hung
+    ("{% set r = range(100000)|list %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}", "over 2 s"),
+    ("{{ lipsum(10**7) }}", "'lipsum' is undefined"),  # 2.6 GB after 17 s, then a hang
+    ("{{ 'x' * 10**9 }}", "builds a value of ~1,000,000,000 items"),
+    ("{{ '%0999999999d' % 1 }}", "builds a value"),
+    ("{% for i in range(100000) %}{{ 'abcdefghijklmnopqrstuvwxyz' }}{% endfor %}", "writes over"),
+])
+def test_a_template_over_its_budget_stops_with_a_value_error(template, match):
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=match) as e:
+        render_chat(template, [{"role": "user", "content": "Hi"}])
+    assert time.perf_counter() - t0 < 10 and str(e.value).startswith("chat template")
+
+
+def test_a_template_that_renders_nothing_is_named(chat_model, monkeypatch):
+    model, tok = chat_model
+    monkeypatch.setattr(tok, "chat_template", "{% if false %}x{% endif %}")  # was: "KVCache.crop: n must be in [0, 0], got -1"
+    with pytest.raises(ValueError, match="rendered this conversation as no text"):
+        list(ChatSession(model, tok).reply("Hi"))
 
 
 def test_turns_reuse_the_cache_and_match_a_fresh_run(chat_model):

@@ -82,6 +82,21 @@ def test_misshapen_tensor_named(saved):
         load_model(bad)
 
 
+@pytest.mark.parametrize("field,value", [("rope_theta", 0), ("rope_theta", float("nan")), ("norm_eps", -1e-5),
+                                         ("norm_eps", float("nan")), ("block_size", 64.5), ("block_size", 2**40)])
+def test_config_that_cannot_compute_named_with_the_file(saved, field, value):
+    """A model of NaN (rope theta <= 0, eps < 0) or none at all (a context of 2**40) was loaded before."""
+    path, _, _ = saved
+
+    def edit(meta):
+        cfg = json.loads(meta["config"])
+        cfg[field] = value
+        meta["config"] = json.dumps(cfg)
+    bad = rewrite(path, edit_meta=edit)
+    with pytest.raises(CheckpointError, match=rf"{bad.name}.*ModelConfig.{field}"):
+        load_model(bad)
+
+
 def test_wrong_format_version(saved):
     path, _, _ = saved
     bad = rewrite(path, edit_meta=lambda m: m.__setitem__("format", "minillm/99"))

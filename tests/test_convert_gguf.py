@@ -80,13 +80,16 @@ def _hf_llama(tie, seed=0, vocab=514):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def write_gguf(path, hf, ranks, arch="llama", pre="llama-bpe", tok_model="gpt2", skip=(), quant=True, q4=None):
+def write_gguf(path, hf, ranks, arch="llama", pre="llama-bpe", tok_model="gpt2", skip=(), quant=True, q4=None,
+               meta=None):
     """HF LlamaForCausalLM -> GGUF as llama.cpp's converter does (q/k rows permuted to interleaved).
     With quant, token_embd is Q8_0 and ffn_up F16; q4 maps name endings to Q4_0/Q4_1 (e.g.
     {"attn_q.weight": Q.Q4_1}). The HF model's weights are replaced by the dequantized values so that
-    both sides hold the same numbers."""
+    both sides hold the same numbers. meta: writer method -> the value it writes instead (a bad file)."""
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch)
+    for name, value in (meta or {}).items():
+        setattr(w, name, lambda *_, f=getattr(w, name), v=value: f(v))
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
@@ -191,6 +194,25 @@ def test_truncated_gguf(tiny_gguf):
 def test_unknown_gguf_architecture(tiny_gguf):
     d, hf, ranks = tiny_gguf
     _fails(write_gguf(d / "t.gguf", hf, ranks, arch="falcon"), d / "out", "architecture 'falcon' is not supported")
+
+
+@pytest.mark.parametrize("meta,match", [({"add_head_count": 0}, "head_count must be >= 1"),
+                                        ({"add_rope_freq_base": float("nan")}, "rope_theta"),
+                                        ({"add_rope_freq_base": 0.0}, "rope_theta"),
+                                        ({"add_layer_norm_rms_eps": -1e-5}, "norm_eps"),
+                                        ({"add_context_length": 2**31}, "block_size")])
+def test_gguf_model_that_cannot_compute_is_refused(tiny_gguf, meta, match):
+    """Each converted and loaded before ModelConfig checked itself (NaN logits, or a ZeroDivisionError)."""
+    d, hf, ranks = tiny_gguf
+    _fails(write_gguf(d / "t.gguf", hf, ranks, meta=meta), d / "out", match)
+
+
+@pytest.mark.parametrize("meta,match", [({"add_token_list": []}, "no tokenizer.ggml.tokens"),
+                                        ({"add_token_merges": ["Ġt", "h e"]}, r"merge #0 'Ġt' is not two tokens")])
+def test_gguf_tokenizer_that_cannot_be_is_named(tiny_gguf, meta, match):
+    """A KeyError and a ValueError traceback before."""
+    d, hf, ranks = tiny_gguf
+    _fails(write_gguf(d / "t.gguf", hf, ranks, meta=meta), d / "out", match)
 
 
 def test_missing_gguf_tensor(tiny_gguf):

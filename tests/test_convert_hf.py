@@ -305,6 +305,19 @@ def test_truncated_safetensors(hf_dir):
     _fails(hf_dir, hf_dir.parent / "out", "truncated")
 
 
+@pytest.mark.parametrize("edit,match", [({"rope_theta": 0}, "rope_theta"), ({"rope_theta": -1.0}, "rope_theta"),
+                                        ({"rms_norm_eps": -1e-6}, "norm_eps"), ({"rope_theta": float("nan")}, "rope_theta"),
+                                        ({"max_position_embeddings": 64.5}, "block_size"),
+                                        ({"max_position_embeddings": 2**40}, "block_size"),
+                                        ({"num_attention_heads": 0}, "n_head|division by zero")])
+def test_hf_model_that_cannot_compute_is_refused(hf_dir, edit, match):
+    c = json.loads((hf_dir / "config.json").read_text())
+    if "rope_theta" in edit and isinstance(c.get("rope_parameters"), dict):  # transformers 5 keeps it there
+        c["rope_parameters"]["rope_theta"] = edit["rope_theta"]
+    (hf_dir / "config.json").write_text(json.dumps({**c, **edit}))
+    _fails(hf_dir, hf_dir.parent / "out", match)
+
+
 def test_unknown_architecture(hf_dir):
     _edit_config(hf_dir, architectures=["BertForMaskedLM"], model_type="bert")
     _fails(hf_dir, hf_dir.parent / "out", "unsupported architecture 'BertForMaskedLM'")

@@ -5,6 +5,7 @@ its folder); then the command line on a tiny random model."""
 import json
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -82,7 +83,9 @@ def test_writes_outside_its_folder_fail_or_vanish(tmp_path):
     out = run_program(code, FAST)
     assert out.status == "passed" and out.output.count("refused") == 2 and out.output.count("wrote") == 2, out.output
     reasons = [line for line in out.output.splitlines() if line.startswith("refused")]
-    assert all("Read-only file system" in r or "No such file or directory" in r for r in reasons), reasons
+    # a checkout under a folder nobody may enter (/root) is refused with "Permission denied"
+    assert all(any(why in r for why in ("Read-only file system", "No such file or directory", "Permission denied"))
+               for r in reasons), reasons
     assert not any(t.exists() for t in refused + private)  # nothing it wrote is left on this machine
 
 
@@ -134,6 +137,122 @@ def test_without_namespaces_still_times_out_and_strips_the_environment(monkeypat
     assert out.status == "passed" and sandbox.DEAD_PROXY in out.output and "minillm-sandbox-" in out.output
     assert run_program("while True:\n    pass\n", Limits(timeout_s=1.0)).status == "timeout"
     assert "NO network or file-system isolation" in sandbox.isolation().describe()
+
+
+# ----------------------------------------------------------------------------- attacks on the sandbox
+
+CGROUP = sandbox.isolation().cgroup
+needs_cgroup = pytest.mark.skipif(not CGROUP, reason="no writable cgroup here (not root?): memory is limited per "
+                                                     "process only, as README says")
+
+
+def _no_namespaces(monkeypatch):
+    iso = sandbox.isolation()
+    monkeypatch.setattr(sandbox, "isolation", lambda: sandbox.Isolation(False, iso.user, iso.python, "test", iso.cgroup))
+
+
+def _left(marker: str) -> list[str]:
+    time.sleep(0.3)
+    return [p for p in os.listdir("/proc") if p.isdigit() and marker in _cmdline(p)]
+
+
+@pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "fallback"])
+def test_a_setsid_survivor_dies_at_the_timeout(namespaces, monkeypatch):
+    """The program and a child both leave the process group (setsid) and run forever: at the timeout
+    both are gone (the pid namespace's init dies with unshare; in the fallback, the cgroup or the
+    working-folder scan finds them)."""
+    if namespaces and not NAMESPACES:
+        pytest.skip("no user namespaces here")
+    if not namespaces:
+        _no_namespaces(monkeypatch)
+    marker = f"survivor-{uuid.uuid4().hex}"
+    code = (f"import os, subprocess, sys, time\ntry:\n    os.setsid()\nexcept OSError:\n    pass  # already a leader\n"
+            f"subprocess.Popen([sys.executable, '-c', 'import os, time; os.setsid(); time.sleep(60)  # {marker}'])\n"
+            f"time.sleep(60)  # {marker}\n")
+    t0 = time.perf_counter()
+    out = run_program(code, Limits(timeout_s=1.5))
+    assert out.status == "timeout" and time.perf_counter() - t0 < 10
+    assert not _left(marker), "processes outlived the sandbox"
+
+
+@needs_cgroup
+def test_memory_is_limited_for_the_program_as_a_whole():
+    """4 forked children each touching 400 MB under a 1024 MB limit: before the cgroup all four got
+    their memory (per-process RLIMIT_AS only); now at most two can."""
+    code = ("import os\nkids = []\nfor _ in range(4):\n    pid = os.fork()\n    if pid == 0:\n"
+            "        b = bytearray(400 << 20)\n        for j in range(0, len(b), 4096):\n            b[j] = 1\n"
+            "        import time; time.sleep(1)\n        os._exit(0)\n    kids.append(pid)\n"
+            "print('completed', sum(os.waitpid(k, 0)[1] == 0 for k in kids))\n")
+    out = run_program(code, Limits(timeout_s=30, memory_mb=1024))
+    assert out.status == "passed", out.output
+    assert int(out.output.split("completed")[1]) <= 2, out.output
+
+
+@needs_cgroup
+def test_process_count_is_limited_for_the_program_as_a_whole():
+    code = ("import os, time\nn = 0\ntry:\n    for _ in range(100):\n        if os.fork() == 0:\n"
+            "            time.sleep(5)\n            os._exit(0)\n        n += 1\nexcept OSError:\n    pass\nprint('forked', n)\n")
+    out = run_program(code, Limits(timeout_s=10, max_processes=8))
+    assert out.status == "passed" and int(out.output.split("forked")[1]) < 8, out.output
+
+
+@needs_namespaces
+def test_system_v_shared_memory_is_its_own():
+    """A segment the machine holds cannot be found inside; one made inside is gone after the run."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = 0x6D696E69 + os.getpid() % 1000  # "mini"
+    host = libc.shmget(key, 4096, 0o1000 | 0o666)  # IPC_CREAT, world-readable
+    assert host >= 0, ctypes.get_errno()
+    try:
+        code = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                f"print('host', libc.shmget({key}, 0, 0))\n"
+                f"print('own', libc.shmget({key + 1}, 1 << 20, 0o1000 | 0o600))\n")
+        out = run_program(code, FAST)
+        assert out.status == "passed" and "host -1" in out.output and "own -1" not in out.output, out.output
+        assert str(key + 1) not in Path("/proc/sysvipc/shm").read_text().split()  # nothing left behind
+        assert hex(key + 1)[2:] not in Path("/proc/sysvipc/shm").read_text()
+    finally:
+        libc.shmctl(host, 0, None)  # IPC_RMID
+
+
+def test_a_program_that_searches_its_own_text_cannot_forge_the_pass():
+    """The attack that passed before: a wrong answer that reads its own file, finds the completion
+    token and prints it at exit. The token is now in no file: the answer fails."""
+    problem = {"prompt": "def add(a, b):\n", "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n",
+               "entry_point": "add"}
+    forge = ("    return 0\nimport atexit, os, re, sys\n"
+             "tokens = re.findall(r'[0-9a-f]{32}', open(sys.argv[0]).read())\n"
+             "atexit.register(lambda: [print(t) for t in tokens])\n"
+             "def _bye(*a):\n    [print(t) for t in tokens]; sys.stdout.flush(); os._exit(0)\n"
+             "sys.excepthook = _bye\n")
+    status, outcome = he._run_checked(he.build_program(problem, forge, "base"), FAST)
+    assert status == "failed", outcome.output
+    status, _ = he._run_checked(he.build_program(problem, "    return a + b\n", "base"), FAST)
+    assert status == "passed"
+
+
+@pytest.mark.parametrize("field,value", [("memory_mb", -5), ("memory_mb", 0), ("memory_mb", 99999999999999),
+                                         ("timeout_s", 0), ("timeout_s", -1), ("timeout_s", math.inf),
+                                         ("timeout_s", 1e12), ("timeout_s", math.nan), ("max_processes", 0)])
+def test_limits_that_cannot_work_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"Limits.{field}"):
+        Limits(**{field: value})
+
+
+def test_fallback_cleans_up_after_a_process_that_keeps_writing(monkeypatch):
+    """Without namespaces: a detached child writes files into the working folder as fast as it can;
+    run_program still returns, the child is gone and so is the folder."""
+    _no_namespaces(monkeypatch)
+    marker = f"writer-{uuid.uuid4().hex}"
+    code = ("import os, subprocess, sys\n"
+            "subprocess.Popen([sys.executable, '-c', 'import os, itertools\\nos.setsid()\\n"
+            f"for i in itertools.count(): open(str(i), \"w\").close()  # {marker}'])\n"
+            "import time; time.sleep(0.5); print(os.getcwd())\n")
+    out = run_program(code, Limits(timeout_s=5))
+    assert out.status == "passed", out.output
+    assert not _left(marker)
+    assert not Path(out.output.strip().splitlines()[-1]).exists()
 
 
 # ----------------------------------------------------------------------------- the harness
@@ -213,6 +332,18 @@ def test_chat_code_keeps_definitions_not_the_models_own_checks(problems):
     assert "assert" not in code and "print" not in code and "__main__" not in code
     assert run_program(he.build_program(p, answer, "chat"), FAST).passed
     assert he.definitions("def f(:\n") == "def f(:\n"  # never parses: as it is
+
+
+def test_chat_code_with_a_guarded_import_or_an_early_main_block_passes(problems):
+    """Both failed before: the try was dropped (NameError), the __main__ tail cut off the function."""
+    p = problems[1]  # HumanEval/2 truncate_number
+    guarded = ("```python\ntry:\n    import math\nexcept ImportError:\n    math = None\n\n"
+               "def truncate_number(number: float) -> float:\n    return math.fmod(number, 1.0)\n```")
+    early_main = ("```python\nif __name__ == '__main__':\n    print('demo')\n\n"
+                  "def truncate_number(number: float) -> float:\n    return number % 1.0\n```")
+    for answer in (guarded, early_main):
+        out = run_program(he.build_program(p, answer, "chat"), FAST)
+        assert out.passed, (he.build_program(p, answer, "chat"), out.output)
 
 
 def test_refuses_without_permission(problems):
@@ -327,3 +458,25 @@ def test_cli_humaneval(tiny_bpe_model, tmp_path, capsys):
     assert [p["task_id"] for p in data["problems"][str(tiny_bpe_model)]] == ["HumanEval/0", "HumanEval/1"]
     assert eval_main(["humaneval", "--model", str(tiny_bpe_model), "--allow-code-execution", "--pass-k", "2"]) == 2
     assert "--samples" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- bench/humaneval_rescore.py
+
+@pytest.mark.parametrize("saved,match", [
+    ({"problems": {"m": [{"task_id": "HumanEval/0", "samples": [], "passed": 0}]}}, "not the JSON of a HumanEval run"),
+    ({"problems": {"m": [{"task_id": "HumanEval/999", "samples": [{"answer": "x"}], "passed": 0}]}},
+     "unknown HumanEval task ids"),
+    ({"problems": {"m": [{"task_id": "HumanEval/0", "samples": [{"answer": "\ud800"}], "passed": 0}]}}, "not UTF-8 text"),
+])
+def test_rescore_refuses_malformed_saved_answers_with_one_line(saved, match, tmp_path, capsys):
+    """Each crashed with a traceback before (IndexError, ValueError, UnicodeEncodeError)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("humaneval_rescore",
+                                                  Path(__file__).resolve().parents[1] / "bench" / "humaneval_rescore.py")
+    rescore = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rescore)
+    path = tmp_path / "saved.json"
+    path.write_text(json.dumps(saved))
+    assert rescore.main([str(path), "--allow-code-execution"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(match, err), err

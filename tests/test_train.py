@@ -1,5 +1,6 @@
 """The trainer: it learns, resume is exact, divergence stops cleanly, flags parse."""
 
+import io
 import json
 
 import pytest
@@ -77,11 +78,19 @@ def test_step_reports_and_progress_bar(tmp_path, small_text):
     assert [s.iter for s in first] == list(range(1, 7)) and {(s.first, s.stop) for s in first} == {(0, 6)}
     assert [s.iter for s in rest] == list(range(7, 13)) and {(s.first, s.stop) for s in rest} == {(6, 12)}
     assert all(s.tokens == 4 * 16 and s.ms > 0 and s.lr > 0 for s in first + rest)
-    bar = train_cli.ProgressBar()
+    terminal = io.StringIO()
+    terminal.isatty = lambda: True
+    bar = train_cli.ProgressBar(stream=terminal)
     for s in rest:
         bar(s)
     assert (bar.bar.n, bar.bar.total) == (6, 6)
     bar.close()
+    log = io.StringIO()  # not a terminal: a line every every_s seconds and at the last step, no redraws
+    lines = train_cli.ProgressBar(every_s=3600, stream=log)
+    for s in rest:
+        lines(s)
+    assert log.getvalue().splitlines()[0].startswith("train: iter 7/12 loss ") and len(log.getvalue().splitlines()) == 2
+    assert log.getvalue().splitlines()[1].startswith("train: iter 12/12 ") and "\r" not in log.getvalue()
 
 
 def test_lr_schedule():
@@ -101,8 +110,11 @@ def test_cli_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_cli.parse_args(["--n-layers", "3"])  # unknown flag rejected
     assert train_cli.main(["--data", str(tmp_path / "missing.txt")]) == 2
-    assert train_cli.main(["--lora-rank", "-1", "--out-dir", str(tmp_path)]) == 2  # the trainer names the field,
-    assert "error: --lora-rank must be >= 0, got -1" in capsys.readouterr().err  # the command line its flag
+    with pytest.raises(SystemExit):  # the flag's range, from the trainer's table (INT_AT_LEAST)
+        train_cli.main(["--lora-rank", "-1", "--out-dir", str(tmp_path)])
+    assert "error: argument --lora-rank: must be a whole number >= 0, got '-1'" in capsys.readouterr().err
+    assert train_cli.main(["--lora-rank", "4", "--out-dir", str(tmp_path)]) == 2  # the trainer names the field,
+    assert "error: --lora-rank needs --init-from" in capsys.readouterr().err  # the command line its flag
 
 
 def test_every_numeric_field_is_checked_and_named():

@@ -62,6 +62,14 @@ def out(tmp_path, stopped_run):
     return folder
 
 
+def status(argv) -> int:
+    """train.py's exit status: main's return value, or argparse's exit for a flag it refuses."""
+    try:
+        return train_cli.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
 def one_error_line(err: str) -> str:
     assert "Traceback" not in err, err
     lines = err.strip().splitlines()
@@ -71,28 +79,28 @@ def one_error_line(err: str) -> str:
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 CASES = [  # (flags, what the one line says); data is small.txt unless the flags give --data
-    (["--eval-interval", "0"], "--eval-interval must be >= 1, got 0"),
-    (["--eval-iters", "0"], "--eval-iters must be >= 1, got 0"),
-    (["--grad-accum", "0"], "--grad-accum must be >= 1, got 0"),
-    (["--max-iters", "-5"], "--max-iters must be >= 0, got -5"),
-    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-    (["--batch-size", "-2"], "--batch-size must be >= 1, got -2"),
-    (["--stop-after", "-1"], "--stop-after must be >= 0, got -1"),
-    (["--warmup-iters", "-1"], "--warmup-iters must be >= 0, got -1"),
-    (["--seed", "-1"], "--seed must be >= 0, got -1"),
-    (["--n-layer", "0"], "--n-layer must be >= 1, got 0"),
+    (["--eval-interval", "0"], "argument --eval-interval: must be a whole number >= 1, got '0'"),
+    (["--eval-iters", "0"], "argument --eval-iters: must be a whole number >= 1, got '0'"),
+    (["--grad-accum", "0"], "argument --grad-accum: must be a whole number >= 1, got '0'"),
+    (["--max-iters", "-5"], "argument --max-iters: must be a whole number >= 0, got '-5'"),
+    (["--batch-size", "0"], "argument --batch-size: must be a whole number >= 1, got '0'"),
+    (["--batch-size", "-2"], "argument --batch-size: must be a whole number >= 1, got '-2'"),
+    (["--stop-after", "-1"], "argument --stop-after: must be a whole number >= 0, got '-1'"),
+    (["--warmup-iters", "-1"], "argument --warmup-iters: must be a whole number >= 0, got '-1'"),
+    (["--seed", "-1"], "argument --seed: must be a whole number >= 0, got '-1'"),
+    (["--n-layer", "0"], "argument --n-layer: must be a whole number >= 1, got '0'"),
     (["--n-head", "3"], "--n-embd (16) must be divisible by --n-head (3)"),
-    (["--seq-len", "0"], "--seq-len must be >= 1, got 0"),
-    (["--lora-rank", "-1"], "--lora-rank must be >= 0, got -1"),
-    (["--lr", "0"], "--lr must be a number > 0, got 0.0"),
-    (["--lr", "nan"], "--lr must be a number > 0, got nan"),
-    (["--min-lr", "-1"], "--min-lr must be a number >= 0, got -1.0"),
-    (["--weight-decay", "inf"], "--weight-decay must be a number >= 0, got inf"),
-    (["--grad-clip", "-1"], "--grad-clip must be a number >= 0, got -1.0"),
-    (["--beta2", "1"], "--beta2 must be a number >= 0 and < 1, got 1.0"),
-    (["--dropout", "1.5"], "--dropout must be a number >= 0 and < 1, got 1.5"),
-    (["--distill-temperature", "0"], "--distill-temperature must be a number > 0, got 0.0"),
-    (["--distill-alpha", "2"], "--distill-alpha must be a number >= 0 and <= 1, got 2.0"),
+    (["--seq-len", "0"], "argument --seq-len: must be a whole number >= 1, got '0'"),
+    (["--lora-rank", "-1"], "argument --lora-rank: must be a whole number >= 0, got '-1'"),
+    (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got 'nan'"),
+    (["--min-lr", "-1"], "argument --min-lr: must be a finite number >= 0, got '-1'"),
+    (["--weight-decay", "inf"], "argument --weight-decay: must be a finite number >= 0, got 'inf'"),
+    (["--grad-clip", "-1"], "argument --grad-clip: must be a finite number >= 0, got '-1'"),
+    (["--beta2", "1"], "argument --beta2: must be a finite number >= 0 and < 1, got '1'"),
+    (["--dropout", "1.5"], "argument --dropout: must be a finite number >= 0 and < 1, got '1.5'"),
+    (["--distill-temperature", "0"], "argument --distill-temperature: must be a finite number > 0, got '0'"),
+    (["--distill-alpha", "2"], "argument --distill-alpha: must be a finite number >= 0 and <= 1, got '2'"),
     (["--name", "a/b"], "--name must be a plain file stem, with no folder part (its files go in --out-dir), got 'a/b'"),
     (["--name", ".."], "--name must be a plain file stem"),
     (["--name", "../t"], "--name must be a plain file stem"),
@@ -102,8 +110,8 @@ CASES = [  # (flags, what the one line says); data is small.txt unless the flags
     (["--data", "{texts}/missing.txt"], "dataset file not found: {texts}/missing.txt"),
     (["--data", "{texts}/short.txt"], "the val split of {texts}/short.txt (the last 2 of its 20 tokens) is too short "
                                       "for one sequence of --seq-len 16"),
-    (["--out-dir", "{out}/t.safetensors"], "--out-dir {out}/t.safetensors is a file, not a folder"),
-    (["--out-dir", "{out}/t.safetensors/sub"], "cannot write in --out-dir {out}/t.safetensors/sub: Not a directory"),
+    (["--out-dir", "{out}/t.safetensors"], "--out-dir {out}/t.safetensors: is a file, not a folder"),
+    (["--out-dir", "{out}/t.safetensors/sub"], "--out-dir {out}/t.safetensors/sub: {out}/t.safetensors is a file, not a folder"),
     (["--resume", "--data", "{texts}/shuffled.txt"], "it was trained on {texts}/small.txt (sha256"),
     (["--resume", "--data", "{texts}/shuffled.txt"], "--resume needs the same --data. To start fresh, leave out "
                                                      "--resume (the run's files are then replaced) or pick another --name"),
@@ -121,7 +129,7 @@ def test_invalid_value_is_one_line_and_touches_nothing(flags, message, out, text
     flags = [f.format(**fill) for f in flags]
     argv = [*TINY, "--data", str(texts / "small.txt"), "--out-dir", str(out), *flags]  # later flags win
     before = snapshot(out)
-    assert train_cli.main(argv) == 2
+    assert status(argv) == 2
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith("error: ") and message.format(**fill) in line, line
     assert snapshot(out) == before
@@ -164,6 +172,27 @@ def test_same_name_running_is_refused(out, texts, capsys):
     assert train_cli.main([*TINY, "--data", str(texts / "small.txt"), "--out-dir", str(out), "--resume"]) == 0
 
 
+def test_resume_with_another_shape_names_the_flags(out, texts, capsys):
+    """Was a dump of both configs (the config was compared after the state was loaded)."""
+    before = snapshot(out)
+    argv = [*TINY, "--n-embd", "32", "--data", str(texts / "small.txt"), "--out-dir", str(out), "--resume"]
+    assert train_cli.main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "it was trained with --n-embd 16" in line and "this run asks for --n-embd 32" in line, line
+    assert snapshot(out) == before
+
+
+def test_init_from_the_runs_own_output_is_refused(out, texts, capsys):
+    """--init-from weights/t.safetensors --name t would overwrite the model it starts from."""
+    before = snapshot(out)
+    argv = ["--init-from", str(out / "t.safetensors"), "--name", "t", "--out-dir", str(out), "--seq-len", "8",
+            "--max-iters", "2", "--data", str(texts / "small.txt"), "--no-plot", "--no-progress"]
+    assert train_cli.main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--init-from" in line and "own output" in line, line
+    assert snapshot(out) == before
+
+
 def test_lock_left_by_a_killed_run_is_taken(out, texts):
     (out / "t.lock").write_text("12345\n")  # what a kill -9 leaves: the file, with no lock on it
     assert train_cli.main([*TINY, "--data", str(texts / "small.txt"), "--out-dir", str(out), "--resume"]) == 0
@@ -204,7 +233,7 @@ def test_command_line_refusal_and_sigint(tmp_path, texts):
     """The real command line: a refused value, then a real SIGINT during training."""
     refused = cli([*TINY, "--data", str(texts / "small.txt"), "--out-dir", str(tmp_path), "--batch-size", "-2"])
     _, err = refused.communicate(timeout=120)
-    assert refused.returncode == 2 and one_error_line(err) == "error: --batch-size must be >= 1, got -2"
+    assert refused.returncode == 2 and one_error_line(err).startswith("error: argument --batch-size: must be a whole number >= 1, got '-2'")
     assert list(tmp_path.iterdir()) == []
     run = cli([*TINY, "--data", str(texts / "small.txt"), "--out-dir", str(tmp_path), "--max-iters", "100000",
                "--eval-interval", "1"])

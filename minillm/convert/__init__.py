@@ -57,6 +57,8 @@ def load_source(src: str | Path) -> Source:
         raise ConvertError(f"{src}: not a .gguf file; for Hugging Face weights pass the model's directory")
     if p.is_dir():
         return load_hf_dir(p)
+    if p.suffix in (".gguf", ".safetensors", ".bin"):  # a file name, not a hub id
+        raise ConvertError(f"{src}: no such file")
     if _HUB_ID.match(str(src)) and not str(src).startswith((".", "~")):
         return load_hf_dir(download_hub(str(src)))
     raise ConvertError(f"{src}: no such file or directory")

@@ -82,6 +82,8 @@ def config_from_gguf(meta: dict, shapes: dict[str, tuple]) -> ModelConfig:
         return v
 
     n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
+    if n_head < 1:
+        raise ConvertError(f"GGUF {arch}.attention.head_count must be >= 1, got {n_head} (ModelConfig.n_head)")
     head_dim = int(get("attention.key_length", n_embd // n_head))
     if int(get("attention.value_length", head_dim)) != head_dim:
         raise ConvertError("GGUF attention.value_length != key_length is not supported")
@@ -113,7 +115,10 @@ def tokenizer_from_gguf(meta: dict, name: str) -> BPETokenizer:
     if pre not in GGUF_PRE:
         raise ConvertError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: {', '.join(sorted(GGUF_PRE))}")
     pat, split_digits = GGUF_PRE[pre]
-    tokens = meta["tokenizer.ggml.tokens"]
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens:
+        raise ConvertError("GGUF metadata has no tokenizer.ggml.tokens (the token list): the file cannot be "
+                           "tokenized for")
     types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
     # control and user-defined tokens are matched whole in text (llama.cpp and Hugging Face); unused ones
     # (Qwen's [PAD151665]...) are plain vocabulary entries that no text ever produces, as Hugging Face has them
@@ -186,11 +191,14 @@ def load_gguf(path: Path) -> Source:
     shapes = {n: tuple(int(x) for x in reversed(t.shape)) for n, t in by_name.items()}  # (out, in)
     try:
         cfg = config_from_gguf(meta, shapes)
-    except (ValueError, TypeError) as e:  # ConvertError, and ModelConfig's own checks (n_head must divide n_embd, ...)
+    except (ValueError, TypeError, ArithmeticError) as e:  # ConvertError, ModelConfig's checks, a head count of 0
         raise ConvertError(f"{path}: {e}") from None
     arch = meta["general.architecture"]
     tensors = _llama_map(cfg, by_name, shapes, permuted=ARCHS[arch])
-    tokenizer = tokenizer_from_gguf(meta, path.stem)
+    try:
+        tokenizer = tokenizer_from_gguf(meta, path.stem)
+    except (ValueError, TypeError, KeyError) as e:  # ConvertError, malformed merges or token ids
+        raise ConvertError(f"{path}: tokenizer: {e}") from None
     provenance = {"source": str(Path(path).resolve()), "source_format": "gguf", "general.architecture": arch,
                   "general.name": meta.get("general.name"), "general.file_type": meta.get("general.file_type")}
     return Source(cfg, tokenizer, tensors, provenance, [Path(path)])

@@ -488,7 +488,7 @@ def load_hf_dir(d: Path) -> Source:
     c = read_json(cfg_path)
     try:
         cfg = config_from_hf(c)
-    except (ValueError, TypeError) as e:  # ConvertError, and ModelConfig's own checks (n_head must divide n_embd, ...)
+    except (ValueError, TypeError, ArithmeticError) as e:  # ConvertError, ModelConfig's checks, a head count of 0
         raise ConvertError(f"{cfg_path}: {e}") from None
     w = Weights(d)
     tensors, unused = (_gpt2_map if cfg.family == "gpt2" else _llama_map)(cfg, w)

@@ -48,7 +48,10 @@ def ranks_from_vocab(vocab: dict[str, int], merges: list, special: dict[str, int
                            f"not a byte-level BPE")
     last = -1
     for n, m in enumerate(merges):
-        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        pair = m.split(" ", 1) if isinstance(m, str) else m
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+            raise ConvertError(f"tokenizer {name!r}: merge #{n} {m!r} is not two tokens separated by a space")
+        a, b = pair
         rid = vocab.get(a + b)
         if rid is None:
             raise ConvertError(f"tokenizer {name!r}: merge #{n} {a!r} + {b!r} makes a token that is not in the vocab")

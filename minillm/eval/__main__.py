@@ -26,10 +26,11 @@ from dataclasses import asdict, fields
 import torch
 from tqdm import tqdm
 
-from ..checkpoint import check_output, load_model
+from ..checkpoint import load_model
 from ..cli import add_decoding_args, method_from_args, partner_path, unescape
 from ..data import read_text, resolve_text_path
 from ..device import pick_device
+from ..flags import Parser, add_input, add_output, fail, integer, real
 from ..methods import load_partner
 from ..sampling import SamplingParams
 from ..speed import speed_up
@@ -37,51 +38,51 @@ from . import humaneval as he
 from .generation import read_tasks, run_tasks, shakespeare_tasks, write_tasks
 from .perplexity import eval_text, perplexity, window_spans
 from .report import table, write_json
-from .sandbox import Limits, isolation
+from .sandbox import MEMORY_MB, TIMEOUT_S, Limits, isolation
 from .text_metrics import generation_metrics
 
 READY_TASKS = "tinyshakespeare"  # --tasks NAME: the ready task, built from the data file
 
 
 def _common(p: argparse.ArgumentParser, several: bool = True) -> None:
-    p.add_argument("--model", action="append", required=True, metavar="PATH",
+    add_input(p, "--model", action="append", required=True, metavar="PATH",
                    help="a minillm checkpoint" + (" (repeat to compare several: one row each)" if several else ""))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default auto)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: as stored")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    add_output(p, "--json", default=None, metavar="FILE", help="also write the results as JSON (checked before the run)")
 
 
 def _generation_flags(p: argparse.ArgumentParser) -> None:
     add_decoding_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N tasks / problems")
+    p.add_argument("--max-new-tokens", type=integer(1), default=None, metavar="N",
+                   help="tokens per answer (default: generate-metrics as many as the reference has, humaneval 512)")
+    p.add_argument("--limit", type=integer(1), default=None, metavar="N", help="only the first N tasks / problems")
     p.add_argument("--reference", action="store_true", help="model.py as written, without the speed layer")
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m minillm.eval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser() -> Parser:
+    ap = Parser(prog="python -m minillm.eval", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ppl", help="perplexity and bits per byte, strided sliding windows")
     _common(p)
-    p.add_argument("--data", default=None, metavar="FILE", help="UTF-8 text (default: tinyshakespeare)")
+    add_input(p, "--data", default=None, metavar="FILE", help="UTF-8 text (default: tinyshakespeare)")
     p.add_argument("--split", choices=["all", "train", "val"], default=None,
                    help="which characters of the text: the last 10%% (val), the rest (train) or all "
                         "(default: val for tinyshakespeare, all for --data)")
-    p.add_argument("--max-chars", type=int, default=None, metavar="N", help="only the first N characters of the split")
-    p.add_argument("--context", type=int, default=None, metavar="N",
+    p.add_argument("--max-chars", type=integer(1), default=None, metavar="N", help="only the first N characters of the split")
+    p.add_argument("--context", type=integer(2), default=None, metavar="N",
                    help="tokens per window (default: the model's block_size, at most 1024)")
-    p.add_argument("--stride", type=int, default=None, metavar="S", help="a window every S tokens (default context/2)")
-    p.add_argument("--batch-size", type=int, default=None, metavar="B", help="windows per forward (default: auto)")
+    p.add_argument("--stride", type=integer(1), default=None, metavar="S", help="a window every S tokens (default context/2)")
+    p.add_argument("--batch-size", type=integer(1), default=None, metavar="B", help="windows per forward (default: auto)")
     p = sub.add_parser("make-tasks", help="write the ready generation task (tinyshakespeare val) as JSONL")
-    p.add_argument("--out", required=True, metavar="FILE.jsonl")
-    p.add_argument("--data", default=None, metavar="FILE", help="default: tinyshakespeare")
-    p.add_argument("--n", type=int, default=50, help="number of tasks (default 50)")
-    p.add_argument("--prompt-chars", type=int, default=200)
-    p.add_argument("--reference-chars", type=int, default=200)
+    add_output(p, "--out", required=True, metavar="FILE.jsonl")
+    add_input(p, "--data", default=None, metavar="FILE", help="default: tinyshakespeare")
+    p.add_argument("--n", type=integer(1), default=50, help="number of tasks (default 50)")
+    p.add_argument("--prompt-chars", type=integer(1), default=200, help="characters of each prompt (default 200)")
+    p.add_argument("--reference-chars", type=integer(1), default=200, help="characters of each reference (default 200)")
     p = sub.add_parser("generate-metrics", help="generate for each task; BLEU, chrF, ROUGE, diversity")
     _common(p)
-    p.add_argument("--tasks", required=True, metavar="FILE.jsonl",
+    add_input(p, "--tasks", required=True, metavar="FILE.jsonl",
                    help=f"JSONL of {{prompt, reference}} (or {READY_TASKS!r}: the ready task, built on the fly)")
     _generation_flags(p)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
@@ -91,17 +92,20 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     _generation_flags(p)
     p.set_defaults(method="greedy")
+    next(a for a in p._actions if a.dest == "method").help = "decoding method (default: greedy)"
     p.add_argument("--allow-code-execution", action="store_true",
                    help="required: run the code the model writes (sandboxed; see the README)")
     p.add_argument("--prompting", choices=["auto", "chat", "base"], default="auto",
                    help="chat template and code block, or the raw prompt (default: chat if the checkpoint has one)")
-    p.add_argument("--samples", type=int, default=1, metavar="N", help="answers per problem (default 1)")
+    p.add_argument("--samples", type=integer(1), default=1, metavar="N", help="answers per problem (default 1)")
     p.add_argument("--pass-k", default="1", metavar="K,K",
                    help="comma-separated k of pass@k, each <= --samples (default 1)")
     p.add_argument("--task-ids", default=None, help="comma-separated, e.g. HumanEval/0,HumanEval/5")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per program (default 10)")
-    p.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program (default 1024)")
-    p.add_argument("--batch-size", type=int, default=1, metavar="B",
+    p.add_argument("--timeout", type=real(*TIMEOUT_S, low_open=True), default=10.0,
+                   help=f"wall-clock seconds per program, at most {TIMEOUT_S[1]:g} (default 10)")
+    p.add_argument("--memory-mb", type=integer(*MEMORY_MB), default=1024,
+                   help=f"memory per program in MiB, {MEMORY_MB[0]} to {MEMORY_MB[1]} (default 1024; see README)")
+    p.add_argument("--batch-size", type=integer(1), default=1, metavar="B",
                    help="greedy/sample: decode B problems at a time, grouped by prompt length (default 1)")
     return ap
 
@@ -184,7 +188,6 @@ def cmd_ppl(args, device) -> None:
 # ----------------------------------------------------------------------------- generation tasks
 
 def cmd_make_tasks(args) -> None:
-    check_output(args.out, "--out")
     tasks = shakespeare_tasks(read_text(resolve_text_path(args.data)), args.n, args.prompt_chars, args.reference_chars)
     print(f"wrote {write_tasks(tasks, args.out)}: {len(tasks)} tasks")
 
@@ -239,6 +242,9 @@ def cmd_humaneval(args, device) -> None:
     if not args.allow_code_execution:
         raise PermissionError(he.EXECUTION_REFUSED)
     method, ks = method_from_args(args), _ks(args)
+    if args.samples > 1 and method.params.temperature == 0:
+        raise ValueError(f"--samples {args.samples} with {method_label(method)} decoding gives {args.samples} identical "
+                         "answers: sample them (--method sample --temperature T) or use --samples 1")
     problems = he.load_problems(args.limit, args.task_ids.split(",") if args.task_ids else None)
     limits = Limits(timeout_s=args.timeout, memory_mb=args.memory_mb)
     print(f"sandbox: {isolation().describe()}", file=sys.stderr)
@@ -246,7 +252,7 @@ def cmd_humaneval(args, device) -> None:
     for model_path in args.model:
         loaded, partner = _load_pair(model_path, args, method, device)
         mode = args.prompting if args.prompting != "auto" else "chat" if loaded.tokenizer.chat_template else "base"
-        complete = he.ModelCompleter(loaded, method, mode, args.max_new_tokens or 512, partner, args.seed,
+        complete = he.ModelCompleter(loaded, method, mode, args.max_new_tokens if args.max_new_tokens is not None else 512, partner, args.seed,
                                      args.batch_size)
         complete.expect(problems)
         with _bar(len(problems), f"humaneval {model_path}") as bar:
@@ -266,7 +272,7 @@ def cmd_humaneval(args, device) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = make_parser().parse_args(argv)
     try:
         if args.command == "make-tasks":
             cmd_make_tasks(args)
@@ -274,8 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         {"ppl": cmd_ppl, "generate-metrics": cmd_generate, "humaneval": cmd_humaneval}[args.command](args, device)
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError, PermissionError, FileNotFoundError, ...
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e))
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -105,7 +105,10 @@ def extract_code(answer: str, entry_point: str) -> str:
     defining = [body for _, body, _ in blocks if _defines(body, entry_point)]
     python = [body for lang, body, _ in blocks if lang in ("", "python", "py", "python3")]
     code = (defining or python or [answer])[0]
-    return MAIN.sub("", code).rstrip() + "\n"
+    tailless = MAIN.sub("", code)
+    if defining and not _defines(tailless, entry_point):  # a __main__ block before the function: definitions()
+        tailless = code  # drops it wherever it is
+    return tailless.rstrip() + "\n"
 
 
 DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign,
@@ -129,10 +132,15 @@ def definitions(code: str) -> str:
         return code
     kept = []
     for node in tree.body:
-        if isinstance(node, DEFINITIONS):
+        if isinstance(node, DEFINITIONS) or _guarded_definitions(node):
             start = min([d.lineno for d in getattr(node, "decorator_list", [])] + [node.lineno])
             kept.append("\n".join(lines[start - 1:node.end_lineno]))
     return "\n\n".join(kept) + "\n"
+
+
+def _guarded_definitions(node: ast.stmt) -> bool:
+    """`try: import numpy as np / except ImportError: ...`: a try whose body only defines things."""
+    return isinstance(node, ast.Try) and all(isinstance(n, DEFINITIONS) for n in node.body)
 
 
 def build_program(problem: dict, answer: str, mode: str = "base") -> str:
@@ -263,11 +271,20 @@ class HumanEvalReport:
         return out
 
 
+# Read first, before any of the program runs: the token behind file descriptor 3 (sandbox.run_program's
+# secret), kept only in this closure; the program's own text never holds it.
+TOKEN_PROLOGUE = ("def __minillm_done(token=__import__('os').read(3, 64).decode()):\n"
+                  "    print(token, flush=True)\n"
+                  "__import__('os').close(3)\n")
+
+
 def _run_checked(program: str, limits: Limits) -> tuple[str, Outcome]:
     """Run the program; it passes only if it exits with 0 after printing a random token as its last act,
-    so that code which exits early (sys.exit(0) before the tests run) does not pass."""
+    so that code which exits early (sys.exit(0) before the tests run) does not pass. The token is in no
+    file the program can read (TOKEN_PROLOGUE): searching its own text finds nothing to print. What
+    this does not stop, a program written to fake a pass, is in sandbox.py's docstring."""
     token = secrets.token_hex(16)
-    outcome = run_program(f"{program}\nprint({token!r})\n", limits)
+    outcome = run_program(f"{TOKEN_PROLOGUE}{program}\n__minillm_done()\n", limits, secret=token)
     if outcome.passed and outcome.output.rstrip().endswith(token):
         return "passed", outcome
     return ("failed" if outcome.passed else outcome.status), outcome

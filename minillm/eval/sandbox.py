@@ -6,16 +6,21 @@
 Each program runs in its own process, started afresh, never in ours:
   * `python -I` (isolated mode: no PYTHON* variables, no user site-packages, no script folder on the
     path) with an environment of only PATH, HOME, TMPDIR and LANG (no proxies, tokens or keys of ours),
-    standard input /dev/null, a wall-clock timeout after which its whole process group is killed;
+    standard input /dev/null, a wall-clock timeout after which every process it started is killed;
   * resource limits (setrlimit, inside the sandbox before exec): address space (memory_mb), processes
     of its user (max_processes), size of any file it writes (max_file_mb), CPU seconds, no core files;
-  * where `unshare --user --map-root-user --net --mount --pid --fork --mount-proc` works (Linux with
-    unprivileged user namespaces; checked once): a new network namespace (only a loopback that is down:
-    no network, not even this machine's localhost services), a new pid namespace (when its first
-    process ends, every process it left behind is killed; it sees no other process), a mount
-    namespace in which every file system is read-only and /tmp, /var/tmp, /dev/shm and /run are new,
-    empty, size-limited tmpfs (the working folder is that /tmp; it vanishes with the program); see
-    sandbox_launcher.py for how the read-only mounts are locked;
+  * where a cgroup can be made (cgroup.py: as root, as a rule): one memory limit (memory_mb, swap
+    included) and one process limit (max_processes) on all its processes together, and a kill of every
+    one of them at the end, wherever they moved (setsid, double forks); without one, memory_mb holds
+    per process, so a program may use up to max_processes x memory_mb;
+  * where `unshare --user --map-root-user --net --ipc --mount --pid --kill-child --mount-proc` works
+    (Linux with unprivileged user namespaces; checked once): a new network namespace (only a loopback
+    that is down: no network, not even this machine's localhost services), a new IPC namespace (System
+    V shared memory, semaphores and queues of its own, gone with it), a new pid namespace whose first
+    process dies with unshare (--kill-child), and with it every process the program left behind (it
+    sees no other process), a mount namespace in which every file system is read-only and /tmp,
+    /var/tmp, /dev/shm and /run are new, empty, size-limited tmpfs (the working folder is that /tmp;
+    it vanishes with the program); see sandbox_launcher.py for how the read-only mounts are locked;
   * when we run as root: the program runs as nobody (uid/gid 65534), so that it is not root of the
     machine (root could write device files, which a read-only mount does not stop, or reach
     root-only Unix sockets); the Python it runs then must be one nobody can read (pick_python).
@@ -24,14 +29,22 @@ What is NOT isolated: the program can read every file its user can read (it cann
 anywhere: no network, and we keep only a tail of its output); it shares the kernel and CPU with
 us; without namespaces (isolation().namespaces False) there is no network isolation at all (proxy
 variables point at a dead address, which stops only programs that honour them), no file-system
-isolation (it runs in a fresh temporary folder, but can write wherever its user can) and no
-clean-up of processes that leave their process group. This is a sandbox for honest mistakes and
-mild mischief, not for a determined attacker: use a VM or a container for that.
+isolation (it runs in a fresh temporary folder, but can write wherever its user can) and, without a
+cgroup either, processes that leave its process group are found only by their working folder.
+
+The promise: a guard against accidents (endless loops, huge allocations, fork bombs, stray writes)
+and against escapes (network, other processes, files outside its tmpfs), not against a program
+written to fake its result. A program runs in the same process as its tests, so it can always
+rewrite them; run_program's `secret` (on file descriptor 3, read once, in no file or argument the
+program can read) keeps a program that merely searches its own text from forging the pass signal.
+For a determined attacker, use a VM or a container.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
 import shutil
 import signal
@@ -39,40 +52,62 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .cgroup import Cgroup
+
 LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
-UNSHARE = ["--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "--mount-proc"]
+UNSHARE = ["--user", "--map-root-user", "--net", "--ipc", "--mount", "--pid", "--kill-child", "--mount-proc"]
 NOBODY = 65534
 DEAD_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens there
 SETUP_FAILED = 125  # sandbox_launcher.SETUP_FAILED
 OUTPUT_TAIL = 2000  # characters of the program's output kept
 
 
+# what each limit allows: (lowest, highest); below 64 MiB of address space Python itself cannot start
+TIMEOUT_S, MEMORY_MB, MAX_PROCESSES, MAX_FILE_MB = (0.0, 86400.0), (64, 1 << 20), (1, 4096), (1, 1 << 20)
+
+
 @dataclass(frozen=True)
 class Limits:
-    timeout_s: float = 10.0  # wall clock, per program
-    memory_mb: int = 1024  # address space (RLIMIT_AS)
-    max_processes: int = 64  # RLIMIT_NPROC (see isolation(): not enforced for root)
+    timeout_s: float = 10.0  # wall clock, per program (> 0)
+    memory_mb: int = 1024  # the program's memory: a cgroup's limit on all its processes, else RLIMIT_AS each
+    max_processes: int = 16  # processes (and threads) at once: the cgroup's pids.max, and RLIMIT_NPROC
     max_file_mb: int = 16  # largest file it may write (RLIMIT_FSIZE); also each tmpfs' size
+
+    def __post_init__(self):
+        ranges = {"timeout_s": TIMEOUT_S, "memory_mb": MEMORY_MB, "max_processes": MAX_PROCESSES,
+                  "max_file_mb": MAX_FILE_MB}
+        for f in fields(self):
+            value, (low, high) = getattr(self, f.name), ranges[f.name]
+            whole = f.type in (int, "int")
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+                (not whole or float(value).is_integer()) and (low < value if f.name == "timeout_s" else low <= value) \
+                and value <= high
+            if not ok:
+                raise ValueError(f"Limits.{f.name} must be {'a whole number' if whole else 'a number'} in "
+                                 f"{'(' if f.name == 'timeout_s' else '['}{low:g}, {high:g}], got {value!r}")
 
 
 @dataclass(frozen=True)
 class Isolation:
-    namespaces: bool  # network, mount (read-only file systems, private /tmp) and pid namespaces
+    namespaces: bool  # network, IPC, mount (read-only file systems, private /tmp) and pid namespaces
     user: str  # who the program runs as
     python: str  # the interpreter that runs it
     why_not: str = ""  # without namespaces: what failed
+    cgroup: bool = False  # one memory and process limit on the whole program (cgroup.py)
 
     def describe(self) -> str:
         if self.namespaces:
-            where = ("no network (own network namespace), file systems read-only except a private tmpfs /tmp, "
-                     "own pid namespace")
+            where = ("no network (own network namespace), own IPC namespace, file systems read-only except a "
+                     "private tmpfs /tmp, own pid namespace (nothing outlives it)")
         else:
             where = (f"NO network or file-system isolation ({self.why_not or 'namespaces unavailable'}): proxies "
                      f"point at a dead address, a fresh temporary folder")
-        return f"{where}; runs as {self.user}; {self.python} -I; rlimits on memory, processes, file size, CPU"
+        memory = ("memory and process count limited for the program as a whole (cgroup)" if self.cgroup else
+                  "memory limited per process (no cgroup: up to processes x memory in all)")
+        return f"{where}; {memory}; runs as {self.user}; {self.python} -I; rlimits on file size and CPU"
 
 
 def _world_runnable(path: str) -> bool:
@@ -105,20 +140,20 @@ def isolation() -> Isolation:
     as_root = os.geteuid() == 0
     python = pick_python(as_root)
     user = f"nobody (uid {NOBODY})" if as_root else f"uid {os.geteuid()} (us)"
-    full = Isolation(True, user, python)
+    group = Cgroup.make(64, 4)
+    if group is not None:
+        group.remove()
+    cgroup = group is not None and (not as_root or shutil.which("setpriv") is not None)
+    full = Isolation(True, user, python, cgroup=cgroup)
     if not shutil.which("unshare"):
-        return Isolation(False, user, python, "no unshare command")
+        return Isolation(False, user, python, "no unshare command", cgroup)
     try:
         probe = _run(full, "pass\n", Limits(timeout_s=30))
     except OSError as e:
-        return Isolation(False, user, python, f"unshare failed: {e}")
+        return Isolation(False, user, python, f"unshare failed: {e}", cgroup)
     if not probe.passed:
-        return Isolation(False, user, python, f"unshare failed: {probe.output.strip()[-300:] or probe.status}")
+        return Isolation(False, user, python, f"unshare failed: {probe.output.strip()[-300:] or probe.status}", cgroup)
     return full
-
-
-def _as_nobody(as_root: bool) -> dict:
-    return dict(user=NOBODY, group=NOBODY, extra_groups=[]) if as_root else {}
 
 
 @dataclass
@@ -133,11 +168,18 @@ class Outcome:
         return self.status == "passed"
 
 
-def _command(iso: Isolation, limits: Limits) -> list[str]:
+def _command(iso: Isolation, limits: Limits, group: Cgroup | None, as_root: bool) -> list[str]:
+    """unshare (with namespaces) around the launcher; with a cgroup, a shell that joins it first and,
+    as root, setpriv to become nobody after joining (Popen's user= would drop root before the join)."""
     cpu = int(limits.timeout_s) + 1  # a backstop: the wall-clock timeout comes first
     launch = [iso.python, "-I", "-c", LAUNCHER.read_text(encoding="utf-8"), str(int(iso.namespaces)),
               str(limits.memory_mb), str(limits.max_processes), str(limits.max_file_mb), str(cpu)]
-    return (["unshare", *UNSHARE, "--"] if iso.namespaces else []) + launch
+    command = (["unshare", *UNSHARE, "--"] if iso.namespaces else []) + launch
+    if group is None:
+        return command
+    if as_root:
+        command = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--", *command]
+    return group.enter(command)
 
 
 def _environment(home: str) -> dict[str, str]:
@@ -147,39 +189,80 @@ def _environment(home: str) -> dict[str, str]:
     return env
 
 
-def run_program(source: str, limits: Limits = Limits()) -> Outcome:
-    """Run `source` as a program in the sandbox; passed = it exited with status 0 within the timeout."""
-    return _run(isolation(), source, limits)
+def run_program(source: str, limits: Limits = Limits(), secret: str = "") -> Outcome:
+    """Run `source` as a program in the sandbox; passed = it exited with status 0 within the timeout.
+    `secret` (one line) can be read once by the program from file descriptor 3 (never in its files)."""
+    if "\n" in secret:
+        raise ValueError("secret must be one line")
+    return _run(isolation(), source, limits, secret)
 
 
-def _run(iso: Isolation, source: str, limits: Limits) -> Outcome:
+def _run(iso: Isolation, source: str, limits: Limits, secret: str = "") -> Outcome:
     as_root = os.geteuid() == 0
-    # its output goes to a file (capped by RLIMIT_FSIZE), not a pipe we would have to hold in memory
-    with tempfile.TemporaryDirectory(prefix="minillm-sandbox-") as folder, tempfile.TemporaryFile() as out:
-        if as_root:
-            os.chown(folder, NOBODY, NOBODY)
-        work = "/tmp" if iso.namespaces else folder
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(_command(iso, limits), cwd=folder, env=_environment(work), stdin=subprocess.PIPE,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **_as_nobody(as_root))
-        try:
-            proc.communicate(source.encode("utf-8"), timeout=limits.timeout_s)
-            status = "passed" if proc.returncode == 0 else "error" if proc.returncode == SETUP_FAILED else "failed"
-        except subprocess.TimeoutExpired:
-            _kill_group(proc.pid)
-            proc.wait()
-            status = "timeout"
-        finally:
-            _kill_group(proc.pid)  # whatever it left running in its process group
-        seconds = time.perf_counter() - t0
-        size = out.seek(0, os.SEEK_END)
-        out.seek(max(0, size - 4 * OUTPUT_TAIL))
-        text = out.read().decode("utf-8", "replace")[-OUTPUT_TAIL:]
+    group = Cgroup.make(limits.memory_mb, limits.max_processes) if iso.cgroup else None
+    folder = tempfile.mkdtemp(prefix="minillm-sandbox-")
+    try:
+        # its output goes to a file (capped by RLIMIT_FSIZE), not a pipe we would have to hold in memory
+        with tempfile.TemporaryFile() as out:
+            if as_root:
+                os.chown(folder, NOBODY, NOBODY)
+            work = "/tmp" if iso.namespaces else folder
+            user = dict(user=NOBODY, group=NOBODY, extra_groups=[]) if as_root and group is None else {}
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(_command(iso, limits, group, as_root), cwd=folder, env=_environment(work),
+                                    stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, **user)
+            status = _wait(proc, f"{secret}\n{source}".encode("utf-8"), limits.timeout_s, group, folder)
+            seconds = time.perf_counter() - t0
+            size = out.seek(0, os.SEEK_END)
+            out.seek(max(0, size - 4 * OUTPUT_TAIL))
+            text = out.read().decode("utf-8", "replace")[-OUTPUT_TAIL:]
+    finally:
+        if group is not None:
+            group.remove()
+        _remove(folder)
     return Outcome(status, proc.returncode, seconds, text)
 
 
-def _kill_group(pid: int) -> None:
+def _wait(proc: subprocess.Popen, stdin: bytes, timeout_s: float, group: Cgroup | None, folder: str) -> str:
+    """Feed the program, wait for it (at most timeout_s), then kill every process it left -> its status."""
     try:
+        proc.communicate(stdin, timeout=timeout_s)
+        status = "passed" if proc.returncode == 0 else "error" if proc.returncode == SETUP_FAILED else "failed"
+    except subprocess.TimeoutExpired:
+        status = "timeout"
+    except BrokenPipeError:  # it ended before reading its program: the launcher failed
+        proc.wait()
+        status = "error"
+    _kill_group(proc.pid)  # unshare and what stayed in its process group; --kill-child takes the pid namespace
+    proc.wait()
+    if group is not None:
+        group.kill_all()  # everything that left the group (setsid), without namespaces too
+    _kill_working_in(folder)
+    return status
+
+
+def _kill_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+
+
+def _kill_working_in(folder: str) -> None:
+    """SIGKILL every process we may signal whose working folder is in `folder`: without namespaces or a
+    cgroup, the only trace of one that left its process group."""
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            cwd = os.readlink(entry / "cwd")
+            if (cwd == folder or cwd.startswith(folder + os.sep)) and int(entry.name) != os.getpid():
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
+def _remove(folder: str) -> None:
+    """Remove the program's folder; never raises (a process still writing there is killed first and
+    removal is retried; what cannot be removed is left, not an error of the evaluation)."""
+    for _ in range(5):
+        shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.exists(folder):
+            return
+        _kill_working_in(folder)
+        time.sleep(0.05)

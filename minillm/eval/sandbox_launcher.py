@@ -3,7 +3,7 @@ as need not be able to read our package); never imported; standard library only.
 
     python -I -c "$(cat sandbox_launcher.py)" NAMESPACES MEMORY_MB MAX_PROCESSES MAX_FILE_MB CPU_S  < program.py
 
-reads the program from standard input, then, with NAMESPACES = 1 (started by `unshare --user
+reads a secret line and then the program from standard input, then, with NAMESPACES = 1 (started by `unshare --user
 --map-root-user --net --mount --pid --fork --mount-proc`, so it is "root" of a fresh user namespace
 that owns a fresh mount, network and pid namespace):
 
@@ -15,7 +15,9 @@ that owns a fresh mount, network and pid namespace):
      after exec the program has no capability anywhere, so it cannot undo 1 or 2;
 then, with or without namespaces: writes the program to program.py in the working folder (the new
 /tmp; without namespaces, a fresh folder made by sandbox.py and passed as the current directory),
-sets the resource limits, points standard input at /dev/null and execs `python -I program.py`.
+sets the resource limits, points standard input at /dev/null, puts the secret line in a pipe whose
+read end is file descriptor 3 (the program may read it once; it is in no file and no argument) and
+execs `python -I program.py`.
 
 Exit status 125 with a line on stderr: the sandbox could not be set up (the program did not run).
 """
@@ -82,9 +84,19 @@ def set_limits(memory_mb: int, max_processes: int, max_file_mb: int, cpu_s: int)
         resource.setrlimit(which, (value, value))
 
 
+def secret_on_fd3(secret: bytes) -> None:
+    r, w = os.pipe()
+    os.write(w, secret)  # one line: far below a pipe's buffer
+    os.close(w)
+    if r != 3:
+        os.dup2(r, 3)
+        os.close(r)
+    os.set_inheritable(3, True)
+
+
 def main() -> None:
     namespaces, memory_mb, max_processes, max_file_mb, cpu_s = map(int, sys.argv[1:6])
-    program = sys.stdin.buffer.read()
+    secret, _, program = sys.stdin.buffer.read().partition(b"\n")
     try:
         if namespaces:
             lock_down(max(max_file_mb, 16))
@@ -95,6 +107,7 @@ def main() -> None:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
+        secret_on_fd3(secret)
     except OSError as e:
         print(f"sandbox setup failed: {e}", file=sys.stderr)
         sys.exit(SETUP_FAILED)

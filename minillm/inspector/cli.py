@@ -15,11 +15,13 @@ speculative, 0 for greedy and contrastive; seed 1337. The draft / amateur must u
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from ..checkpoint import check_output, load_model
+from ..checkpoint import load_model
 from ..cli import add_decoding_args, method_from_args, partner_path, unescape
 from ..device import pick_device
+from ..flags import Parser, add_input, add_output, integer
 from ..methods import Method, load_partner
 from .analysis import Report, inspect_prompt
 from .json_report import write_json
@@ -28,20 +30,26 @@ from .tables import heads_table, lens_table, prefill_table, trace_text, trace_ti
 from .traces import trace_decoding
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Method]:
-    ap = argparse.ArgumentParser(prog="python -m minillm.inspector", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint in our .safetensors format")
+def make_parser() -> Parser:
+    ap = Parser(prog="python -m minillm.inspector", description=__doc__)
+    add_input(ap, "--model", required=True, help="checkpoint in our .safetensors format")
     ap.add_argument("--prompt", required=True, help="prompt text (\\n and \\t escapes are understood)")
-    ap.add_argument("--out", help="directory for the PNGs (logit lens, attention per layer, overview, head scores)")
-    ap.add_argument("--json", help="write everything machine-readable to this file")
-    ap.add_argument("--top", type=int, default=5, help="predictions / alternatives shown per position (default 5)")
-    ap.add_argument("--max-rows", type=int, default=64, help="longest table printed before rows are elided")
-    ap.add_argument("--lens-cols", type=int, default=12, help="positions shown in the logit-lens table")
+    add_output(ap, "--out", folder=True,
+               help="folder for the PNGs (logit lens, attention per layer, overview, head scores); made if missing")
+    add_output(ap, "--json", help="write everything machine-readable to this file")
+    ap.add_argument("--top", type=integer(1), default=5, help="predictions / alternatives shown per position (default 5)")
+    ap.add_argument("--max-rows", type=integer(1), default=64,
+                    help="longest table printed before rows are elided (default 64)")
+    ap.add_argument("--lens-cols", type=integer(1), default=12, help="positions shown in the logit-lens table (default 12)")
     ap.add_argument("--no-attention", action="store_true", help="skip attention capture")
-    ap.add_argument("--generate", type=int, default=0, metavar="N", help="also trace N tokens decoded by --method")
+    ap.add_argument("--generate", type=integer(0), default=0, metavar="N", help="also trace N tokens decoded by --method")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
     add_decoding_args(ap)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Method]:
+    ap = make_parser()
     args = ap.parse_args(argv)
     try:
         method = method_from_args(args)
@@ -74,26 +82,16 @@ def write_outputs(rep: Report, args) -> None:
     if args.out:
         paths = write_pngs(rep, args.out)
         more = ", …" if len(paths) > 3 else ""
-        print(f"wrote {len(paths)} PNGs to {args.out}/ ({', '.join(p.name for p in paths[:3])}{more})")
+        print(f"wrote {len(paths)} PNGs to {os.path.join(args.out, '')} ({', '.join(p.name for p in paths[:3])}{more})")
     if args.json:
         print(f"wrote {write_json(rep, args.json)}")
 
 
-def check_outputs(args) -> None:
-    """--out (a folder, made with its parents) and --json (a file, its folders made) can be written:
-    checked before any work, so that a bad path is a one-line error and nothing is written."""
-    if args.out:
-        check_output(args.out, "--out", folder=True, make_parents=True)
-    if args.json:
-        check_output(args.json, "--json", make_parents=True)
-
-
 def main(argv: list[str] | None = None) -> Report:
     """Run the command; the Report is returned for tests and notebooks. Bad flags exit (argparse);
-    a bad prompt or checkpoint is a ValueError / FileNotFoundError, an output path that cannot be
-    written an OSError (check_outputs), before any work."""
+    a bad prompt or checkpoint is a ValueError / FileNotFoundError; an output path that cannot be
+    written is refused while parsing (minillm.flags), before any work."""
     args, method = parse_args(argv)
-    check_outputs(args)
     device = pick_device(args.device)
     loaded = load_model(args.model, device=device)
     tracing = args.generate > 0

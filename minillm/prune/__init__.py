@@ -116,7 +116,6 @@ def calibration_ids(tokenizer, path: str | Path | None = None, tokens: int = CAL
         if len(ids) >= tokens:
             break
         take *= 2
-    seq_len = min(seq_len, tokens)
     rows = min(tokens, len(ids)) // seq_len
     if rows == 0:
         raise ValueError(f"calibration text {path}: its train part holds {len(ids)} tokens, fewer than one row of "
@@ -132,6 +131,8 @@ def check_calib(tokens: int, seq_len: int | None) -> None:
         raise ValueError(f"calib_tokens must be a whole number >= 2, got {tokens!r}")
     if seq_len is not None and (not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2):
         raise ValueError(f"calib_seq_len must be a whole number >= 2, got {seq_len!r}")
+    if seq_len is not None and seq_len > tokens:  # was cut to calib_tokens without a word
+        raise ValueError(f"calib_seq_len {seq_len} is longer than calib_tokens {tokens}: one row needs that many tokens")
 
 
 def run_calibration(model: Transformer, calib: Calibration, batch_size: int = 4) -> None:

@@ -12,7 +12,6 @@ recover the loss by distillation.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import time
@@ -20,35 +19,35 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import check_output, load_model, save_model
+from ..checkpoint import load_model, save_model
 from ..data import file_sha256, resolve_text_path
 from ..device import pick_device
+from ..flags import Parser, add_input, add_output, fail, integer, real
 from . import (CALIB_SEQ_LEN, CALIB_TOKENS, SCOPES, block_linear_weights, calibration_ids, check_calib, check_drop, check_float,
                check_mlp_hidden, check_sparsity, magnitude_prune, prune_depth, prune_width)
 
 FLAGS = ("sparsity", "scope", "drop", "mlp_hidden", "calib_tokens", "calib_seq_len")  # named in library errors
 
 
-def make_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m minillm.prune", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+def make_parser() -> Parser:
+    ap = Parser(prog="python -m minillm.prune", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
     sub = ap.add_subparsers(dest="method", required=True)
     mag = sub.add_parser("magnitude", help="(a) zero the smallest-|w| weights of the blocks' Linear layers")
-    mag.add_argument("--sparsity", type=float, required=True, help="fraction of those weights set to zero, in [0, 1)")
+    mag.add_argument("--sparsity", type=real(0, 1, high_open=True), required=True, help="fraction of those weights set to zero, in [0, 1)")
     mag.add_argument("--scope", choices=SCOPES, default="global",
                      help="global: one threshold over all of them; layer: each matrix exactly this sparse")
     depth = sub.add_parser("depth", help="(b) drop the blocks that change the residual stream least")
-    depth.add_argument("--drop", type=int, required=True, help="how many blocks to remove")
+    depth.add_argument("--drop", type=integer(1), required=True, help="how many blocks to remove")
     width = sub.add_parser("width", help="(c) keep the most important MLP hidden channels in every block")
-    width.add_argument("--mlp-hidden", type=int, required=True, help="the new MLP width (same in every block)")
+    width.add_argument("--mlp-hidden", type=integer(1), required=True, help="the new MLP width (same in every block)")
     for p in (mag, depth, width):
-        p.add_argument("input", help="a float minillm checkpoint (.safetensors)")
-        p.add_argument("--out", required=True, help="where to write the pruned checkpoint")
+        add_input(p, "input", help="a float minillm checkpoint (.safetensors)")
+        add_output(p, "--out", required=True, help="where to write the pruned checkpoint")
         p.add_argument("--device", default="cpu", help="where to compute: cpu (default), cuda, mps or auto")
     for p in (depth, width):
-        p.add_argument("--calib", default=None, help="calibration text file (default: tinyshakespeare)")
-        p.add_argument("--calib-tokens", type=int, default=CALIB_TOKENS, help=f"tokens of it to use (default {CALIB_TOKENS})")
-        p.add_argument("--calib-seq-len", type=int, default=None,
+        add_input(p, "--calib", default=None, help="calibration text file (default: tinyshakespeare)")
+        p.add_argument("--calib-tokens", type=integer(2), default=CALIB_TOKENS, help=f"tokens of it to use (default {CALIB_TOKENS})")
+        p.add_argument("--calib-seq-len", type=integer(2), default=None,
                        help=f"tokens per calibration row (default {CALIB_SEQ_LEN}, or the model's context if shorter)")
     return ap
 
@@ -78,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         save_model(args.out, model.cpu(), loaded.tokenizer, provenance)
     except (ValueError, OSError, RuntimeError) as e:  # CheckpointError, a bad value, an output that cannot be
         # made, a calibration text that cannot be downloaded
-        print(f"error: {flag_message(e)}", file=sys.stderr)
-        return 2
+        return fail(flag_message(e))
     print_summary(args, model, before, record, time.perf_counter() - t0)
     return 0
 
@@ -93,7 +91,6 @@ def check_args(args) -> None:
         check_drop(None, args.drop)
     else:
         check_mlp_hidden(None, args.mlp_hidden)
-    check_output(args.out, "--out", inputs=(args.input,))
     if args.method != "magnitude":
         check_calib(args.calib_tokens, args.calib_seq_len)
         resolve_text_path(args.calib)  # found (or downloaded and checked) before the model is read
@@ -108,7 +105,9 @@ def prune(args, loaded):
         check_drop(cfg.n_layer, args.drop)
     else:
         check_mlp_hidden(cfg.mlp_hidden, args.mlp_hidden)
-    seq_len = args.calib_seq_len if args.calib_seq_len is not None else min(CALIB_SEQ_LEN, cfg.block_size)
+    seq_len = args.calib_seq_len or min(CALIB_SEQ_LEN, cfg.block_size, args.calib_tokens)
+    if seq_len > cfg.block_size:
+        raise ValueError(f"calib_seq_len {seq_len} exceeds the model's context ({cfg.block_size} tokens)")
     calib = calibration_ids(loaded.tokenizer, args.calib, args.calib_tokens, seq_len)
     src = calib.source
     print(f"calibration: {src['tokens']} tokens of {src['file']} ({src['split']}, sha256 {src['sha256'][:12]}), "
