@@ -31,10 +31,10 @@ from minillm.chat import ChatSession
 from minillm.checkpoint import load_model
 from minillm.cli import add_decoding_args, method_from_args, partner_path, unescape
 from minillm.device import pick_device
-from minillm.flags import Parser, add_input, integer
+from minillm.flags import Parser, add_input, add_threads, integer
 from minillm.generate import Stats, StopScanner, decode_stream, make_generator
 from minillm.methods import load_partner, stream
-from minillm.speed import compile_decode, speed_up
+from minillm.speed import compile_decode, speed_up, warm_up
 
 DEFAULT_NEW_TOKENS = 500
 DEFAULT_MODEL = "weights/shakespeare-char.safetensors"  # what `python train.py` writes
@@ -61,10 +61,12 @@ def make_parser() -> Parser:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: as stored")
     p.add_argument("--compile", action="store_true",
-                   help="run one-token decode steps (and the draft's, amateur's) through torch.compile: the first "
-                        "token waits for the compile (a minute or more on a small CPU), later ones are faster")
+                   help="run one-token decode steps (and the draft's, amateur's) through torch.compile, compiled "
+                        "before the prompt is read (20-70 s for SmolLM2 on 2 CPU cores); pays only for long runs: "
+                        "see README, 'When --compile pays'")
     p.add_argument("--reference", action="store_true",
                    help="run model.py as written, without the speed layer (minillm/speed.py; same numbers)")
+    add_threads(p)
     return p
 
 
@@ -88,11 +90,12 @@ def load(args, method, device):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     loaded = load_model(args.model, device, dtype)
     partner = load_partner(partner_path(args), method.partner, loaded, device, dtype) if method.partner else None
-    for m in (loaded, partner):
+    for path, m in ((args.model, loaded), (partner_path(args), partner)):
         if m is not None and not args.reference:
             speed_up(m.model)
         if m is not None and args.compile:
-            compile_decode(m.model)
+            print(f"compiling the one-token step of {path} (torch.compile)...", end="", file=sys.stderr, flush=True)
+            print(f" {warm_up(compile_decode(m.model)):.1f} s", file=sys.stderr)
     return loaded, partner
 
 

@@ -19,7 +19,7 @@ def unescape(s: str) -> str:
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     """--method, the sampler, speculative and contrastive flags, and --seed."""
     p.add_argument("--method", choices=METHODS, default="sample", help="decoding method (default: sample)")
-    p.add_argument("--seed", type=integer(0), default=1337, help="same seed, same text")
+    p.add_argument("--seed", type=integer(0), default=1337, help="same seed, same text (default 1337)")
     s = p.add_argument_group("sampler (in the order applied; defaults are off)")
     s.add_argument("--repetition-penalty", type=real(0, low_open=True), default=1.0,
                    help="> 1 discourages tokens already in the prompt or output (CTRL; default 1 = off)")
@@ -42,7 +42,8 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     cd.add_argument("--alpha", type=real(0, 1, low_open=True), default=0.1, help="plausibility: only tokens with p >= alpha * max p (default 0.1)")
     cd.add_argument("--beta", type=real(0), default=0.5, help="strength of the contrast, O'Brien & Lewis (default 0.5)")
     cd.add_argument("--objective", choices=("obrien", "li"), default="obrien",
-                    help="obrien: (1+beta) z_model - beta z_amateur; li: log p_model - log p_amateur / amateur-temperature")
+                    help="obrien: (1+beta) z_model - beta z_amateur; li: log p_model - log p_amateur / amateur-temperature "
+                         "(default obrien)")
     cd.add_argument("--amateur-temperature", type=real(0, low_open=True), default=1.0, help="Li's tau (objective li; default 1)")
     cd.add_argument("--amateur-context", choices=("full", "last_prompt_token"), default="full",
                     help="what the amateur reads of the prompt (default full; Li et al.: last_prompt_token)")

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
+
+import torch
+from tqdm import tqdm
 
 from .checkpoint import check_output
 
@@ -39,10 +41,11 @@ class Number:
 
     def describe(self) -> str:
         what = "a whole number" if self.kind is int else "a finite number"
-        low = f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
+        show = str if self.kind is int else "{:g}".format
+        low = f"> {show(self.low)}" if self.low_open else f">= {show(self.low)}"
         if self.high >= (BIGGEST if self.kind is int else math.inf):
             return f"{what} {low}"
-        return f"{what} {low} and {'<' if self.high_open else '<='} {self.high:g}"
+        return f"{what} {low} and {'<' if self.high_open else '<='} {show(self.high)}"
 
     def parse(self, text: str):
         """The value, or None when `text` is not a number of this kind in range."""
@@ -77,6 +80,20 @@ def integer(low: int = 1, high: int = BIGGEST) -> Number:
 def real(low: float = -math.inf, high: float = math.inf, low_open: bool = False, high_open: bool = False) -> Number:
     """A finite float in [low, high]; low_open / high_open exclude that end."""
     return Number(float, low, high, low_open, high_open)
+
+
+class SetThreads(argparse.Action):
+    """--threads N: torch computes on N CPU threads from the moment the flag is parsed."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        torch.set_num_threads(value)
+        setattr(namespace, self.dest, value)
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """The --threads flag of a command that computes (torch's default: one thread per core)."""
+    p.add_argument("--threads", type=integer(1, 1024), action=SetThreads, default=None, metavar="N",
+                   help="CPU threads torch computes on (default: one per core; OMP_NUM_THREADS=N does the same)")
 
 
 def add_input(p: argparse.ArgumentParser, *names: str, **kwargs) -> argparse.Action:
@@ -152,6 +169,15 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """One line on stderr and exit status 2 (argparse prints the whole usage first)."""
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def progress_bar(total: int, desc: str, unit: str = ""):
+    """A tqdm bar on stderr when stderr is a terminal; in a log, one line saying what starts instead of
+    a bar's redraws."""
+    quiet = not sys.stderr.isatty()
+    if quiet:
+        print(f"{desc}: {total} {unit}".rstrip() + "...", file=sys.stderr, flush=True)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr, disable=quiet)
 
 
 def fail(message: str, code: int = 2) -> int:

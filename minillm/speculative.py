@@ -46,7 +46,7 @@ own tensors; nothing extra is computed when no trace is given). The inspector pr
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from minillm import distill
 from minillm.checkpoint import load_model, save_model

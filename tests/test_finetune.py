@@ -184,3 +184,57 @@ def test_step0_on_smollm2_matches_transformers(tmp_path, text_file, smollm2_conv
         with torch.no_grad():
             hf_logits = smollm2_hf_model(x).logits
         assert got == pytest.approx(F.cross_entropy(hf_logits.flatten(0, 1), y.flatten()).item(), abs=1e-4), name
+
+
+# ----------------------------------------------------------------------------- presets, keep, a run that gains nothing
+
+def test_init_from_picks_the_finetune_or_lora_preset(base_ckpt):
+    full = TrainConfig(init_from=str(base_ckpt)).resolved()
+    lora = TrainConfig(init_from=str(base_ckpt), lora_rank=8).resolved()
+    assert (full.preset, full.seq_len, full.lr, full.eval_interval) == ("finetune", 128, 1e-4, 10)
+    assert (lora.preset, lora.lr) == ("lora", 1e-3)
+    assert TrainConfig().resolved().preset == "baby"
+    # the baby preset's eval_interval 250 beyond a 200-iteration run: a fifth of the run instead
+    assert TrainConfig(max_iters=200).resolved().eval_interval == 40
+    assert TrainConfig(max_iters=200, eval_interval=500).resolved().eval_interval == 500  # asked for: kept
+    with pytest.raises(ValueError, match="preset lora fine-tunes a checkpoint: it needs init_from"):
+        TrainConfig(preset="lora").resolved().check()
+
+
+def rising_val(monkeypatch):
+    """estimate_loss with a val loss that only rises (a fine-tune overfitting a tiny text)."""
+    from minillm import trainer
+    calls = []
+
+    def fake(model, batches, eval_iters, seed, autocast=None):
+        calls.append(1)
+        return {"train": 3.0 - 0.1 * len(calls), "val": 4.0 + 0.5 * len(calls)}
+    monkeypatch.setattr(trainer, "estimate_loss", fake)
+
+
+def test_a_run_that_never_beats_its_start_says_so(tmp_path, text_file, base_ckpt, monkeypatch):
+    """Before: 'done: 200 iters, best val 4.4172' and a file equal to the base, without a word."""
+    rising_val(monkeypatch)
+    lines = []
+    res = train(finetune(tmp_path, text_file, base_ckpt, max_iters=4, eval_interval=2), log=lines.append)
+    note = [line for line in lines if line.startswith("note: no evaluation beat the first")]
+    assert len(note) == 1 and "holds the weights of iter 0" in note[0] and "keep=last" in note[0], lines
+    kept = load_model(res.model_path).provenance
+    assert kept["step"] == 0 and kept["note"].startswith("no evaluation beat the first (val 4.5000 at iter 0")
+
+
+def test_keep_last_keeps_the_latest_weights(tmp_path, text_file, base_ckpt, monkeypatch):
+    rising_val(monkeypatch)
+    lines = []
+    res = train(finetune(tmp_path, text_file, base_ckpt, max_iters=4, eval_interval=2, keep="last"), log=lines.append)
+    kept = load_model(res.model_path).provenance
+    assert (kept["step"], kept["kept"]) == (4, "last") and "note" not in kept
+    assert not any(line.startswith("note:") for line in lines)
+
+
+def test_a_training_state_given_as_a_model_names_the_model_file(tmp_path, text_file, base_ckpt):
+    res = train(finetune(tmp_path, text_file, base_ckpt, max_iters=2, eval_interval=2), log=quiet)
+    state = tmp_path / "ft.train.safetensors"
+    with pytest.raises(ValueError, match=rf"a training state .*the run's model is {tmp_path}/ft.safetensors"):
+        load_model(state)
+    assert res.model_path == tmp_path / "ft.safetensors"

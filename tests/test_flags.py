@@ -203,3 +203,63 @@ def test_path_flags_are_declared_as_inputs_or_outputs(module, entry, words, pars
              if (a.dest in OUTPUT_NAMES and getattr(a, "role", None) != "output")
              or (a.dest in INPUT_NAMES and getattr(a, "role", None) != "input")]
     assert not wrong, f"declare with minillm.flags.add_input / add_output: {wrong}"
+
+
+# ----------------------------------------------------------------------------- help from the truth
+
+def default_words(value) -> set[str]:
+    """How a help text may spell a default value."""
+    if value is True:
+        return {"on"}
+    if value == "\n":
+        return {"a newline"}
+    if isinstance(value, float):
+        return {f"{value:g}", str(value)}
+    return {str(value)}
+
+
+def states_default(text: str, value) -> bool:
+    """'default: V', 'default V' or 'V (default)' in the help text."""
+    return any(re.search(rf"default:?\s*{re.escape(w)}(?![\w.])", text) or f"{w} (default)" in text
+               for w in default_words(value))
+
+
+@pytest.mark.parametrize("module,entry,words,parser", CASES)
+def test_every_help_states_the_real_default_and_every_choice(module, entry, words, parser):
+    wrong = []
+    for a in parser._actions:
+        if a.help in (None, argparse.SUPPRESS) or isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
+            continue
+        value = a.default
+        if value not in (None, False, [], argparse.SUPPRESS) and not states_default(a.help, value):
+            wrong.append(f"{option(a)}: default {value!r}, help {a.help!r}")
+        if a.choices and a.metavar is not None and not all(str(c) in a.help for c in a.choices):
+            wrong.append(f"{option(a)}: choices {list(a.choices)} not all in help {a.help!r}")
+    assert not wrong, "\n".join(wrong)
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """(command, its words) for every command line in README's code blocks (continuation lines joined)."""
+    text = (ROOT / "README.md").read_text()
+    out = []
+    for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in re.split(r"&&|\|", line.split("#")[0] if not line.lstrip().startswith("#") else ""):
+                words = part.split()
+                if len(words) > 1 and words[0] == "python":
+                    command = words[1] if words[1] != "-m" else words[2].replace("minillm.", "minillm.")
+                    out.append((command, words))
+    return out
+
+
+def test_every_flag_readme_uses_exists():
+    parsers_of = {cmd: list(parsers(load(where).make_parser())) for cmd, (where, _) in COMMANDS.items()}
+    missing = []
+    for command, words in readme_commands():
+        key = Path(command).name if command.endswith(".py") else command
+        if key not in parsers_of:
+            continue  # bench/ scripts and pip
+        known = {s for _, p in parsers_of[key] for a in p._actions for s in a.option_strings}
+        missing += [f"{' '.join(words)}: {w}" for w in words if w.startswith("--") and w.split("=")[0] not in known]
+    assert not missing, "\n".join(missing)
+    assert len(readme_commands()) > 30

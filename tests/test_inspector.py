@@ -233,7 +233,7 @@ def test_cli_json_and_pngs(tmp_path, tok, capsys):
     save_model(path, model, tok, {"source": "test"})
     out, js = tmp_path / "png", tmp_path / "r.json"
     main(["--model", str(path), "--prompt", "to be,\\nor not", "--out", str(out), "--json", str(js),
-          "--generate", "4", "--top-k", "5", "--top", "3"])
+          "--generate", "4", "--top-k", "5", "--top", "3", "--layers", "all"])
     printed = capsys.readouterr().out
     assert "perplexity" in printed and "logit lens" in printed and "sampling trace" in printed
     d = json.loads(js.read_text())

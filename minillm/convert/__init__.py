@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import check_output
+from ..checkpoint import check_output, read_metadata
 from .gguf import load_gguf
 from .hf import download_hub, load_hf_dir
 from .source import ConvertError, Source, Tensor
@@ -54,6 +54,8 @@ def load_source(src: str | Path) -> Source:
     if p.is_file():
         if _is_gguf(p):
             return load_gguf(p)
+        if p.suffix == ".safetensors" and read_metadata(p).get("format", "").startswith("minillm/"):
+            raise ConvertError(f"{src}: already a minillm checkpoint: sample.py and the other commands take it as it is")
         raise ConvertError(f"{src}: not a .gguf file; for Hugging Face weights pass the model's directory")
     if p.is_dir():
         return load_hf_dir(p)

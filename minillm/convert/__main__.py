@@ -35,7 +35,8 @@ def main(argv=None) -> int:
         ap.error("--keep-quant writes integer codes with bf16 scales; --dtype does not apply")
     t0 = time.perf_counter()
     try:
-        out = convert(args.src, args.out, dtype=args.dtype, progress=not args.quiet, keep_quant=args.keep_quant)
+        out = convert(args.src, args.out, dtype=args.dtype, progress=not args.quiet and sys.stderr.isatty(),
+                      keep_quant=args.keep_quant)  # in a log, no bar: the one line is the "wrote" below
     except (ConvertError, OSError) as e:
         return fail(str(e))
     size = out.stat().st_size
@@ -47,9 +48,9 @@ def main(argv=None) -> int:
     print(f"wrote {out} ({size / 1e6:.1f} MB, {what}) in {time.perf_counter() - t0:.1f}s")
     source_size = Path(args.src).stat().st_size if Path(args.src).is_file() else 0
     if source_size and not args.keep_quant and size > 1.5 * source_size:
+        halve = ", --dtype bfloat16 halves this file" if args.dtype == "float32" else ""
         print(f"note: {size / source_size:.1f}x the size of {args.src} ({source_size / 1e6:.1f} MB), whose weights are "
-              "quantized: --keep-quant keeps its 4-bit codes as they are (exact, about its size), --dtype bfloat16 "
-              "halves this file")
+              f"quantized: --keep-quant stores it quantized (4-bit blocks copied as they are where they map; see README){halve}")
     if "context" in provenance:  # a sliding window capped the context
         print(f"note: {provenance['context']}")
     return 0

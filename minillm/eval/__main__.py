@@ -24,13 +24,12 @@ import time
 from dataclasses import asdict, fields
 
 import torch
-from tqdm import tqdm
 
 from ..checkpoint import load_model
 from ..cli import add_decoding_args, method_from_args, partner_path, unescape
 from ..data import read_text, resolve_text_path
 from ..device import pick_device
-from ..flags import Parser, add_input, add_output, fail, integer, real
+from ..flags import Parser, add_input, add_output, add_threads, fail, integer, progress_bar, real
 from ..methods import load_partner
 from ..sampling import SamplingParams
 from ..speed import speed_up
@@ -50,6 +49,7 @@ def _common(p: argparse.ArgumentParser, several: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default auto)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default: as stored")
     add_output(p, "--json", default=None, metavar="FILE", help="also write the results as JSON (checked before the run)")
+    add_threads(p)
 
 
 def _generation_flags(p: argparse.ArgumentParser) -> None:
@@ -96,7 +96,7 @@ def make_parser() -> Parser:
     p.add_argument("--allow-code-execution", action="store_true",
                    help="required: run the code the model writes (sandboxed; see the README)")
     p.add_argument("--prompting", choices=["auto", "chat", "base"], default="auto",
-                   help="chat template and code block, or the raw prompt (default: chat if the checkpoint has one)")
+                   help="chat template and code block, or the raw prompt (default auto: chat if the checkpoint has one)")
     p.add_argument("--samples", type=integer(1), default=1, metavar="N", help="answers per problem (default 1)")
     p.add_argument("--pass-k", default="1", metavar="K,K",
                    help="comma-separated k of pass@k, each <= --samples (default 1)")
@@ -110,8 +110,8 @@ def make_parser() -> Parser:
     return ap
 
 
-def _bar(total: int, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="", leave=False, dynamic_ncols=True, file=sys.stderr)
+def _bar(total: int, desc: str):
+    return progress_bar(total, desc)
 
 
 def _load(path: str, args, device):

@@ -87,7 +87,7 @@ class Limits:
                 and value <= high
             if not ok:
                 raise ValueError(f"Limits.{f.name} must be {'a whole number' if whole else 'a number'} in "
-                                 f"{'(' if f.name == 'timeout_s' else '['}{low:g}, {high:g}], got {value!r}")
+                                 f"{'(' if f.name == 'timeout_s' else '['}{low:g}, {high}], got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import sys
 from ..checkpoint import load_model
 from ..cli import add_decoding_args, method_from_args, partner_path, unescape
 from ..device import pick_device
-from ..flags import Parser, add_input, add_output, integer
+from ..flags import Parser, add_input, add_output, add_threads, integer, progress_bar
 from ..methods import Method, load_partner
 from .analysis import Report, inspect_prompt
 from .json_report import write_json
@@ -37,6 +37,9 @@ def make_parser() -> Parser:
     add_output(ap, "--out", folder=True,
                help="folder for the PNGs (logit lens, attention per layer, overview, head scores); made if missing")
     add_output(ap, "--json", help="write everything machine-readable to this file")
+    ap.add_argument("--layers", default=None, metavar="all|L,L",
+                    help="with --out, also one attention grid PNG per chosen layer: 'all' or e.g. 0,5,29 "
+                         "(default: none; attn_overview.png shows every head of every layer)")
     ap.add_argument("--top", type=integer(1), default=5, help="predictions / alternatives shown per position (default 5)")
     ap.add_argument("--max-rows", type=integer(1), default=64,
                     help="longest table printed before rows are elided (default 64)")
@@ -45,6 +48,7 @@ def make_parser() -> Parser:
     ap.add_argument("--generate", type=integer(0), default=0, metavar="N", help="also trace N tokens decoded by --method")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
     add_decoding_args(ap)
+    add_threads(ap)
     return ap
 
 
@@ -55,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Metho
         method = method_from_args(args)
     except ValueError as e:  # a flag combination that cannot work: a usage error
         ap.error(str(e))
+    if args.layers and not args.out:
+        ap.error("--layers chooses attention PNGs: it needs --out DIR")
     return args, method
 
 
@@ -78,9 +84,28 @@ def trace_into(rep: Report, args, method: Method, loaded, partner) -> None:
     print(rep.trace_stats.summary(), end="\n\n")
 
 
+def chosen_layers(spec: str | None, n_layer: int) -> list[int]:
+    """--layers: none (None), "all", or comma-separated layer numbers, each in [0, n_layer)."""
+    if not spec:
+        return []
+    if spec == "all":
+        return list(range(n_layer))
+    try:
+        layers = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--layers must be 'all' or comma-separated layer numbers, got {spec!r}") from None
+    bad = [x for x in layers if not 0 <= x < n_layer]
+    if bad:
+        raise ValueError(f"--layers {bad[0]}: the model has layers 0 to {n_layer - 1}")
+    return layers
+
+
 def write_outputs(rep: Report, args) -> None:
     if args.out:
-        paths = write_pngs(rep, args.out)
+        layers = chosen_layers(args.layers, rep.info["n_layer"])
+        n = 1 + (2 + len(layers) if rep.attention else 0)
+        with progress_bar(n, f"PNGs to {args.out}") as bar:
+            paths = write_pngs(rep, args.out, layers, progress=lambda p: bar.update(1))
         more = ", …" if len(paths) > 3 else ""
         print(f"wrote {len(paths)} PNGs to {os.path.join(args.out, '')} ({', '.join(p.name for p in paths[:3])}{more})")
     if args.json:
@@ -94,6 +119,7 @@ def main(argv: list[str] | None = None) -> Report:
     args, method = parse_args(argv)
     device = pick_device(args.device)
     loaded = load_model(args.model, device=device)
+    chosen_layers(args.layers, loaded.config.n_layer)  # a bad --layers is refused before any work
     tracing = args.generate > 0
     partner = load_partner(partner_path(args), method.partner, loaded, device) if tracing and method.partner else None
     prompt = unescape(args.prompt)

@@ -113,18 +113,19 @@ def plot_head_scores(rep: Report, path: Path) -> None:
     _save(plt, fig, path, 110)
 
 
-def write_pngs(rep: Report, out: str | Path) -> list[Path]:
-    """All the pictures into directory `out` -> their paths (the attention ones only when captured)."""
+def write_pngs(rep: Report, out: str | Path, layers: list[int] = (), progress=None) -> list[Path]:
+    """The pictures into directory `out` -> their paths: the logit lens, and when attention was captured
+    the overview of every head, the head scores and one grid per layer in `layers`. progress(path) is
+    called after each picture is written."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "logit_lens.png"]
-    plot_logit_lens(rep, paths[0])
+    out.mkdir(exist_ok=True)
+    jobs = [(out / "logit_lens.png", lambda p: plot_logit_lens(rep, p))]
     if rep.attention:
-        for l in range(len(rep.attention)):
-            p = out / f"attn_layer{l:02d}.png"
-            plot_attention_layer(rep, l, p)
-            paths.append(p)
-        paths += [out / "attn_overview.png", out / "head_scores.png"]
-        plot_attention_overview(rep, paths[-2])
-        plot_head_scores(rep, paths[-1])
-    return paths
+        jobs += [(out / "attn_overview.png", lambda p: plot_attention_overview(rep, p)),
+                 (out / "head_scores.png", lambda p: plot_head_scores(rep, p))]
+        jobs += [(out / f"attn_layer{l:02d}.png", lambda p, l=l: plot_attention_layer(rep, l, p)) for l in layers]
+    for path, draw in jobs:
+        draw(path)
+        if progress is not None:
+            progress(path)
+    return [path for path, _ in jobs]

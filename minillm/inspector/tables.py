@@ -18,19 +18,19 @@ def _elide(indices: list[int], max_rows: int) -> list[int | None]:
 
 
 def prefill_table(rep: Report, max_rows: int = 64, top: int = 5) -> str:
-    lines = [f"{'pos':>4}  {'token':<10} {'next':<10} {'p(next)':>8} {'bits':>6} {'rank':>5}   top-{top} predictions for the next token"]
+    lines = [f"{'pos':>4}  {'token':<14} {'next':<14} {'p(next)':>8} {'bits':>6} {'rank':>5}   top-{top} predictions for the next token"]
     for t in _elide(list(range(len(rep.prefill))), max_rows):
         if t is None:
             lines.append(f"{'…':>4}  ({len(rep.prefill) - 2 * max(1, max_rows // 2)} positions not shown)")
             continue
         r = rep.prefill[t]
-        preds = "  ".join(f"{p['token'][:8]} {p['p']:.3f}" for p in r["top"][:top])
+        preds = "  ".join(f"{p['token'][:14]} {p['p']:.3f}" for p in r["top"][:top])
         nx = r["next"]
         if nx is None:
-            mid = f"{'—':<10} {'':>8} {'':>6} {'':>5}"
+            mid = f"{'—':<14} {'':>8} {'':>6} {'':>5}"
         else:
-            mid = f"{nx['token'][:10]:<10} {nx['p']:>8.4f} {nx['surprisal_bits']:>6.2f} {nx['rank']:>5}"
-        lines.append(f"{t:>4}  {r['token'][:10]:<10} {mid}   {preds}")
+            mid = f"{nx['token'][:14]:<14} {nx['p']:>8.4f} {nx['surprisal_bits']:>6.2f} {nx['rank']:>5}"
+        lines.append(f"{t:>4}  {r['token'][:14]:<14} {mid}   {preds}")
     if rep.perplexity is not None:
         lines.append(f"perplexity {rep.perplexity:.3f}  (mean surprisal {rep.mean_surprisal_bits:.3f} bits/token over "
                      f"{len(rep.prefill) - 1} predicted tokens)")
@@ -39,12 +39,16 @@ def prefill_table(rep: Report, max_rows: int = 64, top: int = 5) -> str:
     return "\n".join(lines)
 
 
-def lens_table(rep: Report, max_cols: int = 12, width: int = 7) -> str:
+def lens_table(rep: Report, max_cols: int = 12, width: int | None = None) -> str:
     """Rows = layers, columns = the last max_cols positions; each cell: the layer's top token, marked
-    '*' when it already is the final prediction. Then a per-layer detail for the last position."""
+    '*' when it already is the final prediction. Then a per-layer detail for the last position.
+    Columns are as wide as the longest token shown (4 to 13 characters) unless `width` says."""
     L = rep.lens
     T = len(rep.ids)
     cols = list(range(max(0, T - max_cols), T))
+    if width is None:
+        shown = [rep.tokens[t] for t in cols] + [L["top_token"][l][t] for l in range(len(L["layers"])) for t in cols]
+        width = min(13, max(4, max(map(len, shown)) + 1))
     head = f"{'layer':>6} " + " ".join(f"{rep.tokens[t][:width]:>{width}}" for t in cols)
     lines = [f"logit lens: top token per layer (columns: input token at the last {len(cols)} of {T} positions; "
              f"* = equals the final prediction)", head]

@@ -22,7 +22,7 @@ import torch
 from ..checkpoint import load_model, save_model
 from ..data import file_sha256, resolve_text_path
 from ..device import pick_device
-from ..flags import Parser, add_input, add_output, fail, integer, real
+from ..flags import Parser, add_input, add_output, add_threads, fail, integer, real
 from . import (CALIB_SEQ_LEN, CALIB_TOKENS, SCOPES, block_linear_weights, calibration_ids, check_calib, check_drop, check_float,
                check_mlp_hidden, check_sparsity, magnitude_prune, prune_depth, prune_width)
 
@@ -35,7 +35,7 @@ def make_parser() -> Parser:
     mag = sub.add_parser("magnitude", help="(a) zero the smallest-|w| weights of the blocks' Linear layers")
     mag.add_argument("--sparsity", type=real(0, 1, high_open=True), required=True, help="fraction of those weights set to zero, in [0, 1)")
     mag.add_argument("--scope", choices=SCOPES, default="global",
-                     help="global: one threshold over all of them; layer: each matrix exactly this sparse")
+                     help="global: one threshold over all of them; layer: each matrix exactly this sparse (default global)")
     depth = sub.add_parser("depth", help="(b) drop the blocks that change the residual stream least")
     depth.add_argument("--drop", type=integer(1), required=True, help="how many blocks to remove")
     width = sub.add_parser("width", help="(c) keep the most important MLP hidden channels in every block")
@@ -44,6 +44,7 @@ def make_parser() -> Parser:
         add_input(p, "input", help="a float minillm checkpoint (.safetensors)")
         add_output(p, "--out", required=True, help="where to write the pruned checkpoint")
         p.add_argument("--device", default="cpu", help="where to compute: cpu (default), cuda, mps or auto")
+        add_threads(p)
     for p in (depth, width):
         add_input(p, "--calib", default=None, help="calibration text file (default: tinyshakespeare)")
         p.add_argument("--calib-tokens", type=integer(2), default=CALIB_TOKENS, help=f"tokens of it to use (default {CALIB_TOKENS})")

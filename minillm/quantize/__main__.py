@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..checkpoint import load_model, save_model
-from ..flags import Parser, add_input, add_output, fail
+from ..flags import Parser, add_input, add_output, add_threads, fail
 from . import BITS, GROUP_SIZES, quantize_model
 
 
@@ -20,6 +20,7 @@ def make_parser() -> Parser:
                     help="int4 only: inputs sharing one scale and zero (smaller: more accurate, larger file; default 32)")
     ap.add_argument("--embedding-bits", type=int, default=8, choices=BITS,
                     help="bits for the token embedding and the output head (default 8, also with --bits 4)")
+    add_threads(ap)
     return ap
 
 
