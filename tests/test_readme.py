@@ -8,7 +8,8 @@ flags are appended to each line (argparse takes the last value) so that training
 sampling 8 tokens, evaluation a few tasks: the commands and their other flags are README's. A line
 whose output README shows (`$ command` then the output) must print that table header (README may
 leave its last columns out).
-Lines that cannot run here are SKIPPED with the reason (internet, torchrun, pip, a model CI lacks).
+Lines that cannot run here are SKIPPED with the reason (internet, pip, a model CI lacks); the torchrun
+line is not a python line (tests/test_ddp.py runs data-parallel training).
 """
 
 import io
@@ -31,7 +32,6 @@ CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\
           "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 SKIPPED = {  # a piece of the line -> why it does not run here
     "pip ": "installs packages (CI's own first step)",
-    "torchrun": "two processes under torchrun: tests/test_ddp.py runs data-parallel training",
     "-m pytest": "the test suite itself",
     "fetch_models.py": "a download script of the workplace, run by .ci/run",
     "convert gpt2 ": "a hub id: needs internet",

@@ -36,6 +36,15 @@ def _trees() -> dict[str, Path] | None:
     return trees if all(_writable(t) and (t / "cgroup.procs").exists() for t in trees.values()) else None
 
 
+def _remove_stale(trees: dict[str, Path]) -> None:
+    """Groups left by an evaluation that was killed (its pid is gone): removed once empty."""
+    for tree in set(trees.values()):
+        for folder in tree.glob("minillm-sandbox-*-*"):
+            pid = folder.name.split("-")[2]
+            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                Cgroup([folder]).remove()
+
+
 class Cgroup:
     def __init__(self, folders: list[Path]):
         self.folders = folders  # one per tree (v1: memory and pids) or one (v2)
@@ -45,6 +54,7 @@ class Cgroup:
         trees = _trees()
         if trees is None:
             return None
+        _remove_stale(trees)
         name = f"minillm-sandbox-{os.getpid()}-{secrets.token_hex(4)}"
         folders = sorted({t / name for t in trees.values()})
         group = cls(folders)
