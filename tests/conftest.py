@@ -11,6 +11,16 @@ def shared_data_dir() -> Path:
     return Path(os.environ.get("MINILLM_DATA_DIR", ROOT.parent / "shared" / "data"))
 
 
+def exit_status(main, argv) -> int:
+    """A command's exit status, run in this process: main's return value, or the status it exited with
+    (argparse refuses a flag with SystemExit(2); a None return is success)."""
+    try:
+        status = main(argv)
+    except SystemExit as e:
+        status = e.code
+    return 0 if status is None else status
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _data_env():
     os.environ.setdefault("MINILLM_DATA_DIR", str(shared_data_dir()))

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from minillm.flags import Number
+from conftest import exit_status
 
 ROOT = Path(__file__).resolve().parents[1]
 # command -> (module, its entry: main(argv) returning or exiting with the status)
@@ -131,10 +132,7 @@ def snapshot(folder: Path) -> dict:
 def refused(module, entry, argv, flag, folder, capsys):
     """Run the command: exit 2, one line on stderr naming `flag`, nothing under `folder` created or changed."""
     before = snapshot(folder)
-    try:
-        status = getattr(module, entry)(argv)
-    except SystemExit as e:
-        status = e.code
+    status = exit_status(getattr(module, entry), argv)
     err = capsys.readouterr().err.strip()
     assert status == 2, f"{argv}: exit {status}, stderr {err!r}"
     assert len(err.splitlines()) == 1 and re.search(rf"{re.escape(flag)}\b", err), f"{argv}: {err!r}"

@@ -17,6 +17,7 @@ from minillm.prune.__main__ import main as prune_main
 from minillm.quantize import quantize_model
 from minillm.sampling import SamplingParams
 from minillm.tokenizer import CharTokenizer
+from conftest import exit_status
 
 
 @pytest.fixture(scope="module")
@@ -227,14 +228,6 @@ def test_cli_writes_a_loadable_smaller_checkpoint_with_provenance(args, check, c
         assert len(step["dropped_blocks"]) == 2 and len(step["block_similarity"]) == 4
 
 
-def status(argv) -> int:
-    """The command's exit status: main's return value, or the parser's exit for a flag it refuses."""
-    try:
-        return prune_main(argv)
-    except SystemExit as e:
-        return e.code
-
-
 @pytest.mark.parametrize("args, flag", [
     (["magnitude", "--sparsity", "1.0"], "--sparsity"), (["magnitude", "--sparsity", "-0.1"], "--sparsity"),
     (["magnitude", "--sparsity", "nan"], "--sparsity"), (["depth", "--drop", "4"], "--drop"),
@@ -246,7 +239,7 @@ def status(argv) -> int:
 ])
 def test_cli_errors_are_one_line_naming_the_flag(args, flag, checkpoint_file, capsys):
     out = checkpoint_file.with_name("never.safetensors")
-    assert status([args[0], str(checkpoint_file), "--out", str(out), *args[1:]]) == 2
+    assert exit_status(prune_main, [args[0], str(checkpoint_file), "--out", str(out), *args[1:]]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and flag in err
     assert not out.exists()
@@ -281,7 +274,7 @@ def test_cli_refuses_files_it_cannot_use_in_one_line(case, checkpoint_file, toke
         src = checkpoint_file.with_name("int8.safetensors")
         save_model(src, quantize_model(tiny("llama", tokenizer.vocab_size), 8), tokenizer)
     before = src.stat().st_mtime_ns if src.exists() else None
-    assert status(["magnitude", str(src), "--out", str(out), "--sparsity", "0.5"]) == 2
+    assert exit_status(prune_main, ["magnitude", str(src), "--out", str(out), "--sparsity", "0.5"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and str(src if case != "out folder missing" else out.parent) in err
     assert (src.stat().st_mtime_ns if src.exists() else None) == before

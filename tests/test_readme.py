@@ -26,6 +26,7 @@ from minillm.config import ModelConfig
 from minillm.model import Transformer
 from minillm.tokenizer import BPETokenizer
 from test_flags import COMMANDS, load
+from conftest import exit_status
 
 ROOT = Path(__file__).resolve().parents[1]
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
@@ -128,12 +129,9 @@ def test_readme_line_runs(line, shown, workspace, monkeypatch, capsys):
     where, entry = COMMANDS[command]
     monkeypatch.chdir(workspace)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello!\n"))  # --chat reads its turns from standard input
-    try:
-        status = getattr(load(where), entry)(argv)
-    except SystemExit as e:
-        status = e.code
+    status = exit_status(getattr(load(where), entry), argv)
     out, err = capsys.readouterr()
-    assert status in (0, None), f"{line}\n  ran as {argv}\n  exit {status}: {err[-2000:]}"
+    assert status == 0, f"{line}\n  ran as {argv}\n  exit {status}: {err[-2000:]}"
     if shown:  # README shows this line's output: its table header, columns in order (README may leave
         printed = out.splitlines()[0].split()  # the last ones out, and says so: "the tables also give tok/s")
         assert printed[:len(shown[0].split())] == shown[0].split(), (out, shown[0])

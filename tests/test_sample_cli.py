@@ -15,6 +15,7 @@ from minillm.checkpoint import save_model
 from minillm.config import preset
 from minillm.model import Transformer
 from minillm.tokenizer import CharTokenizer
+from conftest import exit_status
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "ROMEO:\nWhat light through yonder window breaks?\nJULIET:\nAy me!\n"
@@ -57,10 +58,7 @@ def ckpts(tmp_path_factory):
 
 
 def run(capsys, *args):
-    try:
-        code = CLI.main([*args])
-    except SystemExit as e:  # a flag the parser refuses (minillm.flags)
-        code = e.code
+    code = exit_status(CLI.main, [*args])  # a flag the parser refuses exits (minillm.flags)
     out = capsys.readouterr()
     return code, out.out, out.err
 

@@ -20,6 +20,7 @@ import torch
 import train as train_cli
 from minillm import trainer
 from minillm.checkpoint import load_model
+from conftest import exit_status
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "2",
@@ -60,14 +61,6 @@ def out(tmp_path, stopped_run):
     folder = tmp_path / "out"
     shutil.copytree(stopped_run, folder)
     return folder
-
-
-def status(argv) -> int:
-    """train.py's exit status: main's return value, or argparse's exit for a flag it refuses."""
-    try:
-        return train_cli.main(argv)
-    except SystemExit as e:
-        return e.code
 
 
 def one_error_line(err: str) -> str:
@@ -129,7 +122,7 @@ def test_invalid_value_is_one_line_and_touches_nothing(flags, message, out, text
     flags = [f.format(**fill) for f in flags]
     argv = [*TINY, "--data", str(texts / "small.txt"), "--out-dir", str(out), *flags]  # later flags win
     before = snapshot(out)
-    assert status(argv) == 2
+    assert exit_status(train_cli.main, argv) == 2
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith("error: ") and message.format(**fill) in line, line
     assert snapshot(out) == before
