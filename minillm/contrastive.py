@@ -41,7 +41,7 @@ import torch
 
 from .generate import Stats, check_budget, next_logits
 from .kv_cache import KVCache
-from .sampling import SamplingParams, apply_history_processors, sample
+from .sampling import SamplingParams, apply_history_processors, choose
 
 OBJECTIVES = ("obrien", "li")
 AMATEUR_CONTEXTS = ("full", "last_prompt_token")
@@ -164,7 +164,7 @@ def contrastive_stream(expert, amateur, prompt_ids: list[int], max_new_tokens: i
         if history is not None:
             z_e = apply_history_processors(z_e.float(), params, history)
         scores, head = contrastive_scores(z_e, z_a, alpha, beta, objective, amateur_temperature)
-        token = int(sample(scores, warp, generator))  # greedy: argmax over V_head (the rest is -inf)
+        token = int(choose(scores, warp, generator)[0])  # greedy: argmax over V_head (the rest is -inf)
         expert_token = int(z_e.argmax(-1))
         stats.head_sizes.append(int(head.sum()))
         stats.differs_from_expert += int(token != expert_token)

@@ -39,7 +39,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .kv_cache import KVCache
-from .sampling import SamplingParams, pick, process_logits
+from .sampling import SamplingParams, choose
 from .tokenizer import IncrementalDecoder
 
 
@@ -142,7 +142,7 @@ class SampleStep:
     """One plain decoding step, as a `trace` callable receives it (the loop's own tensors; read only)."""
     step: int  # loop iteration, from 0
     logits: torch.Tensor  # (B, V) the model's raw next-token logits
-    processed: torch.Tensor  # (B, V) float32 processed logits: softmax of these is what was sampled from
+    probs: torch.Tensor  # (B, V) float32: the distribution the tokens were chosen from (sampling.choose)
     tokens: torch.Tensor  # (B,) the tokens this step chose (a row still reading its prompt is fed that instead)
 
 
@@ -192,17 +192,6 @@ def _check_prompts(model, prompts, max_new_tokens: int, sliding_window: bool, ca
                      what="the prompt" if B == 1 else "the longest prompt")
 
 
-def _choose(logits, params, generator, history, step, trace) -> torch.Tensor:
-    """Next tokens (B,) from logits (B, V); the trace sees the distribution they were drawn from."""
-    if trace is None and params.greedy and not params.needs_history:
-        return logits.argmax(-1)  # nothing can change the argmax
-    z = process_logits(logits, params, history)
-    tokens = pick(z, params, generator)
-    if trace is not None:
-        trace(SampleStep(step, logits, z, tokens))
-    return tokens
-
-
 @torch.inference_mode()
 def stream_batch(model, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams = SamplingParams(),
                  generator: torch.Generator | None = None, eos_ids: set[int] = frozenset(),
@@ -234,7 +223,9 @@ def stream_batch(model, prompts: list[list[int]], max_new_tokens: int, params: S
         if all(done):
             return
         history = seq[:, :pos] if params.needs_history else None
-        tokens = _choose(logits, params, generator, history, step, trace)
+        tokens, probs = choose(logits, params, generator, history)
+        if trace is not None:
+            trace(SampleStep(step, logits, probs, tokens))
         if pos < longest:  # a row still reading its prompt is fed its prompt token
             tokens = torch.where(pos < lens, seq[:, pos], tokens)
         seq[:, pos] = tokens

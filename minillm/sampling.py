@@ -2,7 +2,9 @@
 
 Each processor is a small pure function on float32 logits (B, V) that returns new logits; a token a
 processor removes gets -inf. `process_logits` runs them in Hugging Face transformers' order
-(`GenerationMixin._get_logits_processor`), and `sample` draws from the softmax of the result:
+(`GenerationMixin._get_logits_processor`), `distribution` is the softmax of the result, and `choose`
+(the one function every decoding loop, the speculative draft and contrastive decoding use to choose a
+token) returns the tokens with the distribution they were chosen from, as gpt-fast's `sample` does:
 
     1. repetition_penalty      history   CTRL: a seen token's logit z becomes z/θ if z > 0, else z·θ
     2. presence_penalty        history   z -= presence · [count > 0]      (OpenAI-style; not in transformers)
@@ -223,8 +225,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.
     contrastive decoding."""
     logits = apply_history_processors(logits.float(), params, history)
     if params.greedy:  # a real argmax (first index on ties), never a division by a tiny temperature
-        best = logits.argmax(-1, keepdim=True)
-        return torch.full_like(logits, float("-inf")).scatter_(-1, best, 0.0)
+        return greedy_one_hot(logits).log()  # 0 at the argmax, -inf elsewhere
     if params.temperature != 1.0:
         logits = logits / params.temperature
     keep = params.min_tokens_to_keep
@@ -239,17 +240,30 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.
     return logits
 
 
-def pick(processed: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Processed logits (B, V) (from process_logits) -> token ids (B,): the argmax when greedy, else one
-    draw per row from their softmax with `generator` (the global RNG is untouched when one is given)."""
+def greedy_one_hot(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) float32 -> 1.0 at each row's argmax (first index on ties), 0.0 elsewhere: greedy's distribution."""
+    return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+
+
+def distribution(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, V) -> the float32 distribution (B, V) a token is chosen from: softmax(process_logits),
+    one-hot at the argmax when greedy (made directly: no exp over the vocabulary)."""
     if params.greedy:
-        return processed.argmax(dim=-1)
-    return torch.multinomial(processed.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+        return greedy_one_hot(apply_history_processors(logits.float(), params, history))
+    return process_logits(logits, params, history).softmax(-1)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           history: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits (B, V) -> next token ids (B,): pick(process_logits(...))."""
-    if params.greedy and not params.needs_history:
-        return logits.argmax(dim=-1)  # fast path: nothing can change the argmax
-    return pick(process_logits(logits, params, history), params, generator)
+def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           history: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose each row's next token: (tokens (B,), probs (B, V)), probs being the distribution they were
+    chosen from (what speculative decoding's acceptance test and the inspector's trace need)."""
+    probs = distribution(logits, params, history)
+    return choose_from(probs, params.greedy, generator), probs
+
+
+def choose_from(probs: torch.Tensor, greedy: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Tokens (B,) from a distribution (B, V): its argmax when greedy (first index on ties), else one
+    draw per row with `generator` (the global RNG is untouched when one is given)."""
+    if greedy:
+        return probs.argmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -53,7 +53,7 @@ import torch
 
 from .generate import Stats, check_budget, next_logits
 from .kv_cache import KVCache
-from .sampling import SamplingParams, process_logits
+from .sampling import SamplingParams, choose, choose_from, distribution
 
 
 @dataclass
@@ -84,26 +84,6 @@ class SpecStep:
 
 
 # --- the pieces of the accept/reject math, module-level so tests can break each on purpose ---
-
-def distribution(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits (B, V) -> the float32 distribution (B, V) a token is drawn from: softmax(process_logits),
-    which is one-hot at the argmax when greedy (temperature 0 is never a division by a tiny number).
-    `history` (B, T): the ids the position follows, for penalties (None when params.needs_history is False)."""
-    return process_logits(logits, params, history).softmax(-1)
-
-
-def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from probs (B, V) -> (B,)."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def draft_token(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The draft's token d_i (B,) and q_draft_i (B, V): the distribution d_i was ACTUALLY drawn from
-    (processed like the target's; one-hot when greedy). Storing the raw softmax instead is a classic bug."""
-    q = distribution(logits, params, history)
-    return (q.argmax(-1) if params.greedy else draw(q, generator)), q
-
 
 def uniforms(batch: int, k: int, generator: torch.Generator | None, device) -> torch.Tensor:
     """(B, k) independent U[0,1), one per row and draft position (a shared one would correlate acceptances)."""
@@ -175,7 +155,9 @@ class SpeculativeDecoder:
             t0 = time.perf_counter()
             inp = self.seq[:, self.draft_cache.length:] if i == 0 else d[:, i - 1:i]
             logits = next_logits(self.draft, inp, self.draft_cache)
-            d[:, i], q_i = draft_token(logits, self.params, self._history(d, i), self.generator)
+            # the draft's token d_i and q_draft_i, the distribution d_i was ACTUALLY chosen from (processed
+            # like the target's; one-hot when greedy): storing the raw softmax instead is a classic bug
+            d[:, i], q_i = choose(logits, self.params, self.generator, self._history(d, i))
             q_draft.append(q_i)
             self.stats.timed("draft", time.perf_counter() - t0)
         V = self.target.config.vocab_size
@@ -225,10 +207,10 @@ class SpeculativeDecoder:
         # position m+1 (a rejection there) or, when m == k (all accepted), the bonus from p_target_{k+1}.
         fix = None
         if m == k:
-            extra = draw(p_target[:, k], self.generator) if not self.params.greedy else p_target[:, k].argmax(-1)
+            extra = choose_from(p_target[:, k], self.params.greedy, self.generator)
         else:
             fix = residual(p_target[:, m], q_draft[:, m])  # (B, V)
-            fix_tok = fix.argmax(-1) if self.params.greedy else draw(fix, self.generator)
+            fix_tok = choose_from(fix, self.params.greedy, self.generator)
             extra = torch.where(n_acc > m, d[:, m], fix_tok)
         new = torch.cat([d[:, :m], extra.unsqueeze(1)], 1)  # (B, m+1)
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minillm.sampling import (SamplingParams, apply_min_p, apply_presence_frequency, apply_repetition_penalty,
-                              apply_top_k, apply_top_p, apply_typical_p, ban_repeated_ngrams, process_logits, sample)
+                              apply_top_k, apply_top_p, apply_typical_p, ban_repeated_ngrams, process_logits, choose)
 
 hf = pytest.importorskip("transformers.generation.logits_process")
 FAST = settings(max_examples=40, deadline=None)
@@ -302,17 +302,22 @@ def test_a_ban_that_would_leave_nothing_is_lifted():
 def test_greedy_applies_penalties_then_argmax():
     logits = torch.tensor([[2.0, 1.9, -1.0]])
     hist = torch.tensor([[0]])
-    assert sample(logits, SamplingParams(temperature=0)).tolist() == [0]
-    assert sample(logits, SamplingParams(temperature=0, repetition_penalty=1.2), history=hist).tolist() == [1]
+    assert choose(logits, SamplingParams(temperature=0))[0].tolist() == [0]
+    assert choose(logits, SamplingParams(temperature=0, repetition_penalty=1.2), history=hist)[0].tolist() == [1]
     one_hot = process_logits(logits, SamplingParams(temperature=0, repetition_penalty=1.2), hist).softmax(-1)
     assert one_hot.tolist() == [[0.0, 1.0, 0.0]]
+    # choose returns the distribution it chose from: one-hot when greedy, the processed softmax else
+    tokens, probs = choose(logits, SamplingParams(temperature=0, repetition_penalty=1.2), history=hist)
+    assert tokens.tolist() == [1] and probs.tolist() == one_hot.tolist()
+    warm = SamplingParams(temperature=0.7, top_k=2)
+    assert torch.equal(choose(logits, warm, torch.Generator().manual_seed(0))[1], process_logits(logits, warm).softmax(-1))
 
 
 # ----------------------------------------------------------------------------- drawing
 
 def test_greedy_is_argmax_first_index_on_ties():
     logits = torch.tensor([[0.1, 3.0, 2.9, -1.0], [5.0, 0.0, 0.0, 5.0]])
-    assert sample(logits, SamplingParams(temperature=0)).tolist() == [1, 0]
+    assert choose(logits, SamplingParams(temperature=0))[0].tolist() == [1, 0]
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
@@ -329,9 +334,9 @@ def test_same_seed_same_tokens_and_global_rng_untouched():
     logits = torch.randn(8, 50)
     params = SamplingParams(temperature=1.3, top_k=20, top_p=0.95, min_p=0.01)
     before = torch.get_rng_state()
-    a = sample(logits, params, torch.Generator().manual_seed(5))
-    b = sample(logits, params, torch.Generator().manual_seed(5))
-    c = sample(logits, params, torch.Generator().manual_seed(6))
+    a = choose(logits, params, torch.Generator().manual_seed(5))[0]
+    b = choose(logits, params, torch.Generator().manual_seed(5))[0]
+    c = choose(logits, params, torch.Generator().manual_seed(6))[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(torch.get_rng_state(), before)
 
@@ -345,7 +350,7 @@ def test_sampled_distribution_matches_processed_softmax(params):
     g = torch.Generator().manual_seed(0)
     logits, hist = torch.randn(1, 30, generator=g) * 2, torch.randint(0, 30, (1, 12), generator=g)
     n = 200_000
-    draws = sample(logits.expand(n, -1), params, torch.Generator().manual_seed(0), hist.expand(n, -1))
+    draws = choose(logits.expand(n, -1), params, torch.Generator().manual_seed(0), hist.expand(n, -1))[0]
     counts = torch.bincount(draws, minlength=30).double()
     expected = process_logits(logits, params, hist).softmax(-1)[0].double() * n
     kept = expected > 0

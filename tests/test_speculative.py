@@ -199,7 +199,7 @@ def test_target_law(name):
 
 # ---- negative controls: one piece broken on purpose, the same test must reject it ----
 
-_REAL_VERIFY, _REAL_DRAFT_TOKEN = SpeculativeDecoder._verify, spec.draft_token
+_REAL_VERIFY, _REAL_CHOOSE = SpeculativeDecoder._verify, spec.choose
 
 
 def _bonus_from_previous_position(self, d):
@@ -220,9 +220,9 @@ def _residual_is_p(p_target, q_draft):
     return p_target.float()
 
 
-def _q_draft_raw_softmax(logits, params, history, generator):
+def _q_draft_raw_softmax(logits, params, generator, history):
     """Bug: the draft samples from the processed q but reports the raw softmax as q_draft."""
-    d, _ = _REAL_DRAFT_TOKEN(logits, params, history, generator)
+    d, _ = _REAL_CHOOSE(logits, params, generator, history)
     return d, logits.float().softmax(-1)
 
 
@@ -240,7 +240,7 @@ CONTROLS = {
                                             "batch1_k3", "x3,x4"),
     "history_lags_one_draft": (SpeculativeDecoder, "_history", _history_lags_one_draft, "bonus_k5_penalties", None),
     "residual_is_p": (spec, "residual", _residual_is_p, "residual_k3_top_k", None),
-    "q_draft_raw_softmax": (spec, "draft_token", _q_draft_raw_softmax, "residual_k3_top_k", None),
+    "q_draft_raw_softmax": (spec, "choose", _q_draft_raw_softmax, "residual_k3_top_k", None),
     "shared_uniform_batch1": (spec, "uniforms", _shared_uniform, "batch1_k3", None),
 }
 

@@ -33,7 +33,7 @@ def _tok(tokenizer, i: int) -> dict:
 
 def sample_step(st: SampleStep, index: int, tokenizer, eos: set[int], top: int) -> dict:
     raw = st.logits[0].float().softmax(-1)
-    sp = st.processed[0].softmax(-1)  # what the token was drawn from
+    sp = st.probs[0]  # what the token was drawn from
     token = int(st.tokens[0])
     kept = int((sp > 0).sum())
     kp, ki = sp.topk(min(top, kept))
