@@ -32,7 +32,7 @@ from minillm.checkpoint import load_model
 from minillm.cli import add_decoding_args, method_from_args, partner_path, unescape
 from minillm.device import pick_device
 from minillm.flags import Parser, add_input, add_threads, integer
-from minillm.generate import Stats, StopScanner, decode_stream, make_generator
+from minillm.generate import StopScanner, decode_stream, make_generator
 from minillm.methods import load_partner, stream
 from minillm.speed import compile_decode, speed_up, warm_up
 
@@ -115,7 +115,7 @@ def generate_samples(args, method, loaded, partner, device) -> None:
     prompt_ids = tok.encode(args.prompt)
     n = default_max_new_tokens(args, method, prompt_ids, loaded, partner)
     for i in range(args.num_samples):
-        stats = Stats()
+        stats = method.new_stats()
         tokens = stream(method, loaded.model, prompt_ids, n, partner and partner.model,
                         make_generator(args.seed + i, device), set(tok.eos_ids), stats)
         pieces = decode_stream(tok, tokens, stops, stats)

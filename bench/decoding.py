@@ -47,7 +47,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from minillm import checkpoint
-from minillm.generate import Stats
 from minillm.methods import Method, load_partner, stream
 from minillm.sampling import SamplingParams
 from minillm.speed import speed_up
@@ -159,14 +158,14 @@ def run_method(setting: Setting, expert, amateur, tok, prompts: list[str], n: in
     texts, nll, count, t0 = [], 0.0, 0, time.perf_counter()
     heads, differs = [], 0
     for i, prompt in enumerate(prompts):
-        p_ids, stats = tok.encode(prompt), Stats()
+        p_ids, stats = tok.encode(prompt), setting.method.new_stats()
         gen = torch.Generator().manual_seed(seed * 1000 + i)
         ids = list(stream(setting.method, expert, p_ids, n, amateur, gen, stats=stats))  # no eos_ids: EOS does not stop
         texts.append(tok.decode(ids))
         nll += continuation_nll(expert, p_ids, ids)
         count += len(ids)
-        heads += stats.head_sizes  # contrastive only; empty otherwise
-        differs += stats.differs_from_expert
+        heads += getattr(stats, "head_sizes", [])  # contrastive only (CDStats)
+        differs += getattr(stats, "differs_from_expert", 0)
     return Run(texts, nll, count, time.perf_counter() - t0, heads, differs)
 
 

@@ -12,7 +12,7 @@ Redoes the second experiment of the seed article (docs/seeds/000_*) fairly:
     drafts accepted per target call and new tokens per target call, and at temperature 0 we check
     that the output is token for token the plain greedy output (speculative decoding is exact);
   * beside each k, the speedup Leviathan et al. (2023) predict from the measured alpha (1 - total
-    variation between target and draft, Stats.empirical_alpha) and cost ratio c (a draft call's
+    variation between target and draft, SpecStats.empirical_alpha) and cost ratio c (a draft call's
     time over a plain step's): (1 - alpha^(k+1)) / ((1 - alpha)(c k + 1)). Their formula prices a
     verify call of k+1 tokens like one plain step; the "verify/plain step" column says how far
     that holds on this machine.
@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decoding import ARTICLE_PROMPTS, CODE_PROMPTS, describe
 from minillm import checkpoint
-from minillm.generate import Stats
 from minillm.methods import Method, load_partner, stream
 from minillm.sampling import SamplingParams
+from minillm.speculative import SpecStats
 from minillm.speed import compile_decode, speed_up
 
 PROMPT_SETS = {"article": ARTICLE_PROMPTS, "code": CODE_PROMPTS}  # the seed article's five; openings of code
@@ -58,7 +58,7 @@ class Row:
     k: int
     plain_s: float
     spec_s: float
-    stats: Stats
+    stats: SpecStats
     identical: bool | None  # temperature 0 only
 
     @property
@@ -75,7 +75,7 @@ def timed(fn) -> tuple[list[int], float]:
 def measure(target, draft, prompts: list[list[int]], n: int, k: int, temperature: float) -> Row:
     params = SamplingParams(temperature=temperature)
     plain_m, spec_m = Method("greedy" if params.greedy else "sample", params), Method("speculative", params, k=k)
-    stats = Stats()  # accumulates over the prompts
+    stats = SpecStats()  # accumulates over the prompts
     plain_s = spec_s = 0.0
     identical = True
     for i, p in enumerate(prompts):

@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -92,6 +92,28 @@ def contrastive_scores(z_expert: torch.Tensor, z_amateur: torch.Tensor, alpha: f
 
 
 @dataclass
+class CDStats(Stats):
+    """Contrastive decoding's statistics, beside the core's tokens, times and calls."""
+    head_sizes: list[int] = field(default_factory=list)  # |V_head| at each step
+    differs_from_expert: int = 0  # steps whose token is not the expert's argmax
+    amateur_weight: float = math.nan  # w of z_e - w·z_a (obrien) or 1/tau (li)
+
+    @property
+    def differs_fraction(self) -> float:
+        return self.differs_from_expert / len(self.head_sizes) if self.head_sizes else math.nan
+
+    @property
+    def mean_head_size(self) -> float:
+        return sum(self.head_sizes) / len(self.head_sizes) if self.head_sizes else math.nan
+
+    def method_parts(self) -> list[str]:
+        if not self.head_sizes:
+            return []
+        return [f"mean |V_head| {self.mean_head_size:.2f} | differs from expert argmax on {self.differs_fraction:.1%} "
+                f"of {len(self.head_sizes)} steps | amateur weight {self.amateur_weight:.3f}"]
+
+
+@dataclass
 class CDStep:
     """One contrastive decoding step, as a `trace` callable receives it (batch 1; tensors (1, V) float32,
     the loop's own: read them, do not modify them)."""
@@ -133,7 +155,7 @@ def contrastive_stream(expert, amateur, prompt_ids: list[int], max_new_tokens: i
                        beta: float = 0.5, objective: str = "obrien", amateur_temperature: float = 1.0,
                        amateur_context: str = "full", params: SamplingParams = SamplingParams(temperature=0),
                        generator: torch.Generator | None = None, eos_ids: set[int] = frozenset(),
-                       stats: Stats | None = None, trace: Callable[[CDStep], None] | None = None) -> Iterator[int]:
+                       stats: CDStats | None = None, trace: Callable[[CDStep], None] | None = None) -> Iterator[int]:
     """Yield up to max_new_tokens ids chosen by contrastive decoding (batch 1). Greedy by default;
     `params` with temperature > 0 samples from softmax(score / T) (top-k/top-p apply to the scores).
     Penalties and no-repeat-ngram (history: prompt + generated ids) reshape the EXPERT's logits before
@@ -149,7 +171,7 @@ def contrastive_stream(expert, amateur, prompt_ids: list[int], max_new_tokens: i
     check_budget(len(prompt_ids), max_new_tokens, expert.config.block_size, who="the expert")
     check_budget(len(a_prompt), max_new_tokens, amateur.config.block_size, who="the amateur",
                  what="the amateur's prompt")
-    stats = stats if stats is not None else Stats()
+    stats = stats if stats is not None else CDStats()
     stats.prompt_tokens, stats.stopped_by = len(prompt_ids), "max_new_tokens"
     stats.amateur_weight = amateur_weight(beta) if objective == "obrien" else 1 / amateur_temperature
     e_cache = KVCache.for_model(expert, 1, max(1, len(prompt_ids) + max_new_tokens - 1))

@@ -45,7 +45,8 @@ from .tokenizer import IncrementalDecoder
 
 @dataclass
 class Stats:
-    """What one decoding run did, for any method; fields a method does not use stay empty."""
+    """What one decoding run did, for any method: tokens, times, forward calls per model role. A method
+    with statistics of its own extends it in its module (speculative.SpecStats, contrastive.CDStats)."""
     prompt_tokens: int = 0
     new_tokens: int = 0  # per row
     prefill_s: float = 0.0  # time to the first new token
@@ -53,17 +54,6 @@ class Stats:
     stopped_by: str = ""  # "max_new_tokens" | "eos" | "stop" (a stop string)
     calls: dict[str, int] = field(default_factory=dict)  # forward calls per model role ("target", "draft", ...)
     seconds: dict[str, float] = field(default_factory=dict)  # time in those calls per role
-    # speculative decoding
-    k: int = 0  # drafts asked per target call (with adaptive k: the starting value)
-    batch: int = 1
-    accept_hist: list[int] = field(default_factory=list)  # [n]: target calls where n drafts were accepted (rows pooled)
-    drafts_proposed: int = 0  # rows pooled
-    drafts_accepted: int = 0  # counted before the synchronised batch rule truncates a step
-    overlap_sum: float = 0.0  # sum over verified positions of sum_x min(p_target, q_draft) = 1 - TV
-    # contrastive decoding
-    head_sizes: list[int] = field(default_factory=list)  # |V_head| at each step
-    differs_from_expert: int = 0  # steps whose token is not the expert's argmax
-    amateur_weight: float = math.nan  # w of z_e - w·z_a (obrien) or 1/tau (li)
 
     def timed(self, role: str, seconds: float) -> None:
         """Count one forward call of the model in `role` that took `seconds`."""
@@ -79,52 +69,13 @@ class Stats:
         """Decode rate: tokens after the first, over the time they took."""
         return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else math.nan
 
-    @property
-    def mean_accepted(self) -> float:
-        """Mean number of drafts accepted per target call (and row), as gpt-fast prints it."""
-        n = sum(self.accept_hist)
-        return sum(i * c for i, c in enumerate(self.accept_hist)) / n if n else math.nan
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.drafts_accepted / self.drafts_proposed if self.drafts_proposed else math.nan
-
-    @property
-    def empirical_alpha(self) -> float:
-        """1 - mean total variation between p_target and q_draft: the chance that one draft is accepted
-        (Leviathan et al.'s alpha), measured without sampling noise."""
-        return self.overlap_sum / self.drafts_proposed if self.drafts_proposed else math.nan
-
-    @property
-    def mean_k(self) -> float:
-        """Drafts proposed per target call (= k unless adaptive, or clamped by max_new_tokens)."""
-        calls = self.calls.get("target", 0)
-        return self.drafts_proposed / (self.batch * calls) if calls else math.nan
-
-    @property
-    def tokens_per_target_call(self) -> float:
-        calls = self.calls.get("target", 0)
-        return self.new_tokens / calls if calls else math.nan
-
-    @property
-    def differs_fraction(self) -> float:
-        return self.differs_from_expert / len(self.head_sizes) if self.head_sizes else math.nan
-
-    @property
-    def mean_head_size(self) -> float:
-        return sum(self.head_sizes) / len(self.head_sizes) if self.head_sizes else math.nan
+    def method_parts(self) -> list[str]:
+        """What a method's own statistics add to summary() (none here)."""
+        return []
 
     def summary(self) -> str:
         parts = [f"{self.prompt_tokens} prompt + {self.new_tokens} new tokens (stopped by {self.stopped_by or '-'}), "
-                 f"first token {self.prefill_s:.3f}s, {self.tokens_per_s:.1f} tok/s after it"]
-        if self.accept_hist:
-            hist = " ".join(f"{i}:{c}" for i, c in enumerate(self.accept_hist))
-            parts.append(f"acceptance histogram (drafts accepted per target call) {hist} | mean accepted "
-                         f"{self.mean_accepted:.2f} of k={self.mean_k:.2f} (rate {self.acceptance_rate:.2f}, "
-                         f"alpha = 1 - TV {self.empirical_alpha:.2f}) | {self.tokens_per_target_call:.2f} tokens per target call")
-        if self.head_sizes:
-            parts.append(f"mean |V_head| {self.mean_head_size:.2f} | differs from expert argmax on "
-                         f"{self.differs_fraction:.1%} of {len(self.head_sizes)} steps | amateur weight {self.amateur_weight:.3f}")
+                 f"first token {self.prefill_s:.3f}s, {self.tokens_per_s:.1f} tok/s after it", *self.method_parts()]
         if self.calls:
             parts.append(", ".join(f"{role} {n} calls {self.seconds[role]:.3f}s" for role, n in self.calls.items()))
         return " | ".join(parts)

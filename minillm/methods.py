@@ -18,10 +18,10 @@ from typing import Callable, Iterator
 import torch
 
 from .checkpoint import Loaded, load_model
-from .contrastive import AMATEUR_CONTEXTS, OBJECTIVES, contrastive_stream
+from .contrastive import AMATEUR_CONTEXTS, OBJECTIVES, CDStats, contrastive_stream
 from .generate import Stats, stream_tokens
 from .sampling import SamplingParams
-from .speculative import speculative_stream
+from .speculative import SpecStats, speculative_stream
 from .tokenizer import check_same_tokenizer
 
 METHODS = ("sample", "greedy", "speculative", "contrastive")
@@ -52,6 +52,10 @@ class Method:
         if self.amateur_context not in AMATEUR_CONTEXTS:
             raise ValueError(f"amateur_context must be one of {AMATEUR_CONTEXTS}, got {self.amateur_context!r}")
 
+    def new_stats(self) -> Stats:
+        """An empty statistics object for a run of this method (speculative and contrastive keep more)."""
+        return {"speculative": SpecStats, "contrastive": CDStats}.get(self.name, Stats)()
+
     @property
     def partner(self) -> str | None:
         """The role of the second model this method needs ("draft", "amateur"), or None."""
@@ -77,7 +81,7 @@ def stream(method: Method, model, prompt_ids: list[int], max_new_tokens: int, pa
            generator: torch.Generator | None = None, eos_ids: set[int] = frozenset(), stats: Stats | None = None,
            trace: Callable | None = None) -> Iterator[int]:
     """New token ids from `model` (and `partner`, the draft or amateur model) by `method`."""
-    stats = stats if stats is not None else Stats()
+    stats = stats if stats is not None else method.new_stats()
     if method.partner is not None and partner is None:
         raise ValueError(f"method {method.name} needs a {method.partner} model")
     m, p = method, method.params

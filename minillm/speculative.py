@@ -45,8 +45,9 @@ own tensors; nothing extra is computed when no trace is given). The inspector pr
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -83,6 +84,52 @@ class SpecStep:
         return "draft" if int(self.n_accepted[row]) > self.m else "residual"
 
 
+@dataclass
+class SpecStats(Stats):
+    """Speculative decoding's statistics, beside the core's tokens, times and calls."""
+    k: int = 0  # drafts asked per target call (with adaptive k: the starting value)
+    batch: int = 1
+    accept_hist: list[int] = field(default_factory=list)  # [n]: target calls where n drafts were accepted (rows pooled)
+    drafts_proposed: int = 0  # rows pooled
+    drafts_accepted: int = 0  # counted before the synchronised batch rule truncates a step
+    overlap_sum: float = 0.0  # sum over verified positions of sum_x min(p_target, q_draft) = 1 - TV
+
+    @property
+    def mean_accepted(self) -> float:
+        """Mean number of drafts accepted per target call (and row), as gpt-fast prints it."""
+        n = sum(self.accept_hist)
+        return sum(i * c for i, c in enumerate(self.accept_hist)) / n if n else math.nan
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.drafts_accepted / self.drafts_proposed if self.drafts_proposed else math.nan
+
+    @property
+    def empirical_alpha(self) -> float:
+        """1 - mean total variation between p_target and q_draft: the chance that one draft is accepted
+        (Leviathan et al.'s alpha), measured without sampling noise."""
+        return self.overlap_sum / self.drafts_proposed if self.drafts_proposed else math.nan
+
+    @property
+    def mean_k(self) -> float:
+        """Drafts proposed per target call (= k unless adaptive, or clamped by max_new_tokens)."""
+        calls = self.calls.get("target", 0)
+        return self.drafts_proposed / (self.batch * calls) if calls else math.nan
+
+    @property
+    def tokens_per_target_call(self) -> float:
+        calls = self.calls.get("target", 0)
+        return self.new_tokens / calls if calls else math.nan
+
+    def method_parts(self) -> list[str]:
+        if not self.accept_hist:
+            return []
+        hist = " ".join(f"{i}:{c}" for i, c in enumerate(self.accept_hist))
+        return [f"acceptance histogram (drafts accepted per target call) {hist} | mean accepted "
+                f"{self.mean_accepted:.2f} of k={self.mean_k:.2f} (rate {self.acceptance_rate:.2f}, "
+                f"alpha = 1 - TV {self.empirical_alpha:.2f}) | {self.tokens_per_target_call:.2f} tokens per target call"]
+
+
 # --- the pieces of the accept/reject math, module-level so tests can break each on purpose ---
 
 def uniforms(batch: int, k: int, generator: torch.Generator | None, device) -> torch.Tensor:
@@ -108,7 +155,7 @@ class SpeculativeDecoder:
 
     def __init__(self, target, draft, prompts: torch.Tensor, k: int, max_new_tokens: int,
                  params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
-                 stats: Stats | None = None, adaptive_k: bool = False, k_max: int | None = None,
+                 stats: SpecStats | None = None, adaptive_k: bool = False, k_max: int | None = None,
                  trace: Callable[[SpecStep], None] | None = None):
         if target.config.vocab_size != draft.config.vocab_size:
             raise ValueError(f"target and draft must share a vocabulary: target vocab_size {target.config.vocab_size}, "
@@ -131,7 +178,7 @@ class SpeculativeDecoder:
         cache_len = max(1, min(ctx, P + max_new_tokens - 1))
         self.target_cache = KVCache.for_model(target, B, cache_len)
         self.draft_cache = KVCache.for_model(draft, B, cache_len)
-        self.stats = stats if stats is not None else Stats()
+        self.stats = stats if stats is not None else SpecStats()
         self.stats.k, self.stats.batch, self.stats.prompt_tokens = k, B, P
         if len(self.stats.accept_hist) != self.k_max + 1:  # a stats object reused across runs keeps accumulating
             self.stats.accept_hist = [0] * (self.k_max + 1)
@@ -241,13 +288,13 @@ def _check_prompt_batch(prompts) -> torch.Tensor:
 @torch.inference_mode()
 def speculative_stream(target, draft, prompt_ids: list[int], max_new_tokens: int, k: int = 4,
                        params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
-                       eos_ids: set[int] = frozenset(), stats: Stats | None = None, adaptive_k: bool = False,
+                       eos_ids: set[int] = frozenset(), stats: SpecStats | None = None, adaptive_k: bool = False,
                        k_max: int | None = None, trace: Callable[[SpecStep], None] | None = None) -> Iterator[int]:
     """Batch 1: yield up to max_new_tokens token ids, each an exact draw from the target (greedy: the
     target's greedy output token for token). An EOS id stops the stream and is not emitted (also when
     it sits inside a run of accepted drafts: the tokens after it are dropped). `trace` gets a SpecStep
     after every step (before that step's tokens are yielded)."""
-    stats = stats if stats is not None else Stats()
+    stats = stats if stats is not None else SpecStats()
     t0 = time.perf_counter()
     dec = SpeculativeDecoder(target, draft, _check_prompt_batch([prompt_ids]), k, max_new_tokens, params, generator,
                              stats, adaptive_k, k_max, trace)
@@ -278,12 +325,12 @@ def _clock(stats: Stats, t0: float, first: bool) -> None:
 def speculative_generate_batch(target, draft, prompts, max_new_tokens: int, k: int = 4,
                                params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
                                eos_ids: set[int] = frozenset(), pad_id: int = -1,
-                               stats: Stats | None = None, adaptive_k: bool = False, k_max: int | None = None,
+                               stats: SpecStats | None = None, adaptive_k: bool = False, k_max: int | None = None,
                                trace: Callable[[SpecStep], None] | None = None) -> torch.Tensor:
     """Batch > 1 (equal-length prompts) with the synchronised rule -> (B, max_new_tokens) new ids.
     A row that emits an EOS id is finished: that position and everything after it read `pad_id`;
     the run stops early once every row is finished."""
-    stats = stats if stats is not None else Stats()
+    stats = stats if stats is not None else SpecStats()
     t0 = time.perf_counter()
     dec = SpeculativeDecoder(target, draft, _check_prompt_batch(prompts), k, max_new_tokens, params, generator, stats,
                              adaptive_k, k_max, trace)

@@ -10,8 +10,7 @@ from law import family_p, law_pvalues, rescaled_llama
 
 import minillm.contrastive as cd
 from minillm.config import ModelConfig
-from minillm.generate import Stats
-from minillm.contrastive import (CDStep, amateur_weight, beta_to_li_tau, contrastive_scores,
+from minillm.contrastive import (CDStats, CDStep, amateur_weight, beta_to_li_tau, contrastive_scores,
                                  contrastive_stream, plausible_head)
 from minillm.generate import stream_tokens
 from minillm.model import Transformer
@@ -54,7 +53,7 @@ def test_beta_zero_alpha_one_and_self_amateur_give_expert_greedy(pair):
 
 def test_contrast_changes_choices_and_stats(pair):
     expert, amateur = pair
-    stats = Stats()
+    stats = CDStats()
     got = list(contrastive_stream(expert, amateur, PROMPT, 25, alpha=0.01, beta=2.0, stats=stats))
     assert len(got) == 25 and stats.new_tokens == 25 and len(stats.head_sizes) == 25
     assert all(h >= 1 for h in stats.head_sizes)
@@ -185,7 +184,7 @@ def test_bf16_inputs_no_nan():
 def test_sampling_option_is_seeded_and_in_head(pair):
     expert, amateur = pair
     params = SamplingParams(temperature=1.0)
-    s = Stats()
+    s = CDStats()
     a = list(contrastive_stream(expert, amateur, PROMPT, 20, params=params, generator=torch.Generator().manual_seed(1), stats=s))
     b = list(contrastive_stream(expert, amateur, PROMPT, 20, params=params, generator=torch.Generator().manual_seed(1)))
     assert a == b and len(a) == 20
@@ -217,7 +216,7 @@ def test_eos_stops(pair):
     expert, amateur = pair
     full = list(contrastive_stream(expert, amateur, PROMPT, 20, alpha=0.01, beta=1.0))
     eos = full[5]
-    s = Stats()
+    s = CDStats()
     got = list(contrastive_stream(expert, amateur, PROMPT, 20, alpha=0.01, beta=1.0, eos_ids={eos}, stats=s))
     assert got == full[:full.index(eos)] and s.stopped_by == "eos"
 
@@ -232,7 +231,7 @@ def test_trace_chosen_token_is_emitted_and_in_head(pair):
     and differences from the expert are the stats'; the scores recomputed from the traced logits agree."""
     expert, amateur = pair
     for params in (GREEDY, SamplingParams(temperature=1.0, top_k=3)):
-        steps, stats = [], Stats()
+        steps, stats = [], CDStats()
         got = list(contrastive_stream(expert, amateur, PROMPT, 20, alpha=0.05, beta=1.0, params=params,
                                       generator=torch.Generator().manual_seed(0), stats=stats, trace=steps.append))
         assert [s.token for s in steps] == got and [s.step for s in steps] == list(range(20))

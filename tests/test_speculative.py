@@ -27,11 +27,11 @@ from law import family_p, law_pvalues, rescaled_llama
 
 import minillm.speculative as spec
 from minillm.config import ModelConfig
-from minillm.generate import Stats, stream_tokens
+from minillm.generate import stream_tokens
 from minillm.kv_cache import KVCache
 from minillm.model import Transformer
 from minillm.sampling import SamplingParams, process_logits
-from minillm.speculative import SpeculativeDecoder, speculative_generate_batch, speculative_stream
+from minillm.speculative import SpecStats, SpeculativeDecoder, speculative_generate_batch, speculative_stream
 
 V, BLOCK = 8, 16
 
@@ -136,7 +136,7 @@ def case_law(name: str) -> torch.Tensor:
     return exact_law(law_models()["target"], LAW_PROMPT, case.n, case.params)
 
 
-def sample_sequences(case: LawCase, stats: Stats, seed: int = 0) -> torch.Tensor:
+def sample_sequences(case: LawCase, stats: SpecStats, seed: int = 0) -> torch.Tensor:
     """case.N sequences of case.n new tokens after LAW_PROMPT -> (N, n): batch > 1 in N / batch calls
     of speculative_generate_batch (identical prompts: every row is an independent draw), batch 1 in N
     calls of speculative_stream; one seeded generator throughout."""
@@ -149,9 +149,9 @@ def sample_sequences(case: LawCase, stats: Stats, seed: int = 0) -> torch.Tensor
                                                  case.params, g, stats=stats) for _ in range(case.N // case.batch)])
 
 
-def law_test(name: str, label: str, seed: int = 0) -> tuple[dict[str, float], Stats]:
+def law_test(name: str, label: str, seed: int = 0) -> tuple[dict[str, float], SpecStats]:
     """Sample case `name` and test it against its exact law -> (p-values, the run's Stats); prints one line."""
-    stats = Stats()
+    stats = SpecStats()
     samples = sample_sequences(LAW_CASES[name], stats, seed)
     assert samples.shape == (LAW_CASES[name].N, LAW_CASES[name].n) and (samples >= 0).all()
     ps = law_pvalues(samples, case_law(name))
@@ -264,7 +264,7 @@ def test_disjoint_draft_everything_rejected_output_still_target():
     target.tok_emb.weight.data[:, :V // 2] += 10
     draft.tok_emb.weight.data[:, V // 2:] += 10
     params = SamplingParams(temperature=1.0, top_k=2)
-    stats = Stats()
+    stats = SpecStats()
     g = torch.Generator().manual_seed(2)
     samples = torch.cat([speculative_generate_batch(target, draft, [PROMPT] * 50, L, 2, params, g, stats=stats)
                          for _ in range(160)])
@@ -274,7 +274,7 @@ def test_disjoint_draft_everything_rejected_output_still_target():
 
 def test_identical_draft_accepts_everything():
     target, _ = toy_pair()
-    stats = Stats()
+    stats = SpecStats()
     out = speculative_generate_batch(target, target, [PROMPT] * 4, 12, 4, SamplingParams(temperature=1.0),
                                      torch.Generator().manual_seed(0), stats=stats)
     assert out.shape == (4, 12) and stats.drafts_accepted == stats.drafts_proposed > 0
@@ -300,7 +300,7 @@ def test_greedy_equals_target_greedy(family):
     want = list(stream_tokens(target, prompt, 30, greedy))
     for draft, name in ((target, "identical"), (random_draft, "random")):
         for k in (1, 2, 4, 8):
-            stats = Stats()
+            stats = SpecStats()
             got = list(speculative_stream(target, draft, prompt, 30, k, greedy, stats=stats))
             assert got == want, (name, k)
             assert stats.new_tokens == 30
@@ -341,7 +341,7 @@ def test_caches_after_crop_equal_fresh_prefill(family):
 @pytest.mark.parametrize("n,k", [(1, 4), (5, 4), (7, 2), (13, 5), (0, 3)])
 def test_max_new_tokens_exact(n, k):
     target, draft = tiny("gpt2", 0), tiny("gpt2", 0)  # identical: every step wants to emit k+1
-    stats = Stats()
+    stats = SpecStats()
     got = list(speculative_stream(target, draft, [1, 2], n, k, SamplingParams(temperature=0.8),
                                   torch.Generator().manual_seed(0), stats=stats))
     assert len(got) == n and stats.new_tokens == n
@@ -356,7 +356,7 @@ def test_eos_inside_accepted_drafts_truncates():
     plain = list(stream_tokens(target, [5, 9, 2], 30, greedy))
     eos = plain[6]
     first = plain.index(eos)
-    stats = Stats()
+    stats = SpecStats()
     got = list(speculative_stream(target, target, [5, 9, 2], 30, 8, greedy, eos_ids={eos}, stats=stats))
     assert got == plain[:first] and stats.stopped_by == "eos" and stats.new_tokens == first
     assert stats.accept_hist[8] >= 1  # the EOS was inside a fully accepted run of drafts
@@ -395,7 +395,7 @@ def test_greedy_with_adaptive_k_and_penalty_equals_target_greedy(family):
         want = [list(stream_tokens(target, pr, 25, params)) for pr in prompts]
         for draft in (target, random_draft):
             for k, adaptive in ((1, True), (4, True), (3, False)):
-                stats = Stats()
+                stats = SpecStats()
                 got = list(speculative_stream(target, draft, prompts[0], 25, k, params, stats=stats, adaptive_k=adaptive))
                 assert got == want[0], (params, k, adaptive)
             out = speculative_generate_batch(target, draft, prompts, 25, 2, params, adaptive_k=True)
@@ -412,7 +412,7 @@ def test_trace_agrees_with_stats_and_output():
         target.lm_head.weight.mul_(8)
         draft.lm_head.weight.mul_(8)
     for batch in (1, 3):
-        steps, stats = [], Stats()
+        steps, stats = [], SpecStats()
         params = SamplingParams(temperature=1.0, top_k=8)
         out = speculative_generate_batch(target, draft, [[5, 9, 2]] * batch, 40, 3, params,
                                          torch.Generator().manual_seed(batch), stats=stats, adaptive_k=True,
@@ -445,7 +445,7 @@ def test_trace_agrees_with_stats_and_output():
 
 def test_stats_summary_and_alpha():
     target, _ = toy_pair()
-    stats = Stats()
+    stats = SpecStats()
     speculative_generate_batch(target, target, [PROMPT] * 2, 9, 2, SamplingParams(temperature=1.0),
                                torch.Generator().manual_seed(0), stats=stats)
     assert stats.empirical_alpha == pytest.approx(1.0) and stats.mean_k == 2 and stats.mean_accepted == 2
@@ -454,7 +454,7 @@ def test_stats_summary_and_alpha():
                   "3.00 tokens per target call", "target 3 calls", "draft 6 calls"):
         assert piece in text, (piece, text)
     _, draft = toy_pair(draft_noise=1.0)
-    stats = Stats()
+    stats = SpecStats()
     speculative_generate_batch(target, draft, [PROMPT] * 100, 3, 2, SamplingParams(temperature=1.0),
                                torch.Generator().manual_seed(0), stats=stats)
     assert 0.3 < stats.empirical_alpha < 0.95  # 1 - TV of two different tables

@@ -114,7 +114,7 @@ def run_tasks(loaded: Loaded, tasks: list[dict], method: Method, partner=None, m
     for i, task in enumerate(tasks):
         wanted = max_new_tokens if max_new_tokens is not None else len(tok.encode(task["reference"]))
         prompt_ids, n = fit_context(loaded, method, tok.encode(task["prompt"]), wanted, partner)
-        stats, t0 = Stats(), time.perf_counter()
+        stats, t0 = method.new_stats(), time.perf_counter()
         text = continue_text(loaded, method, prompt_ids, n, partner, make_generator(seed + i, device), stop, stats)
         out.append({**task, "text": text, "prompt_tokens": len(prompt_ids), "new_tokens": stats.new_tokens,
                     "stopped_by": stats.stopped_by, "seconds": time.perf_counter() - t0})

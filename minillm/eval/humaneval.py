@@ -216,7 +216,7 @@ class ModelCompleter:
         entry = problem["entry_point"]
         ids, n = fit_context(self.loaded, self.method, self.prompt_ids(problem), self.max_new_tokens, self.partner)
         seed = self.seed + zlib.crc32(f"{problem['task_id']}/{index}".encode())
-        stats = Stats()
+        stats = self.method.new_stats()
         answer = continue_text(self.loaded, self.method, ids, n, self.partner,
                                make_generator(seed, self.loaded.model.tok_emb.weight.device),
                                stop=BASE_STOPS if self.mode == "base" else (), stats=stats,

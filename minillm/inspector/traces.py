@@ -93,7 +93,7 @@ def trace_decoding(method: Method, model, tokenizer, ids: list[int], n: int, par
         describe = functools.partial(contrastive_step, tokenizer=tokenizer, eos=eos, max_head=max_head)
     else:
         describe = functools.partial(sample_step, tokenizer=tokenizer, eos=eos, top=top)
-    steps, stats = [], Stats()
+    steps, stats = [], method.new_stats()
     generator = make_generator(seed, model.tok_emb.weight.device)
     out = list(stream(method, model, ids, n, partner, generator, eos, stats,
                       trace=lambda st: steps.append(describe(st, len(steps)))))
