@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from minillm.eval import humaneval as he
 from minillm.eval.sandbox import MEMORY_MB, TIMEOUT_S, Limits
-from minillm.flags import Parser, add_input, fail, integer, real
+from minillm.flags import Parser, add_input, fail
 
 
 def saved_runs(path: str) -> dict[str, dict[str, tuple[str, bool]]]:
@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     ap = Parser(description=__doc__.split("\n")[0])
     add_input(ap, "files", nargs="+", metavar="FILE.json")
     ap.add_argument("--prompting", choices=["chat", "base"], default="chat")
-    ap.add_argument("--timeout", type=real(*TIMEOUT_S, low_open=True), default=10.0, help="seconds per program (default 10)")
-    ap.add_argument("--memory-mb", type=integer(*MEMORY_MB), default=1024, help="MiB per program (default 1024)")
+    ap.add_argument("--timeout", type=TIMEOUT_S, default=10.0, help="seconds per program (default 10)")
+    ap.add_argument("--memory-mb", type=MEMORY_MB, default=1024, help="MiB per program (default 1024)")
     ap.add_argument("--allow-code-execution", action="store_true")
     args = ap.parse_args(argv)
     if not args.allow_code_execution:

@@ -215,17 +215,24 @@ class Loaded:
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
-    foreign = _foreign_format(path)
-    if foreign:
-        raise CheckpointError(f"{path}: {foreign}, not a minillm checkpoint; convert it first: "
-                              f"python -m minillm.convert {path} --out weights/{path.stem or 'model'}.safetensors")
     if not path.is_file():
+        _refuse_foreign(path)
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
+        _refuse_foreign(path)
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _refuse_foreign(path: Path) -> None:
+    """A model of another kind where our checkpoint was expected: a CheckpointError naming the command
+    that converts it."""
+    foreign = _foreign_format(path)
+    if foreign:
+        raise CheckpointError(f"{path}: {foreign}, not a minillm checkpoint; convert it first: "
+                              f"python -m minillm.convert {path} --out weights/{path.stem or 'model'}.safetensors")
 
 
 def _foreign_format(path: Path) -> str:
@@ -388,18 +395,21 @@ def save_train_state(path: str | Path, optimizer: torch.optim.Optimizer, state: 
 
 def train_state_info(path: str | Path) -> dict:
     """The state a training-state file records (iter, config, data, ...), read from its header only."""
+    return json.loads(_train_state_metadata(path)["state"])
+
+
+def _train_state_metadata(path: str | Path) -> dict[str, str]:
     meta = read_metadata(path)
     if meta.get("format") != FORMAT + "-train":
         raise CheckpointError(f"{path}: not a minillm training-state file (format {meta.get('format')!r})")
-    return json.loads(meta["state"])
+    return meta
 
 
 def load_train_state(path: str | Path, optimizer: torch.optim.Optimizer,
                      model: Transformer) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore the model's weights and the optimizer in place; return (state, rng tensors)."""
     path = Path(path)
-    train_state_info(path)
-    meta = read_metadata(path)
+    meta = _train_state_metadata(path)
     weights, opt_state, rng = {}, {}, {}
     with safe_open(str(path), framework="pt") as f:
         for name in f.keys():

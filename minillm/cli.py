@@ -16,9 +16,9 @@ def unescape(s: str) -> str:
     return s.replace("\\n", "\n").replace("\\t", "\t")
 
 
-def add_decoding_args(p: argparse.ArgumentParser) -> None:
-    """--method, the sampler, speculative and contrastive flags, and --seed."""
-    p.add_argument("--method", choices=METHODS, default="sample", help="decoding method (default: sample)")
+def add_decoding_args(p: argparse.ArgumentParser, method: str = "sample") -> None:
+    """--method (default `method`), the sampler, speculative and contrastive flags, and --seed."""
+    p.add_argument("--method", choices=METHODS, default=method, help=f"decoding method (default: {method})")
     p.add_argument("--seed", type=integer(0), default=1337, help="same seed, same text (default 1337)")
     s = p.add_argument_group("sampler (in the order applied; defaults are off)")
     s.add_argument("--repetition-penalty", type=real(0, low_open=True), default=1.0,

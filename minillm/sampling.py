@@ -225,7 +225,7 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.
     contrastive decoding."""
     logits = apply_history_processors(logits.float(), params, history)
     if params.greedy:  # a real argmax (first index on ties), never a division by a tiny temperature
-        return greedy_one_hot(logits).log()  # 0 at the argmax, -inf elsewhere
+        return one_hot(logits.argmax(-1), logits.size(-1)).log()  # 0 at the argmax, -inf elsewhere
     if params.temperature != 1.0:
         logits = logits / params.temperature
     keep = params.min_tokens_to_keep
@@ -240,16 +240,16 @@ def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.
     return logits
 
 
-def greedy_one_hot(logits: torch.Tensor) -> torch.Tensor:
-    """(B, V) float32 -> 1.0 at each row's argmax (first index on ties), 0.0 elsewhere: greedy's distribution."""
-    return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+def one_hot(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Tokens (B,) -> float32 (B, vocab): 1.0 at each row's token, 0.0 elsewhere (greedy's distribution)."""
+    return torch.zeros(tokens.size(0), vocab, device=tokens.device).scatter_(-1, tokens.unsqueeze(-1), 1.0)
 
 
 def distribution(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (B, V) -> the float32 distribution (B, V) a token is chosen from: softmax(process_logits),
-    one-hot at the argmax when greedy (made directly: no exp over the vocabulary)."""
+    one-hot at the argmax when greedy."""
     if params.greedy:
-        return greedy_one_hot(apply_history_processors(logits.float(), params, history))
+        return choose(logits, params, history=history)[1]
     return process_logits(logits, params, history).softmax(-1)
 
 
@@ -257,8 +257,11 @@ def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
            history: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose each row's next token: (tokens (B,), probs (B, V)), probs being the distribution they were
     chosen from (what speculative decoding's acceptance test and the inspector's trace need)."""
+    if params.greedy:  # the argmax once; its distribution is the one-hot (no exp over the vocabulary)
+        tokens = apply_history_processors(logits.float(), params, history).argmax(-1)
+        return tokens, one_hot(tokens, logits.size(-1))
     probs = distribution(logits, params, history)
-    return choose_from(probs, params.greedy, generator), probs
+    return choose_from(probs, False, generator), probs
 
 
 def choose_from(probs: torch.Tensor, greedy: bool, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -156,13 +156,12 @@ def _left(marker: str) -> list[str]:
     return [p for p in os.listdir("/proc") if p.isdigit() and marker in _cmdline(p)]
 
 
-@pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "fallback"])
+@pytest.mark.parametrize("namespaces", [pytest.param(True, marks=needs_namespaces), False],
+                         ids=["namespaces", "fallback"])
 def test_a_setsid_survivor_dies_at_the_timeout(namespaces, monkeypatch):
     """The program and a child both leave the process group (setsid) and run forever: at the timeout
     both are gone (the pid namespace's init dies with unshare; in the fallback, the cgroup or the
     working-folder scan finds them)."""
-    if namespaces and not NAMESPACES:
-        pytest.skip("no user namespaces here")
     if not namespaces:
         _no_namespaces(monkeypatch)
     marker = f"survivor-{uuid.uuid4().hex}"

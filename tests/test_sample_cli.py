@@ -164,6 +164,23 @@ def test_missing_model_file(capsys, tmp_path):
     assert code == 2 and "nope.safetensors" in err
 
 
+def test_errors_name_the_next_step(capsys, tmp_path, monkeypatch):
+    """A GGUF file or a Hugging Face folder where our checkpoint is expected names the convert command
+    (was "not a readable safetensors file (... header too large)"); with no model at all, the default
+    --model names train.py (was "checkpoint not found: weights/shakespeare-char.safetensors")."""
+    gguf, hf = tmp_path / "model.gguf", tmp_path / "hf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    for path, kind in ((gguf, "a GGUF file"), (hf, "a Hugging Face model folder")):
+        code, _, err = run(capsys, "--model", str(path))
+        assert code == 2 and f"{path}: {kind}, not a minillm checkpoint; convert it first: python -m minillm.convert " \
+            f"{path} --out weights/{path.stem}.safetensors" in err, err
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys)
+    assert code == 2 and "(the default --model): make it with `python train.py`" in err, err
+
+
 def test_entry_point_runs(ckpts):
     r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", ckpts["target"], "--prompt", "Ay",
                         "--max-new-tokens", "8", "--method", "speculative", "--draft", ckpts["small"]],

@@ -48,13 +48,21 @@ def _is_gguf(p: Path) -> bool:
         return p.suffix == ".gguf" or f.read(4) == b"GGUF"
 
 
+def _is_ours(p: Path) -> bool:
+    """Whether `p` is a minillm checkpoint (a garbled file is not: convert then says what it is not)."""
+    try:
+        return read_metadata(p).get("format", "").startswith("minillm/")
+    except ValueError:  # CheckpointError
+        return False
+
+
 def load_source(src: str | Path) -> Source:
     """A .gguf file, a local Hugging Face directory, or a hub id -> Source (nothing read but headers)."""
     p = Path(src).expanduser()
     if p.is_file():
         if _is_gguf(p):
             return load_gguf(p)
-        if p.suffix == ".safetensors" and read_metadata(p).get("format", "").startswith("minillm/"):
+        if p.suffix == ".safetensors" and _is_ours(p):
             raise ConvertError(f"{src}: already a minillm checkpoint: sample.py and the other commands take it as it is")
         raise ConvertError(f"{src}: not a .gguf file; for Hugging Face weights pass the model's directory")
     if p.is_dir():

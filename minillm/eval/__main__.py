@@ -29,7 +29,7 @@ from ..checkpoint import load_model
 from ..cli import add_decoding_args, method_from_args, partner_path, unescape
 from ..data import read_text, resolve_text_path
 from ..device import pick_device
-from ..flags import Parser, add_input, add_output, add_threads, fail, integer, progress_bar, real
+from ..flags import Parser, add_input, add_output, add_threads, fail, integer, progress_bar
 from ..methods import load_partner
 from ..sampling import SamplingParams
 from ..speed import speed_up
@@ -52,8 +52,8 @@ def _common(p: argparse.ArgumentParser, several: bool = True) -> None:
     add_threads(p)
 
 
-def _generation_flags(p: argparse.ArgumentParser) -> None:
-    add_decoding_args(p)
+def _generation_flags(p: argparse.ArgumentParser, method: str = "sample") -> None:
+    add_decoding_args(p, method)
     p.add_argument("--max-new-tokens", type=integer(1), default=None, metavar="N",
                    help="tokens per answer (default: generate-metrics as many as the reference has, humaneval 512)")
     p.add_argument("--limit", type=integer(1), default=None, metavar="N", help="only the first N tasks / problems")
@@ -83,16 +83,14 @@ def make_parser() -> Parser:
     p = sub.add_parser("generate-metrics", help="generate for each task; BLEU, chrF, ROUGE, diversity")
     _common(p)
     add_input(p, "--tasks", required=True, metavar="FILE.jsonl",
-                   help=f"JSONL of {{prompt, reference}} (or {READY_TASKS!r}: the ready task, built on the fly)")
+              help=f"JSONL of {{prompt, reference}} (or {READY_TASKS!r}: the ready task, built on the fly)")
     _generation_flags(p)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before this text (repeatable)")
     p.add_argument("--sliding-window", action=argparse.BooleanOptionalAction, default=True,
                    help="sample/greedy: past the context, re-read its last half and go on (default on)")
     p = sub.add_parser("humaneval", help="HumanEval pass@k (runs model-written code: see --allow-code-execution)")
     _common(p)
-    _generation_flags(p)
-    p.set_defaults(method="greedy")
-    next(a for a in p._actions if a.dest == "method").help = "decoding method (default: greedy)"
+    _generation_flags(p, method="greedy")
     p.add_argument("--allow-code-execution", action="store_true",
                    help="required: run the code the model writes (sandboxed; see the README)")
     p.add_argument("--prompting", choices=["auto", "chat", "base"], default="auto",
@@ -101,17 +99,13 @@ def make_parser() -> Parser:
     p.add_argument("--pass-k", default="1", metavar="K,K",
                    help="comma-separated k of pass@k, each <= --samples (default 1)")
     p.add_argument("--task-ids", default=None, help="comma-separated, e.g. HumanEval/0,HumanEval/5")
-    p.add_argument("--timeout", type=real(*TIMEOUT_S, low_open=True), default=10.0,
-                   help=f"wall-clock seconds per program, at most {TIMEOUT_S[1]:g} (default 10)")
-    p.add_argument("--memory-mb", type=integer(*MEMORY_MB), default=1024,
-                   help=f"memory per program in MiB, {MEMORY_MB[0]} to {MEMORY_MB[1]} (default 1024; see README)")
+    p.add_argument("--timeout", type=TIMEOUT_S, default=10.0,
+                   help=f"wall-clock seconds per program, at most {TIMEOUT_S.high:g} (default 10)")
+    p.add_argument("--memory-mb", type=MEMORY_MB, default=1024,
+                   help=f"memory per program in MiB, {MEMORY_MB.low} to {MEMORY_MB.high} (default 1024; see README)")
     p.add_argument("--batch-size", type=integer(1), default=1, metavar="B",
                    help="greedy/sample: decode B problems at a time, grouped by prompt length (default 1)")
     return ap
-
-
-def _bar(total: int, desc: str):
-    return progress_bar(total, desc)
 
 
 def _load(path: str, args, device):
@@ -177,7 +171,7 @@ def cmd_ppl(args, device) -> None:
         stride = stride or max(1, context // 2)
         ids = loaded.tokenizer.encode(text)
         t0 = time.perf_counter()
-        with _bar(len(window_spans(len(ids), context, stride)), f"ppl {model_path}") as bar:
+        with progress_bar(len(window_spans(len(ids), context, stride)), f"ppl {model_path}") as bar:
             result = perplexity(loaded.model, ids, loaded.tokenizer, context, stride, args.batch_size, bar.update)
         rows.append({"model": model_path, "tokenizer": f"{loaded.tokenizer.kind} {loaded.tokenizer.vocab_size}",
                      **result.to_dict(), "seconds": time.perf_counter() - t0})
@@ -215,7 +209,7 @@ def cmd_generate(args, device) -> None:
     outputs = {}
     for model_path in args.model:
         loaded, partner = _load_pair(model_path, args, method, device)
-        with _bar(len(tasks), f"generate {model_path}") as bar:
+        with progress_bar(len(tasks), f"generate {model_path}") as bar:
             out = run_tasks(loaded, tasks, method, partner, args.max_new_tokens, args.seed, stops, bar.update)
         seconds, new = sum(o["seconds"] for o in out), sum(o["new_tokens"] for o in out)
         rows.append({"model": model_path, "method": method_label(method), "tasks": len(tasks),
@@ -242,7 +236,7 @@ def cmd_humaneval(args, device) -> None:
     if not args.allow_code_execution:
         raise PermissionError(he.EXECUTION_REFUSED)
     method, ks = method_from_args(args), _ks(args)
-    if args.samples > 1 and method.params.temperature == 0:
+    if args.samples > 1 and method.params.greedy:
         raise ValueError(f"--samples {args.samples} with {method_label(method)} decoding gives {args.samples} identical "
                          "answers: sample them (--method sample --temperature T) or use --samples 1")
     problems = he.load_problems(args.limit, args.task_ids.split(",") if args.task_ids else None)
@@ -252,10 +246,10 @@ def cmd_humaneval(args, device) -> None:
     for model_path in args.model:
         loaded, partner = _load_pair(model_path, args, method, device)
         mode = args.prompting if args.prompting != "auto" else "chat" if loaded.tokenizer.chat_template else "base"
-        complete = he.ModelCompleter(loaded, method, mode, args.max_new_tokens if args.max_new_tokens is not None else 512, partner, args.seed,
-                                     args.batch_size)
+        new_tokens = args.max_new_tokens if args.max_new_tokens is not None else 512
+        complete = he.ModelCompleter(loaded, method, mode, new_tokens, partner, args.seed, args.batch_size)
         complete.expect(problems)
-        with _bar(len(problems), f"humaneval {model_path}") as bar:
+        with progress_bar(len(problems), f"humaneval {model_path}") as bar:
             report = he.evaluate(problems, complete, args.samples, mode, ks, limits, True, bar.update)
         del loaded, partner, complete
         rows.append({"model": model_path, "prompting": mode, "method": method_label(method),

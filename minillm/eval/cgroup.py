@@ -100,13 +100,6 @@ class Cgroup:
                     os.kill(pid, signal.SIGKILL)
             time.sleep(0.01)
 
-    def peak_mb(self) -> float | None:
-        for f in self.folders:
-            for name in ("memory.peak", "memory.max_usage_in_bytes"):
-                with contextlib.suppress(OSError, ValueError):
-                    return int((f / name).read_text()) / 2**20
-        return None
-
     def remove(self) -> None:
         self.kill_all()
         for f in self.folders:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import shutil
 import signal
@@ -52,9 +51,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..flags import integer, real
 from .cgroup import Cgroup
 
 LAUNCHER = Path(__file__).with_name("sandbox_launcher.py")
@@ -65,8 +65,10 @@ SETUP_FAILED = 125  # sandbox_launcher.SETUP_FAILED
 OUTPUT_TAIL = 2000  # characters of the program's output kept
 
 
-# what each limit allows: (lowest, highest); below 64 MiB of address space Python itself cannot start
-TIMEOUT_S, MEMORY_MB, MAX_PROCESSES, MAX_FILE_MB = (0.0, 86400.0), (64, 1 << 20), (1, 4096), (1, 1 << 20)
+# what each limit allows (the command's flags take the same types); below 64 MiB Python cannot start
+TIMEOUT_S, MEMORY_MB = real(0, 86400, low_open=True), integer(64, 1 << 20)
+RANGES = {"timeout_s": TIMEOUT_S, "memory_mb": MEMORY_MB, "max_processes": integer(1, 4096),
+          "max_file_mb": integer(1, 1 << 20)}
 
 
 @dataclass(frozen=True)
@@ -77,17 +79,10 @@ class Limits:
     max_file_mb: int = 16  # largest file it may write (RLIMIT_FSIZE); also each tmpfs' size
 
     def __post_init__(self):
-        ranges = {"timeout_s": TIMEOUT_S, "memory_mb": MEMORY_MB, "max_processes": MAX_PROCESSES,
-                  "max_file_mb": MAX_FILE_MB}
-        for f in fields(self):
-            value, (low, high) = getattr(self, f.name), ranges[f.name]
-            whole = f.type in (int, "int")
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
-                (not whole or float(value).is_integer()) and (low < value if f.name == "timeout_s" else low <= value) \
-                and value <= high
-            if not ok:
-                raise ValueError(f"Limits.{f.name} must be {'a whole number' if whole else 'a number'} in "
-                                 f"{'(' if f.name == 'timeout_s' else '['}{low:g}, {high}], got {value!r}")
+        for name, allowed in RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not allowed.allows(str(value)):
+                raise ValueError(f"Limits.{name} must be {allowed.describe()}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -212,7 +207,9 @@ def _run(iso: Isolation, source: str, limits: Limits, secret: str = "") -> Outco
             proc = subprocess.Popen(_command(iso, limits, group, as_root), cwd=folder, env=_environment(work),
                                     stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
                                     start_new_session=True, **user)
-            status = _wait(proc, f"{secret}\n{source}".encode("utf-8"), limits.timeout_s, group, folder)
+            # without namespaces or a cgroup, a process that left the group is found by its working folder
+            strays = None if iso.namespaces or group is not None else folder
+            status = _wait(proc, f"{secret}\n{source}".encode("utf-8"), limits.timeout_s, group, strays)
             seconds = time.perf_counter() - t0
             size = out.seek(0, os.SEEK_END)
             out.seek(max(0, size - 4 * OUTPUT_TAIL))
@@ -224,8 +221,9 @@ def _run(iso: Isolation, source: str, limits: Limits, secret: str = "") -> Outco
     return Outcome(status, proc.returncode, seconds, text)
 
 
-def _wait(proc: subprocess.Popen, stdin: bytes, timeout_s: float, group: Cgroup | None, folder: str) -> str:
-    """Feed the program, wait for it (at most timeout_s), then kill every process it left -> its status."""
+def _wait(proc: subprocess.Popen, stdin: bytes, timeout_s: float, group: Cgroup | None, strays: str | None) -> str:
+    """Feed the program, wait for it (at most timeout_s), then kill every process it left -> its status.
+    strays: the working folder to look for leftover processes in (only when nothing else holds them)."""
     try:
         proc.communicate(stdin, timeout=timeout_s)
         status = "passed" if proc.returncode == 0 else "error" if proc.returncode == SETUP_FAILED else "failed"
@@ -238,7 +236,8 @@ def _wait(proc: subprocess.Popen, stdin: bytes, timeout_s: float, group: Cgroup 
     proc.wait()
     if group is not None:
         group.kill_all()  # everything that left the group (setsid), without namespaces too
-    _kill_working_in(folder)
+    if strays is not None:
+        _kill_working_in(strays)
     return status
 
 

@@ -25,7 +25,7 @@ from ..flags import Parser, add_input, add_output, add_threads, integer, progres
 from ..methods import Method, load_partner
 from .analysis import Report, inspect_prompt
 from .json_report import write_json
-from .plots import write_pngs
+from .plots import png_jobs, write_pngs
 from .tables import heads_table, lens_table, prefill_table, trace_text, trace_title
 from .traces import trace_decoding
 
@@ -100,11 +100,9 @@ def chosen_layers(spec: str | None, n_layer: int) -> list[int]:
     return layers
 
 
-def write_outputs(rep: Report, args) -> None:
+def write_outputs(rep: Report, args, layers: list[int]) -> None:
     if args.out:
-        layers = chosen_layers(args.layers, rep.info["n_layer"])
-        n = 1 + (2 + len(layers) if rep.attention else 0)
-        with progress_bar(n, f"PNGs to {args.out}") as bar:
+        with progress_bar(len(png_jobs(rep, args.out, layers)), f"PNGs to {args.out}") as bar:
             paths = write_pngs(rep, args.out, layers, progress=lambda p: bar.update(1))
         more = ", …" if len(paths) > 3 else ""
         print(f"wrote {len(paths)} PNGs to {os.path.join(args.out, '')} ({', '.join(p.name for p in paths[:3])}{more})")
@@ -119,7 +117,7 @@ def main(argv: list[str] | None = None) -> Report:
     args, method = parse_args(argv)
     device = pick_device(args.device)
     loaded = load_model(args.model, device=device)
-    chosen_layers(args.layers, loaded.config.n_layer)  # a bad --layers is refused before any work
+    layers = chosen_layers(args.layers, loaded.config.n_layer)  # a bad --layers is refused before any work
     tracing = args.generate > 0
     partner = load_partner(partner_path(args), method.partner, loaded, device) if tracing and method.partner else None
     prompt = unescape(args.prompt)
@@ -129,7 +127,7 @@ def main(argv: list[str] | None = None) -> Report:
     print_prompt_view(rep, args)
     if tracing:
         trace_into(rep, args, method, loaded, partner)
-    write_outputs(rep, args)
+    write_outputs(rep, args, layers)
     return rep
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -113,17 +114,22 @@ def plot_head_scores(rep: Report, path: Path) -> None:
     _save(plt, fig, path, 110)
 
 
-def write_pngs(rep: Report, out: str | Path, layers: list[int] = (), progress=None) -> list[Path]:
-    """The pictures into directory `out` -> their paths: the logit lens, and when attention was captured
-    the overview of every head, the head scores and one grid per layer in `layers`. progress(path) is
-    called after each picture is written."""
+def png_jobs(rep: Report, out: str | Path, layers: list[int] = ()) -> list[tuple[Path, Callable]]:
+    """(path, draw) for each picture of `rep` in directory `out`: the logit lens, and when attention was
+    captured the overview of every head, the head scores and one grid per layer in `layers`."""
     out = Path(out)
-    out.mkdir(exist_ok=True)
     jobs = [(out / "logit_lens.png", lambda p: plot_logit_lens(rep, p))]
     if rep.attention:
         jobs += [(out / "attn_overview.png", lambda p: plot_attention_overview(rep, p)),
                  (out / "head_scores.png", lambda p: plot_head_scores(rep, p))]
         jobs += [(out / f"attn_layer{l:02d}.png", lambda p, l=l: plot_attention_layer(rep, l, p)) for l in layers]
+    return jobs
+
+
+def write_pngs(rep: Report, out: str | Path, layers: list[int] = (), progress: Callable | None = None) -> list[Path]:
+    """Draw png_jobs' pictures into directory `out` (made if missing) -> their paths; progress(path) after each."""
+    Path(out).mkdir(exist_ok=True)
+    jobs = png_jobs(rep, out, layers)
     for path, draw in jobs:
         draw(path)
         if progress is not None:
