@@ -44,7 +44,7 @@ from torch.overrides import TorchFunctionMode
 
 from .config import ModelConfig
 from .model import Transformer, rope_tables
-from .quantize import empty_quantized, finish_loading
+from .quantized import empty_quantized, finish_loading
 from .tokenizer import tokenizer_from_dict
 
 FORMAT = "minillm/1"
@@ -200,7 +200,7 @@ def save_model(path: str | Path, model: Transformer, tokenizer, provenance: dict
         "tokenizer": json.dumps(tokenizer.to_dict()),
         "provenance": json.dumps(provenance or {}),
     }
-    if getattr(model, "quantization", None):  # set by quantize.quantize_model
+    if getattr(model, "quantization", None):  # set by quantized.swap_in
         metadata["quantization"] = json.dumps(model.quantization)
     atomic_save(model_tensors(model), path, metadata)
 

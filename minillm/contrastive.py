@@ -174,8 +174,8 @@ def contrastive_stream(expert, amateur, prompt_ids: list[int], max_new_tokens: i
     stats = stats if stats is not None else CDStats()
     stats.prompt_tokens, stats.stopped_by = len(prompt_ids), "max_new_tokens"
     stats.amateur_weight = amateur_weight(beta) if objective == "obrien" else 1 / amateur_temperature
-    e_cache = KVCache.for_model(expert, 1, max(1, len(prompt_ids) + max_new_tokens - 1))
-    a_cache = KVCache.for_model(amateur, 1, max(1, len(a_prompt) + max_new_tokens - 1))
+    e_cache = KVCache.for_run(expert, 1, len(prompt_ids), max_new_tokens)
+    a_cache = KVCache.for_run(amateur, 1, len(a_prompt), max_new_tokens)
     history = torch.tensor([prompt_ids], device=expert.tok_emb.weight.device) if params.needs_history else None
     warp = dataclasses.replace(params, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
                                no_repeat_ngram_size=0)  # what acts on the scores: temperature, top-k/p, ...

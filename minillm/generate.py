@@ -159,8 +159,8 @@ def stream_batch(model, prompts: list[list[int]], max_new_tokens: int, params: S
     stats = stats if stats is not None else [Stats() for _ in prompts]
     prompt_lens = [len(p) for p in prompts]
     lens, longest = torch.tensor(prompt_lens, device=device), max(prompt_lens)  # (B,) and the longest
-    if cache is None:  # as long as this run needs: a 32k-context model's full cache is GBs per row
-        cache = KVCache.for_model(model, B, ctx if sliding_window else min(ctx, longest + max_new_tokens))
+    if cache is None:
+        cache = KVCache.for_model(model, B) if sliding_window else KVCache.for_run(model, B, longest, max_new_tokens)
     seq = torch.zeros(B, longest + max_new_tokens, dtype=torch.long, device=device)  # prompt, then new tokens
     for b, p in enumerate(prompts):
         seq[b, :len(p)] = torch.tensor(p)
@@ -232,7 +232,8 @@ class StopScanner:
     feed(piece) returns the text that is safe to show now. A stop string that starts in already-shown
     text would have to start in a suffix of it that is a prefix of the stop string, so exactly that
     suffix (the longest one that is a prefix of some stop string) is held back; once a stop string is
-    complete, the text before it is released and everything from it on is dropped."""
+    complete, the text before it is released and everything from it on is dropped. "Complete" is
+    decided as generation would: the stop string that ends first wins, however the text is cut."""
 
     def __init__(self, stops: Sequence[str] = ()):
         if isinstance(stops, str):
@@ -248,10 +249,10 @@ class StopScanner:
         if self.stopped:
             return ""
         text = self.pending + piece
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        if hits:
+        hits = [(i + len(s), i) for s, i in ((s, text.find(s)) for s in self.stops) if i >= 0]
+        if hits:  # the stop string completed first (generation ends there), the longest of those ending together
             self.stopped, self.pending = True, ""
-            return text[:min(hits)]
+            return text[:min(hits)[1]]
         hold = max((n for s in self.stops for n in range(min(len(s) - 1, len(text)), 0, -1)
                     if text.endswith(s[:n])), default=0)
         self.pending = text[len(text) - hold:] if hold else ""

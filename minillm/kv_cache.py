@@ -26,14 +26,22 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model, batch_size: int = 1, max_len: int | None = None) -> "KVCache":
-        """A cache shaped for `model` (its dtype and device); max_len defaults to the context length."""
+        """A cache shaped for `model`, in the dtype its activations take (that of its floating-point
+        parameters) on its device; max_len defaults to the context length."""
         cfg = model.config
         max_len = cfg.block_size if max_len is None else max_len
         if not 1 <= max_len <= cfg.block_size:
             raise ValueError(f"KVCache max_len must be in [1, {cfg.block_size}] (the model's context), got {max_len}")
-        p = model.tok_emb.weight
-        dtype = p.dtype if p.is_floating_point() else model.norm.weight.dtype  # quantized: integer codes
-        return cls(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim, dtype, p.device)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        return cls(cfg.n_layer, batch_size, cfg.n_kv_head, max_len, cfg.head_dim, dtype, model.tok_emb.weight.device)
+
+    @classmethod
+    def for_run(cls, model, batch_size: int, prompt_len: int, max_new_tokens: int) -> "KVCache":
+        """The one sizing rule: as many positions as a run feeds the model (the prompt and every new
+        token but the last, which is never fed back), at most the context. A 32k-context model's full
+        cache would be GBs per row."""
+        fed = max(1, prompt_len + max(0, max_new_tokens - 1))
+        return cls.for_model(model, batch_size, min(model.config.block_size, fed))
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, n_kv_head, T, head_dim) at positions start_pos..start_pos+T-1 and return

@@ -175,9 +175,8 @@ class SpeculativeDecoder:
         self.device = target.tok_emb.weight.device
         self.seq = prompts.to(self.device)
         self.max_new_tokens, self.emitted = max_new_tokens, 0
-        cache_len = max(1, min(ctx, P + max_new_tokens - 1))
-        self.target_cache = KVCache.for_model(target, B, cache_len)
-        self.draft_cache = KVCache.for_model(draft, B, cache_len)
+        self.target_cache = KVCache.for_run(target, B, P, max_new_tokens)
+        self.draft_cache = KVCache.for_run(draft, B, P, max_new_tokens)
         self.stats = stats if stats is not None else SpecStats()
         self.stats.k, self.stats.batch, self.stats.prompt_tokens = k, B, P
         if len(self.stats.accept_hist) != self.k_max + 1:  # a stats object reused across runs keeps accumulating

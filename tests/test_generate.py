@@ -149,9 +149,11 @@ def test_earliest_of_several_stop_strings_wins():
        cuts=st.lists(st.integers(0, 30), max_size=8))
 def test_stop_scanner_property(text, stops, cuts):
     """However the text is cut into pieces: the output is the text up to the first stop string, and
-    every intermediate output is a prefix of it (nothing streamed is ever taken back)."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    want = text[:min(hits)] if hits else text
+    every intermediate output is a prefix of it (nothing streamed is ever taken back). The first stop
+    string is the one that ends first (generation stops there): with stops "b" and "aba", "aba" stops
+    at "a"."""
+    hits = [(i + len(s), i) for s, i in ((s, text.find(s)) for s in stops) if i >= 0]
+    want = text[:min(hits)[1]] if hits else text
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     scanner, shown = StopScanner(stops), ""
     for a, b in zip(bounds, bounds[1:]):
@@ -159,6 +161,12 @@ def test_stop_scanner_property(text, stops, cuts):
         assert want.startswith(shown)
     shown += scanner.flush()
     assert shown == want and scanner.stopped == bool(hits)
+
+
+def test_the_stop_string_that_ends_first_wins_however_the_text_is_cut():
+    for pieces in (["aba"], ["ab", "a"], ["a", "b", "a"]):
+        scanner = StopScanner(["b", "aba"])
+        assert "".join(scanner.feed(p) for p in pieces) + scanner.flush() == "a" and scanner.stopped
 
 
 def test_stop_string_in_real_generation_is_trimmed_and_never_streamed(char_model):

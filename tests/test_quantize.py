@@ -15,18 +15,14 @@ from minillm.kv_cache import KVCache
 from minillm.model import Transformer
 from minillm.quantize.__main__ import main as quantize_main
 from minillm.tokenizer import CharTokenizer
+from tiny import tiny_model
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\nAll: Speak, speak.\n"
 SCHEMES = [(8, None, 8), (4, 32, 8), (4, 64, 4)]  # (bits, group_size, embedding_bits)
 
 
-def tiny(family: str, tie: bool = True, seed: int = 0) -> Transformer:
-    """Random tiny model; n_embd 64 so int4 groups of 32 and 64 fit, vocab not a multiple of 16."""
-    torch.manual_seed(seed)
-    extra = dict(n_kv_head=2) if family == "llama" else {}
-    cfg = preset("nano", family=family, n_embd=64, vocab_size=CharTokenizer.from_text(TEXT).vocab_size,
-                 tie_embeddings=tie, **extra)
-    return Transformer(cfg).eval()
+# the tiny models' shape (tests/tiny.py): n_embd 64 so int4 groups of 32 and 64 fit, vocab not a multiple of 16
+SHAPE = dict(n_embd=64, vocab_size=CharTokenizer.from_text(TEXT).vocab_size)
 
 
 # ----------------------------------------------------------------------------- the math
@@ -61,7 +57,7 @@ def test_nibbles_round_trip():
 @pytest.mark.parametrize("out_features", [48, 65])  # 65: padded to 80 rows for the kernel
 def test_int4_linear_codes_come_back_exactly(out_features):
     lin = torch.nn.Linear(64, out_features, bias=True)
-    m = Q.Int4Linear.from_float(lin, 32)
+    m = Q.int4_linear(lin, 32)
     q, scale, zero = Q.quantize_int4(lin.weight.detach(), 32)
     q2, scale2, zero2 = m.codes()
     assert torch.equal(q, q2) and torch.equal(scale, scale2) and torch.equal(zero, zero2)
@@ -73,10 +69,10 @@ def test_kernels_equal_float_matmul_of_the_dequantized_weight(bits):
     lin = torch.nn.Linear(128, 80, bias=True)
     x = torch.randn(3, 5, 128).to(torch.bfloat16)
     if bits == 8:
-        m = Q.Int8Linear.from_float(lin)
+        m = Q.int8_linear(lin)
         w = m.weight.float() * m.scales.float()[:, None]
     else:
-        m = Q.Int4Linear.from_float(lin, 64)
+        m = Q.int4_linear(lin, 64)
         w = Q.dequantize_int4(*Q.quantize_int4(lin.weight.detach(), 64))
     ref = x.float() @ w.t() + lin.bias.detach().to(torch.bfloat16).float()
     y = m(x)
@@ -92,7 +88,7 @@ def test_kernels_equal_float_matmul_of_the_dequantized_weight(bits):
 def test_quantized_logits_close_to_float(family, bits, group, ebits, tol):
     """Tolerance: relative L2 error of the logits, ||q - f|| / ||f||, on a random tiny model
     (random weights have no outliers, so this mostly measures the rounding step)."""
-    model = tiny(family)
+    model = tiny_model(family, **SHAPE)
     x = torch.randint(model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = model(x)
@@ -106,7 +102,7 @@ def test_quantized_logits_close_to_float(family, bits, group, ebits, tol):
 def test_quantized_cached_decode_equals_uncached(family):
     """The KV cache of a quantized model is bf16 (not the codes' integer dtype), and one-token steps
     give the logits of a full forward."""
-    qm = Q.quantize_model(tiny(family), 4, 32)
+    qm = Q.quantize_model(tiny_model(family, **SHAPE), 4, 32)
     x = torch.randint(qm.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     cache = KVCache.for_model(qm)
     assert cache.k[0].dtype == torch.bfloat16
@@ -120,7 +116,7 @@ def test_quantized_cached_decode_equals_uncached(family):
 @pytest.mark.parametrize("bits,group,ebits", SCHEMES)
 def test_checkpoint_round_trip(tmp_path, family, tie, bits, group, ebits):
     tok = CharTokenizer.from_text(TEXT)
-    qm = Q.quantize_model(tiny(family, tie), bits, group, ebits)
+    qm = Q.quantize_model(tiny_model(family, tie_embeddings=tie, **SHAPE), bits, group, ebits)
     path = tmp_path / "q.safetensors"
     save_model(path, qm, tok, {"source": "test"})
     meta = json.loads(safe_open(str(path), framework="pt").metadata()["quantization"])
@@ -145,7 +141,7 @@ def test_checkpoint_round_trip(tmp_path, family, tie, bits, group, ebits):
 
 def test_int4_file_is_smaller(tmp_path):
     tok = CharTokenizer.from_text(TEXT)
-    model = tiny("llama")
+    model = tiny_model("llama", **SHAPE)
     model.config.vocab_size  # noqa: B018
     sizes = {}
     for name, m in [("f32", model), ("int8", Q.quantize_model(copy.deepcopy(model), 8)),
@@ -158,7 +154,7 @@ def test_int4_file_is_smaller(tmp_path):
 def test_cli_end_to_end(tmp_path, capsys):
     tok = CharTokenizer.from_text(TEXT)
     src, out = tmp_path / "f.safetensors", tmp_path / "q.safetensors"
-    save_model(src, tiny("llama"), tok)
+    save_model(src, tiny_model("llama", **SHAPE), tok)
     assert quantize_main([str(src), "--out", str(out), "--bits", "4", "--group-size", "64"]) == 0
     assert "int4 group 64" in capsys.readouterr().out
     assert load_model(out).model.quantization == {"bits": 4, "group_size": 64, "embedding_bits": 8}
@@ -175,7 +171,7 @@ def test_int8_any_input_width_equals_float_matmul(in_features, rows):
     and gave garbage (NaN, 1e30) for one. Int8Linear pads K with zero columns, which changes no sum."""
     torch.manual_seed(in_features)
     lin = torch.nn.Linear(in_features, 24, bias=True)
-    m = Q.Int8Linear.from_float(lin)
+    m = Q.int8_linear(lin)
     assert m.weight.shape == (24, -(-in_features // 16) * 16) and (m.weight[:, in_features:] == 0).all()
     q, scale = Q.quantize_int8(lin.weight.detach())
     x = torch.randn(rows, in_features).to(torch.bfloat16)
@@ -220,7 +216,7 @@ def test_int8_model_of_width_36_saves_loads_and_matches_float(tmp_path, family):
 ])
 def test_bad_scheme_is_a_clear_error(args, match):
     with pytest.raises(ValueError, match=match):
-        Q.quantize_model(tiny("llama"), *args)
+        Q.quantize_model(tiny_model("llama", **SHAPE), *args)
 
 
 def test_group_that_does_not_divide_in_features_names_the_tensor():
@@ -232,7 +228,7 @@ def test_group_that_does_not_divide_in_features_names_the_tensor():
 def test_bad_quantization_metadata_in_a_file(tmp_path):
     tok = CharTokenizer.from_text(TEXT)
     path = tmp_path / "q.safetensors"
-    save_model(path, Q.quantize_model(tiny("llama"), 8), tok)
+    save_model(path, Q.quantize_model(tiny_model("llama", **SHAPE), 8), tok)
     with safe_open(str(path), framework="pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     from safetensors.torch import save_file
@@ -258,7 +254,7 @@ def test_cuda_kernels_equal_float_matmul(bits):
     torch.manual_seed(1)
     lin = torch.nn.Linear(256, 96, bias=True).cuda()
     x = torch.randn(3, 256, device="cuda").to(torch.bfloat16)
-    m = Q.Int8Linear.from_float(lin) if bits == 8 else Q.Int4Linear.from_float(lin, 64)
+    m = Q.int8_linear(lin) if bits == 8 else Q.int4_linear(lin, 64)
     if bits == 8:
         w = m.weight.float() * m.scales.float()[:, None]
     else:
@@ -274,7 +270,7 @@ def test_cuda_model_matches_cpu_and_loads_onto_cuda(tmp_path, bits, group, ebits
     """Quantized on CPU, saved, loaded straight onto CUDA (int4 repacked for the CUDA kernel):
     the same logits as on CPU, up to bf16 rounding of differently ordered sums."""
     tok = CharTokenizer.from_text(TEXT)
-    qm = Q.quantize_model(tiny("llama"), bits, group, ebits)
+    qm = Q.quantize_model(tiny_model("llama", **SHAPE), bits, group, ebits)
     save_model(tmp_path / "q.safetensors", qm, tok)
     on_gpu = load_model(tmp_path / "q.safetensors", device="cuda").model
     x = torch.tensor([tok.encode("Before we proceed")])
