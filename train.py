@@ -16,7 +16,7 @@ Distil a small student from a teacher with the same tokenizer:
                     --n-layer 4 --n-embd 256 --n-head 4 --block-size 2048 --seq-len 128
     (or --init-from-layers 6 instead of the shape flags: the teacher's first 6 blocks)
 
-Every TrainConfig field (minillm/trainer.py) is a flag, plus --progress/--no-progress (a tqdm bar);
+Every TrainConfig field (minillm/train_config.py) is a flag, plus --progress/--no-progress (a tqdm bar);
 --help lists them with their defaults. The trainer names fields in its errors (lora_rank); here they
 are shown as flags (--lora-rank).
 """
@@ -33,8 +33,9 @@ from tqdm import tqdm
 
 from minillm.ddp import exit_process
 from minillm.flags import Parser, add_input, add_output, add_threads, fail, integer, real
-from minillm.trainer import (ARCH_FIELDS, FLOAT_RANGES, INT_AT_LEAST, KEEPS, MAX_SEED, TRAIN_PRESETS, Step, TrainConfig,
-                             TrainingDiverged, train)
+from minillm.train_config import ARCH_FIELDS, FLOAT_RANGES, INT_AT_LEAST, KEEPS, MAX_SEED, TRAIN_PRESETS, TrainConfig
+from minillm.train_setup import train
+from minillm.trainer import Step, TrainingDiverged
 
 PRESET_FIELDS = {*ARCH_FIELDS, *(k for p in TRAIN_PRESETS.values() for k in p)}  # None: the preset's value
 INPUTS = ("data", "init_from", "distill_from")  # files the run reads; out_dir is where it writes

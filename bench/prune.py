@@ -26,10 +26,10 @@ weights: a model rebuilt in memory decodes a few % slower here); every model in 
 wall second, and tokens per CPU second of this process (time.process_time), which on one thread is
 the work a token takes whoever else shares the machine; the wall rate moves with the load.
 
-    python bench/prune.py                                  # SmolLM2-135M, no recovery (~15 min on a busy 2-core CPU)
-    python bench/prune.py --recover magnitude:0.5,depth:0.2,width:0.33 --recover-iters 10   # + ~10 min per point
-    python bench/prune.py --speed-only                     # decode speed again, into the last run's rows
-    python bench/prune.py --model weights/qwen2.5-coder-0.5b.safetensors --tag qwen2.5-coder-0.5b   # once converted
+    python -m bench.prune                                  # SmolLM2-135M, no recovery (~15 min on a busy 2-core CPU)
+    python -m bench.prune --recover magnitude:0.5,depth:0.2,width:0.33 --recover-iters 10   # + ~10 min per point
+    python -m bench.prune --speed-only                     # decode speed again, into the last run's rows
+    python -m bench.prune --model weights/qwen2.5-coder-0.5b.safetensors --tag qwen2.5-coder-0.5b   # once converted
 writes bench/out/prune-TAG.json, prune-TAG-ppl.png, prune-TAG-speed.png. The points are given as
 fractions (--magnitude sparsities, --depth blocks dropped, --width channels removed), so the same
 flags fit any model; Qwen2.5-Coder-0.5B (24 layers, mlp_hidden 4864) needs only its converted
@@ -47,14 +47,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from minillm import prune as P
 from minillm.checkpoint import load_model, model_tensors, save_model
 from minillm.data import read_text, resolve_text_path
 from minillm.eval.perplexity import eval_text, perplexity
 from minillm.generate import stream_tokens
 from minillm.sampling import SamplingParams
-from minillm.trainer import TrainConfig, train
+from minillm.train_config import TrainConfig
+from minillm.train_setup import train
 
 PROMPT = "ROMEO:\nWhat light through yonder window breaks?\n"
 

@@ -112,7 +112,7 @@ def _positive(x) -> bool:
     return _number(x) and x > 0
 
 
-# Named model shapes. Training presets (iterations, lr, batch) live in trainer.py.
+# Named model shapes. Training presets (iterations, lr, batch) live in train_config.py.
 PRESETS: dict[str, dict] = {
     # nanoGPT's CPU shakespeare_char config: 0.8M parameters
     "baby": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),

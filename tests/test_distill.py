@@ -11,7 +11,8 @@ from minillm.checkpoint import load_model, save_model
 from minillm.config import ModelConfig
 from minillm.model import Transformer
 from minillm.tokenizer import CharTokenizer
-from minillm.trainer import TrainConfig, train
+from minillm.train_config import TrainConfig
+from minillm.train_setup import train
 
 
 def quiet(*a):

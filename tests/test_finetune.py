@@ -9,10 +9,10 @@ import torch.nn.functional as F
 import train as train_cli
 from minillm import data
 from minillm.checkpoint import load_model, save_model
-from minillm.config import ModelConfig
-from minillm.model import Transformer
 from minillm.tokenizer import GPT2_EOT, GPT2_PAT, BPETokenizer, CharTokenizer
-from minillm.trainer import TrainConfig, train
+from minillm.train_config import TrainConfig
+from minillm.train_setup import train
+from tiny import tiny_model
 
 
 def quiet(*a):
@@ -40,11 +40,9 @@ def text_file(tmp_path_factory, shakespeare_text):
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def base_ckpt(request, tmp_path_factory, bpe):
     """A tiny random model of either family with the BPE tokenizer, saved as a checkpoint."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(family=request.param, vocab_size=bpe.vocab_size, block_size=64, n_layer=2, n_head=4,
-                      n_embd=32, n_kv_head=2 if request.param == "llama" else None)
+    model = tiny_model(request.param, vocab_size=bpe.vocab_size, block_size=64)
     path = tmp_path_factory.mktemp("base") / f"base-{request.param}.safetensors"
-    save_model(path, Transformer(cfg), bpe, {"source": "test"})
+    save_model(path, model, bpe, {"source": "test"})
     return path
 
 

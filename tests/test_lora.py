@@ -9,20 +9,13 @@ from safetensors import safe_open
 
 from minillm import lora
 from minillm.checkpoint import CheckpointError, load_model, load_train_state, read_metadata, save_model
-from minillm.config import ModelConfig
 from minillm.data import file_sha256
-from minillm.model import Transformer
 from minillm.tokenizer import CharTokenizer
-from minillm.trainer import TrainConfig, train
+from minillm.train_config import TrainConfig
+from minillm.train_setup import train
+from tiny import tiny_model
 
 ALL = "q,k,v,o,gate,up,down"
-
-
-def tiny(family="llama", seed=0):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(family=family, vocab_size=40, block_size=32, n_layer=2, n_head=4, n_embd=32,
-                      n_kv_head=2 if family == "llama" else None)
-    return Transformer(cfg).eval()
 
 
 def randomize_adapters(model, seed=1):
@@ -41,7 +34,7 @@ def tokens():
 
 @pytest.mark.parametrize("family, targets", [("llama", ALL), ("gpt2", "q,k,v,o,up,down")])
 def test_only_adapters_receive_gradients(family, targets, tokens):
-    model = tiny(family)
+    model = tiny_model(family)
     wrapped = lora.apply_lora(model, rank=4, alpha=8, targets=targets)
     assert len(wrapped) == 2 * len(targets.split(","))
     randomize_adapters(model)
@@ -59,10 +52,10 @@ def test_only_adapters_receive_gradients(family, targets, tokens):
 
 
 def test_zero_init_is_the_base_and_rank0_or_disabled_is_exactly_the_base(tokens):
-    base = tiny()
+    base = tiny_model()
     with torch.no_grad():
         expected = base(tokens)
-    model = tiny()
+    model = tiny_model()
     lora.apply_lora(model, rank=4, alpha=8, targets=ALL)
     with torch.no_grad():
         assert torch.equal(model(tokens), expected)  # B = 0 at init: the adapters add exactly zero
@@ -73,7 +66,7 @@ def test_zero_init_is_the_base_and_rank0_or_disabled_is_exactly_the_base(tokens)
         lora.set_lora_enabled(model, True)
         assert not torch.allclose(model(tokens), expected, atol=1e-3)
 
-    rank0 = tiny()
+    rank0 = tiny_model()
     lora.apply_lora(rank0, rank=0, alpha=8, targets=ALL)
     assert lora.lora_state_dict(rank0) == {} and lora.count_trainable(rank0)[0] == 0
     with torch.no_grad():
@@ -94,7 +87,7 @@ def test_lora_forward_is_the_stated_formula():
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_merged_checkpoint_equals_base_plus_adapters(tmp_path, family, tokens):
-    model = tiny(family)
+    model = tiny_model(family)
     targets = ALL if family == "llama" else "q,v,up,down"
     lora.apply_lora(model, rank=3, alpha=6, targets=targets)
     randomize_adapters(model)
@@ -107,14 +100,14 @@ def test_merged_checkpoint_equals_base_plus_adapters(tmp_path, family, tokens):
     merged = load_model(path).model
     with torch.no_grad():
         torch.testing.assert_close(merged(tokens), with_adapters, atol=1e-5, rtol=0)
-        assert not torch.allclose(merged(tokens), tiny(family)(tokens), atol=1e-3)  # and not just the base
+        assert not torch.allclose(merged(tokens), tiny_model(family)(tokens), atol=1e-3)  # and not just the base
 
 
 def test_adapters_file_round_trip_and_wrong_base_rejected(tmp_path, tokens):
     tok = CharTokenizer("abc")
     base_path, other_path = tmp_path / "base.safetensors", tmp_path / "other.safetensors"
-    save_model(base_path, tiny(seed=0), tok)
-    save_model(other_path, tiny(seed=5), tok)  # same config, other weights
+    save_model(base_path, tiny_model(seed=0), tok)
+    save_model(other_path, tiny_model(seed=5), tok)  # same config, other weights
 
     model = load_model(base_path).model
     lora.apply_lora(model, rank=4, alpha=8, targets="q,v")
@@ -141,11 +134,11 @@ def test_adapters_file_round_trip_and_wrong_base_rejected(tmp_path, tokens):
 
 def test_bad_targets_and_rank():
     with pytest.raises(lora.LoRAError, match="'gate' exists only in the llama family"):
-        lora.apply_lora(tiny("gpt2"), 4, 8, "q,gate")
+        lora.apply_lora(tiny_model("gpt2"), 4, 8, "q,gate")
     with pytest.raises(lora.LoRAError, match=r"targets \['qq'\] not understood; choose from q,k,v,o,gate,up,down"):
-        lora.apply_lora(tiny(), 4, 8, "q,qq")
+        lora.apply_lora(tiny_model(), 4, 8, "q,qq")
     with pytest.raises(lora.LoRAError, match="rank must be >= 0"):
-        lora.apply_lora(tiny(), -1, 8, "q")
+        lora.apply_lora(tiny_model(), -1, 8, "q")
 
 
 def char_base(tmp_path, shakespeare_text):
@@ -153,11 +146,10 @@ def char_base(tmp_path, shakespeare_text):
     text = tmp_path / "t.txt"
     text.write_text(shakespeare_text[:5000])
     tok = CharTokenizer(shakespeare_text[:5000])
-    torch.manual_seed(0)
-    cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=32)
+    base = tiny_model("llama", vocab_size=tok.vocab_size, n_kv_head=None)
     base_path = tmp_path / "base.safetensors"
-    save_model(base_path, Transformer(cfg), tok)
-    return text, tok, cfg, base_path
+    save_model(base_path, base, tok)
+    return text, tok, base.config, base_path
 
 
 def test_trainer_lora_run_saves_adapters_and_merged(tmp_path, shakespeare_text, tokens):
@@ -190,8 +182,8 @@ def test_merge_command(tmp_path, tokens):
     """python -m minillm.lora BASE ADAPTERS --out MERGED; and a wrong base is refused with exit code 2."""
     tok = CharTokenizer("abc")
     base_path, other_path = tmp_path / "base.safetensors", tmp_path / "other.safetensors"
-    save_model(base_path, tiny(seed=0), tok)
-    save_model(other_path, tiny(seed=5), tok)
+    save_model(base_path, tiny_model(seed=0), tok)
+    save_model(other_path, tiny_model(seed=5), tok)
     model = load_model(base_path).model
     lora.apply_lora(model, rank=2, alpha=4, targets="k,o,up")
     randomize_adapters(model)

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 import train as train_cli
-from minillm import trainer
+from minillm import train_config, trainer
 from minillm.checkpoint import load_model, read_metadata, train_state_path
 from minillm.device import pick_device
-from minillm.trainer import ConfigError, TrainConfig, TrainingDiverged, lr_at, train
+from minillm.train_config import ConfigError, TrainConfig
+from minillm.train_setup import train
+from minillm.trainer import TrainingDiverged, lr_at
 
 
 @pytest.fixture(scope="module")
@@ -119,12 +121,12 @@ def test_cli_flags(tmp_path, capsys):
 
 def test_every_numeric_field_is_checked_and_named():
     """check() refuses an out-of-range or non-numeric value of each numeric field, naming that field."""
-    for name, low in trainer.INT_AT_LEAST.items():
+    for name, low in train_config.INT_AT_LEAST.items():
         for bad in (low - 1, 2**63, 2.5, True):
             with pytest.raises(ConfigError) as e:
                 TrainConfig(**{name: bad}).resolved().check()
             assert e.value.fields == (name,) and str(e.value).startswith(f"{name} must be"), (name, bad, e.value)
-    for name, (low, high, low_ok, high_ok) in trainer.FLOAT_RANGES.items():
+    for name, (low, high, low_ok, high_ok) in train_config.FLOAT_RANGES.items():
         bad_values = [float("nan"), float("inf"), low - 1, "1"] + ([] if low_ok else [low]) + \
             ([high + 1] if high != float("inf") else []) + ([high] if high != float("inf") and not high_ok else [])
         for bad in bad_values:

@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import train as train_cli
-from minillm import trainer
+from minillm import train_lock, trainer
 from minillm.checkpoint import load_model
-from conftest import exit_status
+from cli_runner import ROOT, exit_status, one_error_line, script
 
-ROOT = Path(__file__).resolve().parents[1]
+train_cli = script("train")
 TINY = ["--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "16", "--batch-size", "2",
         "--max-iters", "4", "--eval-interval", "2", "--eval-iters", "1", "--warmup-iters", "1",
         "--no-plot", "--no-progress", "--name", "t"]
@@ -61,13 +60,6 @@ def out(tmp_path, stopped_run):
     folder = tmp_path / "out"
     shutil.copytree(stopped_run, folder)
     return folder
-
-
-def one_error_line(err: str) -> str:
-    assert "Traceback" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -155,7 +147,7 @@ def test_read_only_out_dir(out, texts, capsys, monkeypatch):
 def test_same_name_running_is_refused(out, texts, capsys):
     """A second run writing the same files while the first holds the lock (flock: a second open of the
     lock file conflicts even within one process)."""
-    with trainer.output_lock(out / "t.lock"):
+    with train_lock.output_lock(out / "t.lock"):
         before = snapshot(out)
         assert train_cli.main([*TINY, "--data", str(texts / "small.txt"), "--out-dir", str(out), "--resume"]) == 2
         line = one_error_line(capsys.readouterr().err)
