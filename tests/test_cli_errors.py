@@ -4,48 +4,29 @@ problem (the file, the flag and the value), no traceback, and no file created or
 working folder's listing, sizes, modes and mtimes are compared before and after). Each command's main()
 runs in-process on tiny files made once per session."""
 
-import importlib.util
 import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minillm.checkpoint import save_model
-from minillm.config import preset
 from minillm.convert.__main__ import main as convert_main
 from minillm.export import export_hf
 from minillm.export import main as export_main
 from minillm.inspector.cli import run as inspector_run
-from minillm.model import Transformer
 from minillm.quantize.__main__ import main as quantize_main
 from minillm.tokenizer import BPETokenizer, CharTokenizer
+from cli_runner import one_error_line, run, script
+from tiny import tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
-
-
-def _load_sample():
-    spec = importlib.util.spec_from_file_location("sample_cli_errors", ROOT / "sample.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-SAMPLE = _load_sample()
-
-
-def _inspect(argv):
-    inspector_run(argv)  # exits with 2 on an error (SystemExit), returns on success
-    return 0
-
-
-MAINS = {"convert": convert_main, "quantize": quantize_main, "export": export_main, "inspect": _inspect,
-         "sample": SAMPLE.main}
+# the inspector exits with 2 on an error (SystemExit) and returns None on success
+MAINS = {"convert": convert_main, "quantize": quantize_main, "export": export_main, "inspect": inspector_run,
+         "sample": script("sample").main}
 
 
 # ----------------------------------------------------------------------------- the files
@@ -81,17 +62,15 @@ def _chat_model(d: Path, name: str, template: str) -> None:
     """A tiny model whose (byte-level) tokenizer carries the chat template `template`."""
     ranks = {bytes([b]): b for b in range(256)}
     tok = BPETokenizer("bytes", r"\S+|\s+", ranks, {"<|end|>": 256}, eos_tokens=["<|end|>"], chat_template=template)
-    torch.manual_seed(0)
-    save_model(d / name, Transformer(preset("nano", vocab_size=257)).eval(), tok)
+    save_model(d / name, tiny_model("gpt2", vocab_size=257), tok)
 
 
 def make_files(d: Path) -> Path:
     """ok.safetensors (a tiny char model) and every broken variant, its Hugging Face export (hf/) and
     broken variants of that, a stand-in GGUF, a plain file, a read-only folder, links."""
     tok = CharTokenizer.from_text(TEXT)
-    torch.manual_seed(0)
     ok = d / "ok.safetensors"
-    save_model(ok, Transformer(preset("nano", vocab_size=tok.vocab_size)).eval(), tok)
+    save_model(ok, tiny_model("gpt2", vocab_size=tok.vocab_size), tok)
     (d / "truncated.safetensors").write_bytes(ok.read_bytes()[:-200])
     _rewrite(ok, d / "nan.safetensors", tensors=lambda t: t["blocks.0.mlp.up_proj.weight"].__setitem__((3, 4), float("nan")))
     _rewrite(ok, d / "int.safetensors", tensors=lambda t: t.__setitem__("norm.weight", t["norm.weight"].long()))
@@ -226,15 +205,11 @@ def test_refused_with_one_line_and_nothing_written(files, read_only_for_root, ca
     argv = [a.replace("{d}", str(files)) for a in argv]
     argv += {"convert": ["--quiet"], "quantize": ["--bits", "8"]}.get(cli, [])
     before = snapshot(files)
-    try:
-        code = MAINS[cli](argv)
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
+    code, out, err = run(capsys, MAINS[cli], *argv)
     assert code == 2, (code, err)
-    assert "Traceback" not in err + out
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in out
+    line = one_error_line(err)
+    assert line.startswith("error: "), err
     for w in words:
-        assert w.replace("{d}", str(files)) in lines[0], (w, lines[0])
+        assert w.replace("{d}", str(files)) in line, (w, line)
     assert snapshot(files) == before, "a file was created or changed"

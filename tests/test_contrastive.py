@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 from law import family_p, law_pvalues, rescaled_llama
+from tiny import tiny_model
 
 import minillm.contrastive as cd
-from minillm.config import ModelConfig
 from minillm.contrastive import (CDStats, CDStep, amateur_weight, beta_to_li_tau, contrastive_scores,
                                  contrastive_stream, plausible_head)
 from minillm.generate import stream_tokens
@@ -22,17 +22,13 @@ GREEDY = SamplingParams(temperature=0)
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, many small ops: see conftest
 
 
-def tiny(family, seed, n_layer=2, n_embd=32, vocab=40):
-    torch.manual_seed(seed)
-    extra = dict(n_kv_head=2) if family == "llama" else {}
-    return Transformer(ModelConfig(family=family, vocab_size=vocab, block_size=64, n_layer=n_layer, n_head=4,
-                                   n_embd=n_embd, tie_embeddings=False, **extra)).eval()
+SHAPE = dict(block_size=64, tie_embeddings=False)  # of the tiny models (tests/tiny.py); the amateur: 1 layer, width 16
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def pair(request):
     # scale the expert's head so its distribution is peaked enough for a non-trivial V_head
-    expert, amateur = tiny(request.param, 0), tiny(request.param, 1, n_layer=1, n_embd=16)
+    expert, amateur = tiny_model(request.param, 0, **SHAPE), tiny_model(request.param, 1, n_layer=1, n_embd=16, **SHAPE)
     with torch.no_grad():
         expert.lm_head.weight.mul_(SCALE)
         amateur.lm_head.weight.mul_(SCALE)
@@ -191,7 +187,7 @@ def test_sampling_option_is_seeded_and_in_head(pair):
 
 
 def test_mismatched_vocab_and_bad_params_rejected():
-    e, a = tiny("gpt2", 0, vocab=40), tiny("gpt2", 1, vocab=41)
+    e, a = tiny_model("gpt2", 0, **SHAPE), tiny_model("gpt2", 1, vocab_size=41, **SHAPE)
     with pytest.raises(ValueError, match="vocab_size 40.*vocab_size 41"):
         list(contrastive_stream(e, a, PROMPT, 5))
     with pytest.raises(ValueError, match="alpha"):

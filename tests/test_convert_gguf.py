@@ -23,7 +23,7 @@ from minillm.convert import LLAMA3_PAT, ConvertError, convert  # noqa: E402
 from minillm.convert.vocab import QWEN2_PAT  # noqa: E402
 from minillm.convert.rope import permute, unpermute  # noqa: E402
 from minillm.kv_cache import KVCache  # noqa: E402
-from conftest import greedy_ours_and_hf  # noqa: E402
+from real_models import greedy_ours_and_hf  # noqa: E402
 from minillm.model import apply_rope  # noqa: E402
 from minillm.tokenizer import bytes_to_token, merges_from_ranks  # noqa: E402
 

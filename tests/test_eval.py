@@ -10,15 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from minillm.checkpoint import load_model, save_model
-from minillm.config import ModelConfig
 from minillm.data import split_train_val
 from minillm.eval import generation, text_metrics as tm
 from minillm.eval.__main__ import main as eval_main
 from minillm.eval.perplexity import eval_text, perplexity, window_spans
 from minillm.methods import Method
-from minillm.model import Transformer
 from minillm.sampling import SamplingParams
 from minillm.tokenizer import CharTokenizer
+from tiny import tiny_model
 
 GREEDY = Method("greedy", SamplingParams(temperature=0.0), sliding_window=True)
 
@@ -53,9 +52,7 @@ def test_window_example_of_the_docstring():
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(family="llama", vocab_size=50, block_size=32, n_layer=2, n_head=4, n_kv_head=2,
-                                   n_embd=32)).eval()
+    return tiny_model("llama", vocab_size=50)
 
 
 def brute_force_nll(model, ids, context):
@@ -111,8 +108,8 @@ def test_bits_per_byte_counts_the_scored_bytes(gpt2_ranks_512):
     bpe = BPETokenizer("tiny", GPT2_PAT, gpt2_ranks_512, {})
     for tok in (char, bpe):
         ids = tok.encode(text)
-        model = Transformer(ModelConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
-        r = perplexity(model.eval(), ids, tok, context=16, stride=8)
+        model = tiny_model("gpt2", vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16)
+        r = perplexity(model, ids, tok, context=16, stride=8)
         assert r.bytes == len(text.encode()) - len(tok.token_bytes(ids[0]))
         assert r.bits_per_byte == pytest.approx(r.nll / math.log(2) / r.bytes)
         assert r.ppl == pytest.approx(math.exp(r.nll / r.tokens))
@@ -238,11 +235,8 @@ def test_generation_metrics_collects_everything():
 
 
 def test_bench_uses_the_library_metrics():
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import text_metrics as bench_tm
-    assert bench_tm.rep_n is tm.rep_n and bench_tm.distinct_n is tm.distinct_n
+    from bench import decoding
+    assert decoding.rep_n is tm.rep_n and decoding.distinct_n is tm.distinct_n
 
 
 # ----------------------------------------------------------------------------- the ready task and generation
@@ -282,9 +276,8 @@ def char_models(tmp_path_factory, shakespeare_text):
     tok = CharTokenizer(shakespeare_text)
     folder, paths = tmp_path_factory.mktemp("eval"), []
     for seed, name in ((0, "a"), (1, "b")):
-        torch.manual_seed(seed)
-        cfg = ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)
-        save_model(folder / f"{name}.safetensors", Transformer(cfg), tok)
+        model = tiny_model("gpt2", seed, vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2)
+        save_model(folder / f"{name}.safetensors", model, tok)
         paths.append(folder / f"{name}.safetensors")
     return paths
 

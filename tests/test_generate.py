@@ -6,35 +6,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.config import preset
 from minillm.generate import (Stats, StopScanner, decode_stream, generate, generate_batch, make_generator,
                               stream_batch, stream_text, stream_tokens)
 from minillm.kv_cache import KVCache
-from minillm.model import Transformer
 from minillm.sampling import SamplingParams
 from minillm.tokenizer import BPETokenizer, CharTokenizer
+from tiny import lively, tiny_model
 
 TEXT = "ROMEO:\nWhat light through yonder window breaks?\nJULIET:\nAy me!\n"
 GREEDY = SamplingParams(temperature=0)
 
 
-def lively(model: Transformer) -> Transformer:
-    """Larger random weights (untied head): a freshly initialised nano model repeats one character
-    greedily, which would make token-for-token comparisons too easy to pass."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 1.0 if "emb" in name else 0.3)
-    return model.eval()
-
-
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def char_model(request):
-    torch.manual_seed(0)
     tok = CharTokenizer.from_text(TEXT)
-    extra = dict(n_kv_head=2) if request.param == "llama" else {}
-    return lively(Transformer(preset("nano", family=request.param, vocab_size=tok.vocab_size, tie_embeddings=False,
-                                     **extra))), tok
+    return lively(tiny_model(request.param, vocab_size=tok.vocab_size, tie_embeddings=False)), tok
 
 
 def test_greedy_with_cache_equals_full_recompute(char_model):
@@ -184,8 +170,7 @@ def test_stop_string_in_real_generation_is_trimmed_and_never_streamed(char_model
 def test_stop_string_across_bpe_tokens(data_dir):
     """GPT-2 BPE: pick a stop string that straddles a token boundary of the greedy output."""
     tok = BPETokenizer.gpt2(str(data_dir / "gpt2" / "gpt2.tiktoken"))
-    torch.manual_seed(0)
-    model = Transformer(preset("nano", vocab_size=tok.vocab_size, block_size=64)).eval()
+    model = tiny_model("gpt2", vocab_size=tok.vocab_size, block_size=64)
     ids = generate(model, tok, "Hello", 30, GREEDY).ids
     texts = [tok.decode([i]) for i in ids]
     j = next(j for j in range(1, len(ids)) if len(texts[j - 1]) >= 2 and len(texts[j]) >= 2)
@@ -226,11 +211,9 @@ PROMPTS = ["ROMEO:\nWhat", "Ay", "JULIET:\n", "w"]
 def batch_models():
     out = []
     tok = CharTokenizer.from_text(TEXT)
-    for family, kw in (("gpt2", {}), ("llama", dict(n_kv_head=2))):
+    for family in ("gpt2", "llama"):
         for impl in ("manual", "sdpa"):
-            torch.manual_seed(1)
-            out.append(lively(Transformer(preset("nano", family=family, vocab_size=tok.vocab_size, attn_impl=impl,
-                                                 tie_embeddings=False, **kw))))
+            out.append(lively(tiny_model(family, 1, vocab_size=tok.vocab_size, attn_impl=impl, tie_embeddings=False)))
     return out, tok
 
 
@@ -331,8 +314,7 @@ def test_make_generator_is_per_call():
 def test_bpe_stream_never_breaks_utf8(data_dir):
     """A random GPT-2-vocab model emits arbitrary byte tokens; streamed text must equal the full decode."""
     tok = BPETokenizer.gpt2(str(data_dir / "gpt2" / "gpt2.tiktoken"))
-    torch.manual_seed(0)
-    model = Transformer(preset("nano", vocab_size=tok.vocab_size, block_size=128)).eval()
+    model = tiny_model("gpt2", vocab_size=tok.vocab_size, block_size=128)
     stats, ids = Stats(), []
     pieces = list(stream_text(model, tok, "Hello", 100, SamplingParams(temperature=1.5), seed=0, stats=stats, ids_out=ids))
     assert "".join(pieces) == tok.decode(ids)

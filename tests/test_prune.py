@@ -10,14 +10,14 @@ import torch
 
 from minillm import prune as P
 from minillm.checkpoint import load_model, save_model
-from minillm.config import preset
 from minillm.generate import generate
 from minillm.model import Transformer
 from minillm.prune.__main__ import main as prune_main
 from minillm.quantize import quantize_model
 from minillm.sampling import SamplingParams
 from minillm.tokenizer import CharTokenizer
-from conftest import exit_status
+from tiny import tiny_model
+from cli_runner import exit_status
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +37,9 @@ def calib(calib_file, tokenizer):
     return P.calibration_ids(tokenizer, calib_file, tokens=512, seq_len=32)
 
 
-def tiny(family: str, vocab_size: int, n_layer: int = 4, seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    extra = dict(n_kv_head=2) if family == "llama" else {}
-    cfg = preset("nano", family=family, n_layer=n_layer, vocab_size=vocab_size, mlp_hidden=48, **extra)
-    model = Transformer(cfg).eval()
+def tiny_moved(family: str, vocab_size: int) -> Transformer:
+    """tests/tiny.py's model with 4 layers and MLP width 48, its biases and norm gains moved."""
+    model = tiny_model(family, vocab_size=vocab_size, n_layer=4, mlp_hidden=48)
     with torch.no_grad():  # biases and norm gains away from their init values, so that "untouched" means something
         for name, p in model.named_parameters():
             if p.dim() == 1:
@@ -61,7 +59,7 @@ TOKENS = torch.randint(0, 40, (2, 32), generator=torch.Generator().manual_seed(1
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_global_magnitude_sparsity_is_exact_and_only_in_block_linears(family, tokenizer):
-    model = tiny(family, tokenizer.vocab_size)
+    model = tiny_moved(family, tokenizer.vocab_size)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     record = P.magnitude_prune(model, 0.3, "global")
     weights = {f"{name}.weight": lin.weight for name, lin in P.block_linears(model).items()}
@@ -83,7 +81,7 @@ def test_global_magnitude_sparsity_is_exact_and_only_in_block_linears(family, to
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.77])
 def test_per_layer_magnitude_sparsity_is_exact_in_every_matrix(sparsity, tokenizer):
-    model = tiny("llama", tokenizer.vocab_size)
+    model = tiny_moved("llama", tokenizer.vocab_size)
     original = copy.deepcopy(model)
     P.magnitude_prune(model, sparsity, "layer")
     for name, lin in P.block_linears(model).items():
@@ -103,7 +101,7 @@ def test_smallest_mask_takes_exactly_k_even_with_ties():
 
 
 def test_magnitude_pruned_checkpoint_loads_dense(tmp_path, tokenizer):
-    model = tiny("gpt2", tokenizer.vocab_size)
+    model = tiny_moved("gpt2", tokenizer.vocab_size)
     P.magnitude_prune(model, 0.5)
     save_model(tmp_path / "sparse.safetensors", model, tokenizer)
     loaded = load_model(tmp_path / "sparse.safetensors")
@@ -124,7 +122,7 @@ def make_identity(block) -> None:
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_depth_drops_the_identity_block_and_keeps_logits_exactly(family, tokenizer, calib):
-    model = tiny(family, tokenizer.vocab_size, n_layer=4)
+    model = tiny_moved(family, tokenizer.vocab_size)
     make_identity(model.blocks[2])
     sims = P.block_similarity(model, calib)
     assert sims[2] == pytest.approx(1.0, abs=1e-6) and max(sims[:2] + sims[3:]) < 0.999
@@ -137,14 +135,14 @@ def test_depth_drops_the_identity_block_and_keeps_logits_exactly(family, tokeniz
 
 
 def test_depth_dropping_nothing_keeps_logits(tokenizer, calib):
-    model = tiny("llama", tokenizer.vocab_size)
+    model = tiny_moved("llama", tokenizer.vocab_size)
     pruned, record = P.prune_depth(model, calib, 0)
     assert record["dropped_blocks"] == [] and pruned.config == model.config
     assert torch.equal(logits(pruned, TOKENS), logits(model, TOKENS))
 
 
 def test_depth_pruned_model_decodes_with_its_kv_cache(tokenizer, calib):
-    model = tiny("llama", tokenizer.vocab_size)
+    model = tiny_moved("llama", tokenizer.vocab_size)
     pruned, _ = P.prune_depth(model, calib, 2)
     out = generate(pruned, tokenizer, "ROMEO:", 10, SamplingParams(temperature=0.0))
     full = logits(pruned, torch.tensor([tokenizer.encode("ROMEO:") + out.ids[:-1]]))
@@ -167,7 +165,7 @@ def kill_channels(model, dead_in: list[int], dead_out: list[int]) -> None:
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_width_drops_the_dead_channels_and_keeps_logits(family, tokenizer, calib):
-    model = tiny(family, tokenizer.vocab_size)
+    model = tiny_moved(family, tokenizer.vocab_size)
     dead_in, dead_out = [3, 17, 40], [0, 8, 47]
     kill_channels(model, dead_in, dead_out)
     live = [j for j in range(48) if j not in dead_in + dead_out]
@@ -184,7 +182,7 @@ def test_width_drops_the_dead_channels_and_keeps_logits(family, tokenizer, calib
 
 
 def test_width_keeping_every_channel_keeps_logits(tokenizer, calib):
-    model = tiny("llama", tokenizer.vocab_size)
+    model = tiny_moved("llama", tokenizer.vocab_size)
     pruned, _ = P.prune_width(model, calib, 48)
     assert pruned.config == model.config
     assert torch.equal(logits(pruned, TOKENS), logits(model, TOKENS))
@@ -204,7 +202,7 @@ def test_calibration_comes_from_the_train_part(tokenizer, calib_file):
 @pytest.fixture
 def checkpoint_file(tmp_path, tokenizer):
     path = tmp_path / "model.safetensors"
-    save_model(path, tiny("llama", tokenizer.vocab_size), tokenizer, {"source": "test"})
+    save_model(path, tiny_moved("llama", tokenizer.vocab_size), tokenizer, {"source": "test"})
     return path
 
 
@@ -252,11 +250,11 @@ def test_cli_errors_are_one_line_naming_the_flag(args, flag, checkpoint_file, ca
 ])
 def test_library_errors_are_value_errors_naming_the_parameter(call, name, tokenizer, calib):
     with pytest.raises(ValueError, match=rf"^{name} "):
-        call(tiny("llama", tokenizer.vocab_size), calib)
+        call(tiny_moved("llama", tokenizer.vocab_size), calib)
 
 
 def test_quantized_models_are_refused(tokenizer):
-    model = quantize_model(tiny("llama", tokenizer.vocab_size), 8)
+    model = quantize_model(tiny_moved("llama", tokenizer.vocab_size), 8)
     with pytest.raises(ValueError, match="quantized"):
         P.magnitude_prune(model, 0.5)
 
@@ -272,7 +270,7 @@ def test_cli_refuses_files_it_cannot_use_in_one_line(case, checkpoint_file, toke
         out = checkpoint_file.parent / "no" / "such" / "folder.safetensors"
     else:
         src = checkpoint_file.with_name("int8.safetensors")
-        save_model(src, quantize_model(tiny("llama", tokenizer.vocab_size), 8), tokenizer)
+        save_model(src, quantize_model(tiny_moved("llama", tokenizer.vocab_size), 8), tokenizer)
     before = src.stat().st_mtime_ns if src.exists() else None
     assert exit_status(prune_main, ["magnitude", str(src), "--out", str(out), "--sparsity", "0.5"]) == 2
     err = capsys.readouterr().err

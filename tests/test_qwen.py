@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 from minillm.chat import ChatSession, render_chat  # noqa: E402
 from minillm.convert.blocks import q4k_codes  # noqa: E402
 from minillm.convert.vocab import QWEN2_PAT  # noqa: E402
-from conftest import greedy_ours_and_hf  # noqa: E402
+from real_models import greedy_ours_and_hf  # noqa: E402
 from minillm.quantize import dequantize_int4  # noqa: E402
 from minillm.sampling import SamplingParams  # noqa: E402
 

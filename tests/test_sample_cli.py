@@ -3,41 +3,18 @@ plain greedy), the sampler flags, stop strings, stats on stderr, and clear error
 combinations. Tiny random models are saved to a temporary directory; main() runs in-process (one
 subprocess run checks the real entry point)."""
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
 from minillm.checkpoint import save_model
-from minillm.config import preset
-from minillm.model import Transformer
 from minillm.tokenizer import CharTokenizer
-from conftest import exit_status
+from cli_runner import ROOT, run as run_main, script
+from tiny import lively, tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXT = "ROMEO:\nWhat light through yonder window breaks?\nJULIET:\nAy me!\n"
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-CLI = load_cli()
-
-
-def lively(model: Transformer) -> Transformer:
-    """Larger random weights (untied head), so that greedy output varies and the two models disagree."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 1.0 if "emb" in name else 0.3)
-    return model
+CLI = script("sample")
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +23,16 @@ def ckpts(tmp_path_factory):
     another tokenizer."""
     d = tmp_path_factory.mktemp("cli")
     tok = CharTokenizer.from_text(TEXT)
-    torch.manual_seed(0)
-    big = preset("nano", vocab_size=tok.vocab_size, block_size=64, tie_embeddings=False)
-    save_model(d / "target.safetensors", lively(Transformer(big)), tok)
-    torch.manual_seed(1)
-    small = preset("nano", family="llama", n_layer=1, vocab_size=tok.vocab_size, block_size=64, tie_embeddings=False)
-    save_model(d / "small.safetensors", lively(Transformer(small)), tok)
+    shape = dict(vocab_size=tok.vocab_size, block_size=64, tie_embeddings=False)  # lively: the two models disagree
+    save_model(d / "target.safetensors", lively(tiny_model("gpt2", 0, **shape)), tok)
+    save_model(d / "small.safetensors", lively(tiny_model("llama", 1, n_layer=1, n_kv_head=None, **shape)), tok)
     other = CharTokenizer.from_text(TEXT + "XYZ")
-    save_model(d / "other.safetensors", Transformer(preset("nano", vocab_size=other.vocab_size)), other)
+    save_model(d / "other.safetensors", tiny_model("gpt2", 2, vocab_size=other.vocab_size), other)
     return {k: str(d / f"{k}.safetensors") for k in ("target", "small", "other")}
 
 
 def run(capsys, *args):
-    code = exit_status(CLI.main, [*args])  # a flag the parser refuses exits (minillm.flags)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main(capsys, CLI.main, *args)  # a flag the parser refuses exits (minillm.flags)
 
 
 def test_sample_is_reproducible_and_streams(ckpts, capsys):

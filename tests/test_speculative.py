@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn as nn
 from law import family_p, law_pvalues, rescaled_llama
+from tiny import tiny_model
 
 import minillm.speculative as spec
 from minillm.config import ModelConfig
@@ -283,18 +284,13 @@ def test_identical_draft_accepts_everything():
 
 # ---- real tiny transformers ----
 
-def tiny(family, seed, n_layer=2, n_embd=32):
-    torch.manual_seed(seed)
-    extra = dict(n_kv_head=2) if family == "llama" else {}
-    cfg = ModelConfig(family=family, vocab_size=40, block_size=64, n_layer=n_layer, n_head=4, n_embd=n_embd,
-                      attn_impl="manual", **extra)
-    return Transformer(cfg).eval()
+SHAPE = dict(block_size=64, attn_impl="manual")  # of the tiny models (tests/tiny.py); a draft: 1 layer, width 16
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_greedy_equals_target_greedy(family):
-    target = tiny(family, 0)
-    random_draft = tiny(family, 1, n_layer=1, n_embd=16)
+    target = tiny_model(family, 0, **SHAPE)
+    random_draft = tiny_model(family, 1, n_layer=1, n_embd=16, **SHAPE)
     prompt = [5, 9, 2]
     greedy = SamplingParams(temperature=0)
     want = list(stream_tokens(target, prompt, 30, greedy))
@@ -315,7 +311,7 @@ def test_greedy_equals_target_greedy(family):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_caches_after_crop_equal_fresh_prefill(family):
-    target, draft = tiny(family, 0), tiny(family, 1, n_layer=1, n_embd=16)
+    target, draft = tiny_model(family, 0, **SHAPE), tiny_model(family, 1, n_layer=1, n_embd=16, **SHAPE)
     dec = SpeculativeDecoder(target, draft, torch.tensor([[5, 9, 2], [7, 7, 1]]), 3, 30,
                              SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -340,7 +336,8 @@ def test_caches_after_crop_equal_fresh_prefill(family):
 
 @pytest.mark.parametrize("n,k", [(1, 4), (5, 4), (7, 2), (13, 5), (0, 3)])
 def test_max_new_tokens_exact(n, k):
-    target, draft = tiny("gpt2", 0), tiny("gpt2", 0)  # identical: every step wants to emit k+1
+    # identical: every step wants to emit k+1
+    target, draft = tiny_model("gpt2", 0, **SHAPE), tiny_model("gpt2", 0, **SHAPE)
     stats = SpecStats()
     got = list(speculative_stream(target, draft, [1, 2], n, k, SamplingParams(temperature=0.8),
                                   torch.Generator().manual_seed(0), stats=stats))
@@ -351,7 +348,7 @@ def test_max_new_tokens_exact(n, k):
 
 
 def test_eos_inside_accepted_drafts_truncates():
-    target = tiny("llama", 0)
+    target = tiny_model("llama", 0, **SHAPE)
     greedy = SamplingParams(temperature=0)
     plain = list(stream_tokens(target, [5, 9, 2], 30, greedy))
     eos = plain[6]
@@ -365,7 +362,8 @@ def test_eos_inside_accepted_drafts_truncates():
 
 
 def test_invalid_arguments():
-    a, b = tiny("gpt2", 0), Transformer(ModelConfig(vocab_size=41, block_size=64, n_layer=1, n_head=2, n_embd=16))
+    a = tiny_model("gpt2", 0, **SHAPE)
+    b = tiny_model("gpt2", 1, vocab_size=41, block_size=64, n_layer=1, n_head=2, n_embd=16)
     with pytest.raises(ValueError, match="vocab_size 40.*vocab_size 41"):
         list(speculative_stream(a, b, [1], 5))
     with pytest.raises(ValueError, match="k"):
@@ -377,7 +375,7 @@ def test_invalid_arguments():
 
 
 def test_seeded_and_global_rng_untouched():
-    target, draft = tiny("gpt2", 0), tiny("gpt2", 1, n_layer=1, n_embd=16)
+    target, draft = tiny_model("gpt2", 0, **SHAPE), tiny_model("gpt2", 1, n_layer=1, n_embd=16, **SHAPE)
     params = SamplingParams(temperature=1.0, top_k=10)
     state = torch.get_rng_state()
     run = lambda seed: list(speculative_stream(target, draft, [1, 2], 20, 3, params, torch.Generator().manual_seed(seed)))
@@ -389,7 +387,7 @@ def test_seeded_and_global_rng_untouched():
 def test_greedy_with_adaptive_k_and_penalty_equals_target_greedy(family):
     """The gaps of the greedy test above: the adaptive schedule and a history processor (the penalty
     must see each position's own prefix, drafts included), batch 1 and batch > 1."""
-    target, random_draft = tiny(family, 0), tiny(family, 1, n_layer=1, n_embd=16)
+    target, random_draft = tiny_model(family, 0, **SHAPE), tiny_model(family, 1, n_layer=1, n_embd=16, **SHAPE)
     prompts = [[5, 9, 2], [1, 1, 7], [30, 4, 0]]
     for params in (SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.3, frequency_penalty=0.5)):
         want = [list(stream_tokens(target, pr, 25, params)) for pr in prompts]
@@ -407,7 +405,7 @@ def test_greedy_with_adaptive_k_and_penalty_equals_target_greedy(family):
 def test_trace_agrees_with_stats_and_output():
     """The SpecStep trace: acceptances counted from it == the loop's stats; its acceptance decisions
     follow from its own u, p_target, q_draft; the emitted tokens concatenate to the output."""
-    target, draft = tiny("llama", 0), tiny("llama", 1, n_layer=1, n_embd=16)
+    target, draft = tiny_model("llama", 0, **SHAPE), tiny_model("llama", 1, n_layer=1, n_embd=16, **SHAPE)
     with torch.no_grad():  # sharpen both so that drafts are sometimes accepted, sometimes not
         target.lm_head.weight.mul_(8)
         draft.lm_head.weight.mul_(8)
