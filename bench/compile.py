@@ -3,7 +3,7 @@ step (cold: a fresh inductor cache; warm: the same cache again, as a second run 
 compiled decode speed, and the number of generated tokens after which compiling saves time:
 compile_s / (1/eager_tok_s - 1/compiled_tok_s).
 
-    python bench/compile.py --models weights/smollm2-135m-int4.safetensors weights/smollm2-135m-bf16.safetensors
+    python -m bench.compile --models weights/smollm2-135m-int4.safetensors weights/smollm2-135m-bf16.safetensors
 
 Each model runs in a subprocess of its own (a fresh torch and inductor cache), greedy from one
 20-token prompt, --tokens new tokens per measured run, --threads threads.
@@ -18,9 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 
 def measure(path: str, tokens: int, threads: int) -> dict:
@@ -48,7 +46,7 @@ def measure(path: str, tokens: int, threads: int) -> dict:
 
 def run_child(path: str, tokens: int, threads: int, cache: str) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-    out = subprocess.run([sys.executable, __file__, "--child", path, "--tokens", str(tokens), "--threads", str(threads)],
+    out = subprocess.run([sys.executable, "-m", "bench.compile", "--child", path, "--tokens", str(tokens), "--threads", str(threads)],
                          env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -14,19 +14,17 @@ greedy ids.
 Default model: preset "shakespeare" (6 layers, 384 wide, 10.7M params) with random weights, both
 families; `--model PATH` measures a trained minillm checkpoint instead.
 
-    python bench/decode.py                          # gpt2 + llama, L = 64, 256, 1024
-    python bench/decode.py --repeats 1 --lengths 64,256
-    python bench/decode.py --model weights/shakespeare-char.safetensors
+    python -m bench.decode                          # gpt2 + llama, L = 64, 256, 1024
+    python -m bench.decode --repeats 1 --lengths 64,256
+    python -m bench.decode --model weights/shakespeare-char.safetensors
 """
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from minillm.config import preset
 from minillm.generate import Stats, stream_tokens
 from minillm.model import Transformer
@@ -38,11 +36,15 @@ GREEDY = SamplingParams(temperature=0.0)
 
 class NoCache:
     """`model` as the decoding core sees it, but with the KV cache taken away: each call runs the model
-    over the whole sequence so far (kept here), and the core's cache only counts positions."""
+    over the whole sequence so far (kept here), and the core's cache only counts positions. Any other
+    attribute (config, parameters, ...) is the model's."""
 
     def __init__(self, model):
-        self.model, self.config, self.tok_emb = model, model.config, model.tok_emb
+        self.model = model
         self.seq = None  # (1, positions so far)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
 
     def __call__(self, tokens, cache, start_pos, last_only=False):
         self.seq = tokens if start_pos == 0 else torch.cat([self.seq[:, :start_pos], tokens], 1)

@@ -1,6 +1,6 @@
 """Diversity and quality of decoding methods: plain sampling, top-p, greedy and contrastive decoding.
 
-Redoes the first experiment of the seed article (docs/seeds/000_*) without its flaws:
+Redoes the first experiment of the seed article (../shared/docs/seeds/000_32a88b6b5a7b5689.txt) without its flaws:
   * it scored prompt + continuation; we score the continuation only;
   * 5 prompts, one sample each, no seed, no spread; we use its 5 prompts plus 20 of ours (or 10
     openings of code, --prompt-set code, for code models), several seeds, and print mean ± std
@@ -22,11 +22,11 @@ EOS does not stop generation (every continuation has exactly --max-new-tokens to
 al.'s setup), so lengths are equal across methods. Deterministic methods (temperature 0) run once:
 their ± is 0 by construction and printed as "·".
 
-    python bench/decoding.py --expert weights/shakespeare-char-big.safetensors \\
+    python -m bench.decoding --expert weights/shakespeare-char-big.safetensors \\
         --amateur weights/shakespeare-char-baby256.safetensors --reference-text ../shared/data/tinyshakespeare/input.txt
-    python bench/decoding.py --expert weights/smollm2-135m.safetensors \\
+    python -m bench.decoding --expert weights/smollm2-135m.safetensors \\
         --amateur weights/smollm2-135m-first8.safetensors --max-new-tokens 64 --seeds 3
-    python bench/decoding.py --expert weights/qwen2.5-coder-1.5b-keepq.safetensors \\
+    python -m bench.decoding --expert weights/qwen2.5-coder-1.5b-keepq.safetensors \\
         --amateur weights/qwen2.5-coder-0.5b-keepq.safetensors --prompt-set code \\
         --methods greedy,top-p,cd,cd-li,cd-li-t1 --max-new-tokens 64 --plot bench/out/decoding-qwen.png
 """
@@ -44,42 +44,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import describe
+from bench.prompts import ARTICLE_PROMPTS, PROMPT_SETS
 from minillm import checkpoint
 from minillm.methods import Method, load_partner, stream
 from minillm.sampling import SamplingParams
 from minillm.speed import speed_up
 from minillm.eval.text_metrics import distinct_n, ngram_entropy, rep_n
 
-# The seed article's five prompts, verbatim.
-ARTICLE_PROMPTS = [
-    "Large Language models are",
-    "Barack Obama was",
-    "Decoding strategy is important because",
-    "A good recipe for Halloween is",
-    "Stanford is known for",
-]
-# Ours: ten in the voice of the char models' training text, ten general. Only characters that
-# tinyshakespeare has (no digits, no double quotes), so the char models can read every one.
-OUR_PROMPTS = [
-    "ROMEO:\n", "JULIET:\nO ", "First Citizen:\nWe are", "KING RICHARD II:\nThe", "To be, or not to be,",
-    "The king is dead, and", "My lord, the queen", "What light through yonder", "Now is the winter of",
-    "Friends, Romans, countrymen,",
-    "The weather today is", "In the beginning of the war,", "The best way to learn a language is",
-    "Once upon a time, there was", "The city council voted on", "Scientists have discovered that",
-    "My favourite book is", "The old man walked to the sea and", "Music can change the way we",
-    "The history of the printing press",
-]
-# For code models (Qwen2.5-Coder): ten openings of code, Python mostly.
-CODE_PROMPTS = [
-    "def quicksort(arr):\n", "class Stack:\n    def __init__(self):\n", "def is_prime(n: int) -> bool:\n",
-    "import numpy as np\n\ndef normalize(", "# Read a CSV file and print the mean of its second column\nimport csv\n",
-    "def binary_search(items, target):\n    \"\"\"", "def merge_sorted_lists(a, b):\n",
-    "SELECT name, COUNT(*) FROM orders", "function debounce(fn, delay) {\n",
-    "# Count the words of a text file and print the ten most common\n",
-]
-PROMPT_SETS = {"general": ARTICLE_PROMPTS + OUR_PROMPTS, "code": ARTICLE_PROMPTS + CODE_PROMPTS}
 # The seed article's results (5 prompts, one sample each, 50 tokens, per-text means over prompt + continuation;
 # GPT-2-large expert, GPT-2 amateur): naive sampling and its contrastive decoding.
 ARTICLE_RESULTS = {
@@ -200,7 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--methods", default="sample,top-p,greedy,cd,cd-li,cd-sample", help=f"from {list(SETTINGS)}")
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--prompt-set", choices=list(PROMPT_SETS), default="general",
+    ap.add_argument("--prompt-set", choices=["general", "code"], default="general",
                     help="the article's 5 prompts + 20 general (default) or + 10 code openings")
     ap.add_argument("--prompts", type=int, default=None, help="use the first N of the set")
     ap.add_argument("--plot", type=Path, help="a PNG of 3-gram entropy, distinct-2 and expert ppl per method")
@@ -220,13 +192,6 @@ def load(args):
     for m in (expert_l, amateur_l):
         speed_up(m.model)  # as sample.py runs them
     return expert_l, amateur_l
-
-
-def describe(model, path: Path, compiled: bool = False) -> str:
-    """File size and weight format, e.g. "1230 MiB, int4 weights"."""
-    q = getattr(model, "quantization", None)
-    w = f"int{q['bits']} weights" if q else str(next(model.parameters()).dtype).removeprefix("torch.")
-    return f"{path.stat().st_size / 2**20:.0f} MiB, {w}{', compiled step' if compiled else ''}"
 
 
 def print_header(args, expert_l, amateur_l, n_prompts: int) -> None:
@@ -329,7 +294,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: unknown --methods {unknown}; choose from {list(SETTINGS)}")
     settings = [SETTINGS[m] for m in args.methods.split(",")]
     expert_l, amateur_l = load(args)
-    prompts = PROMPT_SETS[args.prompt_set][:args.prompts]
+    prompts = (ARTICLE_PROMPTS + PROMPT_SETS[args.prompt_set])[:args.prompts]
     print_header(args, expert_l, amateur_l, len(prompts))
     results = collect(args, settings, expert_l.model, amateur_l.model, expert_l.tokenizer, prompts)
     print_table(results, prompts)

@@ -1,6 +1,7 @@
-"""Speculative decoding vs plain cached decoding: time per k, acceptance, tokens per target call.
+"""Speculative decoding against plain cached decoding: how much faster, and is its greedy output plain greedy?
 
-Redoes the second experiment of the seed article (docs/seeds/000_*) fairly:
+`speed`: time per k, acceptance, tokens per target call. Redoes the second experiment of the seed
+article (../shared/docs/seeds/000_32a88b6b5a7b5689.txt) fairly:
   * its plain baseline re-ran the model over the whole sequence for every token; ours is plain
     cached decoding (minillm.methods.stream with method "sample"/"greedy": generate.stream_tokens),
     the same model, dtype, speed layer (speed.speed_up, as sample.py) and threads as the speculative
@@ -16,15 +17,25 @@ Redoes the second experiment of the seed article (docs/seeds/000_*) fairly:
     time over a plain step's): (1 - alpha^(k+1)) / ((1 - alpha)(c k + 1)). Their formula prices a
     verify call of k+1 tokens like one plain step; the "verify/plain step" column says how far
     that holds on this machine.
-
 Per k and temperature: every prompt generates --max-new-tokens tokens (EOS does not stop), seed
 1000*k + prompt index for both ways; one untimed warm-up generation first. The bar chart (one panel
 per temperature: speculative seconds per k, plain median as a dashed line) goes to bench/out/.
 
-    python bench/speculative.py --target weights/shakespeare-char-big.safetensors \\
+`exactness`: where greedy speculative output parts from plain greedy output, and how close the
+target's top two logits are there. At temperature 0 the two agree exactly when the target's logits
+for a position are the same whether it reads that position in a verify call of k+1 rows or in a
+one-row decode step. In float32 that held in every `speed` run here; in bf16 (and the int4 kernel's
+bf16 activations) the two calls round differently, and where the top two logits lie within a
+rounding step of each other the argmax can flip. Per prompt: "identical", or the first differing
+token and the top-2 logits there from an uncached forward of the whole sequence (a third way to
+compute the same logits, rounding differently again).
+
+    python -m bench.speculative speed --target weights/shakespeare-char-big.safetensors \\
         --draft weights/shakespeare-char-baby256.safetensors
-    python bench/speculative.py --target weights/smollm2-135m.safetensors \\
+    python -m bench.speculative speed --target weights/smollm2-135m.safetensors \\
         --draft weights/smollm2-135m-first4.safetensors --max-new-tokens 48 --prompts 3 --threads 1
+    python -m bench.speculative exactness --target weights/qwen2.5-coder-1.5b-bf16.safetensors \\
+        --draft weights/qwen2.5-coder-0.5b-int4.safetensors --prompt-set code --prompts 5 --k 4
 """
 
 from __future__ import annotations
@@ -39,16 +50,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decoding import ARTICLE_PROMPTS, CODE_PROMPTS, describe
+from bench import describe
+from bench.prompts import PROMPT_SETS
 from minillm import checkpoint
 from minillm.methods import Method, load_partner, stream
 from minillm.sampling import SamplingParams
 from minillm.speculative import SpecStats
 from minillm.speed import compile_decode, speed_up
 
-PROMPT_SETS = {"article": ARTICLE_PROMPTS, "code": CODE_PROMPTS}  # the seed article's five; openings of code
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
 
@@ -120,20 +129,27 @@ def plot(rows: list[Row], temps: list[float], title: str, path: Path) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--target", type=Path, required=True)
-    ap.add_argument("--draft", type=Path, required=True, help="same tokenizer as the target")
-    ap.add_argument("--ks", default="1,2,3,4,5,6,7,8,9,10")
-    ap.add_argument("--temperatures", default="0,0.8")
-    ap.add_argument("--max-new-tokens", type=int, default=100)
-    ap.add_argument("--prompt-set", choices=list(PROMPT_SETS), default="article",
-                    help="the seed article's 5 prompts (default) or 10 openings of code (for code models)")
-    ap.add_argument("--prompts", type=int, default=None, help="use the first N of the set")
-    ap.add_argument("--threads", type=int, help="torch.set_num_threads (1 is steadier on a busy shared CPU)")
-    ap.add_argument("--plot", type=Path, help="default: bench/out/speculative-<target>-<draft>.png")
-    ap.add_argument("--compile-draft", action="store_true", help="the draft's one-token steps through torch.compile")
-    ap.add_argument("--compile-target", action="store_true",
+    ap = argparse.ArgumentParser(prog="python -m bench.speculative", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    both = argparse.ArgumentParser(add_help=False)
+    both.add_argument("--target", type=Path, required=True)
+    both.add_argument("--draft", type=Path, required=True, help="same tokenizer as the target")
+    both.add_argument("--prompt-set", choices=list(PROMPT_SETS), default="article",
+                      help="the seed article's 5 prompts (default), 20 general ones, or 10 openings of code (for code models)")
+    both.add_argument("--prompts", type=int, default=None, help="use the first N of the set")
+    both.add_argument("--threads", type=int, help="torch.set_num_threads (1 is steadier on a busy shared CPU)")
+    sp = sub.add_parser("speed", parents=[both], help="plain vs speculative time per k, acceptance, Leviathan's prediction")
+    sp.add_argument("--ks", default="1,2,3,4,5,6,7,8,9,10")
+    sp.add_argument("--temperatures", default="0,0.8")
+    sp.add_argument("--max-new-tokens", type=int, default=100)
+    sp.add_argument("--plot", type=Path, help="default: bench/out/speculative-<target>-<draft>.png")
+    sp.add_argument("--compile-draft", action="store_true", help="the draft's one-token steps through torch.compile")
+    sp.add_argument("--compile-target", action="store_true",
                     help="the target's one-token steps (all of plain decoding; verification stays eager)")
+    ex = sub.add_parser("exactness", parents=[both], help="where greedy speculative parts from plain greedy")
+    ex.add_argument("--k", type=int, default=4)
+    ex.add_argument("--max-new-tokens", type=int, default=32)
+    ex.set_defaults(compile_draft=False, compile_target=False)
     return ap.parse_args(argv)
 
 
@@ -196,14 +212,10 @@ def report(rows: list[Row], temps: list[float], total: int) -> None:
               f"{best.stats.tokens_per_target_call:.2f} tokens per target call")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def speed(args, target, draft, prompts: list[list[int]]) -> int:
+    """Plain and speculative timed back to back per (temperature, k): the table, the chart."""
     ks = [int(k) for k in args.ks.split(",")]
     temps = [float(t) for t in args.temperatures.split(",")]
-    target, draft, tok = load(args)
-    prompts = [tok.encode(p) for p in PROMPT_SETS[args.prompt_set][:args.prompts]]
     n = args.max_new_tokens
     title = (f"{stem(args.target)} ({describe(target, args.target, args.compile_target)}) + draft {stem(args.draft)} "
              f"({describe(draft, args.draft, args.compile_draft)}): {len(prompts)} {args.prompt_set} prompts x {n} new tokens, CPU, "
@@ -233,6 +245,37 @@ def main(argv=None) -> int:
         print(f"error: temperature 0 output differs from plain greedy for k = {[r.k for r in bad]}", file=sys.stderr)
         return 1
     return 0
+
+
+def exactness(args, target, draft, tok, texts: list[str]) -> int:
+    """Greedy plain and speculative per prompt; where they part, the uncached forward's top two logits."""
+    greedy, n = SamplingParams(temperature=0), args.max_new_tokens
+    print(f"{stem(args.target)} + draft {stem(args.draft)}, greedy, k = {args.k}, {n} new tokens per prompt\n")
+    print("| prompt | parts at new token | plain | speculative | uncached forward's top-2 logits |\n|---|---|---|---|---|")
+    for text in texts:
+        ids = tok.encode(text)
+        plain = list(stream(Method("greedy", greedy), target, ids, n))
+        spec = list(stream(Method("speculative", greedy, k=args.k), target, ids, n, draft))
+        if plain == spec:
+            print(f"| {text!r} | identical ({n} tokens) | | | |")
+            continue
+        i = next(i for i in range(n) if plain[i] != spec[i])
+        with torch.inference_mode():
+            top = target(torch.tensor([ids + plain[:i]]))[0, -1].float().topk(2)
+        tops = ", ".join(f"{tok.decode([t])!r} {v:g}" for t, v in zip(top.indices.tolist(), top.values.tolist()))
+        print(f"| {text!r} | {i} | {tok.decode([plain[i]])!r} | {tok.decode([spec[i]])!r} | {tops} |")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target, draft, tok = load(args)
+    texts = PROMPT_SETS[args.prompt_set][:args.prompts]
+    if args.command == "exactness":
+        return exactness(args, target, draft, tok, texts)
+    return speed(args, target, draft, [tok.encode(t) for t in texts])
 
 
 if __name__ == "__main__":

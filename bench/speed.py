@@ -20,10 +20,10 @@ workers start; ours-bf16 and hf-bf16 both load the fp32 file and cast.
 transformers loads the same weights, exported once with minillm.export to a temporary directory
 (the fp32 safetensors; bf16 is cast at load with dtype=torch.bfloat16).
 
-    python bench/speed.py                       # 3 rounds, all configurations, 2 threads
-    python bench/speed.py --rounds 5 --configs ours-int4,hf-bf16
-    python bench/speed.py --configs hf-fp32,hf-bf16,ours-fp32,ours-int4,ours-int4-compiled   # + torch.compile
-    python bench/speed.py --configs hf-fp32,ours-fp32,ours-int4,ours-int4-compiled,llamacpp-q4_1
+    python -m bench.speed                       # 3 rounds, all configurations, 2 threads
+    python -m bench.speed --rounds 5 --configs ours-int4,hf-bf16
+    python -m bench.speed --configs hf-fp32,hf-bf16,ours-fp32,ours-int4,ours-int4-compiled   # + torch.compile
+    python -m bench.speed --configs hf-fp32,ours-fp32,ours-int4,ours-int4-compiled,llamacpp-q4_1
 """
 
 import argparse
@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 DEFAULT = ["hf-fp32", "hf-bf16", "ours-fp32", "ours-bf16", "ours-int8", "ours-int4"]
 CONFIGS = DEFAULT + ["ours-fp32-compiled", "ours-bf16-compiled", "ours-int8-compiled", "ours-int4-compiled", "llamacpp-q4_1"]
@@ -229,7 +228,7 @@ def main():
 
     procs = {}
     for c in configs:  # start one at a time: loading is the memory peak
-        procs[c] = subprocess.Popen([sys.executable, __file__, "--worker", c, "--model", models[c], "--hf-dir", str(hf_dir),
+        procs[c] = subprocess.Popen([sys.executable, "-m", "bench.speed", "--worker", c, "--model", models[c], "--hf-dir", str(hf_dir),
                                      "--threads", str(args.threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         ready = json.loads(procs[c].stdout.readline())
         print(f"{c}: loaded in {ready['load_s']:.1f} s (then one warm-up decode + prefill)", flush=True)

@@ -9,13 +9,12 @@ timed steps, tokens/s from it, and ours/theirs = median over rounds of (their ms
 round, vs the hf-sdpa row (> 1: we are faster). Before timing, HF gets a copy of our weights and
 the max |logit difference| is printed: the shapes (and the maths) really are the same.
 
-    python bench/train.py                       # ours, hf-sdpa, hf-eager
-    python bench/train.py --rows ours,ours-llama,hf-sdpa --rounds 3 --steps 30
+    python -m bench.train                       # ours, hf-sdpa, hf-eager
+    python -m bench.train --rows ours,ours-llama,hf-sdpa --rounds 3 --steps 30
 """
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from minillm.config import preset
 from minillm.data import resolve_text_path
 from minillm.model import Transformer

@@ -9,9 +9,9 @@ construction, which speculative and contrastive decoding need, and costs the kep
 whole head per token. Nothing is fitted to the target, so it is an honest baseline for a draft,
 not a good one.
 
-    python bench/truncate_layers.py weights/smollm2-135m.safetensors --layers 8
+    python -m bench.truncate_layers weights/smollm2-135m.safetensors --layers 8
         -> weights/smollm2-135m-first8.safetensors
-    python bench/truncate_layers.py weights/smollm2-135m.safetensors --keep 0-3,26-29
+    python -m bench.truncate_layers weights/smollm2-135m.safetensors --keep 0-3,26-29
         -> weights/smollm2-135m-keep0-3_26-29.safetensors
 
 The checkpoint's provenance records the source file, its sha256 and the layers kept.
@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from minillm import checkpoint
 
 

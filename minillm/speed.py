@@ -7,7 +7,7 @@ route to the same numbers (tests/test_speed.py holds each against the reference)
 
 * FewRowLinear: a float32 x @ Wᵀ of 2..FEW_ROWS rows (speculative verification of k drafts, a short
   prompt) taken as (W @ xᵀ)ᵀ, which streams W once like the one-row product does. PyTorch's CPU GEMM
-  is slower for so few rows (`python bench/small_matmul.py` prints both). CPU, float32, no grad only.
+  is slower for so few rows (`python -m bench.step_cost few-rows` prints both). CPU, float32, no grad only.
 * GQADecodeAttention: at decode (one query token, grouped-query attention, SDPA), the n_head/n_kv_head
   query heads that share a K/V head become that many query rows of it, so the cached K/V are read
   once instead of being expanded per query head.

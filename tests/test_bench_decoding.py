@@ -3,24 +3,21 @@ hand-worked examples, the truncated-layer draft against the full model's own hid
 lens), and each bench's measuring function on tiny random models (through the decoding core)."""
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import decode as decode_bench  # noqa: E402
-import decoding as decoding_bench  # noqa: E402
-import speculative as speculative_bench  # noqa: E402
-import text_metrics as tm  # noqa: E402
-import truncate_layers  # noqa: E402
-
-from minillm import checkpoint  # noqa: E402
-from minillm.config import preset  # noqa: E402
-from minillm.model import Transformer  # noqa: E402
-from minillm.speed import speed_up  # noqa: E402
-from minillm.tokenizer import CharTokenizer  # noqa: E402
+from bench import decode as decode_bench
+from bench import decoding as decoding_bench
+from bench import speculative as speculative_bench
+from bench import truncate_layers
+from minillm import checkpoint
+from minillm.config import preset
+from minillm.eval import text_metrics as tm
+from minillm.model import Transformer
+from minillm.speed import speed_up
+from minillm.tokenizer import CharTokenizer
+from tiny import tiny_model
 
 CORPUS = ["a b a b", "a c"]
 
@@ -117,16 +114,13 @@ def test_parse_keep_reads_ranges_and_rejects_bad_ones():
             truncate_layers.parse_keep(bad, 30)
 
 
-def tiny(n_layer: int, seed: int = 0, **kw) -> Transformer:
-    torch.manual_seed(seed)
-    cfg = preset("nano", family="llama", n_kv_head=2, n_layer=n_layer, vocab_size=11, block_size=64, **kw)
-    return speed_up(Transformer(cfg).eval())
+SHAPE = dict(vocab_size=11, block_size=64)  # the benches' tiny models (tests/tiny.py), sped up as the benches run them
 
 
 def test_decode_bench_times_both_ways_through_the_core_and_they_agree():
     """bench/decode.py: the cached way and NoCache (full recompute each step) pick the greedy ids
     that a hand-written full-recompute loop picks, and each reports the time of its n steps."""
-    model, prompt, n = tiny(2), [1, 2, 3, 4, 5], 6
+    model, prompt, n = speed_up(tiny_model(n_layer=2, **SHAPE)), [1, 2, 3, 4, 5], 6
     seq = torch.tensor([prompt])
     with torch.no_grad():
         for _ in range(n + 1):
@@ -138,7 +132,7 @@ def test_decode_bench_times_both_ways_through_the_core_and_they_agree():
 
 
 def test_speculative_bench_measure_is_exact_at_temperature_0():
-    target, draft = tiny(2), tiny(1, seed=1)
+    target, draft = speed_up(tiny_model(n_layer=2, **SHAPE)), speed_up(tiny_model(seed=1, n_layer=1, **SHAPE))
     row = speculative_bench.measure(target, draft, [[1, 2, 3], [4, 5]], n=6, k=2, temperature=0)
     assert row.identical is True
     assert row.stats.new_tokens == 12 and row.stats.calls["target"] >= 4 and row.stats.calls["draft"] > 0
@@ -149,7 +143,7 @@ def test_speculative_bench_measure_is_exact_at_temperature_0():
 def test_decoding_bench_runs_every_setting(name):
     """bench/decoding.py: each setting runs through methods.stream for the full length (EOS never
     stops it); contrastive settings record a V_head size per token."""
-    expert, amateur = tiny(2), tiny(1, seed=1)
+    expert, amateur = speed_up(tiny_model(n_layer=2, **SHAPE)), speed_up(tiny_model(seed=1, n_layer=1, **SHAPE))
     tok = CharTokenizer.from_text("abcdefghij ")
     setting = decoding_bench.SETTINGS[name]
     run = decoding_bench.run_method(setting, expert, amateur, tok, ["abc", "j a"], 5, seed=0)

@@ -459,7 +459,7 @@ def test_cli_humaneval(tiny_bpe_model, tmp_path, capsys):
     assert "--samples" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- bench/humaneval_rescore.py
+# ----------------------------------------------------------------------------- python -m bench.humaneval rescore
 
 @pytest.mark.parametrize("saved,match", [
     ({"problems": {"m": [{"task_id": "HumanEval/0", "samples": [], "passed": 0}]}}, "not the JSON of a HumanEval run"),
@@ -469,13 +469,9 @@ def test_cli_humaneval(tiny_bpe_model, tmp_path, capsys):
 ])
 def test_rescore_refuses_malformed_saved_answers_with_one_line(saved, match, tmp_path, capsys):
     """Each crashed with a traceback before (IndexError, ValueError, UnicodeEncodeError)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("humaneval_rescore",
-                                                  Path(__file__).resolve().parents[1] / "bench" / "humaneval_rescore.py")
-    rescore = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rescore)
+    from bench import humaneval as bench_humaneval
     path = tmp_path / "saved.json"
     path.write_text(json.dumps(saved))
-    assert rescore.main([str(path), "--allow-code-execution"]) == 2
+    assert bench_humaneval.main(["rescore", str(path), "--allow-code-execution"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and re.search(match, err), err

@@ -1,36 +1,40 @@
-"""HumanEval answers from `transformers` on the same GGUF: the parity reference for our humaneval results.
+"""HumanEval against transformers on the same GGUF (`hf`), and saved answers scored again (`rescore`).
 
-What: transformers loads the GGUF file (AutoModelForCausalLM.from_pretrained(dir, gguf_file=name),
-float32, offline) and answers the HumanEval problems greedily, with the prompt ids, stopping rule and
-answer text of our `python -m minillm.eval humaneval` (chat prompting): the prompt is our checkpoint's
-chat template (he.chat_prompt) encoded by our tokenizer; a row ends at one of our tokenizer's EOS ids
-(not part of the answer) or at the first token after which he.has_complete_block(answer, entry point)
-holds (that token included); the answer is the new ids decoded by our tokenizer. The programs then run
-through he.evaluate in our sandbox, by our rules, so pass@1 is computed exactly as ours is.
+`hf`: the parity reference for our humaneval results. transformers loads the GGUF file
+(AutoModelForCausalLM.from_pretrained(dir, gguf_file=name), float32, offline) and answers the
+HumanEval problems greedily, with the prompt ids, stopping rule and answer text of our `python -m
+minillm.eval humaneval` (chat prompting): the prompt is our checkpoint's chat template
+(he.chat_prompt) encoded by our tokenizer; a row ends at one of our tokenizer's EOS ids (not part of
+the answer) or at the first token after which he.has_complete_block(answer, entry point) holds (that
+token included); the answer is the new ids decoded by our tokenizer. The programs then run through
+he.evaluate in our sandbox, by our rules, so pass@1 is computed exactly as ours is. Our model is a
+from-scratch implementation of the same network: identical greedy answers mean identical pass@1, so
+a pass@1 that differs from ours is explained answer by answer: the table counts, for each --ours
+run, the problems whose answer text is identical to transformers' and those that only one of the two
+solved. (Batched greedy decoding may flip a near tie on either side: a few different answers are
+float rounding, many are a bug.) Batching as ours (ModelCompleter.expect): the problems sorted by
+prompt length, B at a time, left padding with an attention mask (pad id = an EOS id); a batch runs
+until each of its rows has ended. tok/s = answer tokens / generate seconds (for --ours runs: their
+answers re-encoded by our tokenizer, over the generate seconds their JSON reports). Without
+--task-ids the problems are exactly those of the --ours files (all 164 without --ours either).
 
-Why: our model is a from-scratch implementation of the same network. Identical greedy answers mean
-identical pass@1, so a pass@1 that differs from ours is explained answer by answer: the table counts,
-for each --ours run, the problems whose answer text is identical to transformers' and those that
-only one of the two solved. (Batched greedy decoding may flip a near tie on either side: a few
-different answers are float rounding, many are a bug.)
-
-Batching as ours (ModelCompleter.expect): the problems sorted by prompt length, B at a time, left
-padding with an attention mask (pad id = an EOS id); a batch runs until each of its rows has ended.
-tok/s = answer tokens / generate seconds (for --ours runs: their answers re-encoded by our tokenizer,
-over the generate seconds their JSON reports).
+`rescore`: generating answers is the slow part of HumanEval (minutes to hours on a CPU); running
+them is seconds. When the rules that turn an answer into a program change (minillm.eval.humaneval:
+extract_code, definitions, build_program) or the sandbox limits do, this re-runs the answers JSON
+files hold, without the model, and says which problems changed: pass@1 before and after. It reads
+the JSON of `python -m minillm.eval humaneval ... --json FILE` (every model in it, the first sample
+of each problem: greedy runs) or of `hf --json FILE` (transformers).
 
     python -m minillm.eval humaneval --model weights/qwen2.5-coder-0.5b.safetensors --allow-code-execution \\
         --batch-size 8 --json ours.json
-    python bench/humaneval_hf.py --gguf ~/.cache/minillm/models/qwen2.5-coder-0.5b.gguf \\
+    python -m bench.humaneval hf --gguf ~/.cache/minillm/models/qwen2.5-coder-0.5b.gguf \\
         --model weights/qwen2.5-coder-0.5b.safetensors --ours ours.json --allow-code-execution --json hf.json
-    python bench/humaneval_hf.py --gguf ... --model ... --task-ids HumanEval/0,HumanEval/2 --allow-code-execution
-
-Without --task-ids the problems are exactly those of the --ours files (all 164 without --ours either).
+    python -m bench.humaneval hf --gguf ... --model ... --task-ids HumanEval/0,HumanEval/2 --allow-code-execution
+    python -m bench.humaneval rescore ours.json hf.json --allow-code-execution
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -42,12 +46,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the GGUF is a local file: never 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from minillm.checkpoint import read_metadata
 from minillm.eval import humaneval as he
 from minillm.eval.report import table, write_json
-from minillm.eval.sandbox import Limits, isolation
+from minillm.eval.sandbox import MEMORY_MB, TIMEOUT_S, Limits, isolation
+from minillm.flags import Parser, add_input, add_output, fail
 from minillm.tokenizer import tokenizer_from_dict
+
+# ----------------------------------------------------------------------------- hf
 
 HF = "transformers"
 
@@ -154,10 +160,11 @@ def generate_all(model, tokenizer, problems: list[dict], batch_size: int, max_ne
     return answers, time.perf_counter() - t0
 
 
-def run_programs(problems: list[dict], answers: dict, limits: Limits) -> he.HumanEvalReport:
-    """The precomputed answers through he.evaluate: our sandbox, our program, our pass@1."""
+def run_programs(problems: list[dict], answers: dict[str, str], args, prompting: str = "chat") -> he.HumanEvalReport:
+    """Precomputed answers (task id -> text) through he.evaluate: our sandbox, our program, our pass@1."""
+    limits = Limits(timeout_s=args.timeout, memory_mb=args.memory_mb)
     with tqdm(total=len(problems), desc="execute", unit="", file=sys.stderr, dynamic_ncols=True) as bar:
-        return he.evaluate(problems, lambda p, i: answers[p["task_id"]]["answer"], 1, "chat", (1,), limits,
+        return he.evaluate(problems, lambda p, i: answers[p["task_id"]], 1, prompting, (1,), limits,
                            allow_code_execution=True, progress=bar.update)
 
 
@@ -186,25 +193,6 @@ COLUMNS = [("run", "run", ""), ("problems", "problems", "{}"), ("pass@1", "pass@
            ("only_ours", "only this", "{}"), ("only_hf", "only transformers", "{}")]
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--gguf", required=True, metavar="PATH", help="the GGUF file transformers loads")
-    ap.add_argument("--model", required=True, metavar="PATH",
-                    help="our checkpoint converted from that GGUF: its tokenizer and chat template make the prompt")
-    ap.add_argument("--ours", action="append", default=[], metavar="FILE.json",
-                    help="JSON of `python -m minillm.eval humaneval ... --json FILE` to compare with (repeatable)")
-    ap.add_argument("--task-ids", default=None, help="comma-separated (default: those of the --ours files)")
-    ap.add_argument("--batch-size", type=int, default=8, metavar="B")
-    ap.add_argument("--max-new-tokens", type=int, default=512, metavar="N")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--timeout", type=float, default=10.0, help="seconds per program (default 10, as ours)")
-    ap.add_argument("--memory-mb", type=int, default=1024, help="address-space limit per program (default 1024)")
-    ap.add_argument("--json", default=None, metavar="OUT", help="write the table, settings and answers as JSON")
-    ap.add_argument("--allow-code-execution", action="store_true",
-                    help="required: run the code the model writes (sandboxed, as our humaneval command)")
-    return ap
-
-
 def reference(args) -> dict:
     """Generate with transformers, run the programs, compare: everything the table and the JSON hold."""
     runs = read_ours(args.ours)
@@ -217,7 +205,7 @@ def reference(args) -> dict:
             print(f"warning: {run['file']} ran in another sandbox: {run['sandbox']}", file=sys.stderr)
     model = load_hf_model(Path(args.gguf).expanduser())
     answers, seconds = generate_all(model, tokenizer, problems, args.batch_size, args.max_new_tokens)
-    report = run_programs(problems, answers, Limits(timeout_s=args.timeout, memory_mb=args.memory_mb))
+    report = run_programs(problems, {t: a["answer"] for t, a in answers.items()}, args)
     hf = {row["task_id"]: {**answers[row["task_id"]], **row["samples"][0]} for row in report.problems}
     tokens = sum(a["new_tokens"] for a in answers.values())
     rows = [{"run": HF, "problems": len(problems), "pass@1": 100 * report.pass_at[1],
@@ -235,15 +223,9 @@ def _hf_version() -> str:
     return transformers.__version__
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if not args.allow_code_execution:
-        print(f"error: {he.EXECUTION_REFUSED}", file=sys.stderr)
-        return 2
+def reference_table(args) -> int:
     if not args.ours and not args.task_ids:
         print("note: no --ours and no --task-ids: all 164 problems", file=sys.stderr)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     payload = reference(args)
     print(table(payload["results"], COLUMNS))
     for row in payload["results"][1:]:
@@ -252,6 +234,90 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(f"wrote {write_json(payload, args.json)}", file=sys.stderr)
     return 0
+
+# ----------------------------------------------------------------------------- rescore
+
+def saved_runs(path: str) -> dict[str, dict[str, tuple[str, bool]]]:
+    """label -> {task id: (answer, passed then)} for every run the file holds; a file of another shape,
+    an empty sample list or an answer that is not text (lone surrogates) is a ValueError naming it."""
+    try:
+        problems = json.loads(Path(path).read_text(encoding="utf-8"))["problems"]
+        if all(isinstance(v, list) for v in problems.values()):  # ours: model -> [{task_id, samples}]
+            runs = {f"{Path(path).name}: {model}": {p["task_id"]: (p["samples"][0]["answer"], p["passed"] > 0)
+                                                     for p in rows} for model, rows in problems.items()}
+        else:
+            runs = {f"{Path(path).name}: transformers": {t: (p["answer"], p["status"] == "passed")
+                                                          for t, p in problems.items()}}
+    except (KeyError, IndexError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not the JSON of a HumanEval run ({type(e).__name__}: {e})") from None
+    for label, answers in runs.items():
+        for task, (answer, _) in answers.items():
+            if not isinstance(answer, str) or not _encodable(answer):
+                raise ValueError(f"{path}: the answer to {task} ({label}) is not UTF-8 text")
+    return runs
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def rescore(args) -> int:
+    try:
+        runs = [run for path in args.files for run in saved_runs(path).items()]
+        for _, answers in runs:
+            he.load_problems(task_ids=list(answers))  # unknown task ids: an error before any program runs
+    except (ValueError, OSError) as e:
+        return fail(str(e))
+    print("| run | problems | pass@1 % then | pass@1 % now | now passing | now failing |")
+    print("|---|---|---|---|---|---|")
+    for label, answers in runs:
+        problems = he.load_problems(task_ids=list(answers))
+        report = run_programs(problems, {t: a[0] for t, a in answers.items()}, args, args.prompting)
+        now = {r["task_id"]: r["passed"] > 0 for r in report.problems}
+        then = {t: a[1] for t, a in answers.items()}
+        gained = [t for t in now if now[t] and not then[t]]
+        lost = [t for t in now if then[t] and not now[t]]
+        print(f"| {label} | {len(now)} | {100 * sum(then.values()) / len(now):.1f} | "
+              f"{100 * sum(now.values()) / len(now):.1f} | {', '.join(gained) or '-'} | {', '.join(lost) or '-'} |")
+    return 0
+
+
+def parser() -> Parser:
+    ap = Parser(prog="python -m bench.humaneval", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    h = sub.add_parser("hf", help="transformers' greedy answers on the same GGUF, compared answer by answer with ours")
+    add_input(h, "--gguf", required=True, metavar="PATH", help="the GGUF file transformers loads")
+    add_input(h, "--model", required=True, metavar="PATH",
+              help="our checkpoint converted from that GGUF: its tokenizer and chat template make the prompt")
+    add_input(h, "--ours", action="append", default=[], metavar="FILE.json",
+              help="JSON of `python -m minillm.eval humaneval ... --json FILE` to compare with (repeatable)")
+    h.add_argument("--task-ids", default=None, help="comma-separated (default: those of the --ours files)")
+    h.add_argument("--batch-size", type=int, default=8, metavar="B")
+    h.add_argument("--max-new-tokens", type=int, default=512, metavar="N")
+    h.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    add_output(h, "--json", default=None, metavar="OUT", help="write the table, settings and answers as JSON")
+    r = sub.add_parser("rescore", help="saved answers run again under the current harness, without the model")
+    add_input(r, "files", nargs="+", metavar="FILE.json")
+    r.add_argument("--prompting", choices=["chat", "base"], default="chat")
+    for p in (h, r):
+        p.add_argument("--timeout", type=TIMEOUT_S, default=10.0, help="seconds per program (default 10, as ours)")
+        p.add_argument("--memory-mb", type=MEMORY_MB, default=1024, help="MiB per program (default 1024, as ours)")
+        p.add_argument("--allow-code-execution", action="store_true",
+                       help="required: run the code the model wrote (sandboxed, as our humaneval command)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not args.allow_code_execution:
+        return fail(he.EXECUTION_REFUSED)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return reference_table(args) if args.command == "hf" else rescore(args)
 
 
 if __name__ == "__main__":
