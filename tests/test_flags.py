@@ -35,6 +35,7 @@ COMMANDS = {
     "minillm.prune": ("minillm.prune.__main__", "main"),
     "minillm.eval": ("minillm.eval.__main__", "main"),
     "minillm.inspector": ("minillm.inspector.cli", "run"),
+    "minillm.serve": ("minillm.serve.__main__", "main"),
 }
 BAD_NUMBERS = ("0", "-1", "nan", "inf", "1e18")
 

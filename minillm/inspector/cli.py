@@ -1,13 +1,14 @@
 """The inspector's command line: look inside a running model on one prompt.
 
     python -m minillm.inspector --model weights/shakespeare-char.safetensors --prompt "ROMEO:\\nWhat light" \\
-        [--out DIR] [--json FILE] [--top 5] [--no-attention] [--generate N --method sample|greedy|speculative|contrastive
+        [--out DIR] [--json FILE] [--html FILE] [--top 5] [--no-attention] [--generate N --method sample|greedy|speculative|contrastive
         and sample.py's decoding flags: --temperature --top-k --top-p --min-p ... --seed, --draft --k --adaptive-k,
         --amateur --alpha --beta --objective --amateur-temperature --amateur-context]
 
 Prints the prefill view (top predictions and surprisal per position, perplexity), the logit lens and
 the attention heads' scores; with --generate N, a trace of N tokens decoded by --method (the same
-tokens sample.py prints for the same flags and seed). --out writes the PNGs, --json everything.
+tokens sample.py prints for the same flags and seed). --out writes the PNGs, --json everything,
+--html the inspector's page with this run inline (one file that opens offline and steps through it).
 The decoding flags and their defaults are sample.py's (minillm.cli): temperature 0.8 for sample and
 speculative, 0 for greedy and contrastive; seed 1337. The draft / amateur must use the same tokenizer.
 """
@@ -25,9 +26,11 @@ from ..flags import Parser, add_input, add_output, add_threads, integer, progres
 from ..methods import Method, load_partner
 from .analysis import Report, inspect_prompt
 from .json_report import write_json
+from .page import write_html
 from .plots import png_jobs, write_pngs
 from .tables import heads_table, lens_table, prefill_table, trace_text, trace_title
 from .traces import trace_decoding
+from .views import views_from_report
 
 
 def make_parser() -> Parser:
@@ -37,6 +40,8 @@ def make_parser() -> Parser:
     add_output(ap, "--out", folder=True,
                help="folder for the PNGs (logit lens, attention per layer, overview, head scores); made if missing")
     add_output(ap, "--json", help="write everything machine-readable to this file")
+    add_output(ap, "--html", help="write the inspector's page with this run inline: one self-contained HTML file "
+                                  "(opens offline; steps through the --generate trace)")
     ap.add_argument("--layers", default=None, metavar="all|L,L",
                     help="with --out, also one attention grid PNG per chosen layer: 'all' or e.g. 0,5,29 "
                          "(default: none; attn_overview.png shows every head of every layer)")
@@ -100,7 +105,7 @@ def chosen_layers(spec: str | None, n_layer: int) -> list[int]:
     return layers
 
 
-def write_outputs(rep: Report, args, layers: list[int]) -> None:
+def write_outputs(rep: Report, args, layers: list[int], method: Method) -> None:
     if args.out:
         with progress_bar(len(png_jobs(rep, args.out, layers)), f"PNGs to {args.out}") as bar:
             paths = write_pngs(rep, args.out, layers, progress=lambda p: bar.update(1))
@@ -108,6 +113,8 @@ def write_outputs(rep: Report, args, layers: list[int]) -> None:
         print(f"wrote {len(paths)} PNGs to {os.path.join(args.out, '')} ({', '.join(p.name for p in paths[:3])}{more})")
     if args.json:
         print(f"wrote {write_json(rep, args.json)}")
+    if args.html:
+        print(f"wrote {write_html(views_from_report(rep, method, args.seed), args.html)}")
 
 
 def main(argv: list[str] | None = None) -> Report:
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> Report:
     print_prompt_view(rep, args)
     if tracing:
         trace_into(rep, args, method, loaded, partner)
-    write_outputs(rep, args, layers)
+    write_outputs(rep, args, layers, method)
     return rep
 
 

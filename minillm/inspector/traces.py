@@ -5,7 +5,8 @@ tokens sample.py prints for the same flags and seed, and the loop's Stats come b
 
     sample / greedy: the chosen token, its model probability (softmax of the raw logits) and sampler
       probability (softmax of the processed logits: after penalties, temperature, top-k / top-p /
-      min-p / typical-p; one-hot when greedy), how many tokens the sampler kept, the top kept ones.
+      min-p / typical-p; one-hot when greedy), how many tokens the sampler kept, the top kept ones
+      ("alternatives") and the top of the raw distribution ("raw_top"), each with both probabilities.
     speculative: per target call each draft d_i with p_target(d_i), q_draft(d_i), u_i and the verdict
       (accepted iff u_i·q < p), then the residual (after a rejection) or bonus (all accepted) token
       with the top of the distribution it was drawn from, and what the stream emitted.
@@ -37,10 +38,12 @@ def sample_step(st: SampleStep, index: int, tokenizer, eos: set[int], top: int) 
     token = int(st.tokens[0])
     kept = int((sp > 0).sum())
     kp, ki = sp.topk(min(top, kept))
+    rp, ri = raw.topk(min(top, raw.size(-1)))
     return {"step": st.step, **_tok(tokenizer, token), "p_model": float(raw[token]), "p_sampler": float(sp[token]),
             "n_kept": kept, "eos": token in eos,
             "alternatives": [{**_tok(tokenizer, j), "p_sampler": float(p), "p_model": float(raw[j])}
-                             for p, j in zip(kp, ki)]}
+                             for p, j in zip(kp, ki)],
+            "raw_top": [{**_tok(tokenizer, j), "p_model": float(p), "p_sampler": float(sp[j])} for p, j in zip(rp, ri)]}
 
 
 def speculative_step(st: SpecStep, index: int, tokenizer, eos: set[int], top: int) -> dict:
