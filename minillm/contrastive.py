@@ -39,7 +39,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .generate import Stats, check_budget, next_logits
+from .generate import Stats, check_budget, check_prompts, check_same_vocab, next_logits
 from .kv_cache import KVCache
 from .sampling import SamplingParams, apply_history_processors, choose
 
@@ -126,12 +126,9 @@ class CDStep:
     expert_token: int  # the expert's own argmax
 
 
-def _check_settings(expert, amateur, alpha: float, beta: float, objective: str, amateur_temperature: float,
-                    amateur_context: str) -> None:
-    ve, va = expert.config.vocab_size, amateur.config.vocab_size
-    if ve != va:
-        raise ValueError(f"expert and amateur must share a tokenizer and vocabulary: expert vocab_size {ve}, "
-                         f"amateur vocab_size {va}")
+def check_settings(alpha: float, beta: float, objective: str, amateur_temperature: float,
+                   amateur_context: str) -> None:
+    """Contrastive decoding's own settings, each in its range (the loop and methods.Method ask this)."""
     _check_alpha(alpha)
     if not beta >= 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
@@ -164,9 +161,9 @@ def contrastive_stream(expert, amateur, prompt_ids: list[int], max_new_tokens: i
     amateur_context="full": the amateur reads the whole prompt; "last_prompt_token" (Li et al.'s main
     setting): it reads only the last prompt token, at position 0, then the generated tokens.
     `trace` gets a CDStep after every step (also the step that picks an EOS id)."""
-    _check_settings(expert, amateur, alpha, beta, objective, amateur_temperature, amateur_context)
-    if not prompt_ids:
-        raise ValueError("the prompt is empty: give at least one token")
+    check_same_vocab(expert, amateur, ("expert", "amateur"))
+    check_settings(alpha, beta, objective, amateur_temperature, amateur_context)
+    check_prompts([prompt_ids])
     a_prompt = list(prompt_ids) if amateur_context == "full" else [prompt_ids[-1]]
     check_budget(len(prompt_ids), max_new_tokens, expert.config.block_size, who="the expert")
     check_budget(len(a_prompt), max_new_tokens, amateur.config.block_size, who="the amateur",
@@ -196,9 +193,7 @@ def contrastive_stream(expert, amateur, prompt_ids: list[int], max_new_tokens: i
             stats.stopped_by = "eos"
             return
         stats.new_tokens += 1
-        if step == 0:
-            stats.prefill_s = time.perf_counter() - t0
-        stats.decode_s = time.perf_counter() - t0 - stats.prefill_s
+        stats.clock(t0, step == 0)
         yield token
         e_in = a_in = [token]
         if history is not None:

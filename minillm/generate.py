@@ -55,6 +55,14 @@ class Stats:
     calls: dict[str, int] = field(default_factory=dict)  # forward calls per model role ("target", "draft", ...)
     seconds: dict[str, float] = field(default_factory=dict)  # time in those calls per role
 
+    def clock(self, t0: float, first: bool, now: float | None = None) -> None:
+        """The one clock, after each step of a run that began at t0: the first step's time is the time
+        to the first token, the rest is decode time."""
+        now = time.perf_counter() if now is None else now
+        if first:
+            self.prefill_s = now - t0
+        self.decode_s = now - t0 - self.prefill_s
+
     def timed(self, role: str, seconds: float) -> None:
         """Count one forward call of the model in `role` that took `seconds`."""
         self.calls[role] = self.calls.get(role, 0) + 1
@@ -124,14 +132,27 @@ def next_logits(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
     return model(tokens, cache, cache.length, last_only=True)[:, -1]
 
 
-def _check_prompts(model, prompts, max_new_tokens: int, sliding_window: bool, cache: KVCache | None) -> None:
+def check_prompts(prompts) -> None:
+    """At least one prompt, none empty (every decoding method asks the same)."""
     B = len(prompts)
     if B == 0:
         raise ValueError("no prompts given")
     for b, p in enumerate(prompts):
-        if not p:
+        if len(p) == 0:
             row = "" if B == 1 else f" (row {b})"
             raise ValueError(f"the prompt{row} is empty (and the tokenizer adds no BOS token): give at least one token")
+
+
+def check_same_vocab(a, b, names: tuple[str, str]) -> None:
+    """Two models that decode together (target and draft, expert and amateur) predict over one vocabulary."""
+    if a.config.vocab_size != b.config.vocab_size:
+        raise ValueError(f"{names[0]} and {names[1]} must share a tokenizer and vocabulary: {names[0]} vocab_size "
+                         f"{a.config.vocab_size}, {names[1]} vocab_size {b.config.vocab_size}")
+
+
+def _check_prompts(model, prompts, max_new_tokens: int, sliding_window: bool, cache: KVCache | None) -> None:
+    check_prompts(prompts)
+    B = len(prompts)
     if cache is not None and (sliding_window or B != 1):
         raise ValueError("continuing a cache works with one prompt and no sliding window (the window re-reads "
                          "the context into a fresh cache)")
@@ -200,9 +221,7 @@ def _record(tokens: list[int], pos: int, lens: list[int], done: list[bool], stat
             out.append(None)
             continue
         s = stats[b]
-        if s.new_tokens == 0:
-            s.prefill_s = now - t0
-        s.decode_s = now - t0 - s.prefill_s
+        s.clock(t0, s.new_tokens == 0, now)
         if t in eos_ids:
             done[b], s.stopped_by = True, "eos"
             out.append(None)

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from .checkpoint import Loaded, load_model
-from .contrastive import AMATEUR_CONTEXTS, OBJECTIVES, CDStats, contrastive_stream
+from .contrastive import CDStats, check_settings, contrastive_stream
 from .generate import Stats, stream_tokens
 from .sampling import SamplingParams
 from .speculative import SpecStats, speculative_stream
@@ -47,10 +47,11 @@ class Method:
             raise ValueError(f"method must be one of {METHODS}, got {self.name!r}")
         if self.name == "greedy" and not self.params.greedy:
             raise ValueError(f"method greedy means temperature 0, got temperature {self.params.temperature}")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.amateur_context not in AMATEUR_CONTEXTS:
-            raise ValueError(f"amateur_context must be one of {AMATEUR_CONTEXTS}, got {self.amateur_context!r}")
+        check_settings(self.alpha, self.beta, self.objective, self.amateur_temperature, self.amateur_context)
+
+    def stream(self, model, prompt_ids: list[int], max_new_tokens: int, partner=None, **run) -> Iterator[int]:
+        """New token ids from `model` (and `partner`) by this method: stream(self, ...), see there."""
+        return stream(self, model, prompt_ids, max_new_tokens, partner, **run)
 
     def new_stats(self) -> Stats:
         """An empty statistics object for a run of this method (speculative and contrastive keep more)."""
@@ -84,12 +85,12 @@ def stream(method: Method, model, prompt_ids: list[int], max_new_tokens: int, pa
     stats = stats if stats is not None else method.new_stats()
     if method.partner is not None and partner is None:
         raise ValueError(f"method {method.name} needs a {method.partner} model")
-    m, p = method, method.params
-    if m.name == "speculative":
-        return speculative_stream(model, partner, prompt_ids, max_new_tokens, m.k, p, generator, eos_ids, stats,
-                                  m.adaptive_k, trace=trace)
-    if m.name == "contrastive":
-        return contrastive_stream(model, partner, prompt_ids, max_new_tokens, m.alpha, m.beta, m.objective,
-                                  m.amateur_temperature, m.amateur_context, p, generator, eos_ids, stats, trace)
-    return stream_tokens(model, prompt_ids, max_new_tokens, p, generator, eos_ids, m.sliding_window, stats,
-                         trace=trace)
+    shared = dict(params=method.params, generator=generator, eos_ids=eos_ids, stats=stats, trace=trace)
+    if method.name == "speculative":
+        return speculative_stream(model, partner, prompt_ids, max_new_tokens, k=method.k, adaptive_k=method.adaptive_k,
+                                  **shared)
+    if method.name == "contrastive":
+        return contrastive_stream(model, partner, prompt_ids, max_new_tokens, alpha=method.alpha, beta=method.beta,
+                                  objective=method.objective, amateur_temperature=method.amateur_temperature,
+                                  amateur_context=method.amateur_context, **shared)
+    return stream_tokens(model, prompt_ids, max_new_tokens, sliding_window=method.sliding_window, **shared)

@@ -52,7 +52,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .generate import Stats, check_budget, next_logits
+from .generate import Stats, check_budget, check_prompts, check_same_vocab, next_logits
 from .kv_cache import KVCache
 from .sampling import SamplingParams, choose, choose_from, distribution
 
@@ -157,16 +157,15 @@ class SpeculativeDecoder:
                  params: SamplingParams = SamplingParams(), generator: torch.Generator | None = None,
                  stats: SpecStats | None = None, adaptive_k: bool = False, k_max: int | None = None,
                  trace: Callable[[SpecStep], None] | None = None):
-        if target.config.vocab_size != draft.config.vocab_size:
-            raise ValueError(f"target and draft must share a vocabulary: target vocab_size {target.config.vocab_size}, "
-                             f"draft vocab_size {draft.config.vocab_size}")
+        check_same_vocab(target, draft, ("target", "draft"))
         if k < 0 or (adaptive_k and k < 1):
             raise ValueError(f"k (draft tokens per step) must be >= {1 if adaptive_k else 0}, got {k}")
         k_max = max(k, 16) if k_max is None else k_max
         if adaptive_k and k_max < k:
             raise ValueError(f"k_max must be >= k (the starting k), got k_max {k_max} < k {k}")
-        if prompts.dim() != 2 or prompts.size(1) == 0:
-            raise ValueError("prompts must be a non-empty (batch, length) tensor of token ids")
+        if prompts.dim() != 2:
+            raise ValueError("prompts must be a (batch, length) tensor of token ids")
+        check_prompts(prompts)
         ctx = min(target.config.block_size, draft.config.block_size)
         B, P = prompts.shape
         check_budget(P, max_new_tokens, ctx, who="the smaller model (target or draft)")
@@ -302,7 +301,7 @@ def speculative_stream(target, draft, prompt_ids: list[int], max_new_tokens: int
     while not dec.done:
         first = dec.emitted == 0
         new = dec.step()[0].tolist()
-        _clock(stats, t0, first)
+        stats.clock(t0, first)
         for tok in new:
             if tok in eos_ids:
                 stats.stopped_by, stats.new_tokens = "eos", emitted
@@ -310,14 +309,6 @@ def speculative_stream(target, draft, prompt_ids: list[int], max_new_tokens: int
             emitted += 1
             yield tok
     stats.new_tokens = emitted
-
-
-def _clock(stats: Stats, t0: float, first: bool) -> None:
-    """After a step: the first step's time is the time to the first token, the rest is decode time."""
-    now = time.perf_counter()
-    if first:
-        stats.prefill_s = now - t0
-    stats.decode_s = now - t0 - stats.prefill_s
 
 
 @torch.inference_mode()
@@ -339,7 +330,7 @@ def speculative_generate_batch(target, draft, prompts, max_new_tokens: int, k: i
     while not dec.done:
         first = dec.emitted == 0
         dec.step()
-        _clock(stats, t0, first)
+        stats.clock(t0, first)
         if eos.numel() and torch.isin(dec.seq[:, P:], eos).any(-1).all():
             stats.stopped_by = "eos"
             break
