@@ -18,18 +18,17 @@ The checkpoint's provenance records the source file, its sha256 and the layers k
 """
 
 import argparse
-import dataclasses
 import hashlib
 import sys
 from pathlib import Path
 
-import torch
 
 from minillm import checkpoint
+from minillm.checkpoint import keep_blocks
 
 
 def truncate(model, n_layers: int):
-    """The same model object cut to its first n_layers blocks (config updated to match)."""
+    """The model cut to its first n_layers blocks (config updated to match)."""
     total = model.config.n_layer
     if not 1 <= n_layers <= total:
         raise ValueError(f"--layers must be in 1..{total} (the model has {total} layers), got {n_layers}")
@@ -48,16 +47,6 @@ def parse_keep(spec: str, total: int) -> list[int]:
     if not out or out != sorted(set(out)) or out[0] < 0 or out[-1] >= total:
         raise ValueError(f"--keep {spec!r}: layers must be increasing, unique and in 0..{total - 1}")
     return out
-
-
-def keep_blocks(model, layers: list[int]):
-    """The same model object with only the given blocks, in order (config updated to match)."""
-    blocks = list(model.blocks)
-    model.blocks = torch.nn.ModuleList(blocks[i] for i in layers)
-    for new_index, block in enumerate(model.blocks):
-        block.attn.layer = new_index  # the KV-cache slot each attention writes (model.py Attention.layer)
-    model.config = dataclasses.replace(model.config, n_layer=len(layers))
-    return model
 
 
 def sha256(path: Path) -> str:

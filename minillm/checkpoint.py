@@ -27,6 +27,8 @@ NAME.train.safetensors, written by save_train_state. No pickle anywhere.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import re
@@ -163,6 +165,44 @@ def empty_model(cfg: ModelConfig, quantization: dict | None = None) -> Transform
         return Transformer(cfg) if quantization is None else empty_quantized(cfg, quantization)
 
 
+def assign_tensors(model: Transformer, tensors: dict[str, torch.Tensor]) -> Transformer:
+    """Fill a skeleton from empty_model with its tensors (assigned, not copied): the one way a model is
+    built from a config and tensors (loading, pruning, a truncated student). The tied head is re-tied
+    (a quantized one rebuilt from the embedding) and the RoPE tables, built on meta, are made."""
+    cfg, quantized = model.config, getattr(model, "quantization", None)
+    if cfg.tie_embeddings and not quantized:
+        tensors = {**tensors, "lm_head.weight": tensors["tok_emb.weight"]}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if quantized:
+        finish_loading(model)
+    elif cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    if cfg.family == "llama":
+        model.rope_cos, model.rope_sin = rope_tables(cfg)
+    return model
+
+
+def keep_blocks(model: Transformer, blocks: list[int]) -> Transformer:
+    """A new model with only the given blocks, in that order, renumbered 0.. (n_layer to match;
+    their KV-cache slots with them), everything outside the blocks copied as it was, on the model's
+    device, in eval mode (pruning, a distillation student, the truncation bench)."""
+    n = model.config.n_layer
+    if not blocks or len(set(blocks)) != len(blocks) or any(not 0 <= i < n for i in blocks):
+        raise ValueError(f"blocks to keep must be distinct indices in 0..{n - 1}, got {blocks}")
+    new_index = {old: new for new, old in enumerate(blocks)}
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("blocks."):
+            _, i, rest = name.split(".", 2)
+            if int(i) not in new_index:
+                continue
+            name = f"blocks.{new_index[int(i)]}.{rest}"
+        tensors[name] = t.detach().clone()
+    cfg = dataclasses.replace(model.config, n_layer=len(blocks))
+    new = assign_tensors(empty_model(cfg, getattr(model, "quantization", None)), tensors)
+    return new.to(model.tok_emb.weight.device).eval()
+
+
 class SkipInitOnMeta(TorchFunctionMode):
     """Inside `with SkipInitOnMeta():`, torch.nn.init's functions and the tensor fills they are made of
     return a meta tensor as it is, without running. Any op on a meta tensor makes torch import its
@@ -287,17 +327,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         model = empty_model(cfg, quantization)
     except ValueError as e:  # a quantization entry with bad bits / group size
         raise CheckpointError(f"{path}: {e}") from e
-    tensors = _read_tensors(path, model_tensors(model))
-
-    if cfg.tie_embeddings and quantization is None:
-        tensors["lm_head.weight"] = tensors["tok_emb.weight"]
-    model.load_state_dict(tensors, strict=True, assign=True)
-    if quantization is not None:
-        finish_loading(model)  # the tied head, rebuilt from the quantized embedding
-    elif cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight
-    if cfg.family == "llama":  # the RoPE tables were built on meta: give them real storage before .to()
-        model.rope_cos, model.rope_sin = rope_tables(cfg)
+    model = assign_tensors(model, _read_tensors(path, model_tensors(model)))
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
     return Loaded(model, tokenizer, cfg, provenance)

@@ -118,11 +118,20 @@ def read_text(path: str | Path) -> str:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from e
 
 
-def split_train_val(ids: np.ndarray, val_fraction: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-    """First (1 - val_fraction) of the ids for training, the rest for validation (as nanoGPT)."""
+VAL_FRACTION = 0.1  # the last tenth of a text is validation (as nanoGPT)
+
+
+def train_val_cut(length: int, val_fraction: float = VAL_FRACTION) -> int:
+    """The one train/val cut: items [0, cut) train, [cut, length) validation. The trainer cuts ids with
+    it; the evaluation and pruning cut characters with it, so a char model's val ids are the val text."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    n = int(len(ids) * (1 - val_fraction))
+    return int(length * (1 - val_fraction))
+
+
+def split_train_val(ids: np.ndarray, val_fraction: float = VAL_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+    """First (1 - val_fraction) of the ids for training, the rest for validation (train_val_cut)."""
+    n = train_val_cut(len(ids), val_fraction)
     if n == 0 or n == len(ids):
         raise ValueError(f"dataset of {len(ids)} tokens is too small to split "
                          f"{1 - val_fraction:.0%}/{val_fraction:.0%} with neither part empty")

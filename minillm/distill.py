@@ -19,13 +19,13 @@ ids, which is only meaningful if id 1234 is the same string for both (the traine
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .model import Transformer, rope_tables
+from .checkpoint import keep_blocks
+from .model import Transformer
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
@@ -68,18 +68,6 @@ class DistillLoss:
 def truncated_copy(teacher: Transformer, n_layer: int) -> Transformer:
     """A student that starts as the teacher's first n_layer blocks, with the teacher's embeddings,
     final norm and output head: the teacher's shape except for the depth, and an independent copy."""
-    cfg = teacher.config
-    if not 1 <= n_layer <= cfg.n_layer:
-        raise ValueError(f"a student can keep between 1 and the teacher's {cfg.n_layer} layers, got {n_layer}")
-    student_cfg = dataclasses.replace(cfg, n_layer=n_layer)
-    with torch.device("meta"):
-        student = Transformer(student_cfg)
-    # blocks 0..n_layer-1 and every non-block tensor have the same names in both models
-    keep = {k: v.detach().clone() for k, v in teacher.state_dict().items()
-            if not k.startswith("blocks.") or int(k.split(".")[1]) < n_layer}
-    student.load_state_dict(keep, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        student.lm_head.weight = student.tok_emb.weight
-    if cfg.family == "llama":  # the RoPE tables were built on meta: give them real storage
-        student.rope_cos, student.rope_sin = rope_tables(student_cfg)
-    return student.to(teacher.tok_emb.weight.device)
+    if not 1 <= n_layer <= teacher.config.n_layer:
+        raise ValueError(f"a student can keep between 1 and the teacher's {teacher.config.n_layer} layers, got {n_layer}")
+    return keep_blocks(teacher, list(range(n_layer))).train()

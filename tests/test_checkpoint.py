@@ -275,3 +275,24 @@ def test_every_writer_gives_the_umasks_mode(tmp_path, monkeypatch):
                           *(f"hf/{n}" for n in ("model.safetensors", "config.json", "generation_config.json",
                                                 "tokenizer.json", "tokenizer_config.json"))}
     assert set(modes.values()) == {0o640}, modes
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_keep_blocks_is_the_model_with_those_blocks(bits):
+    """All blocks kept: the same logits; a subset: what running those blocks in order computes (the
+    one block-subset helper of prune, distill and the truncation bench; quantized models too)."""
+    from minillm.quantize import quantize_model
+    torch.manual_seed(0)
+    model = Transformer(preset("nano", family="llama", vocab_size=40, n_layer=3, block_size=32, n_embd=64)).eval()
+    if bits:
+        model = quantize_model(model, bits, 32)
+    x = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(checkpoint.keep_blocks(model, [0, 1, 2])(x), model(x))
+        kept = checkpoint.keep_blocks(model, [2, 0])
+        assert kept.config.n_layer == 2 and [b.attn.layer for b in kept.blocks] == [0, 1]
+        model.blocks = torch.nn.ModuleList([model.blocks[2], model.blocks[0]])  # the same by hand (no cache used)
+        model.config = kept.config
+        assert torch.equal(kept(x), model(x))
+    with pytest.raises(ValueError, match="distinct indices"):
+        checkpoint.keep_blocks(kept, [1, 1])

@@ -34,6 +34,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..data import VAL_FRACTION, train_val_cut
+
 
 @dataclass
 class Perplexity:
@@ -122,12 +124,12 @@ def perplexity(model, ids: list[int] | torch.Tensor, tokenizer=None, context: in
     return Perplexity(nll, len(scored), n_bytes, len(spans), context, stride)
 
 
-def eval_text(text: str, split: str = "all", max_chars: int | None = None, val_fraction: float = 0.1) -> str:
+def eval_text(text: str, split: str = "all", max_chars: int | None = None, val_fraction: float = VAL_FRACTION) -> str:
     """The part of `text` to score: "all", or "train" / "val" cut at the same character (the first
     1 - val_fraction of the characters are train, as data.split_train_val cuts a char model's ids),
     so that every model, whatever its tokenizer, scores the same characters; then at most max_chars."""
     if split not in ("all", "train", "val"):
         raise ValueError(f"split must be all, train or val, got {split!r}")
-    cut = int(len(text) * (1 - val_fraction))
+    cut = train_val_cut(len(text), val_fraction)
     part = text if split == "all" else text[:cut] if split == "train" else text[cut:]
     return part[:max_chars] if max_chars is not None else part

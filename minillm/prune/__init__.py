@@ -49,9 +49,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import empty_model
-from ..data import file_sha256, read_text, resolve_text_path
-from ..model import Transformer, rope_tables
+from ..checkpoint import assign_tensors, empty_model, keep_blocks
+from ..data import file_sha256, read_text, resolve_text_path, train_val_cut
+from ..model import Transformer
 
 SCOPES = ("global", "layer")
 CALIB_TOKENS = 4096  # default amount of calibration text, in tokens
@@ -78,15 +78,9 @@ def block_linear_weights(model: Transformer) -> int:
 
 
 def rebuild(model: Transformer, cfg, tensors: dict[str, torch.Tensor]) -> Transformer:
-    """A new Transformer of config `cfg` holding `tensors` (its full state dict, lm_head included),
-    on the old model's device, in eval mode. Built like checkpoint.load_model builds one: a skeleton
-    on the meta device, the tensors assigned, the tied head re-tied and the RoPE tables made."""
-    new = empty_model(cfg)
-    new.load_state_dict({k: v.detach().clone() for k, v in tensors.items()}, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        new.lm_head.weight = new.tok_emb.weight
-    if cfg.family == "llama":
-        new.rope_cos, new.rope_sin = rope_tables(cfg)
+    """A new Transformer of config `cfg` holding copies of `tensors` (its full state dict), on the old
+    model's device, in eval mode (checkpoint.assign_tensors builds it, as a load does)."""
+    new = assign_tensors(empty_model(cfg), {k: v.detach().clone() for k, v in tensors.items()})
     return new.to(model.tok_emb.weight.device).eval()
 
 
@@ -106,7 +100,7 @@ def calibration_ids(tokenizer, path: str | Path | None = None, tokens: int = CAL
     check_calib(tokens, seq_len)
     path = resolve_text_path(path)
     text = read_text(path)
-    train = text[:int(len(text) * 0.9)]  # minillm.eval.eval_text's train part
+    train = text[:train_val_cut(len(text))]  # the train part, as the trainer and minillm.eval cut it
     take, ids = 2 * tokens, []
     while True:  # a prefix of the text, doubled until it holds enough tokens
         ids = tokenizer.encode(train[:take])
@@ -240,17 +234,7 @@ def drop_blocks(model: Transformer, blocks: list[int]) -> Transformer:
     if len(set(blocks)) != len(blocks) or any(not 0 <= i < n for i in blocks):
         raise ValueError(f"blocks must be distinct indices in 0..{n - 1}, got {blocks}")
     check_drop(n, len(blocks))
-    keep = [i for i in range(n) if i not in blocks]
-    new_index = {old: new for new, old in enumerate(keep)}
-    tensors = {}
-    for name, t in model.state_dict().items():
-        if name.startswith("blocks."):
-            _, i, rest = name.split(".", 2)
-            if int(i) not in new_index:
-                continue
-            name = f"blocks.{new_index[int(i)]}.{rest}"
-        tensors[name] = t
-    return rebuild(model, dataclasses.replace(model.config, n_layer=len(keep)), tensors)
+    return keep_blocks(model, [i for i in range(n) if i not in blocks])
 
 
 def prune_depth(model: Transformer, calib: Calibration, drop: int) -> tuple[Transformer, dict]:
