@@ -346,7 +346,7 @@ def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int, pa
                    seed: int | None = None, stop: Sequence[str] = (), stop_at_eos: bool = True,
                    eos_ids: set[int] | None = None, sliding_window: bool = False,
                    generator: torch.Generator | None = None) -> list[Generation]:
-    """Continue several prompts in one batch (left-padded); each row stops on its own (EOS, stop
+    """Continue several prompts in one batch (stream_batch: no padding); each row stops on its own (EOS, stop
     string, max_new_tokens). Greedy rows equal their batch-1 generate() output in float32."""
     if seed is not None and generator is not None:
         raise ValueError("give seed or generator, not both")

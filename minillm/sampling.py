@@ -23,8 +23,7 @@ SamplingParams() is pure ancestral sampling (unlike transformers, whose default 
 History: steps 1-4 look at the previous token ids of each row, `history` (B, T), which the decoding
 loop passes as prompt + generated so far. The prompt counts, for all four: transformers does so for
 repetition_penalty and no_repeat_ngram_size (llama.cpp does too for presence/frequency; vLLM counts
-only generated tokens there; we keep one rule). Negative ids in `history` are padding (left-padded
-batches) and are ignored.
+only generated tokens there; we keep one rule).
 
 Greedy (temperature 0) still applies steps 1-4, then takes the argmax; truncation cannot change the
 argmax, so it is skipped. `process_logits` returns, for greedy, logits that are 0 at the argmax and
@@ -95,11 +94,9 @@ class SamplingParams:
 # ----------------------------------------------------------------------------- history processors
 
 def token_counts(history: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """history (B, T) ids, negative = padding -> (B, V) float32: how often each token occurs per row."""
-    B = history.size(0)
-    ids = torch.where(history < 0, vocab_size, history)  # padding goes to a spare column, dropped below
-    counts = torch.zeros(B, vocab_size + 1, device=history.device)
-    return counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))[:, :vocab_size]
+    """history (B, T) ids -> (B, V) float32: how often each token occurs per row."""
+    counts = torch.zeros(history.size(0), vocab_size, device=history.device)
+    return counts.scatter_add_(1, history, torch.ones_like(history, dtype=counts.dtype))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -119,7 +116,7 @@ def apply_presence_frequency(logits: torch.Tensor, history: torch.Tensor, presen
 
 def ban_repeated_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int) -> torch.Tensor:
     """Ban (-inf) every token t such that (last n-1 tokens, t) is an n-gram already in the history.
-    n = 1 bans every token seen. n-grams that touch padding never match. A row that would be left
+    n = 1 bans every token seen. A row that would be left
     with no finite logit is returned unchanged (there would be nothing to draw)."""
     B, T = history.shape
     if T < n:
@@ -127,7 +124,7 @@ def ban_repeated_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int) -> 
     V = logits.size(-1)
     grams = history.unfold(1, n, 1)  # (B, T-n+1, n): every n-gram of each row
     context = history[:, T - n + 1:]  # (B, n-1): the n-gram the next token would complete
-    hit = (grams[..., :-1] == context[:, None, :]).all(-1) & (grams >= 0).all(-1)  # (B, T-n+1)
+    hit = (grams[..., :-1] == context[:, None, :]).all(-1)  # (B, T-n+1)
     banned = torch.zeros(B, V + 1, dtype=torch.bool, device=logits.device)
     banned.scatter_(1, torch.where(hit, grams[..., -1], V), True)  # non-hits land in the spare column V
     out = logits.masked_fill(banned[:, :V], float("-inf"))
@@ -219,7 +216,7 @@ def apply_history_processors(logits: torch.Tensor, params: SamplingParams, histo
 def process_logits(logits: torch.Tensor, params: SamplingParams, history: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (B, V) -> float32 logits (B, V) whose softmax is the distribution to draw from.
 
-    history: (B, T) previous token ids per row (prompt + generated; negative = padding), needed only
+    history: (B, T) previous token ids per row (prompt + generated), needed only
     when a penalty or no_repeat_ngram_size is on (ValueError if missing then). Greedy (temperature 0)
     gives 0 at the argmax and -inf elsewhere. The single entry point for plain, speculative and
     contrastive decoding."""

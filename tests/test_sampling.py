@@ -1,6 +1,6 @@
 """The sampler: parameter checks, each processor against transformers' own classes (and the whole
 pipeline against the list transformers builds, which proves the order), hypothesis properties of the
-truncations, padding in the history, greedy, seeds, and the sampled distribution."""
+truncations, the history, greedy, seeds, and the sampled distribution."""
 
 import math
 import warnings
@@ -141,7 +141,7 @@ def test_temperature_equals_transformers(seed, B, V, T, t):
 def test_presence_and_frequency_penalties_are_the_openai_formula():
     """Not in transformers: z_v - frequency·count(v) - presence·[count(v) > 0], checked by hand."""
     logits = torch.tensor([[1.0, -2.0, 0.5, 3.0, 0.0]])
-    hist = torch.tensor([[3, 3, 1, 3, -1, -1]])  # -1: padding, ignored
+    hist = torch.tensor([[3, 3, 1, 3]])
     got = apply_presence_frequency(logits, hist, presence=0.5, frequency=0.25)
     want = torch.tensor([[1.0, -2.0 - 0.25 - 0.5, 0.5, 3.0 - 0.75 - 0.5, 0.0]])
     assert torch.equal(got, want)
@@ -276,17 +276,6 @@ def test_outputs_are_distributions_and_the_argmax_survives(seed, B, V, T, params
 
 
 # ----------------------------------------------------------------------------- history details
-
-def test_padding_in_history_is_ignored():
-    """A left-padded row (-1 ids) is penalised exactly as the same row without padding."""
-    logits = torch.randn(1, 9, generator=torch.Generator().manual_seed(3))
-    row = torch.tensor([[4, 2, 4, 7, 2, 4]])
-    padded = torch.cat([torch.full((1, 3), -1), row], 1)
-    for params in (SamplingParams(repetition_penalty=1.4), SamplingParams(presence_penalty=0.3, frequency_penalty=0.2),
-                   SamplingParams(no_repeat_ngram_size=2), SamplingParams(no_repeat_ngram_size=1),
-                   SamplingParams(no_repeat_ngram_size=6)):  # n = row length: touches the padding
-        assert torch.equal(process_logits(logits, params, padded), process_logits(logits, params, row)), params
-
 
 def test_no_repeat_ngram_bans_the_completing_tokens():
     hist = torch.tensor([[1, 2, 3, 1, 2, 4, 1, 2]])  # after "1 2" came 3 and 4: both are banned
