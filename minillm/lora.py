@@ -42,6 +42,7 @@ from . import checkpoint
 from .data import file_sha256
 from .flags import Parser, add_input, add_output, fail
 from .model import Transformer
+from .trainer import count_trainable  # noqa: F401  (lora.count_trainable, as before)
 
 FORMAT = "minillm-lora/1"
 # short target names -> the Linear layers they mean in every block (model.py's names)
@@ -226,12 +227,6 @@ class Adapters:
 
     def save_best(self, model: Transformer, provenance: dict) -> None:
         save_adapters(self.path, model, self.base_path, self.base_sha256, provenance)
-
-
-def count_trainable(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a tied matrix counts once."""
-    params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def make_parser():

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import checkpoint, ddp, lora
-from .trainer import Run, State
+from .trainer import Run, State, count_trainable
 
 
 @dataclass
@@ -49,7 +49,7 @@ def finish(run: Run, state: State) -> TrainResult:
     adapters = files.adapters if tc.lora_rank else None
     return TrainResult(adapters if adapters and not tc.merge else files.model, state.best_val, final_train,
                        final_val, tc.stop, ms, tokens_per_s, wall, state.history, state.evals, adapters,
-                       lora.count_trainable(run.model)[0])
+                       count_trainable(run.model)[0])
 
 
 def report_no_gain(run: Run, state: State) -> None:

@@ -41,7 +41,7 @@ from .train_config import ConfigError, Files, TrainConfig
 from .train_finish import TrainResult, finish
 from .train_lock import output_lock
 from .train_resume import resume
-from .trainer import Batches, FullModel, Run, State, Step, cross_entropy, last_good, lr_at, train_loop
+from .trainer import Batches, FullModel, Run, State, Step, count_trainable, cross_entropy, last_good, lr_at, train_loop
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -233,7 +233,7 @@ def source_provenance(tc: TrainConfig, text_path: Path) -> dict:
 def log_setup(run: Run, text_path: Path, teacher) -> None:
     """What trains on what: parameters, data, tokens per iteration, device (nanoGPT prints the same)."""
     tc, cfg, r = run.tc, run.model.config, run.rank
-    n_trainable, n_total = lora.count_trainable(run.model)
+    n_trainable, n_total = count_trainable(run.model)
     n_train, n_val = (len(ids) for ids in run.batches.splits.values())
     start = f"from {tc.init_from}" if tc.init_from else (
         f"from the teacher's first {tc.init_from_layers} layers" if tc.init_from_layers else "fresh")

@@ -237,3 +237,9 @@ class FullModel:
 
     def save_best(self, model: Transformer, provenance: dict) -> None:
         checkpoint.save_model(self.path, model, self.tokenizer, provenance)
+
+
+def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; a tied matrix counts once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
