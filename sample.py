@@ -5,13 +5,15 @@
     python sample.py --model M --top-k 50 --top-p 0.9 --seed 7 --num-samples 3
     python sample.py --model M --min-p 0.05 --repetition-penalty 1.2 --stop "\\n\\n"
     python sample.py --model M --method speculative --draft D --k 4          # exact target samples, faster
+    python sample.py --model M --method speculative --draft-lookup --k 8     # no draft model: prompt lookup
     python sample.py --model M --method contrastive --amateur A --alpha 0.1 --beta 0.5
     python sample.py --model weights/smollm2-135m.safetensors --chat         # multi-turn, one line per turn
 
 Methods: "sample" (default; temperature 0.8), "greedy" (temperature 0), "speculative" (--draft: a
 smaller model with the same tokenizer proposes --k tokens, the model checks them in one forward;
 the output is distributed exactly as plain sampling with the same flags; temperature 0.8 unless
-given), "contrastive" (--amateur: choose tokens the model likes much more than the amateur does,
+given; --draft-lookup instead of --draft: prompt lookup proposes, copying what followed an earlier
+match of the text's last tokens), "contrastive" (--amateur: choose tokens the model likes much more than the amateur does,
 score (1+beta)·z_model - beta·z_amateur over the tokens with p >= alpha·max p; greedy unless
 --temperature is given). Sampler flags apply in transformers' order: repetition, presence and
 frequency penalties, no-repeat n-grams, temperature, top-k, top-p, min-p, typical-p.

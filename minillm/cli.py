@@ -34,7 +34,14 @@ def add_decoding_args(p: argparse.ArgumentParser, method: str = "sample") -> Non
     s.add_argument("--typical-p", type=real(0, 1, low_open=True), default=None, help="locally typical sampling mass in (0, 1] (default: off)")
     sp = p.add_argument_group("speculative decoding (--method speculative)")
     add_input(sp, "--draft", default=None, metavar="PATH", help="draft checkpoint (same tokenizer as --model)")
-    sp.add_argument("--k", type=integer(1), default=4, help="draft tokens proposed per target forward (default 4)")
+    sp.add_argument("--draft-lookup", action="store_true",
+                    help="no draft model: prompt lookup proposes the tokens that followed the latest earlier "
+                         "occurrence of the text's last n tokens (prompt and output; n = --lookup-ngram down to 1), "
+                         "none where there is none; as exact as a draft model")
+    sp.add_argument("--lookup-ngram", type=integer(1, 16), default=3, metavar="N",
+                    help="--draft-lookup: the longest n-gram matched, in 1..16 (default 3)")
+    sp.add_argument("--k", type=integer(1, 64), default=4,
+                    help="draft tokens proposed per target forward, in 1..64 (default 4)")
     sp.add_argument("--adaptive-k", action="store_true",
                     help="adapt k as it goes: +2 after a step where all drafts passed, else -1 (floor 1); stays exact")
     cd = p.add_argument_group("contrastive decoding (--method contrastive)")
@@ -51,9 +58,14 @@ def add_decoding_args(p: argparse.ArgumentParser, method: str = "sample") -> Non
 
 def check_decoding_args(args) -> None:
     """Flag combinations that cannot work, as ValueErrors that name the flags."""
+    if args.draft_lookup and args.method != "speculative":
+        raise ValueError(f"--draft-lookup is used only by --method speculative (got --method {args.method})")
+    if args.draft_lookup and args.draft:
+        raise ValueError("--draft-lookup proposes without a draft model: give --draft PATH or --draft-lookup, not both")
     for name, role in PARTNER.items():
-        if args.method == name and not getattr(args, role):
-            raise ValueError(f"--method {name} needs --{role} PATH (a smaller model with the same tokenizer)")
+        if args.method == name and not getattr(args, role) and not (role == "draft" and args.draft_lookup):
+            lookup = " or --draft-lookup" if role == "draft" else ""
+            raise ValueError(f"--method {name} needs --{role} PATH (a smaller model with the same tokenizer){lookup}")
         if getattr(args, role) and args.method != name:
             raise ValueError(f"--{role} is used only by --method {name} (got --method {args.method})")
     if args.adaptive_k and args.method != "speculative":
@@ -63,7 +75,7 @@ def check_decoding_args(args) -> None:
 
 
 def partner_path(args) -> str | None:
-    """The --draft or --amateur path the chosen method needs (None for sample / greedy)."""
+    """The --draft or --amateur path the chosen method needs (None for sample / greedy and --draft-lookup)."""
     role = PARTNER.get(args.method)
     return getattr(args, role) if role else None
 
@@ -74,4 +86,5 @@ def method_from_args(args, sliding_window: bool = False) -> Method:
                             repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                             frequency_penalty=args.frequency_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
     return Method(args.method, with_temperature(args.method, params, args.temperature), sliding_window, args.k,
-                  args.adaptive_k, args.alpha, args.beta, args.objective, args.amateur_temperature, args.amateur_context)
+                  args.adaptive_k, args.alpha, args.beta, args.objective, args.amateur_temperature, args.amateur_context,
+                  draft_lookup=args.draft_lookup, lookup_ngram=args.lookup_ngram)

@@ -1,12 +1,18 @@
 """Decoding methods by name: the one dispatch used by sample.py, the inspector and the benches.
 
     Method(name, params, ...)   what to run: "sample", "greedy", "speculative" (a draft model proposes,
-                                the model verifies) or "contrastive" (an amateur model is contrasted)
+                                or with draft_lookup=True prompt lookup does; the model verifies) or
+                                "contrastive" (an amateur model is contrasted)
     load_partner(path, ...)     the draft or amateur, refused unless its tokenizer is the model's
     stream(method, ...)         an iterator of new token ids, filling one generate.Stats
 
 Every method streams through the decoding core (generate.py) or a method module built on it, and
 takes a `trace` callable that receives each step (SampleStep, SpecStep or CDStep).
+
+Prompt lookup is speculative decoding with another draft, not a method of its own: the same loop,
+law, statistics and trace, so it is Method("speculative", draft_lookup=True) (`--method speculative
+--draft-lookup`), which needs no partner model; everything that handles speculative runs (the
+inspector's trace, the eval's labels, the page) handles it unchanged.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from .checkpoint import Loaded, load_model
 from .contrastive import CDStats, check_settings, contrastive_stream
 from .generate import Stats, stream_tokens
 from .sampling import SamplingParams
-from .speculative import SpecStats, speculative_stream
+from .speculative import PromptLookup, SpecStats, speculative_stream
 from .tokenizer import check_same_tokenizer
 
 METHODS = ("sample", "greedy", "speculative", "contrastive")
@@ -41,6 +47,8 @@ class Method:
     objective: str = "obrien"  # contrastive: "obrien" or "li"
     amateur_temperature: float = 1.0  # contrastive, "li": the amateur's tau
     amateur_context: str = "full"  # contrastive: "full" or "last_prompt_token"
+    draft_lookup: bool = False  # speculative: prompt lookup proposes, no draft model
+    lookup_ngram: int = 3  # speculative with draft_lookup: longest n-gram matched (then n-1, ..., 1)
 
     def __post_init__(self):
         if self.name not in METHODS:
@@ -48,6 +56,9 @@ class Method:
         if self.name == "greedy" and not self.params.greedy:
             raise ValueError(f"method greedy means temperature 0, got temperature {self.params.temperature}")
         check_settings(self.alpha, self.beta, self.objective, self.amateur_temperature, self.amateur_context)
+        if self.draft_lookup and self.name != "speculative":
+            raise ValueError(f"draft_lookup is a draft of method speculative, not of {self.name}")
+        PromptLookup(self.lookup_ngram)  # its range checked
 
     def stream(self, model, prompt_ids: list[int], max_new_tokens: int, partner=None, **run) -> Iterator[int]:
         """New token ids from `model` (and `partner`) by this method: stream(self, ...), see there."""
@@ -60,7 +71,11 @@ class Method:
     @property
     def partner(self) -> str | None:
         """The role of the second model this method needs ("draft", "amateur"), or None."""
-        return PARTNER.get(self.name)
+        return None if self.draft_lookup else PARTNER.get(self.name)
+
+    def draft(self, partner=None):
+        """What speculative decoding's loop asks for proposals: PromptLookup, or the draft model."""
+        return PromptLookup(self.lookup_ngram) if self.draft_lookup else partner
 
 
 def with_temperature(name: str, params: SamplingParams, temperature: float | None) -> SamplingParams:
@@ -87,8 +102,8 @@ def stream(method: Method, model, prompt_ids: list[int], max_new_tokens: int, pa
         raise ValueError(f"method {method.name} needs a {method.partner} model")
     shared = dict(params=method.params, generator=generator, eos_ids=eos_ids, stats=stats, trace=trace)
     if method.name == "speculative":
-        return speculative_stream(model, partner, prompt_ids, max_new_tokens, k=method.k, adaptive_k=method.adaptive_k,
-                                  **shared)
+        return speculative_stream(model, method.draft(partner), prompt_ids, max_new_tokens, k=method.k,
+                                  adaptive_k=method.adaptive_k, **shared)
     if method.name == "contrastive":
         return contrastive_stream(model, partner, prompt_ids, max_new_tokens, alpha=method.alpha, beta=method.beta,
                                   objective=method.objective, amateur_temperature=method.amateur_temperature,

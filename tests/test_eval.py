@@ -312,18 +312,21 @@ def test_cli_generate_metrics_with_any_method(char_models, tmp_path, capsys):
     assert eval_main(["make-tasks", "--out", str(tasks), "--n", "3"]) == 0
     capsys.readouterr()
     runs = {}
-    # the 200-character prompts do not fit the 64-token context: without a sliding window, both methods
+    # the 200-character prompts do not fit the 64-token context: without a sliding window, every method
     # read the prompt's last 64 - 30 + 1 characters
-    for method in (["--method", "greedy", "--no-sliding-window"],
-                   ["--method", "speculative", "--draft", str(char_models[1]), "--temperature", "0"]):
-        out = tmp_path / f"{method[1]}.json"
+    methods = {"greedy": ["--method", "greedy", "--no-sliding-window"],
+               "speculative": ["--method", "speculative", "--draft", str(char_models[1]), "--temperature", "0"],
+               "lookup": ["--method", "speculative", "--draft-lookup", "--temperature", "0"]}
+    for name, method in methods.items():
+        out = tmp_path / f"{name}.json"
         assert eval_main(["generate-metrics", "--model", str(char_models[0]), "--tasks", str(tasks),
                           "--max-new-tokens", "30", "--json", str(out), *method]) == 0
         table = capsys.readouterr().out
         assert "BLEU" in table and "R-L" in table and "(references)" in table
-        runs[method[1]] = json.loads(out.read_text())
-    greedy, spec = (runs[m]["outputs"][str(char_models[0])] for m in ("greedy", "speculative"))
-    assert [o["text"] for o in greedy] == [o["text"] for o in spec]  # speculative at temperature 0 is greedy
+        runs[name] = json.loads(out.read_text())
+    greedy, spec, lookup = (runs[m]["outputs"][str(char_models[0])] for m in methods)
+    assert [o["text"] for o in greedy] == [o["text"] for o in spec] == [o["text"] for o in lookup]  # T = 0: greedy
+    assert runs["lookup"]["results"][1]["method"] == "speculative T=0 k=4 lookup n<=3"
     assert all(len(o["text"]) == 30 and o["prompt_tokens"] == 35 for o in greedy)
     row = runs["greedy"]["results"][1]
     assert row["tasks"] == 3 and 0 <= row["bleu"] <= 100 and row["method"] == "greedy"

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minillm.checkpoint import save_model
+from minillm.checkpoint import load_model, save_model
 from minillm.config import preset
 from minillm.generate import make_generator, stream_tokens
 from minillm.contrastive import contrastive_stream
@@ -315,6 +315,25 @@ def test_contrastive_trace_chosen_is_emitted_and_in_head(params, tok):
         assert s["changed"] == (s["id"] != s["expert"]["id"])
     assert [s["head_size"] for s in steps] == stats.head_sizes
     assert sum(s["changed"] for s in steps) == stats.differs_from_expert
+
+
+def test_cli_prompt_lookup_trace(tmp_path, tok, capsys):
+    """--method speculative --draft-lookup: the speculative trace with no draft model; greedy, it emits the
+    model's greedy tokens, each draft one-hot (q_draft 1)."""
+    tp, js = tmp_path / "t.safetensors", tmp_path / "s.json"
+    save_model(tp, sharpened("llama-gqa", 0, 6), tok)
+    prompt = "to be, or not to be"  # the nano preset reads 32 positions
+    main(["--model", str(tp), "--prompt", prompt, "--no-attention", "--generate", "12", "--method", "speculative",
+          "--draft-lookup", "--lookup-ngram", "3", "--k", "4", "--temperature", "0", "--json", str(js)])
+    out = capsys.readouterr().out
+    assert "speculative trace (draft prompt lookup, n <= 3, k=4" in out and "acceptance histogram" in out
+    d = json.loads(js.read_text())
+    drafts = [x for s in d["trace"] for x in s["drafts"]]
+    assert drafts and all(x["q_draft"] == 1.0 for x in drafts)
+    assert sum(x["verdict"] == "accepted" for x in drafts) == d["trace_stats"]["drafts_accepted"]
+    assert d["trace_stats"]["calls"]["lookup"] == d["trace_stats"]["target_calls"] == len(d["trace"])
+    greedy = stream_tokens(load_model(tp).model, tok.encode(prompt), 12, SamplingParams(temperature=0))
+    assert [e["id"] for s in d["trace"] for e in s["emitted"]] == list(greedy)
 
 
 def test_cli_speculative_and_contrastive_traces(tmp_path, tok, capsys):

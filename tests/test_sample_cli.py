@@ -63,6 +63,16 @@ def test_greedy_speculative_equals_greedy_and_prints_stats(ckpts, capsys, k):
         assert needle in err, needle
 
 
+def test_greedy_prompt_lookup_equals_greedy(ckpts, capsys):
+    """--draft-lookup: speculative decoding with no draft model (prompt lookup), greedy text unchanged."""
+    want = greedy_text(capsys, ckpts)
+    code, out, err = run(capsys, "--model", ckpts["target"], "--prompt", "Ay", "--max-new-tokens", "30",
+                         "--method", "speculative", "--draft-lookup", "--lookup-ngram", "2", "--k", "5",
+                         "--temperature", "0")
+    assert code == 0, err
+    assert out == want and "acceptance histogram" in err and "lookup " in err and "draft " not in err
+
+
 def test_sampled_speculative_is_seeded(ckpts, capsys):
     args = ["--model", ckpts["target"], "--prompt", "Ay", "--max-new-tokens", "25", "--method", "speculative",
             "--draft", ckpts["small"], "--top-k", "10", "--seed", "3"]
@@ -105,7 +115,8 @@ def test_stop_strings_cut_the_output(ckpts, capsys):
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--method", "speculative"], "--method speculative needs --draft PATH"),
+    (["--method", "speculative"], "--method speculative needs --draft PATH (a smaller model with the same "
+                                  "tokenizer) or --draft-lookup"),
     (["--method", "contrastive"], "--method contrastive needs --amateur PATH"),
     (["--draft", "X"], "--draft is used only by --method speculative (got --method sample)"),
     (["--method", "greedy", "--amateur", "X"], "--amateur is used only by --method contrastive"),
@@ -113,7 +124,12 @@ def test_stop_strings_cut_the_output(ckpts, capsys):
     (["--adaptive-k"], "--adaptive-k is used only by --method speculative"),
     (["--method", "speculative", "--draft", "OTHER"], "have different tokenizers"),
     (["--method", "contrastive", "--amateur", "OTHER"], "have different tokenizers"),
-    (["--method", "speculative", "--draft", "SMALL", "--k", "0"], "argument --k: must be a whole number >= 1, got '0'"),
+    (["--method", "speculative", "--draft", "SMALL", "--k", "0"],
+     "argument --k: must be a whole number >= 1 and <= 64, got '0'"),
+    (["--draft-lookup"], "--draft-lookup is used only by --method speculative (got --method sample)"),
+    (["--method", "speculative", "--draft", "SMALL", "--draft-lookup"], "give --draft PATH or --draft-lookup, not both"),
+    (["--method", "speculative", "--draft-lookup", "--lookup-ngram", "17"],
+     "argument --lookup-ngram: must be a whole number >= 1 and <= 16, got '17'"),
     (["--method", "contrastive", "--amateur", "SMALL", "--alpha", "0"], "argument --alpha: must be a finite number > 0 and <= 1, got '0'"),
     (["--top-p", "1.5"], "argument --top-p: must be a finite number > 0 and <= 1, got '1.5'"),
     (["--min-p", "2"], "argument --min-p: must be a finite number >= 0 and <= 1, got '2'"),

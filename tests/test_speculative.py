@@ -1,10 +1,13 @@
-"""Speculative decoding: greedy == target greedy, sampled output ~ target law (chi-square), caches, stops.
+"""Speculative decoding: greedy == target greedy, sampled output ~ target law (chi-square), caches, stops,
+for both drafts (a draft model, and prompt lookup: the lookup itself is tested on handmade sequences).
 
 The statistical tests drive the real loop (SpeculativeDecoder, through speculative_generate_batch and
 speculative_stream) on real tiny transformers whose next-token law depends on the whole context, so
 on what the KV caches hold after every crop: a 2-layer nano llama over a 4-token vocabulary as the
-target, and as the draft either an unrelated 1-layer model (drafts often rejected: the residual path)
-or a separate copy of the target (every draft accepted: every step ends with the bonus token).
+target, and as the draft either an unrelated 1-layer model (drafts often rejected: the residual path),
+a separate copy of the target (every draft accepted: every step ends with the bonus token), or
+prompt lookup (one-hot q_draft: a draft accepted with probability p_target(draft); its prompt holds
+every token, so every step proposes k drafts).
 
 The exact law of the first n new tokens is enumerated with uncached forwards (`exact_law`), N
 sequences are sampled (`sample_sequences`), and `law_pvalues` runs chi-square goodness-of-fit tests
@@ -32,7 +35,8 @@ from minillm.generate import stream_tokens
 from minillm.kv_cache import KVCache
 from minillm.model import Transformer
 from minillm.sampling import SamplingParams, process_logits
-from minillm.speculative import SpecStats, SpeculativeDecoder, speculative_generate_batch, speculative_stream
+from minillm.speculative import (PromptLookup, SpecStats, SpeculativeDecoder, lookup, speculative_generate_batch,
+                                 speculative_stream)
 
 V, BLOCK = 8, 16
 
@@ -100,19 +104,26 @@ def law_model(seed: int, n_layer: int) -> Transformer:
 
 
 @functools.cache
-def law_models() -> dict[str, Transformer]:
+def law_models() -> dict:
+    """The target and the drafts (models, and prompt lookup up to bigrams) by name."""
     target = law_model(0, n_layer=2)
-    return {"target": target, "other": law_model(1, n_layer=1), "copy": copy.deepcopy(target)}
+    return {"target": target, "other": law_model(1, n_layer=1), "copy": copy.deepcopy(target),
+            "lookup": PromptLookup(max_ngram=2)}
+
+
+LOOKUP_PROMPT = [2, 3, 3, 1, 0, 1]  # every token occurs: the lookup always finds a match, every step proposes k drafts
 
 
 @dataclass(frozen=True)
 class LawCase:
-    draft: str  # "other": an unrelated 1-layer model (alpha ~ 0.45); "copy": a copy of the target (alpha = 1)
+    draft: str  # "other": an unrelated 1-layer model (alpha ~ 0.45); "copy": a copy of the target (alpha = 1);
+    #             "lookup": prompt lookup (one-hot q_draft)
     k: int
     batch: int  # rows per speculative_generate_batch call; 1: speculative_stream
     n: int  # new tokens per sequence, all tested
     N: int  # sequences
     params: SamplingParams
+    prompt: tuple[int, ...] = tuple(LAW_PROMPT)
 
 
 # Batch > 1 runs B = 2000 rows per call; because of the synchronised rule (every row emits the
@@ -128,25 +139,33 @@ LAW_CASES = {
     "bonus_k2_two_steps_top_k": LawCase("copy", 2, 2000, 6, 10_000, SamplingParams(temperature=0.8, top_k=3)),
     "residual_k3_top_k": LawCase("other", 3, 2000, 6, 10_000, SamplingParams(temperature=0.8, top_k=3)),
     "batch1_k3": LawCase("other", 3, 1, 4, 600, SamplingParams(temperature=1.0)),
+    # prompt lookup: q_draft one-hot, so a draft passes with probability p_target(draft) and the residual
+    # is p_target without it; top-k 3 makes some drafts impossible (p = 0), the penalties read the drafts
+    "lookup_k3_top_k": LawCase("lookup", 3, 2000, 6, 10_000, SamplingParams(temperature=0.8, top_k=3),
+                               tuple(LOOKUP_PROMPT)),
+    "lookup_k4_penalties": LawCase("lookup", 4, 2000, 6, 10_000,
+                                   SamplingParams(temperature=1.0, repetition_penalty=1.5, presence_penalty=0.5),
+                                   tuple(LOOKUP_PROMPT)),
+    "lookup_batch1_k3": LawCase("lookup", 3, 1, 4, 600, SamplingParams(temperature=1.0), tuple(LOOKUP_PROMPT)),
 }
 
 
 @functools.cache
 def case_law(name: str) -> torch.Tensor:
     case = LAW_CASES[name]
-    return exact_law(law_models()["target"], LAW_PROMPT, case.n, case.params)
+    return exact_law(law_models()["target"], list(case.prompt), case.n, case.params)
 
 
 def sample_sequences(case: LawCase, stats: SpecStats, seed: int = 0) -> torch.Tensor:
-    """case.N sequences of case.n new tokens after LAW_PROMPT -> (N, n): batch > 1 in N / batch calls
+    """case.N sequences of case.n new tokens after case.prompt -> (N, n): batch > 1 in N / batch calls
     of speculative_generate_batch (identical prompts: every row is an independent draw), batch 1 in N
     calls of speculative_stream; one seeded generator throughout."""
-    models, g = law_models(), torch.Generator().manual_seed(seed)
+    models, g, prompt = law_models(), torch.Generator().manual_seed(seed), list(case.prompt)
     target, draft = models["target"], models[case.draft]
     if case.batch == 1:
-        return torch.tensor([list(speculative_stream(target, draft, LAW_PROMPT, case.n, case.k, case.params, g,
+        return torch.tensor([list(speculative_stream(target, draft, prompt, case.n, case.k, case.params, g,
                                                      stats=stats)) for _ in range(case.N)])
-    return torch.cat([speculative_generate_batch(target, draft, [LAW_PROMPT] * case.batch, case.n, case.k,
+    return torch.cat([speculative_generate_batch(target, draft, [prompt] * case.batch, case.n, case.k,
                                                  case.params, g, stats=stats) for _ in range(case.N // case.batch)])
 
 
@@ -184,7 +203,8 @@ def test_target_law(name):
     Bonferroni) at p > 1e-4. What each case is shown to catch (family p < 1e-6, test below):
     bonus_k5_penalties: a bonus from the wrong position, a penalty history off by one;
     residual_k3_top_k: resampling from p instead of the residual, a raw-softmax q_draft;
-    batch1_k3: a bonus from the wrong position, one uniform shared across draft positions.
+    batch1_k3: a bonus from the wrong position, one uniform shared across draft positions;
+    lookup_k3_top_k: resampling from p instead of the residual, a q_draft that is not the lookup's point mass.
     bonus_k2_two_steps_top_k has no control of its own: it checks two full steps in a row (cropped
     caches, the draft's fill of d_k) and top-k on the bonus."""
     case = LAW_CASES[name]
@@ -227,6 +247,11 @@ def _q_draft_raw_softmax(logits, params, generator, history):
     return d, logits.float().softmax(-1)
 
 
+def _lookup_q_uniform(tokens, vocab):
+    """Bug: prompt lookup reports a uniform q_draft although its token was certain (q = 1/V, not 1)."""
+    return torch.full((tokens.size(0), vocab), 1.0 / vocab, device=tokens.device)
+
+
 def _shared_uniform(batch, k, generator, device):
     """Bug: one uniform per row, reused at every draft position (correlated acceptances)."""
     return torch.rand(batch, 1, generator=generator, device=device).expand(batch, k)
@@ -243,6 +268,8 @@ CONTROLS = {
     "residual_is_p": (spec, "residual", _residual_is_p, "residual_k3_top_k", None),
     "q_draft_raw_softmax": (spec, "choose", _q_draft_raw_softmax, "residual_k3_top_k", None),
     "shared_uniform_batch1": (spec, "uniforms", _shared_uniform, "batch1_k3", None),
+    "residual_is_p_lookup": (spec, "residual", _residual_is_p, "lookup_k3_top_k", None),
+    "lookup_q_not_one_hot": (spec, "one_hot", _lookup_q_uniform, "lookup_k3_top_k", None),
 }
 
 
@@ -319,8 +346,8 @@ def test_caches_after_crop_equal_fresh_prefill(family):
             dec.step()
             n = dec.seq.size(1)
             assert dec.target_cache.length == n - 1
-            assert n - 2 <= dec.draft_cache.length <= n - 1
-            for model, cache in ((target, dec.target_cache), (draft, dec.draft_cache)):
+            assert n - 2 <= dec.draft.cache.length <= n - 1
+            for model, cache in ((target, dec.target_cache), (draft, dec.draft.cache)):
                 L = cache.length
                 fresh = KVCache.for_model(model, 2, 64)
                 model(dec.seq[:, :L], fresh, 0)
@@ -456,3 +483,96 @@ def test_stats_summary_and_alpha():
     speculative_generate_batch(target, draft, [PROMPT] * 100, 3, 2, SamplingParams(temperature=1.0),
                                torch.Generator().manual_seed(0), stats=stats)
     assert 0.3 < stats.empirical_alpha < 0.95  # 1 - TV of two different tables
+
+
+# ---- prompt lookup: the draft that costs nothing ----
+
+def test_lookup_proposes_what_followed_the_latest_longest_match():
+    t = lambda *ids: torch.tensor(ids)
+    # the last 3 tokens (1 2 3) occurred twice before: the most recent occurrence's continuation
+    assert lookup(t(1, 2, 3, 7, 7, 1, 2, 3, 4, 5, 6, 1, 2, 3), 3, 3).tolist() == [4, 5, 6]
+    # longest n first: the bigram (8 9) matches once (-> 5), while the unigram 9 matched later (-> 6)
+    assert lookup(t(8, 9, 5, 0, 9, 6, 8, 9), 3, 1).tolist() == [5]
+    assert lookup(t(8, 9, 5, 0, 9, 6, 8, 9), 1, 1).tolist() == [6]  # max_ngram 1: unigrams only
+    # a 3-gram that never occurred falls back to the bigram, then to the unigram
+    assert lookup(t(4, 2, 3, 9, 1, 2, 3), 3, 2).tolist() == [9, 1]
+    assert lookup(t(3, 5, 1, 2, 3), 3, 2).tolist() == [5, 1]
+    # nothing: the last token never occurred before, a sequence of one token, k = 0
+    for ids, k in ((t(1, 2, 3, 4), 3), (t(7,), 3), (t(1, 2, 1), 0)):
+        assert lookup(ids, 3, k).tolist() == []
+    # the continuation runs into the end: the copy goes on from what it proposes (period 2 here)
+    assert lookup(t(5, 1, 2, 1, 2), 3, 5).tolist() == [1, 2, 1, 2, 1]
+    assert lookup(t(4, 4, 4), 3, 4).tolist() == [4, 4, 4, 4]
+    with pytest.raises(ValueError, match="max_ngram"):
+        PromptLookup(0)
+
+
+REPEATING = [[5, 9, 2, 7, 11, 5, 9, 2, 7, 11, 5, 9], [3, 8, 8, 1, 3, 8, 8, 1, 3, 8, 30, 4]]  # text that repeats
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_greedy_lookup_equals_target_greedy(family):
+    """Prompt lookup at temperature 0 (and with penalties that read the drafts) is the target's greedy
+    output token for token, batch 1 and batch > 1, whatever k, n and the adaptive schedule."""
+    target = tiny_model(family, 0, **SHAPE)
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.3)):
+        want = [list(stream_tokens(target, pr, 30, params)) for pr in REPEATING]
+        for k, n, adaptive in ((1, 1, False), (4, 3, False), (8, 2, False), (2, 3, True)):
+            stats = SpecStats()
+            got = list(speculative_stream(target, PromptLookup(n), REPEATING[0], 30, k, params, stats=stats,
+                                          adaptive_k=adaptive))
+            assert got == want[0], (params, k, n, adaptive)
+            assert stats.drafts_accepted > 0 and stats.calls["lookup"] == stats.calls["target"]  # not vacuous
+        out = speculative_generate_batch(target, PromptLookup(3), REPEATING, 30, 4, params)
+        assert out.tolist() == want
+
+
+def test_lookup_steps_and_statistics():
+    """Every step proposes exactly lookup(the sequence so far) (nothing where it finds no match: a plain
+    step), and the statistics count what the steps did."""
+    target = tiny_model("llama", 0, **SHAPE)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(8)  # sharper: drafts are accepted at times, rejected at others
+    prompt, steps, stats = [5, 9, 2, 7, 5, 9, 2, 30], [], SpecStats()  # 30 never occurred: the first step is plain
+    out = list(speculative_stream(target, PromptLookup(2), prompt, 40, 3, SamplingParams(temperature=1.0),
+                                  torch.Generator().manual_seed(0), stats=stats, trace=steps.append))
+    seq = list(prompt)
+    for s in steps:
+        want = lookup(torch.tensor(seq), 2, min(3, len(prompt) + 40 - len(seq) - 1))
+        assert s.drafts[0].tolist() == want.tolist() and s.start == len(seq)
+        assert torch.equal(s.q_draft[0], torch.nn.functional.one_hot(s.drafts[0], target.config.vocab_size).float())
+        seq += s.emitted[0].tolist()
+    assert seq == prompt + out and len(out) == 40 and steps[0].k == 0
+    proposing = [s for s in steps if s.k]
+    assert stats.calls["target"] == stats.calls["lookup"] == len(steps) and "draft" not in stats.calls
+    assert stats.plain_calls == len(steps) - len(proposing) >= 1 and sum(stats.accept_hist) == len(proposing)
+    assert stats.drafts_proposed == sum(s.k for s in steps)
+    assert stats.drafts_accepted == sum(int(s.n_accepted[0]) for s in steps)
+    assert 0 < stats.drafts_accepted < stats.drafts_proposed
+    assert stats.overlap_sum == pytest.approx(sum(float(s.p_target[0, i, s.drafts[0, i]]) for s in steps
+                                                  for i in range(s.k)), rel=1e-5)  # 1 - TV = p_target(draft)
+    text = stats.summary()
+    for piece in ("acceptance histogram", f"({stats.plain_calls} of them with no draft)", "lookup "):
+        assert piece in text, (piece, text)
+
+
+SMOLLM2_REPEATS = [  # prompts whose continuation restates earlier text
+    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n",
+    "The cat sat on the mat. The dog sat on the log. The cat sat on the",
+    "Repeat the list: apples, pears, plums, cherries.\nThe list: apples,",
+]
+
+
+@pytest.mark.slow
+def test_greedy_lookup_equals_greedy_on_smollm2(smollm2_ours):
+    """The real SmolLM2-135M, three prompts that invite restating: prompt lookup's greedy output is plain
+    greedy's, token for token, and it accepts drafts."""
+    model, tok, greedy = smollm2_ours.model, smollm2_ours.tokenizer, SamplingParams(temperature=0)
+    accepted = 0
+    for text in SMOLLM2_REPEATS:
+        ids = tok.encode(text)
+        stats = SpecStats()
+        got = list(speculative_stream(model, PromptLookup(3), ids, 32, 4, greedy, stats=stats))
+        assert got == list(stream_tokens(model, ids, 32, greedy)), text
+        accepted += stats.drafts_accepted
+    assert accepted > 10

@@ -136,6 +136,7 @@ def method_label(method) -> str:
               if f.name not in ("temperature", "min_tokens_to_keep") and getattr(p, f.name) != getattr(default, f.name)]
     if method.name == "speculative":
         parts.append(f"k={method.k}" + ("+adaptive" if method.adaptive_k else ""))
+        parts += [f"lookup n<={method.lookup_ngram}"] if method.draft_lookup else []
     if method.name == "contrastive":
         parts.append(f"{method.objective} alpha={method.alpha:g} beta={method.beta:g}")
     return " ".join(parts)

@@ -3,7 +3,7 @@
     python -m minillm.inspector --model weights/shakespeare-char.safetensors --prompt "ROMEO:\\nWhat light" \\
         [--out DIR] [--json FILE] [--html FILE] [--top 5] [--no-attention] [--generate N --method sample|greedy|speculative|contrastive
         and sample.py's decoding flags: --temperature --top-k --top-p --min-p ... --seed, --draft --k --adaptive-k,
-        --amateur --alpha --beta --objective --amateur-temperature --amateur-context]
+        --draft-lookup --lookup-ngram, --amateur --alpha --beta --objective --amateur-temperature --amateur-context]
 
 Prints the prefill view (top predictions and surprisal per position, perplexity), the logit lens and
 the attention heads' scores; with --generate N, a trace of N tokens decoded by --method (the same

@@ -30,7 +30,8 @@ def stats_dict(stats: Stats, method: str | None) -> dict:
     if method == "speculative":
         d.update(accept_hist=list(stats.accept_hist), drafts_proposed=stats.drafts_proposed,
                  drafts_accepted=stats.drafts_accepted, target_calls=stats.calls.get("target", 0),
-                 draft_calls=stats.calls.get("draft", 0), empirical_alpha=stats.empirical_alpha)
+                 draft_calls=stats.calls.get("draft", 0), plain_calls=stats.plain_calls,
+                 empirical_alpha=stats.empirical_alpha)
     elif method == "contrastive":
         d.update(head_sizes=list(stats.head_sizes), differs_from_expert=stats.differs_from_expert,
                  amateur_weight=stats.amateur_weight)

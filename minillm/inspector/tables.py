@@ -143,7 +143,8 @@ def trace_title(method: Method, partner_path: str | None, seed: int) -> str:
     """The line above a trace: the method and its settings."""
     m, t = method, method.params.temperature
     if m.name == "speculative":
-        return (f"speculative trace (draft {partner_path}, k={m.k}{' adaptive' if m.adaptive_k else ''}, "
+        draft = f"prompt lookup, n <= {m.lookup_ngram}" if m.draft_lookup else partner_path
+        return (f"speculative trace (draft {draft}, k={m.k}{' adaptive' if m.adaptive_k else ''}, "
                 f"temperature {t}, seed {seed}):")
     if m.name == "contrastive":
         return (f"contrastive trace (amateur {partner_path}, alpha {m.alpha}, beta {m.beta}, objective {m.objective}, "

@@ -86,6 +86,8 @@ def method_settings(method: Method | None, seed: int | None) -> dict:
     s.update({k: v for k, v in (("top_k", p.top_k), ("top_p", p.top_p), ("min_p", p.min_p)) if v is not None})
     if method.name == "speculative":
         s.update(k=method.k, adaptive_k=method.adaptive_k)
+        if method.draft_lookup:
+            s.update(draft="prompt lookup", lookup_ngram=method.lookup_ngram)
     elif method.name == "contrastive":
         s.update(alpha=method.alpha, beta=method.beta, objective=method.objective)
     return s
