@@ -56,7 +56,7 @@ from minillm import checkpoint
 from minillm.methods import Method, load_partner, stream
 from minillm.sampling import SamplingParams
 from minillm.speculative import SpecStats
-from minillm.speed import compile_decode, speed_up
+from minillm.speed import compile_decode, few_row_route, prepack, speed_up
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
@@ -138,6 +138,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help="the seed article's 5 prompts (default), 20 general ones, or 10 openings of code (for code models)")
     both.add_argument("--prompts", type=int, default=None, help="use the first N of the set")
     both.add_argument("--threads", type=int, help="torch.set_num_threads (1 is steadier on a busy shared CPU)")
+    both.add_argument("--prepack", action="store_true", help="speed.prepack(target): its fp32 weights reordered "
+                      "once for oneDNN's few-row matmul (verify calls), a second copy of them in memory")
     sp = sub.add_parser("speed", parents=[both], help="plain vs speculative time per k, acceptance, Leviathan's prediction")
     sp.add_argument("--ks", default="1,2,3,4,5,6,7,8,9,10")
     sp.add_argument("--temperatures", default="0,0.8")
@@ -169,6 +171,8 @@ def load(args):
         compile_decode(draft)
     if args.compile_target:
         compile_decode(target)
+    if args.prepack:
+        print(f"prepack: {prepack(target) / 2**20:.0f} MiB of reordered weights")
     return target, draft, t_l.tokenizer
 
 
@@ -221,6 +225,7 @@ def speed(args, target, draft, prompts: list[list[int]]) -> int:
              f"({describe(draft, args.draft, args.compile_draft)}): {len(prompts)} {args.prompt_set} prompts x {n} new tokens, CPU, "
              f"{torch.get_num_threads()} thread(s)")
     print(title)
+    print(f"few-row route (speed.few_row_route): {few_row_route(next(target.parameters()).dtype)}")
     print(f"load before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}", flush=True)
 
     t0 = time.perf_counter()  # warm-up (compiles, when asked)
@@ -250,7 +255,8 @@ def speed(args, target, draft, prompts: list[list[int]]) -> int:
 def exactness(args, target, draft, tok, texts: list[str]) -> int:
     """Greedy plain and speculative per prompt; where they part, the uncached forward's top two logits."""
     greedy, n = SamplingParams(temperature=0), args.max_new_tokens
-    print(f"{stem(args.target)} + draft {stem(args.draft)}, greedy, k = {args.k}, {n} new tokens per prompt\n")
+    print(f"{stem(args.target)} + draft {stem(args.draft)}, greedy, k = {args.k}, {n} new tokens per prompt, "
+          f"few-row route {few_row_route(next(target.parameters()).dtype)}\n")
     print("| prompt | parts at new token | plain | speculative | uncached forward's top-2 logits |\n|---|---|---|---|---|")
     for text in texts:
         ids = tok.encode(text)

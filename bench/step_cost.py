@@ -1,6 +1,6 @@
 """What one decode step costs, piece by piece: the weight matmuls per format, few-row matmuls, GQA attention.
 
-All three use random weights of SmolLM2-135M's shapes (no checkpoint needed) and time the ways
+All three use random weights of real models' shapes (no checkpoint needed) and time the ways
 against each other, alternated within each repeat (the machine drifts), reporting medians.
 
 `bound`: the floor under decode speed. A decode step of SmolLM2-135M multiplies one row by 211
@@ -13,11 +13,23 @@ ceiling on tokens/s for that format on this machine:
     int4 g32        aten._weight_int4pack_mm_for_cpu     (210 matrices) + the int8 head (as minillm.quantize does)
     int4 g32 fused  the same with q|k|v and gate|up as one matrix each: 4 int4 calls per layer, not 7
 
-`few-rows`: why the speed layer (minillm.speed.FewRowLinear) computes few-row float32 matmuls as
-(W @ x^T)^T on CPU. The same 211 matrices times x of M rows, both ways: F.linear(x, W) (x @ W^T,
-what nn.Linear does) and (W @ x^T)^T. Both read every weight once; for M = 2..8 PyTorch's CPU GEMM
-is much slower the first way. M = k+1 is what a speculative verification of k drafts multiplies.
-The last column says which way FewRowLinear takes for that M (the second for 2 <= M <= FEW_ROWS).
+`few-rows`: what M = 1..9 rows cost against one row (M = k+1 is a speculative verification of k
+drafts), per format (fp32, bf16, int4 g32) on the matrices of a decode step of Qwen2.5-Coder-1.5B
+(2 of its 28 layers by default, + the 151936 x 1536 head) and of SmolLM2-135M (all 211). Every
+(way, M) is timed in each repeat, interleaved; cells are ms per pass and the ratio to the same
+way's M = 1 (the M = 1 cell: the ratio to nn.Linear's). The ways, float formats:
+
+    nn.Linear             F.linear(x, W): PyTorch's CPU GEMM (MKL for fp32), the reference
+    BEFORE: speed layer   FewRowLinear at 5d36663: (W @ x^T)^T for 2..8 rows of fp32
+    AFTER: speed layer    FewRowLinear now: oneDNN's matmul on W as it is for 4..16 rows and
+                          matrices of 2M weights or more, where the probe (speed.few_row_route)
+                          finds it faster on this CPU; else nn.Linear
+    AFTER + speed.prepack the same on W reordered once for oneDNN (torch.compile's freezing does
+                          this), for 4..16 rows of any size: an opt-in, as it keeps a second copy
+                          of every weight (bf16: oneDNN on reordered W, which no route uses)
+
+int4 (g32, the head too): aten._weight_int4pack_mm_for_cpu, the only int4 route; it takes the rows
+in blocks of 4 (BLOCK_M), dequantizing every weight block again for each block of rows.
 
 `gqa`: one decode step of grouped-query attention, three ways, SmolLM2-135M's shape (9 query heads,
 3 K/V heads, hd 64), one layer, per (dtype, cached length S); ratios to `repeat`:
@@ -29,25 +41,28 @@ The last column says which way FewRowLinear takes for that M (the second for 2 <
              heads sharing a K/V head become 3 query rows of that head (when T == 1 and there is no mask)
 
     python -m bench.step_cost bound
-    python -m bench.step_cost few-rows            # 2 threads (torch's default here)
+    python -m bench.step_cost few-rows --threads 1
     python -m bench.step_cost gqa --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import statistics
 import time
 from typing import Callable
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from minillm.config import ModelConfig
 from minillm.model import Attention
 from minillm.quantize import quantize_int4, quantize_int8
 from minillm.quantized import int4_mm, pack_for_kernel
-from minillm.speed import FewRowLinear, speed_up
+from minillm.speed import FewRowLinear, few_row_route, prepack, speed_up
 
 LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # q k v o gate up down
 FUSED = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o, gate|up, down
@@ -104,20 +119,75 @@ def bound(args) -> None:
         print(f"| {name} | {t:.2f} | {1000 / t:.1f} |")
 
 
+SHAPES = {  # hidden, intermediate, k/v width, vocab, layers: each model's config (GGUF / config.json)
+    "qwen2.5-coder-1.5b": (1536, 8960, 256, 151936, 28),
+    "smollm2-135m": (576, 1536, 192, 49152, 30),
+}
+
+
+def model_shapes(name: str, layers: int | None) -> list[tuple[int, int]]:
+    """(out, in) of the weight matrices one decode step multiplies: q k v o gate up down per layer, the head."""
+    d, f, kv, vocab, n_layer = SHAPES[name]
+    return [(d, d), (kv, d), (kv, d), (d, d), (f, d), (f, d), (d, f)] * (layers or n_layer) + [(vocab, d)]
+
+
+def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def before(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """FewRowLinear before oneDNN (5d36663): (W @ x^T)^T for 2..8 rows of fp32, else nn.Linear's x @ W^T."""
+    return (w @ x.t()).t().contiguous() if 1 < x.shape[0] <= 8 and x.dtype == torch.float32 else F.linear(x, w)
+
+
+def float_ways(shapes: list[tuple[int, int]], dtype: torch.dtype) -> dict[str, Callable]:
+    """The ways to multiply few rows by float matrices, each mapping {in features: x} to the outputs.
+    AFTER is FewRowLinear as speed_up installs it now (its route chosen by this machine's probe)."""
+    ws = [torch.randn(n, k).to(dtype) for n, k in shapes]
+    fast, packed = nn.ModuleList(FewRowLinear.wrap(w) for w in ws), nn.ModuleList(FewRowLinear.wrap(w) for w in ws)
+    ways = {"nn.Linear": lambda xs: [F.linear(xs[w.shape[1]], w) for w in ws],
+            "BEFORE: speed layer": lambda xs: [before(xs[w.shape[1]], w) for w in ws],
+            "AFTER: speed layer": lambda xs: [lin(xs[lin.in_features]) for lin in fast]}
+    if dtype == torch.float32 and prepack(packed):
+        ways["AFTER + speed.prepack"] = lambda xs: [lin(xs[lin.in_features]) for lin in packed]
+    elif dtype != torch.float32:  # for the record: what prepacking would do in bf16 (nothing uses it)
+        reordered = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in ws]
+        ways["oneDNN prepacked (unused)"] = lambda xs: [onednn(xs[w.shape[1]], p) for w, p in zip(ws, reordered)]
+    return ways
+
+
+def int4_ways(shapes: list[tuple[int, int]]) -> dict[str, Callable]:
+    packed = [int4(n, k) for n, k in shapes]
+    return {"int4 kernel": lambda xs: [int4_mm(xs[sz.shape[0] * 32], p, 32, sz) for p, sz in packed]}
+
+
+def few_rows_table(name: str, fmt: str, args) -> None:
+    """One (model, format): ms per pass over the matrices for each way and M, all interleaved per repeat."""
+    shapes = model_shapes(name, args.layers if name.startswith("qwen") else None)
+    dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+    ways = int4_ways(shapes) if fmt == "int4" else float_ways(shapes, dtype)
+    ms = [int(r) for r in args.rows.split(",")]
+    xs = {m: {k: torch.randn(m, k).to(dtype) for k in {k for _, k in shapes}} for m in ms}
+    calls = {(way, m): functools.partial(f, xs[m]) for m in ms for way, f in ways.items()}
+    t = medians(calls, args.repeats, warmups=1)
+    print(f"\n{name}, {fmt}: {len(shapes)} matrices ({sum(n * k for n, k in shapes) / 1e6:.0f}M weights); "
+          f"ms per pass (ratio to M = 1 of the same way; at M = 1: to nn.Linear's)\n")
+    print("| way | " + " | ".join(f"M={m}" for m in ms) + " |\n|---|" + "---|" * len(ms))
+    for way in ways:
+        cells = [f"{t[way, m]:.1f} ({t[way, m] / t[way, ms[0]]:.2f})" for m in ms]
+        cells[0] = f"{t[way, ms[0]]:.1f} ({t[way, ms[0]] / t[next(iter(ways)), ms[0]]:.2f})"
+        print(f"| {way} | " + " | ".join(cells) + " |", flush=True)
+    del ways, calls
+    gc.collect()
+
+
 def few_rows(args) -> None:
-    weights = [torch.randn(n, k) for n, k in SMOLLM2]
-    print(f"{len(weights)} float32 matrices, {sum(w.numel() for w in weights) / 1e6:.1f}M weights, "
-          f"{torch.get_num_threads()} threads; ms per pass over all of them (median of {args.repeats})\n")
-    names = ["x @ W^T (F.linear)", "(W @ x^T)^T"]
-    print("| rows M | " + " | ".join(names) + " | ratio | FewRowLinear takes |")
-    print("|---|---|---|---|---|")
-    for m in (int(r) for r in args.rows.split(",")):
-        xs = {k: torch.randn(m, k) for k in (576, 1536)}
-        ways = {names[0]: lambda: [F.linear(xs[w.shape[1]], w) for w in weights],
-                names[1]: lambda: [(w @ xs[w.shape[1]].t()).t().contiguous() for w in weights]}
-        linear, transposed = medians(ways, args.repeats, warmups=0).values()
-        route = names[1 if 1 < m <= FewRowLinear.FEW_ROWS else 0]
-        print(f"| {m} | {linear:.1f} | {transposed:.1f} | {linear / transposed:.2f}x | {route} |")
+    print(f"{torch.get_num_threads()} threads, load average {open('/proc/loadavg').read().split()[0]}, "
+          f"median of {args.repeats}; the speed layer's few-row route (probed here): "
+          f"fp32 {few_row_route(torch.float32)}, bf16 {few_row_route(torch.bfloat16)}")
+    for name in args.models.split(","):
+        for fmt in args.formats.split(","):
+            few_rows_table(name, fmt, args)
 
 
 def gqa(args) -> None:
@@ -146,8 +216,12 @@ def main(argv=None) -> None:
     b = sub.add_parser("bound", help="one token's weight matmuls alone, per weight format")
     b.add_argument("--repeats", type=int, default=9)
     b.add_argument("--threads", type=int, default=2)
-    f = sub.add_parser("few-rows", help="few-row float32 matmuls, x @ W^T against (W @ x^T)^T")
-    f.add_argument("--rows", default="1,2,3,4,5,6,8,12,16,32")
+    f = sub.add_parser("few-rows", help="few-row matmuls per format and M, each way, ratio to M = 1")
+    f.add_argument("--models", default=",".join(SHAPES))
+    f.add_argument("--formats", default="fp32,bf16,int4")
+    f.add_argument("--rows", default="1,2,3,4,5,6,7,8,9")
+    f.add_argument("--layers", type=int, default=2, help="Qwen 1.5B layers per pass (+ the head; all 28 "
+                   "are 6 GB in fp32); SmolLM2 always has all 30")
     f.add_argument("--repeats", type=int, default=7)
     f.add_argument("--threads", type=int, help="default: torch's")
     g = sub.add_parser("gqa", help="one grouped-query attention decode step, three ways")

@@ -1,13 +1,20 @@
 """The speed layer: faster ways to compute exactly what model.py computes, opted into by the caller.
 
 model.py is the reference a reader learns from and never mentions this file. A command line (or a
-user) calls `speed_up(model)` after loading, and optionally `compile_decode(model)`; both change the
-model in place by giving some of its modules a subclass whose one overridden method takes a faster
-route to the same numbers (tests/test_speed.py holds each against the reference):
+user) calls `speed_up(model)` after loading, and optionally `compile_decode(model)` and
+`prepack(model)`; they change the model in place by giving some of its modules a subclass whose one
+overridden method takes a faster route to the same numbers (tests/test_speed.py holds each against
+the reference):
 
-* FewRowLinear: a float32 x @ Wᵀ of 2..FEW_ROWS rows (speculative verification of k drafts, a short
-  prompt) taken as (W @ xᵀ)ᵀ, which streams W once like the one-row product does. PyTorch's CPU GEMM
-  is slower for so few rows (`python -m bench.step_cost few-rows` prints both). CPU, float32, no grad only.
+* FewRowLinear: a float32 x @ Wᵀ of 4..16 rows (speculative verification of 3..15 drafts) through
+  oneDNN's matmul (torch.ops.mkldnn._linear_pointwise) instead of PyTorch's CPU GEMM (MKL), which
+  takes fp32 rows three at a time: on an AVX-512 Xeon 5 rows cost MKL 2.2 one-row times and oneDNN
+  1.5, on the Qwen2.5-1.5B's matrices (`python -m bench.step_cost few-rows` prints both per M).
+  Only for matrices of 2M weights or more (on W as it is oneDNN pays a per-call cost, by the look
+  of it reordering W, that smaller ones do not repay), and only where a probe finds oneDNN faster
+  on this CPU (few_row_route, once per process; MINILLM_FEW_ROWS=onednn|linear overrides it, for
+  bf16 too). CPU, no grad only. `prepack(model)` keeps W reordered once as well (1.2 one-row times
+  for 5 rows, any size), at the price of a second copy of it.
 * GQADecodeAttention: at decode (one query token, grouped-query attention, SDPA), the n_head/n_kv_head
   query heads that share a K/V head become that many query rows of it, so the cached K/V are read
   once instead of being expanded per query head.
@@ -19,6 +26,7 @@ route to the same numbers (tests/test_speed.py holds each against the reference)
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import torch
@@ -30,17 +38,67 @@ from .model import Attention, Transformer
 
 
 class FewRowLinear(nn.Linear):
-    FEW_ROWS = 8
+    ROWS = range(4, 17)  # oneDNN's: 2-3 rows cost MKL (nn.Linear) about one row's time already
+    MIN_WEIGHTS = 1 << 21  # unpacked, below ~2M weights (SmolLM2's 1536 x 576) oneDNN's per-call cost outweighs its gain
+    packed: tuple[torch.Tensor, int | None] | None = None  # prepack(): (W reordered for oneDNN, version(W) then)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if 1 < rows <= self.FEW_ROWS and x.dtype == torch.float32 and x.device.type == "cpu" \
-                and self.weight.dtype == torch.float32 and not torch.is_grad_enabled():
-            y = (self.weight @ x.reshape(rows, self.in_features).t()).t()  # (rows, out)
-            if self.bias is not None:
-                y = y + self.bias
-            return y.reshape(*x.shape[:-1], self.out_features)
+        if x.numel() // self.in_features in self.ROWS and x.device.type == "cpu" and x.dtype == self.weight.dtype \
+                and not torch.is_grad_enabled():
+            w = self.onednn_weight()
+            if w is not None:
+                return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
         return super().forward(x)
+
+    def onednn_weight(self) -> torch.Tensor | None:
+        """What oneDNN multiplies: the prepacked weight while W is unchanged since (its _version), else W
+        itself where it is large enough and the probe found oneDNN faster here; None: nn.Linear's way."""
+        if self.packed is not None and self.packed[1] == version(self.weight):
+            return self.packed[0]
+        if self.weight.numel() >= self.MIN_WEIGHTS and few_row_route(self.weight.dtype) == "onednn":
+            return self.weight
+        return None
+
+    @classmethod
+    def wrap(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> FewRowLinear:
+        """A FewRowLinear holding `weight` (out, in) itself, not a copy (for benchmarks and tests)."""
+        lin = cls(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        lin.weight = nn.Parameter(weight, requires_grad=False)
+        lin.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        return lin
+
+
+ROUTES = ("onednn", "linear")
+
+
+@functools.cache
+def few_row_route(dtype: torch.dtype) -> str:
+    """"onednn" where oneDNN's matmul of a few rows beats nn.Linear's on this CPU, else "linear".
+    Decided once per process and dtype by a probe (under a second, most of it making the matrix):
+    5 and 9 rows (verifying 4 and 8 drafts) times an 8960 x 1536 matrix (Qwen2.5-1.5B's MLP; beyond
+    the private caches, as real weights are: a matrix that stays in cache hides the difference),
+    both ways alternated, best of 5 each. oneDNN must win by 10% on the sum: noise on a busy
+    machine then keeps nn.Linear. The choice differs by CPU (bench/README.md, machines A and D).
+    Probed for float32 only; MINILLM_FEW_ROWS applies to every dtype."""
+    forced = os.environ.get("MINILLM_FEW_ROWS")
+    if forced:
+        if forced not in ROUTES:
+            raise ValueError(f"MINILLM_FEW_ROWS={forced!r}: expected one of {ROUTES}")
+        return forced
+    if not torch.backends.mkldnn.is_available() or dtype != torch.float32:
+        return "linear"  # bf16: the two ways tie (bench/README.md), so noise would pick the rounding
+    w, xs = torch.randn(8960, 1536).to(dtype), [torch.randn(m, 1536).to(dtype) for m in (5, 9)]
+    ways = {"linear": lambda x: F.linear(x, w),
+            "onednn": lambda x: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")}
+    best = {(name, i): float("inf") for name in ways for i in range(len(xs))}
+    with torch.inference_mode():
+        for _ in range(5):
+            for (name, i), t in best.items():
+                t0 = time.perf_counter()
+                ways[name](xs[i])
+                best[name, i] = min(t, time.perf_counter() - t0)
+    total = {name: sum(best[name, i] for i in range(len(xs))) for name in ways}
+    return "onednn" if total["onednn"] < 0.9 * total["linear"] else "linear"
 
 
 class GQADecodeAttention(Attention):
@@ -71,6 +129,27 @@ def speed_up(model: Transformer) -> Transformer:
         elif type(module) is Attention:
             module.__class__ = GQADecodeAttention
     return model
+
+
+def version(t: torch.Tensor) -> int | None:
+    """t's in-place write counter; None for a tensor made in inference mode, which keeps none."""
+    return None if t.is_inference() else t._version
+
+
+def prepack(model: Transformer) -> int:
+    """Reorder every FewRowLinear's float32 weight once into oneDNN's layout for few rows (what
+    torch.compile's freezing does), where the probe picks oneDNN -> bytes added. A second copy of
+    each matrix (the model's fp32 size again), for 4..16 rows at 1.2-1.4x a row's time instead of
+    1.4-1.6x on W as it is (`python -m bench.step_cost few-rows`). A weight changed in place later
+    is seen (its _version moves) and multiplied as it is; call speed_up(model) first."""
+    added = 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, FewRowLinear) and w.dtype == torch.float32 and w.device.type == "cpu" \
+                and few_row_route(w.dtype) == "onednn":
+            module.packed = (torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8), version(w))
+            added += w.numel() * w.element_size()
+    return added
 
 
 def compile_decode(model: Transformer) -> Transformer:

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+import torch.nn as nn
 
 from minillm.config import preset
 from minillm.kv_cache import KVCache
 from minillm.model import Transformer
-from minillm.speed import FewRowLinear, GQADecodeAttention, compile_decode, speed_up
+from minillm.speed import ROUTES, FewRowLinear, GQADecodeAttention, compile_decode, few_row_route, prepack, speed_up
 
 FAMILIES = {"gpt2": dict(family="gpt2"), "llama-gqa": dict(family="llama", n_kv_head=2)}
 
@@ -32,6 +33,91 @@ def test_few_row_linear_equals_nn_linear(bias):
     x = torch.randn(3, 48, requires_grad=True)  # with grad: nn.Linear itself, gradients as usual
     lin(x).sum().backward()
     assert x.grad is not None and lin.weight.grad is not None
+
+
+@pytest.fixture(params=ROUTES)
+def few_row_route_forced(request, monkeypatch):
+    """Each few-row route in turn, whatever this machine's probe would choose, for any matrix size."""
+    monkeypatch.setenv("MINILLM_FEW_ROWS", request.param)
+    monkeypatch.setattr(FewRowLinear, "MIN_WEIGHTS", 0)  # small matrices of real widths take the route too
+    few_row_route.cache_clear()
+    yield request.param
+    few_row_route.cache_clear()
+
+
+# (out, in) with the real models' reductions: SmolLM2-135M (576, 1536 inputs), Qwen2.5-1.5B (1536, 8960)
+REAL_WIDTHS = [(192, 576), (64, 1536), (48, 8960)]
+
+
+def assert_fp32_close(lin: FewRowLinear, rows: range, generator=None):
+    """Every output of lin on 1..16 rows within 4 eps (fp32's 2^-23) times the sum of the absolute
+    products (|x| @ |W|^T + |b|) of the float64 result: the componentwise bound of a dot product's
+    rounding (K eps at worst; every route measured at most 1.7 eps here)."""
+    w, b = lin.weight.detach().double(), lin.bias.detach().double()
+    eps = torch.finfo(torch.float32).eps
+    for n in rows:
+        x = torch.randn(n, lin.in_features, generator=generator)
+        with torch.no_grad():
+            y = lin(x)
+        want = torch.nn.functional.linear(x.double(), w, b)
+        scale = x.double().abs() @ w.abs().t() + b.abs()
+        assert y.dtype == torch.float32 and ((y.double() - want).abs() <= 4 * eps * scale).all()
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["as-is", "prepacked"])
+@pytest.mark.parametrize("out_in", REAL_WIDTHS)
+def test_few_row_route_fp32_matches_float64(few_row_route_forced, out_in, packed):
+    """fp32, 1..16 rows, each route (oneDNN on W as it is or prepacked, nn.Linear): see assert_fp32_close."""
+    torch.manual_seed(0)
+    lin = FewRowLinear.wrap(torch.randn(*out_in), torch.randn(out_in[0]))
+    if packed:  # prepack packs only where the route is oneDNN's
+        assert (prepack(nn.ModuleList([lin])) > 0) == (few_row_route_forced == "onednn")
+    assert_fp32_close(lin, range(1, 17))
+
+
+def test_prepacked_weight_changed_in_place_is_seen(few_row_route_forced):
+    torch.manual_seed(0)
+    lin = FewRowLinear.wrap(torch.randn(64, 1536), torch.randn(64))
+    prepack(nn.ModuleList([lin]))
+    with torch.no_grad():
+        lin.weight.mul_(-2)  # as an optimizer step would: the packed copy is stale now
+    assert_fp32_close(lin, [5, 9])
+
+
+def test_few_row_route_bf16_within_a_rounding_step(few_row_route_forced):
+    """bf16: within one bf16 step of the largest output (2^-8 of it) of the float64 product."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 1536).bfloat16()
+    lin = FewRowLinear.wrap(w)
+    for rows in (1, 2, 5, 9, 16):
+        x = torch.randn(rows, 1536).bfloat16()
+        with torch.no_grad():
+            y = lin(x)
+        want = x.double() @ w.double().t()
+        assert y.dtype == torch.bfloat16 and (y.double() - want).abs().max() <= want.abs().max() * 2 ** -8
+
+
+def test_few_row_route_is_taken_and_chosen_once(few_row_route_forced):
+    torch.manual_seed(0)
+    w, x = torch.randn(40, 48), torch.randn(5, 48)
+    with torch.no_grad():
+        y = FewRowLinear.wrap(w)(x)
+    onednn = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    assert torch.equal(y, onednn if few_row_route_forced == "onednn" else torch.nn.functional.linear(x, w))
+    assert few_row_route.cache_info().currsize == 1  # probed (here: read from the variable) once
+
+
+def test_few_row_probe_picks_a_route(monkeypatch):
+    monkeypatch.delenv("MINILLM_FEW_ROWS", raising=False)
+    few_row_route.cache_clear()
+    try:
+        assert few_row_route(torch.float32) in ROUTES
+        monkeypatch.setenv("MINILLM_FEW_ROWS", "mkl")
+        few_row_route.cache_clear()
+        with pytest.raises(ValueError, match="MINILLM_FEW_ROWS"):
+            few_row_route(torch.float32)
+    finally:
+        few_row_route.cache_clear()
 
 
 @pytest.mark.parametrize("name", FAMILIES)
