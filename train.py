@@ -123,17 +123,17 @@ class ProgressBar:
         if not self.stream.isatty():
             return self.line(step)
         if self.bar is None:  # the first report says where the run starts (later than 0 when resumed)
-            self.bar = tqdm(total=step.stop - step.first, desc="train", unit="it", dynamic_ncols=True, mininterval=1.0)
+            self.bar = tqdm(total=step.last_iter - step.first, desc="train", unit="it", dynamic_ncols=True, mininterval=1.0)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{step.loss:.4f}", lr=f"{step.lr:.1e}", tok_s=f"{step.tokens / step.ms * 1000:,.0f}")
-        if step.iter == step.stop:  # the last step: the final eval's line goes below the bar
+        if step.iter == step.last_iter:  # the last step: the final eval's line goes below the bar
             self.bar.close()
 
     def line(self, step: Step) -> None:
         now = time.monotonic()
-        if self.last is None or now - self.last >= self.every_s or step.iter == step.stop:
+        if self.last is None or now - self.last >= self.every_s or step.iter == step.last_iter:
             self.last = now
-            print(f"train: iter {step.iter}/{step.stop} loss {step.loss:.4f} lr {step.lr:.1e} "
+            print(f"train: iter {step.iter}/{step.last_iter} loss {step.loss:.4f} lr {step.lr:.1e} "
                   f"{step.tokens / step.ms * 1000:,.0f} tok/s", file=self.stream, flush=True)
 
     def close(self) -> None:

@@ -176,7 +176,7 @@ def stream_batch(model, prompts: list[list[int]], max_new_tokens: int, params: S
     With `cache` given (batch 1), the prompt is appended after the cache's positions (earlier turns of
     a chat); afterwards the cache holds the prompt and every new token but the last."""
     _check_prompts(model, prompts, max_new_tokens, sliding_window, cache)
-    B, ctx, device = len(prompts), model.config.block_size, model.tok_emb.weight.device
+    B, block_size, device = len(prompts), model.config.block_size, model.tok_emb.weight.device
     stats = stats if stats is not None else [Stats() for _ in prompts]
     prompt_lens = [len(p) for p in prompts]
     lens, longest = torch.tensor(prompt_lens, device=device), max(prompt_lens)  # (B,) and the longest
@@ -188,7 +188,7 @@ def stream_batch(model, prompts: list[list[int]], max_new_tokens: int, params: S
         stats[b].prompt_tokens, stats[b].stopped_by = len(p), "max_new_tokens"
     pos = min(prompt_lens)  # columns 0..pos-1 are known in every row
     done = [max_new_tokens == 0] * B
-    first = pos - ctx // 2 if pos >= ctx else 0  # a sliding window starts from the prompt's last half-context
+    first = pos - block_size // 2 if pos >= block_size else 0  # a sliding window starts from the prompt's last half-context
     t0 = time.perf_counter()
     logits = next_logits(model, seq[:, first:pos], cache)
     for step in range(seq.size(1) - pos):
@@ -205,9 +205,9 @@ def stream_batch(model, prompts: list[list[int]], max_new_tokens: int, params: S
         pos += 1
         if all(done):
             return
-        if cache.length == ctx:  # context full (only reachable with sliding_window): re-read the last half
+        if cache.length == block_size:  # context full (only reachable with sliding_window): re-read the last half
             cache.reset()
-            logits = next_logits(model, seq[:, pos - ctx // 2:pos], cache)
+            logits = next_logits(model, seq[:, pos - block_size // 2:pos], cache)
         else:
             logits = next_logits(model, seq[:, pos - 1:pos], cache)
 

@@ -154,7 +154,7 @@ class TrainConfig:
         return preset(self.preset, family=self.family, vocab_size=vocab_size, attn_impl=self.attn_impl, **over)
 
     @property
-    def stop(self) -> int:
+    def last_iter(self) -> int:
         """The iteration this run stops at: max_iters, or stop_after when earlier."""
         return self.max_iters if self.stop_after is None else min(self.stop_after, self.max_iters)
 

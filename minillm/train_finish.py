@@ -43,12 +43,12 @@ def finish(run: Run, state: State) -> TrainResult:
     tokens_per_s = run.tokens_per_iter / ms * 1000
     if tc.plot and r.main and save_loss_plot(files.plot, state.history, state.evals):
         log(f"loss curve: {files.plot}")
-    log(f"done: {tc.stop} iters, best val {state.best_val:.4f}, median {ms:.1f} ms/iter "
+    log(f"done: {tc.last_iter} iters, best val {state.best_val:.4f}, median {ms:.1f} ms/iter "
         f"({tokens_per_s:,.0f} tokens/s), wall {wall:.1f} s")
     _, final_train, final_val = state.evals[-1]
     adapters = files.adapters if tc.lora_rank else None
     return TrainResult(adapters if adapters and not tc.merge else files.model, state.best_val, final_train,
-                       final_val, tc.stop, ms, tokens_per_s, wall, state.history, state.evals, adapters,
+                       final_val, tc.last_iter, ms, tokens_per_s, wall, state.history, state.evals, adapters,
                        count_trainable(run.model)[0])
 
 

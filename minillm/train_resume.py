@@ -17,7 +17,7 @@ from .train_config import ConfigError, TrainConfig
 def save_state(run, state, it: int) -> None:
     """Write the training state at iteration `it` (rank 0 only)."""
     counters = {"iter": it, "best_val": state.best_val, "evals": state.evals, "config": run.model.config.to_dict(),
-                "data": run.source["data"], "data_sha256": run.source["data_sha256"]}
+                "data": run.provenance["data"], "data_sha256": run.provenance["data_sha256"]}
     checkpoint.save_train_state(run.files.state, run.optimizer, counters, rng_states(state, run.batches.device),
                                 run.model, trainable_only=run.trainable.trainable_only)
 
@@ -30,11 +30,11 @@ def rng_states(state, device: torch.device) -> dict[str, torch.Tensor]:
     return rng
 
 
-def resume(path: Path, tc: TrainConfig, source: dict, model: Transformer, optimizer: torch.optim.Optimizer,
+def resume(path: Path, tc: TrainConfig, provenance: dict, model: Transformer, optimizer: torch.optim.Optimizer,
            state, device: torch.device) -> None:
     """Continue where the training-state file left off: the latest weights, optimizer moments, counters
     and every random stream, so that the run goes on exactly as if it had never stopped."""
-    check_resumable(path, tc, checkpoint.train_state_info(path), source, model.config)  # before any tensor is read
+    check_resumable(path, tc, checkpoint.train_state_info(path), provenance, model.config)  # before any tensor is read
     saved, rng = checkpoint.load_train_state(path, optimizer, model)
     state.iter = state.resumed_at = state.saved_at = saved["iter"]
     state.best_val, state.evals = saved["best_val"], [tuple(e) for e in saved["evals"]]
@@ -44,7 +44,7 @@ def resume(path: Path, tc: TrainConfig, source: dict, model: Transformer, optimi
         torch.cuda.set_rng_state(rng["cuda"])
 
 
-def check_resumable(path: Path, tc: TrainConfig, saved: dict, source: dict, cfg: ModelConfig) -> None:
+def check_resumable(path: Path, tc: TrainConfig, saved: dict, provenance: dict, cfg: ModelConfig) -> None:
     """A resume goes on with the same model and data, and forward: it never rewinds over later weights."""
     if saved["config"] != cfg.to_dict():
         ours = cfg.to_dict()
@@ -53,12 +53,12 @@ def check_resumable(path: Path, tc: TrainConfig, saved: dict, source: dict, cfg:
         raise ConfigError(f"cannot continue {path}: it was trained with {was}; this run asks for "
                           f"{', '.join(f'{k} {ours[k]}' for k in diff)}. Pass the same shape, or leave out resume "
                           "to start fresh", *diff, "resume")
-    if saved.get("data_sha256", source["data_sha256"]) != source["data_sha256"]:  # older states: not recorded
+    if saved.get("data_sha256", provenance["data_sha256"]) != provenance["data_sha256"]:  # older states: not recorded
         raise ConfigError(f"cannot continue {path}: it was trained on {saved.get('data')} (sha256 "
-                          f"{saved['data_sha256'][:12]}), not on {source['data']} (sha256 {source['data_sha256'][:12]}); "
+                          f"{saved['data_sha256'][:12]}), not on {provenance['data']} (sha256 {provenance['data_sha256'][:12]}); "
                           "resume needs the same data. To start fresh, leave out resume (the run's files are "
                           "then replaced) or pick another name", "data", "resume", "name")
-    if tc.stop <= saved["iter"]:
+    if tc.last_iter <= saved["iter"]:
         field = "stop_after" if tc.stop_after is not None and tc.stop_after < tc.max_iters else "max_iters"
         raise ConfigError(f"cannot continue {path}: it is at iter {saved['iter']} and {field} {getattr(tc, field)} "
                           f"does not go past it; pass a {field} above {saved['iter']} to continue", field)

@@ -90,7 +90,7 @@ def setup(tc: TrainConfig, r: ddp.Rank, device: torch.device, log: Callable,
     if tc.resume and not files.state.is_file():
         raise FileNotFoundError(f"nothing to resume: no training state at {files.state}")
     text_path = data.resolve_text_path(tc.data)
-    source = source_provenance(tc, text_path)
+    provenance = run_provenance(tc, text_path)
     tokenizer, init, teacher = load_sources(tc, files.model)
     tokenizer, ids = load_ids(text_path, tokenizer, from_checkpoint=init is not None or teacher is not None)
     torch.manual_seed(tc.seed)
@@ -105,12 +105,12 @@ def setup(tc: TrainConfig, r: ddp.Rank, device: torch.device, log: Callable,
         held.enter_context(output_lock(files.lock))
     state = State(torch.Generator().manual_seed(tc.seed))
     if tc.resume:
-        resume(files.state, tc, source, model, optimizer, state, device)
+        resume(files.state, tc, provenance, model, optimizer, state, device)
         log(f"resumed from {files.state} at iter {state.iter} (best val {state.best_val:.4f})")
     step_model = distribute(model, tc, r, device, state.iter)
     batches = Batches(splits, seq_len, tc.batch_size, device, r)
     run = Run(tc, files, model, step_model, optimizer, loss, trainable, batches, autocast_for(device),
-              source, log, t_start)
+              provenance, log, t_start)
     log_setup(run, text_path, teacher)
     return run, state
 
@@ -219,7 +219,7 @@ def distribute(model: Transformer, tc: TrainConfig, r: ddp.Rank, device: torch.d
     return step_model
 
 
-def source_provenance(tc: TrainConfig, text_path: Path) -> dict:
+def run_provenance(tc: TrainConfig, text_path: Path) -> dict:
     """What every saved file records about the run that made it (each save adds step and losses)."""
     prov = {"source": "minillm train.py", "data": str(text_path), "data_sha256": data.file_sha256(text_path),
             "train_config": dataclasses.asdict(tc)}
@@ -243,8 +243,8 @@ def log_setup(run: Run, text_path: Path, teacher) -> None:
             f"{run.tokens_per_iter:,} tokens/iter on {run.batches.device}"
             f"{' (bf16 autocast)' if uses_bf16(run.batches.device) else ''}"
             f"{f' x {r.world} DDP ranks (batch {tc.batch_size} per rank)' if r.world > 1 else ''}")
-    evals = (f"eval every {tc.eval_interval} iters on {tc.eval_iters} batches" if tc.eval_interval < tc.stop
-             else f"eval only at iters 0 and {tc.stop} (eval_interval {tc.eval_interval})")
+    evals = (f"eval every {tc.eval_interval} iters on {tc.eval_iters} batches" if tc.eval_interval < tc.last_iter
+             else f"eval only at iters 0 and {tc.last_iter} (eval_interval {tc.eval_interval})")
     run.log(f"schedule (preset {tc.preset}): {tc.max_iters} iters of {tc.batch_size} x {run.batches.seq_len} tokens, "
             f"lr {tc.lr:g} after {tc.warmup_iters} warm-up iters (rising from {lr_at(0, tc):.1e}), cosine to "
             f"{tc.min_lr:g}; {evals}; keeping the {tc.keep} weights")

@@ -45,7 +45,7 @@ class Run:
     trainable: object  # FullModel or lora.Adapters: prepare(model), save_best(model, provenance), path
     batches: Batches
     autocast: Callable  # () -> the context a forward runs in (device.autocast_for)
-    source: dict  # provenance that every save shares: data, its sha256, the config
+    provenance: dict  # what every save records: data, its sha256, the config
     log: Callable
     t_start: float
 
@@ -76,7 +76,7 @@ class Step:
     """What the loop reports after each optimizer step (train.py draws its progress bar from it)."""
     iter: int  # iterations done
     first: int  # the iteration this run started at (> 0 when resumed)
-    stop: int  # the iteration it stops at
+    last_iter: int  # the iteration it stops at
     loss: float
     lr: float
     ms: float
@@ -164,7 +164,7 @@ def evaluate_and_save(run: Run, state: State, it: int) -> dict[str, float]:
     improved = losses["val"] < state.best_val
     if improved or run.tc.keep == "last":
         if run.rank.main:  # one writer: rank 0
-            run.trainable.save_best(run.model, {**run.source, "step": it, "val_loss": losses["val"],
+            run.trainable.save_best(run.model, {**run.provenance, "step": it, "val_loss": losses["val"],
                                                 "train_loss": losses["train"], "kept": run.tc.keep})
             saved = f" -> saved {run.trainable.path}"
     if improved:
@@ -184,7 +184,7 @@ def train_loop(run: Run, state: State, on_step: Callable[[Step], None] | None = 
     tc, model, optimizer = run.tc, run.model, run.optimizer
     first = state.iter
     model.train()
-    for it in range(first, tc.stop):
+    for it in range(first, tc.last_iter):
         if it % tc.eval_interval == 0 and it != state.resumed_at:
             evaluate_and_save(run, state, it)
         t0 = time.perf_counter()
@@ -202,8 +202,8 @@ def train_loop(run: Run, state: State, on_step: Callable[[Step], None] | None = 
         state.history.append((it + 1, loss))
         state.iter = it + 1
         if on_step is not None:
-            on_step(Step(it + 1, first, tc.stop, loss, lr, state.step_ms[-1], run.tokens_per_iter))
-    evaluate_and_save(run, state, tc.stop)
+            on_step(Step(it + 1, first, tc.last_iter, loss, lr, state.step_ms[-1], run.tokens_per_iter))
+    evaluate_and_save(run, state, tc.last_iter)
 
 
 class TrainingDiverged(RuntimeError):

@@ -77,8 +77,8 @@ def test_step_reports_and_progress_bar(tmp_path, small_text):
     first, rest = [], []
     train(tiny(tmp_path, small_text, max_iters=12, stop_after=6), log=lambda *a: None, on_step=first.append)
     train(tiny(tmp_path, small_text, max_iters=12, resume=True), log=lambda *a: None, on_step=rest.append)
-    assert [s.iter for s in first] == list(range(1, 7)) and {(s.first, s.stop) for s in first} == {(0, 6)}
-    assert [s.iter for s in rest] == list(range(7, 13)) and {(s.first, s.stop) for s in rest} == {(6, 12)}
+    assert [s.iter for s in first] == list(range(1, 7)) and {(s.first, s.last_iter) for s in first} == {(0, 6)}
+    assert [s.iter for s in rest] == list(range(7, 13)) and {(s.first, s.last_iter) for s in rest} == {(6, 12)}
     assert all(s.tokens == 4 * 16 and s.ms > 0 and s.lr > 0 for s in first + rest)
     terminal = io.StringIO()
     terminal.isatty = lambda: True
