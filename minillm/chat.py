@@ -54,6 +54,13 @@ def render_chat(template: str, messages: list[dict], bos_token: str = "", eos_to
         raise ValueError(f"chat template cannot be rendered{where}: {type(e).__name__}: {first}") from None
 
 
+def render_for(tokenizer, messages: list[dict]) -> str:
+    """render_chat with a tokenizer's own template, its BOS token and its first EOS token (a chat turn,
+    HumanEval's prompt and the server's chat requests all render this way)."""
+    eos = tokenizer.eos_tokens[0] if getattr(tokenizer, "eos_tokens", None) else ""
+    return render_chat(tokenizer.chat_template, messages, getattr(tokenizer, "bos_token", None) or "", eos)
+
+
 def _within_budget(chunks, chars: int, deadline: float) -> str:
     """Join the template's output, stopping it once past `deadline` (a line tracer) or `chars`."""
     def tracer(frame, event, arg):
@@ -123,8 +130,7 @@ class ChatSession:
         """Stream the assistant's answer to user_text; the conversation (and cache) keep it."""
         self.messages.append({"role": "user", "content": user_text})
         tok = self.tokenizer
-        ids = tok.encode(render_chat(tok.chat_template, self.messages, tok.bos_token or "",
-                                     tok.eos_tokens[0] if tok.eos_tokens else ""))
+        ids = tok.encode(render_for(tok, self.messages))
         if not ids:
             raise ValueError("the chat template rendered this conversation as no text at all: the checkpoint's "
                              "template does not handle these messages")

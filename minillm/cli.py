@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from .flags import add_input, integer, real
-from .methods import METHODS, PARTNER, Method, with_temperature
+from .methods import MAX_K, METHODS, PARTNER, Method, with_temperature
 from .sampling import SamplingParams
 
 
@@ -40,8 +40,8 @@ def add_decoding_args(p: argparse.ArgumentParser, method: str = "sample") -> Non
                          "none where there is none; as exact as a draft model")
     sp.add_argument("--lookup-ngram", type=integer(1, 16), default=3, metavar="N",
                     help="--draft-lookup: the longest n-gram matched, in 1..16 (default 3)")
-    sp.add_argument("--k", type=integer(1, 64), default=4,
-                    help="draft tokens proposed per target forward, in 1..64 (default 4)")
+    sp.add_argument("--k", type=integer(1, MAX_K), default=4,
+                    help=f"draft tokens proposed per target forward, in 1..{MAX_K} (default 4)")
     sp.add_argument("--adaptive-k", action="store_true",
                     help="adapt k as it goes: +2 after a step where all drafts passed, else -1 (floor 1); stays exact")
     cd = p.add_argument_group("contrastive decoding (--method contrastive)")

@@ -42,10 +42,21 @@ class Number:
     def describe(self) -> str:
         what = "a whole number" if self.kind is int else "a finite number"
         show = str if self.kind is int else "{:g}".format
-        low = f"> {show(self.low)}" if self.low_open else f">= {show(self.low)}"
-        if self.high >= (BIGGEST if self.kind is int else math.inf):
-            return f"{what} {low}"
-        return f"{what} {low} and {'<' if self.high_open else '<='} {show(self.high)}"
+        bounds = [f"{'>' if self.low_open else '>='} {show(self.low)}"] if self.low > -math.inf else []
+        if self.high < (BIGGEST if self.kind is int else math.inf):
+            bounds.append(f"{'<' if self.high_open else '<='} {show(self.high)}")
+        return " ".join([what, " and ".join(bounds)]) if bounds else what
+
+    def accepts(self, value) -> bool:
+        """Whether a value already read (an int; for a float kind any finite number; never a bool) is in
+        range: the one range rule of the command lines and of the server's JSON fields."""
+        if isinstance(value, bool) or not isinstance(value, int if self.kind is int else (int, float)):
+            return False
+        if not math.isfinite(value):
+            return False
+        above = value > self.low or (not self.low_open and value == self.low)
+        below = value < self.high or (not self.high_open and value == self.high)
+        return above and below
 
     def parse(self, text: str):
         """The value, or None when `text` is not a number of this kind in range."""
@@ -53,11 +64,7 @@ class Number:
             value = int(text, 10) if self.kind is int else float(text)
         except ValueError:
             return None
-        if not math.isfinite(value):
-            return None
-        above = value > self.low or (not self.low_open and value == self.low)
-        below = value < self.high or (not self.high_open and value == self.high)
-        return value if above and below else None
+        return value if self.accepts(value) else None
 
     def allows(self, text: str) -> bool:
         return self.parse(text) is not None

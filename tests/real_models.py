@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from needs import missing
+
 
 # ============================================================================ convert / export (issue 3)
 # Fixtures for tests/test_convert_hf.py, test_convert_gguf.py, test_export.py. The real SmolLM2 GGUF
@@ -115,9 +117,7 @@ def real_model(name: str) -> Path:
     if not path.is_file():
         msg = (f"{path} not found: fetch it with `python ../shared/tools/fetch_models.py {name}` "
                f"(or point MINILLM_MODELS_DIR at the folder that holds it)")
-        if os.environ.get("MINILLM_REQUIRE_MODELS") == "1":
-            pytest.fail(msg + "; MINILLM_REQUIRE_MODELS=1 makes a missing model a failure")
-        pytest.skip(msg)
+        missing(msg, "MINILLM_REQUIRE_MODELS", "model")
     return path
 
 

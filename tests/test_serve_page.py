@@ -14,7 +14,6 @@ these tests skip saying so; MINILLM_REQUIRE_BROWSER=1 (CI) makes that a failure.
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from minillm.methods import Method
 from minillm.sampling import SamplingParams
 from minillm.tokenizer import CharTokenizer
 
+from needs import missing
 from tiny import tiny_model
 
 CHARS = " \nabcdefghijklmnopqrstuvwxyzABCDE:.,!?'"
@@ -45,9 +45,7 @@ def chromium_path() -> str | None:
 def no_browser(why: str):
     msg = f"{why}: install Debian's Chromium with `apt-get install chromium` (and `pip install playwright`); " \
           "no browser is downloaded at test time"
-    if os.environ.get("MINILLM_REQUIRE_BROWSER") == "1":
-        pytest.fail(msg + "; MINILLM_REQUIRE_BROWSER=1 makes a missing browser a failure")
-    pytest.skip(msg)
+    missing(msg, "MINILLM_REQUIRE_BROWSER", "browser")
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..chat import render_chat
+from ..chat import render_for
 from ..checkpoint import Loaded
 from ..generate import Stats, make_generator, stream_batch
 from ..methods import Method
@@ -80,9 +80,7 @@ def load_problems(limit: int | None = None, task_ids: list[str] | None = None) -
 def chat_prompt(problem: dict, tokenizer) -> str:
     """The chat-template text of one user turn asking for the function (then the assistant's turn)."""
     message = CHAT_INSTRUCTION.format(prompt=problem["prompt"].strip("\n"))
-    eos = tokenizer.eos_tokens[0] if getattr(tokenizer, "eos_tokens", None) else ""
-    return render_chat(tokenizer.chat_template, [{"role": "user", "content": message}],
-                       getattr(tokenizer, "bos_token", None) or "", eos)
+    return render_for(tokenizer, [{"role": "user", "content": message}])
 
 
 def code_blocks(answer: str) -> list[tuple[str, str, bool]]:

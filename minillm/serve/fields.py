@@ -6,17 +6,16 @@ field the endpoint does not know is refused, and each failure is a RequestError 
     n = f.integer("n", 1, 8, default=1)
     f.finish()                                    # unknown fields -> 400 naming the first one
 
-The ranges mirror minillm's own flags (minillm/flags.py): the HTTP API and the command line accept
-the same values.
+Numbers are checked by minillm/flags.py's Number, the command lines' own range rule: the HTTP API
+and the command line accept the same values and say the same thing when they refuse one.
 """
 
 from __future__ import annotations
 
 import math
 
+from ..flags import BIGGEST, Number, integer, real
 from .errors import RequestError
-
-BIGGEST = 2**63 - 1  # torch seeds are 64-bit
 
 
 class Fields:
@@ -38,26 +37,22 @@ class Fields:
         return RequestError(f"{self.name(key)} must be {what}, got {value!r}"[:500], self.name(key))
 
     def integer(self, key: str, low: int = 0, high: int = BIGGEST, default: int | None = None) -> int | None:
-        value = self.get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            what = f"a whole number >= {low}" + (f" and <= {high}" if high < BIGGEST else "")
-            raise self.fail(key, what, value)
-        return value
+        return self.ranged(key, integer(low, high), default)
 
     def number(self, key: str, low: float = -math.inf, high: float = math.inf, low_open: bool = False,
                default: float | None = None) -> float | None:
+        value = self.ranged(key, real(low, high, low_open), default)
+        return None if value is None else float(value)
+
+    def ranged(self, key: str, kind: Number, default):
+        """The field's value when `kind` accepts it (flags.Number: the command lines' range rule), else
+        a RequestError saying what it must be; `default` when absent."""
         value = self.get(key)
         if value is None:
             return default
-        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-        ok = ok and (value > low if low_open else value >= low) and value <= high
-        if not ok:
-            bounds = [f"{'>' if low_open else '>='} {low:g}"] if low > -math.inf else []
-            bounds += [f"<= {high:g}"] if high < math.inf else []
-            raise self.fail(key, "a finite number" + (" " + " and ".join(bounds) if bounds else ""), value)
-        return float(value)
+        if not kind.accepts(value):
+            raise self.fail(key, kind.describe(), value)
+        return value
 
     def boolean(self, key: str, default: bool = False) -> bool:
         value = self.get(key)

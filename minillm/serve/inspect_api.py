@@ -26,12 +26,12 @@ from starlette.routing import Route
 from ..generate import check_budget
 from ..inspector.sources import source_of
 from ..inspector.views import attention_cap, build_views
-from ..methods import METHODS, PARTNER, Method, with_temperature
+from ..methods import MAX_K, METHODS, PARTNER, Method
 from ..sampling import SamplingParams
 from .errors import RequestError, error_response
 from .fields import Fields
 from .openai_api import read_json
-from .jobs import encode
+from .jobs import build_method, encode
 from .state import Busy, Served
 
 MAX_INSPECT_TOKENS = 256  # tokens one inspection decodes (each step is recorded), under the server's cap
@@ -98,18 +98,13 @@ def inspection(served: Served, body) -> Inspection:
     temperature = f.number("temperature", low=0)
     params = SamplingParams(0.0, top_k=f.integer("top_k", 1), top_p=f.number("top_p", 0, 1, low_open=True),
                             min_p=f.number("min_p", 0, 1))
-    extra = dict(k=f.integer("k", 1, 64, default=DEFAULTS["k"]),
+    extra = dict(k=f.integer("k", 1, MAX_K, default=DEFAULTS["k"]),
                  alpha=f.number("alpha", 0, 1, low_open=True, default=DEFAULTS["alpha"]),
                  beta=f.number("beta", 0, default=DEFAULTS["beta"]))
     seed = f.integer("seed", 0, default=DEFAULTS["seed"])
     top = f.integer("top", 1, MAX_TOP, default=DEFAULTS["top"])
     f.finish()
-    if name == "greedy" and temperature not in (None, 0):
-        raise RequestError(f"method greedy means temperature 0, got temperature {temperature}", "temperature")
-    method = Method(name, with_temperature(name, params, temperature), **extra)
-    if method.partner and served.partner(method.partner) is None:
-        raise RequestError(f"method {name} needs the {method.partner} model, and this server has none: start it "
-                           f"with --{method.partner} PATH", "method")
+    method = build_method(served, name, params, temperature, "method", **extra)
     ids = encode(served, prompt, "prompt")
     fit(served, method, len(ids), max_tokens)
     return Inspection(ids, method, max_tokens, seed, top)

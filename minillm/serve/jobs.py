@@ -17,9 +17,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ..chat import render_chat
+from ..chat import render_for
 from ..generate import check_budget
-from ..methods import METHODS, Method, with_temperature
+from ..methods import MAX_K, METHODS, Method, with_temperature
 from ..sampling import SamplingParams
 from .errors import RequestError
 from .fields import Fields
@@ -62,7 +62,7 @@ def chat_job(served: Served, body) -> Job:
         raise RequestError(f"the model {served.model_id} has no chat template (a base or char model): "
                            "use /v1/completions", "messages")
     try:
-        text = render_chat(tok.chat_template, messages, tok.bos_token or "", tok.eos_tokens[0] if tok.eos_tokens else "")
+        text = render_for(tok, messages)
     except ValueError as e:
         raise RequestError(str(e), "messages") from None
     ids = encode(served, text, "messages")
@@ -138,16 +138,24 @@ def _method(served: Served, ext: Fields | None, sampler: dict, temperature: floa
         name = ext.string("method", choices=METHODS) or name
         sampler.update(top_k=ext.integer("top_k", 1), min_p=ext.number("min_p", 0, 1),
                        repetition_penalty=ext.number("repetition_penalty", 0, low_open=True, default=1.0))
-        extra = {k: v for k, v in (("k", ext.integer("k", 1, 64)), ("alpha", ext.number("alpha", 0, 1, low_open=True)),
+        extra = {k: v for k, v in (("k", ext.integer("k", 1, MAX_K)), ("alpha", ext.number("alpha", 0, 1, low_open=True)),
                                    ("beta", ext.number("beta", 0))) if v is not None}
         ext.finish()
-    if name == "greedy" and temperature not in (None, 0):
-        raise RequestError(f"method greedy means temperature 0, got temperature {temperature}", "temperature")
-    method = Method(name, with_temperature(name, SamplingParams(0.0, **sampler), temperature),
-                    sliding_window=name in ("sample", "greedy"), **extra)
+    return build_method(served, name, SamplingParams(0.0, **sampler), temperature, "minillm.method",
+                        sliding_window=name in ("sample", "greedy"), **extra)
+
+
+def build_method(served: Served, name: str, params: SamplingParams, temperature: float | None, method_field: str,
+                 **settings) -> Method:
+    """The Method, built and checked by the library (a greedy request with a temperature is the one
+    refusal a checked request can meet: a 400 on temperature), and runnable by the loaded models."""
+    try:
+        method = Method(name, with_temperature(name, params, temperature), **settings)
+    except ValueError as e:
+        raise RequestError(str(e), "temperature") from None
     if method.partner and served.partner(method.partner) is None:
         raise RequestError(f"method {name} needs the {method.partner} model, and this server has none: start it with "
-                           f"--{method.partner} PATH", "minillm.method")
+                           f"--{method.partner} PATH", method_field)
     return method
 
 
