@@ -29,7 +29,7 @@ from .json_report import write_json
 from .page import write_html
 from .plots import png_jobs, write_pngs
 from .tables import heads_table, lens_table, prefill_table, trace_text, trace_title
-from .traces import trace_decoding
+from .traces import record_trace
 from .views import views_from_report
 
 
@@ -81,9 +81,7 @@ def print_prompt_view(rep: Report, args) -> None:
 
 def trace_into(rep: Report, args, method: Method, loaded, partner) -> None:
     """Decode args.generate tokens by `method` with the trace hook; print the trace, keep it in rep."""
-    rep.trace, rep.trace_stats = trace_decoding(method, loaded.model, loaded.tokenizer, rep.ids, args.generate,
-                                                partner and partner.model, args.seed, args.top)
-    rep.trace_method = method.name
+    record_trace(rep, method, loaded, args.generate, partner, args.seed, args.top)
     print(trace_title(method, partner_path(args), args.seed))
     print(trace_text(method.name, rep.trace, args.top))
     print(rep.trace_stats.summary(), end="\n\n")

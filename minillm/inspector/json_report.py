@@ -13,13 +13,13 @@ from .analysis import Report
 MAX_JSON_ATTN_POSITIONS = 256  # attention matrices go to JSON only up to this prompt length
 
 
-def _clean(v):
+def clean(v):
     if isinstance(v, float):
         return None if math.isnan(v) else v
     if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
+        return {k: clean(x) for k, x in v.items()}
     if isinstance(v, list):
-        return [_clean(x) for x in v]
+        return [clean(x) for x in v]
     return v
 
 
@@ -54,7 +54,7 @@ def report_dict(rep: Report) -> dict:
         d["trace_method"] = rep.trace_method
         if rep.trace_stats is not None:
             d["trace_stats"] = stats_dict(rep.trace_stats, rep.trace_method)
-    return _clean(d)
+    return clean(d)
 
 
 def write_json(rep: Report, path: str | Path) -> Path:

@@ -126,3 +126,12 @@ def trace_contrastive(expert, amateur, tokenizer, ids: list[int], n: int, alpha:
     method = Method("contrastive", params, alpha=alpha, beta=beta, objective=objective,
                     amateur_temperature=amateur_temperature, amateur_context=amateur_context)
     return trace_decoding(method, expert, tokenizer, ids, n, amateur, seed, max_head=max_head)
+
+
+def record_trace(rep, method, loaded, max_new_tokens: int, partner=None, seed: int | None = None, top: int = 5) -> None:
+    """Decode max_new_tokens tokens after rep's prompt (an analysis.Report) by `method` through
+    trace_decoding, and keep the run in rep: trace, trace_stats, trace_method (partner: the Loaded
+    draft / amateur the method needs)."""
+    rep.trace, rep.trace_stats = trace_decoding(method, loaded.model, loaded.tokenizer, rep.ids, max_new_tokens,
+                                                partner.model if partner is not None else None, seed, top)
+    rep.trace_method = method.name

@@ -17,9 +17,9 @@ import dataclasses
 
 from ..methods import Method
 from .analysis import Report, inspect_prompt
-from .json_report import _clean, report_dict
+from .json_report import clean, report_dict
 from .sources import CITED
-from .traces import trace_decoding
+from .traces import record_trace
 
 FORMAT = "minillm-views-1"
 MAX_ATTENTION_CELLS = 1_500_000  # layers x heads x T x T values sent to the page; more: a note instead
@@ -34,9 +34,7 @@ def build_views(loaded, prompt: str | list[int], method: Method, max_new_tokens:
     rep = inspect_prompt(loaded.model, loaded.tokenizer, prompt, top=top)
     rep.info["prompt"] = prompt if isinstance(prompt, str) else None
     if max_new_tokens > 0:
-        rep.trace, rep.trace_stats = trace_decoding(method, loaded.model, loaded.tokenizer, rep.ids, max_new_tokens,
-                                                    partner.model if partner is not None else None, seed, top)
-        rep.trace_method = method.name
+        record_trace(rep, method, loaded, max_new_tokens, partner, seed, top)
     return views_from_report(rep, method, seed)
 
 
@@ -52,7 +50,7 @@ def views_from_report(rep: Report, method: Method | None = None, seed: int | Non
         "heads": {"functions": CITED["heads"], "rows": d["heads"]},
         "trace": trace_view(d, method, seed) if rep.trace is not None else None,
     }
-    return _clean(views)
+    return clean(views)
 
 
 def attention_cap(n_layer: int, n_head: int) -> int:
