@@ -35,8 +35,8 @@ from minillm.cli import add_decoding_args, method_from_args, partner_path, unesc
 from minillm.device import pick_device
 from minillm.flags import Parser, add_input, add_threads, integer
 from minillm.generate import StopScanner, decode_stream, make_generator
-from minillm.methods import load_partner, stream
-from minillm.speed import compile_decode, speed_up, warm_up
+from minillm.methods import MAX_K, load_partner, stream
+from minillm.speed import batch_invariant, compile_decode, speed_up, warm_up
 
 DEFAULT_NEW_TOKENS = 500
 DEFAULT_MODEL = "weights/shakespeare-char.safetensors"  # what `python train.py` writes
@@ -68,6 +68,12 @@ def make_parser() -> Parser:
                         "see README, 'When --compile pays'")
     p.add_argument("--reference", action="store_true",
                    help="run model.py as written, without the speed layer (minillm/speed.py; same numbers)")
+    p.add_argument("--batch-invariant", type=integer(1, MAX_K + 1), default=None, metavar="ROWS",
+                   help="the model computes every matmul in blocks of ROWS rows and attention one query at a time, "
+                        "so a token's logits do not depend on how many tokens share a call: greedy speculative "
+                        "output is then the model's own greedy output bit for bit, in bf16 and int4 too (give the "
+                        "plain run the same ROWS; ROWS = --k + 1 verifies in one block). A one-token step costs a "
+                        "ROWS-row call")
     add_threads(p)
     return p
 
@@ -82,6 +88,11 @@ def check_args(args) -> None:
         raise ValueError(f"--chat works with --method sample or greedy, not {args.method}")
     if args.chat and args.stop:
         raise ValueError("--stop is not supported with --chat (a reply ends at the end-of-turn token)")
+    for flag in ("compile", "reference"):
+        if args.batch_invariant and getattr(args, flag):
+            raise ValueError(f"--batch-invariant and --{flag} do not go together: "
+                             + ("a compiled one-token step rounds differently from the eager verification"
+                                if flag == "compile" else "--batch-invariant is a mode of the speed layer"))
     if args.model == DEFAULT_MODEL and not os.path.exists(DEFAULT_MODEL):
         raise FileNotFoundError(f"checkpoint not found: {DEFAULT_MODEL} (the default --model): make it with "
                                 "`python train.py` (a few minutes on a CPU), or pass --model PATH")
@@ -95,6 +106,8 @@ def load(args, method, device):
     for path, m in ((args.model, loaded), (partner_path(args), partner)):
         if m is not None and not args.reference:
             speed_up(m.model)
+    if args.batch_invariant:
+        batch_invariant(loaded.model, args.batch_invariant)
         if m is not None and args.compile:
             print(f"compiling the one-token step of {path} (torch.compile)...", end="", file=sys.stderr, flush=True)
             print(f" {warm_up(compile_decode(m.model)):.1f} s", file=sys.stderr)

@@ -18,6 +18,15 @@ the reference):
 * GQADecodeAttention: at decode (one query token, grouped-query attention, SDPA), the n_head/n_kv_head
   query heads that share a K/V head become that many query rows of it, so the cached K/V are read
   once instead of being expanded per query head.
+* batch_invariant (an exact mode, not a faster one): every float matmul of a call without grad runs
+  in blocks of exactly `rows` rows (BlockedLinear; the last block padded with zeros) and attention
+  takes one query at a time (OneQueryAttention), so a token's numbers do not depend on how many
+  tokens share the call. A (k+1)-row speculative verification then gives each position the logits
+  a one-row step gives it, bit for bit, and greedy speculative output is the target's own greedy
+  output in bf16 as in fp32 (one kernel shape per matmul: a GEMM's reduction order depends on its
+  shape, measured; within one shape it does not depend on a row's place). The int4 and int8 kernels
+  already give each row the same numbers whatever the row count (tests/test_speed.py holds them).
+  Its cost: a one-token step pays for `rows` rows (`python -m bench.speculative exact` measures it).
 * compile_decode: one-token cached calls without grad run through torch.compile (the many small ops
   between the matmuls fused); every other call stays eager. The first such call compiles (needs a
   C++ compiler; minutes for a 135M model on two CPU cores).
@@ -113,6 +122,30 @@ class GQADecodeAttention(Attention):
         return y.reshape(B, nh, 1, hd)
 
 
+class BlockedLinear(FewRowLinear):
+    rows = 8  # batch_invariant sets it per module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        flat = x.reshape(-1, self.in_features)
+        n = flat.shape[0]
+        flat = F.pad(flat, (0, 0, 0, -n % self.rows))  # zero rows up to a whole number of blocks
+        y = torch.cat([super(BlockedLinear, self).forward(block) for block in flat.split(self.rows)])
+        return y[:n].reshape(*x.shape[:-1], self.out_features)
+
+
+class OneQueryAttention(GQADecodeAttention):
+    def attend(self, q, k, v, mask):
+        T, S = q.shape[2], k.shape[2]
+        if T == 1 or torch.is_grad_enabled():
+            return super().attend(q, k, v, mask)
+        # query i sits at position S - T + i and sees keys 0..S - T + i: the call a one-token step makes there
+        one = super(OneQueryAttention, self).attend
+        return torch.cat([one(q[:, :, i:i + 1].contiguous(), k[:, :, :S - T + i + 1], v[:, :, :S - T + i + 1], None)
+                          for i in range(T)], 2)
+
+
 class CompiledDecode(Transformer):
     def forward(self, tokens, cache=None, start_pos=0, last_only=False):
         if tokens.shape[1] == 1 and cache is not None and not torch.is_grad_enabled():
@@ -129,6 +162,64 @@ def speed_up(model: Transformer) -> Transformer:
         elif type(module) is Attention:
             module.__class__ = GQADecodeAttention
     return model
+
+
+def batch_invariant(model: Transformer, rows: int | None) -> Transformer:
+    """Make each token's logits independent of how many tokens share a call, in place (see the top):
+    float matmuls in blocks of `rows` rows, attention one query at a time; calls with grad unchanged.
+    rows = k + 1 verifies k drafts in one block; a one-token step then costs a `rows`-row call. A
+    matrix whose kernel rounds a row by its place in a block of `rows` (bf16 on some shapes and
+    CPUs: steady_block) gets the next block size that does not. rows=None turns the mode off."""
+    if rows is not None and rows < 1:
+        raise ValueError(f"batch_invariant rows must be >= 1, got {rows}")
+    if rows is not None and isinstance(model, CompiledDecode):
+        raise ValueError("batch_invariant: the model's one-token step is compiled (compile_decode), and a compiled "
+                         "step rounds differently from the eager verification; use one or the other")
+    speed_up(model)
+    swap = {FewRowLinear: BlockedLinear, GQADecodeAttention: OneQueryAttention}
+    if rows is None:
+        swap = {new: old for old, new in swap.items()}
+    for name, module in model.named_modules():
+        module.__class__ = swap.get(type(module), type(module))
+        if isinstance(module, BlockedLinear):
+            module.rows = steady_block(module, rows, name)
+    return model
+
+
+def steady_block(lin: FewRowLinear, rows: int, name: str = "a linear layer") -> int:
+    """The smallest block size r in rows..max(2*rows, 16) for which lin's kernel gives a row the same
+    numbers at every place in an r-row block whatever the other rows hold, probed once per weight
+    shape, dtype and r (_places_agree). bf16 at 5 rows on an AVX-512 Xeon: place 3 of 5 rounds
+    differently in about 1 output in 5,000, hence the probe's size."""
+    for r in range(rows, max(2 * rows, 16) + 1):
+        key = (tuple(lin.weight.shape), lin.weight.dtype, lin.weight.device.type, r)
+        if key not in _STEADY:
+            _STEADY[key] = _places_agree(lin, r)
+        if _STEADY[key]:
+            return r
+    raise ValueError(f"batch_invariant: {name} ({lin.out_features} x {lin.in_features}, {lin.weight.dtype}) rounds a "
+                     f"row differently by its place in every block of {rows} to {max(2 * rows, 16)} rows on this machine")
+
+
+_STEADY: dict[tuple, bool] = {}
+PROBE_OUTPUTS = 1 << 16  # outputs compared per place in a block (a 1-in-5,000 difference shows ~13 times)
+
+
+def _places_agree(lin: FewRowLinear, r: int) -> bool:
+    """Each place 1..r-1 of an r-row block against place 0, for the same row among other random rows
+    (or zero padding), until PROBE_OUTPUTS outputs per place agreed; False at the first difference."""
+    g = torch.Generator(device=lin.weight.device).manual_seed(0)
+    new = lambda: torch.randn(r, lin.in_features, generator=g, device=lin.weight.device).to(lin.weight.dtype)
+    with torch.inference_mode():
+        for trial in range(-(-PROBE_OUTPUTS // lin.out_features)):
+            block = new()
+            first = FewRowLinear.forward(lin, block)[0]
+            for place in range(1, r):
+                others = new() if trial % 4 else torch.zeros_like(block)  # random rows, or padding
+                others[place] = block[0]
+                if not torch.equal(FewRowLinear.forward(lin, others)[place], first):
+                    return False
+    return True
 
 
 def version(t: torch.Tensor) -> int | None:

@@ -63,6 +63,18 @@ def test_greedy_speculative_equals_greedy_and_prints_stats(ckpts, capsys, k):
         assert needle in err, needle
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batch_invariant_greedy_speculative_equals_its_greedy(ckpts, capsys, dtype):
+    """--batch-invariant: the plain run and the speculative run compute each token the same way."""
+    same = ["--model", ckpts["target"], "--prompt", "Ay", "--max-new-tokens", "30", "--dtype", dtype,
+            "--batch-invariant", "3"]
+    code, want, err = run(capsys, *same, "--method", "greedy")
+    assert code == 0, err
+    code, out, err = run(capsys, *same, "--method", "speculative", "--draft", ckpts["small"], "--k", "2",
+                         "--temperature", "0")
+    assert code == 0 and out == want, err
+
+
 def test_greedy_prompt_lookup_equals_greedy(ckpts, capsys):
     """--draft-lookup: speculative decoding with no draft model (prompt lookup), greedy text unchanged."""
     want = greedy_text(capsys, ckpts)
@@ -140,6 +152,9 @@ def test_stop_strings_cut_the_output(ckpts, capsys):
     (["--stop", ""], "stop strings must be non-empty strings"),
     (["--prompt", "QQ"], "'Q'"),
     (["--num-samples", "0"], "argument --num-samples: must be a whole number >= 1, got '0'"),
+    (["--batch-invariant", "0"], "argument --batch-invariant: must be a whole number >= 1 and <= 65, got '0'"),
+    (["--batch-invariant", "5", "--compile"], "--batch-invariant and --compile do not go together"),
+    (["--batch-invariant", "5", "--reference"], "--batch-invariant and --reference do not go together"),
 ])
 def test_bad_flags_are_clear_errors(ckpts, capsys, extra, match):
     extra = [{"OTHER": ckpts["other"], "SMALL": ckpts["small"]}.get(a, a) for a in extra]

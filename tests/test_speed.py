@@ -7,7 +7,8 @@ import torch.nn as nn
 from minillm.config import preset
 from minillm.kv_cache import KVCache
 from minillm.model import Transformer
-from minillm.speed import ROUTES, FewRowLinear, GQADecodeAttention, compile_decode, few_row_route, prepack, speed_up
+from minillm.speed import (ROUTES, BlockedLinear, FewRowLinear, GQADecodeAttention, OneQueryAttention, batch_invariant,
+                           compile_decode, few_row_route, prepack, speed_up)
 
 FAMILIES = {"gpt2": dict(family="gpt2"), "llama-gqa": dict(family="llama", n_kv_head=2)}
 
@@ -171,3 +172,76 @@ def test_compiled_decode_gives_the_eager_greedy_tokens(name):
         cache.crop(5)
         compiled_logits = model.compiled_step(torch.tensor([[7]]), cache, 5, False)
     torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- batch_invariant (exact mode)
+
+def prefill_then_verify_vs_steps(model, prompt: torch.Tensor, drafts: torch.Tensor):
+    """The logits of each position after the prompt's last token, read (a) by a prefill and one-token
+    steps, (b) by a prefill of all but the last prompt token and one verify call of [last, drafts],
+    (c) by one call over prompt + drafts from an empty cache (speculative's first verify)."""
+    T = drafts.shape[1]
+    with torch.inference_mode():
+        cache = KVCache.for_model(model, 1)
+        steps = [model(prompt, cache, 0, last_only=True)[:, -1]]
+        steps += [model(drafts[:, i:i + 1], cache, cache.length)[:, -1] for i in range(T - 1)]
+        cache = KVCache.for_model(model, 1)
+        model(prompt[:, :-1], cache, 0)
+        verify = model(torch.cat([prompt[:, -1:], drafts[:, :-1]], 1), cache, cache.length)[0]
+        whole = model(torch.cat([prompt, drafts[:, :-1]], 1), KVCache.for_model(model, 1), 0)[0, -T:]
+    return torch.cat(steps), verify, whole
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("rows", [1, 3, 5])
+def test_batch_invariant_verify_gives_each_position_the_one_row_logits_bit_for_bit(name, dtype, rows):
+    """6 positions verified in blocks of 1, 3 or 5 rows (one block, several, a padded last one), after a
+    20-token prompt."""
+    model = make(name, n_embd=256, n_head=8, **({"n_kv_head": 2} if name == "llama-gqa" else {})).to(dtype)
+    batch_invariant(model, rows)
+    assert {type(m) for m in model.modules()} >= {BlockedLinear, OneQueryAttention}
+    g = torch.Generator().manual_seed(2)
+    steps, verify, whole = prefill_then_verify_vs_steps(model, torch.randint(0, 97, (1, 20), generator=g),
+                                                        torch.randint(0, 97, (1, 6), generator=g))
+    assert torch.equal(verify, steps) and torch.equal(whole, steps)
+
+
+def test_batch_invariant_keeps_the_reference_numbers_and_turns_off():
+    model = make("llama-gqa")
+    x = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x)
+        batch_invariant(model, 4)
+        got = model(x)
+        assert not any(type(m) is nn.Linear for m in model.modules())
+        batch_invariant(model, None)
+        assert not any(isinstance(m, (BlockedLinear, OneQueryAttention)) for m in model.modules())
+        assert any(type(m) is FewRowLinear for m in model.modules())
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    x = torch.randint(0, 97, (1, 8))  # with grad: the usual routes, gradients as usual
+    batch_invariant(model, 4)(x).sum().backward()
+    assert model.blocks[0].mlp.up_proj.weight.grad is not None
+
+
+def test_batch_invariant_refuses_bad_rows_and_a_compiled_step():
+    model = make("gpt2")
+    with pytest.raises(ValueError, match="rows must be >= 1, got 0"):
+        batch_invariant(model, 0)
+    with pytest.raises(ValueError, match="compile_decode"):
+        batch_invariant(compile_decode(make("gpt2")), 5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_kernels_give_a_row_the_same_numbers_whatever_the_row_count(bits):
+    """batch_invariant leaves Int4Linear and Int8Linear as they are: their kernels already compute each
+    row alone (the real models' widths, 1..16 rows and a 200-row prefill)."""
+    from minillm.quantize import int4_linear, int8_linear
+    torch.manual_seed(0)
+    lin = nn.Linear(1536, 576, bias=False)
+    q = int4_linear(lin, 64) if bits == 4 else int8_linear(lin)
+    x = torch.randn(200, 1536).bfloat16()
+    with torch.inference_mode():
+        alone = torch.cat([q(x[i:i + 1]) for i in range(16)])
+        for m in (2, 3, 5, 9, 16, 200):
+            assert torch.equal(q(x[:m])[:16], alone[:min(m, 16)]), f"{m} rows"
