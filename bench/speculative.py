@@ -36,6 +36,14 @@ compute the same logits, rounding differently again).
         --draft weights/smollm2-135m-first4.safetensors --max-new-tokens 48 --prompts 3 --threads 1
     python -m bench.speculative exactness --target weights/qwen2.5-coder-1.5b-bf16.safetensors \\
         --draft weights/qwen2.5-coder-0.5b-int4.safetensors --prompt-set code --prompts 5 --k 4
+    python -m bench.speculative speed --target weights/qwen2.5-coder-1.5b.safetensors --dtype bfloat16 \\
+        --draft lookup --batch-invariant 5 --prompt-set code --ks 4 --temperatures 0 --max-new-tokens 48
+
+`--draft lookup` drafts by prompt lookup (no draft model). `--batch-invariant ROWS` runs the
+speculative side with the target in speed.batch_invariant mode, and plain decoding twice: without
+the mode (the speedup's baseline) and with it (what "identical" then compares with; its time over
+plain's is the mode's cost); "without the mode: identical" says whether speculative output also
+equals plain greedy output of the target as it runs by default.
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ from minillm import checkpoint
 from minillm.methods import Method, load_partner, stream
 from minillm.sampling import SamplingParams
 from minillm.speculative import SpecStats
-from minillm.speed import compile_decode, few_row_route, prepack, speed_up
+from minillm.speed import batch_invariant, compile_decode, few_row_route, prepack, speed_up
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
@@ -69,6 +77,8 @@ class Row:
     spec_s: float
     stats: SpecStats
     identical: bool | None  # temperature 0 only
+    exact_s: float | None = None  # --batch-invariant: plain decoding in that mode (what identical compares with)
+    identical_to_default: bool | None = None  # --batch-invariant: speculative vs plain without the mode
 
     @property
     def speedup(self) -> float:
@@ -81,21 +91,38 @@ def timed(fn) -> tuple[list[int], float]:
     return out, time.perf_counter() - t0
 
 
-def measure(target, draft, prompts: list[list[int]], n: int, k: int, temperature: float) -> Row:
+def measure(target, draft, prompts: list[list[int]], n: int, k: int, temperature: float, lookup: bool = False,
+            exact_rows: int | None = None) -> Row:
+    """Plain and speculative back to back per prompt. With exact_rows the target runs speculative in
+    speed.batch_invariant mode, and plain both ways: without it (the speedup's baseline) and with it
+    (the output speculative must equal; its time over plain's is the mode's cost)."""
     params = SamplingParams(temperature=temperature)
-    plain_m, spec_m = Method("greedy" if params.greedy else "sample", params), Method("speculative", params, k=k)
+    plain_m = Method("greedy" if params.greedy else "sample", params)
+    spec_m = Method("speculative", params, k=k, draft_lookup=lookup)
     stats = SpecStats()  # accumulates over the prompts
-    plain_s = spec_s = 0.0
-    identical = True
+    plain_s = spec_s = exact_s = 0.0
+    identical = identical_default = True
     for i, p in enumerate(prompts):
         seed = 1000 * k + i
-        plain, dt = timed(lambda: stream(plain_m, target, p, n, generator=torch.Generator().manual_seed(seed)))
+        run = lambda m, **kw: timed(lambda: stream(m, target, p, n, generator=torch.Generator().manual_seed(seed), **kw))
+        plain, dt = run(plain_m)
         plain_s += dt
-        spec, dt = timed(lambda: stream(spec_m, target, p, n, draft, torch.Generator().manual_seed(seed), stats=stats))
+        if exact_rows:
+            batch_invariant(target, exact_rows)
+            want, dt = run(plain_m)
+            exact_s += dt
+        spec, dt = run(spec_m, partner=None if lookup else draft, stats=stats)
         spec_s += dt
-        identical &= plain == spec
+        if exact_rows:
+            batch_invariant(target, None)
+            identical &= want == spec
+            identical_default &= plain == spec
+        else:
+            identical &= plain == spec
     stats.new_tokens = n * len(prompts)
-    return Row(temperature, k, plain_s, spec_s, stats, identical if temperature == 0 else None)
+    greedy = temperature == 0
+    return Row(temperature, k, plain_s, spec_s, stats, identical if greedy else None,
+               exact_s if exact_rows else None, identical_default if exact_rows and greedy else None)
 
 
 def plot(rows: list[Row], temps: list[float], title: str, path: Path) -> bool:
@@ -133,7 +160,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     sub = ap.add_subparsers(dest="command", required=True)
     both = argparse.ArgumentParser(add_help=False)
     both.add_argument("--target", type=Path, required=True)
-    both.add_argument("--draft", type=Path, required=True, help="same tokenizer as the target")
+    both.add_argument("--draft", type=Path, required=True,
+                      help="same tokenizer as the target; the word lookup: prompt lookup, no draft model")
+    both.add_argument("--dtype", choices=["float32", "bfloat16"], help="the target's (and draft's) dtype (default: as stored)")
+    both.add_argument("--batch-invariant", type=int, metavar="ROWS",
+                      help="speculative runs with the target in speed.batch_invariant(ROWS) mode; plain runs both "
+                           "without it (the baseline) and with it (what the output must equal, and the mode's cost)")
     both.add_argument("--prompt-set", choices=list(PROMPT_SETS), default="article",
                       help="the seed article's 5 prompts (default), 20 general ones, or 10 openings of code (for code models)")
     both.add_argument("--prompts", type=int, default=None, help="use the first N of the set")
@@ -160,14 +192,17 @@ def stem(path: Path) -> str:
 
 
 def load(args):
-    """-> (target, draft, tokenizer), run as sample.py runs them: the speed layer on, compiled when asked."""
-    t_l = checkpoint.load_model(args.target)
-    try:
-        d_l = load_partner(str(args.draft), "draft", t_l)  # the one same-tokenizer rule
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    target, draft = speed_up(t_l.model), speed_up(d_l.model)
-    if args.compile_draft:
+    """-> (target, draft or None for lookup, tokenizer), run as sample.py runs them: the speed layer
+    on, compiled when asked."""
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    t_l = checkpoint.load_model(args.target, dtype=dtype)
+    target, draft = speed_up(t_l.model), None
+    if str(args.draft) != "lookup":
+        try:
+            draft = speed_up(load_partner(str(args.draft), "draft", t_l, dtype=dtype).model)  # the one same-tokenizer rule
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    if args.compile_draft and draft is not None:
         compile_decode(draft)
     if args.compile_target:
         compile_decode(target)
@@ -196,17 +231,21 @@ def costs(r: Row, total: int) -> tuple[float, float]:
 def report(rows: list[Row], temps: list[float], total: int) -> None:
     print("\n| T | k | plain s | spec s | speedup (paired) | plain tok/s | spec tok/s | acceptance | mean accepted / call "
           "| tokens / target call | target calls | draft s / target s | alpha (1-TV) | c = draft/plain step "
-          "| verify/plain step | Leviathan tokens/call | Leviathan speedup | identical to plain greedy |")
-    print("|" + "---|" * 18)
+          "| verify/plain step | Leviathan tokens/call | Leviathan speedup | identical to plain greedy "
+          "| exact mode: plain s (cost) | without the mode: identical |")
+    print("|" + "---|" * 20)
+    yes_no = lambda b: "" if b is None else ("yes" if b else "**NO**")
     for r in rows:
         s = r.stats
-        same = "" if r.identical is None else ("yes" if r.identical else "**NO**")
+        same = yes_no(r.identical)
+        exact = "" if r.exact_s is None else f"{r.exact_s:.2f} ({r.exact_s / r.plain_s:.2f}x)"
         c, v = costs(r, total)
         tokens, speedup = leviathan(s.empirical_alpha, c, r.k)
         print(f"| {r.temperature:g} | {r.k} | {r.plain_s:.2f} | {r.spec_s:.2f} | {r.speedup:.2f}x | {total / r.plain_s:.1f} | "
               f"{total / r.spec_s:.1f} | {s.acceptance_rate:.1%} | {s.mean_accepted:.2f} | {s.tokens_per_target_call:.2f} | "
               f"{s.calls.get('target', 0)} | {s.seconds.get('draft', 0.0):.2f} / {s.seconds.get('target', 0.0):.2f} | "
-              f"{s.empirical_alpha:.3f} | {c:.3f} | {v:.2f} | {tokens:.2f} | {speedup:.2f}x | {same} |")
+              f"{s.empirical_alpha:.3f} | {c:.3f} | {v:.2f} | {tokens:.2f} | {speedup:.2f}x | {same} | {exact} "
+              f"| {yes_no(r.identical_to_default)} |")
     print()
     for t in temps:
         rs = [r for r in rows if r.temperature == t]
@@ -221,22 +260,26 @@ def speed(args, target, draft, prompts: list[list[int]]) -> int:
     ks = [int(k) for k in args.ks.split(",")]
     temps = [float(t) for t in args.temperatures.split(",")]
     n = args.max_new_tokens
-    title = (f"{stem(args.target)} ({describe(target, args.target, args.compile_target)}) + draft {stem(args.draft)} "
-             f"({describe(draft, args.draft, args.compile_draft)}): {len(prompts)} {args.prompt_set} prompts x {n} new tokens, CPU, "
-             f"{torch.get_num_threads()} thread(s)")
+    drafting = "prompt lookup" if draft is None else f"draft {stem(args.draft)} ({describe(draft, args.draft, args.compile_draft)})"
+    exact = f", batch_invariant({args.batch_invariant})" if args.batch_invariant else ""
+    title = (f"{stem(args.target)} ({describe(target, args.target, args.compile_target)}{exact}) + {drafting}: "
+             f"{len(prompts)} {args.prompt_set} prompts x {n} new tokens, CPU, {torch.get_num_threads()} thread(s)")
     print(title)
     print(f"few-row route (speed.few_row_route): {few_row_route(next(target.parameters()).dtype)}")
     print(f"load before: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}", flush=True)
 
     t0 = time.perf_counter()  # warm-up (compiles, when asked)
     greedy = SamplingParams(temperature=0)
-    list(stream(Method("speculative", greedy, k=4), target, prompts[0], min(n, 16), draft))
+    list(stream(Method("speculative", greedy, k=4, draft_lookup=draft is None), target, prompts[0], min(n, 16), draft))
     list(stream(Method("greedy", greedy), target, prompts[0], min(n, 16)))
+    if args.batch_invariant:  # probes each matrix's block size once
+        list(stream(Method("greedy", greedy), batch_invariant(target, args.batch_invariant), prompts[0], min(n, 16)))
+        batch_invariant(target, None)
     print(f"warm-up: {time.perf_counter() - t0:.1f} s", flush=True)
     rows = []
     for t in temps:
         for k in ks:
-            rows.append(measure(target, draft, prompts, n, k, t))
+            rows.append(measure(target, draft, prompts, n, k, t, draft is None, args.batch_invariant))
             r = rows[-1]
             print(f"  T={t:g} k={k}: plain {r.plain_s:.2f}s spec {r.spec_s:.2f}s", file=sys.stderr, flush=True)
 
@@ -255,13 +298,16 @@ def speed(args, target, draft, prompts: list[list[int]]) -> int:
 def exactness(args, target, draft, tok, texts: list[str]) -> int:
     """Greedy plain and speculative per prompt; where they part, the uncached forward's top two logits."""
     greedy, n = SamplingParams(temperature=0), args.max_new_tokens
-    print(f"{stem(args.target)} + draft {stem(args.draft)}, greedy, k = {args.k}, {n} new tokens per prompt, "
-          f"few-row route {few_row_route(next(target.parameters()).dtype)}\n")
+    if args.batch_invariant:
+        batch_invariant(target, args.batch_invariant)
+    print(f"{stem(args.target)} + {'prompt lookup' if draft is None else 'draft ' + stem(args.draft)}, greedy, k = "
+          f"{args.k}, {n} new tokens per prompt, few-row route {few_row_route(next(target.parameters()).dtype)}"
+          f"{', batch_invariant(%d)' % args.batch_invariant if args.batch_invariant else ''}\n")
     print("| prompt | parts at new token | plain | speculative | uncached forward's top-2 logits |\n|---|---|---|---|---|")
     for text in texts:
         ids = tok.encode(text)
         plain = list(stream(Method("greedy", greedy), target, ids, n))
-        spec = list(stream(Method("speculative", greedy, k=args.k), target, ids, n, draft))
+        spec = list(stream(Method("speculative", greedy, k=args.k, draft_lookup=draft is None), target, ids, n, draft))
         if plain == spec:
             print(f"| {text!r} | identical ({n} tokens) | | | |")
             continue

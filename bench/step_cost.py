@@ -13,6 +13,11 @@ ceiling on tokens/s for that format on this machine:
     int4 g32        aten._weight_int4pack_mm_for_cpu     (210 matrices) + the int8 head (as minillm.quantize does)
     int4 g32 fused  the same with q|k|v and gate|up as one matrix each: 4 int4 calls per layer, not 7
 
+`prefill`: the floor under a prompt read, fp32: the 210 layer matrices of SmolLM2-135M times
+--tokens rows (512) and the head times the last row (what a prefill with last_only multiplies),
+nothing else; ms and the GEMM's GFLOP/s. A prefill can be no faster than this with fp32 weights
+and PyTorch's CPU GEMM (transformers uses the same one).
+
 `few-rows`: what M = 1..9 rows cost against one row (M = k+1 is a speculative verification of k
 drafts), per format (fp32, bf16, int4 g32) on the matrices of a decode step of Qwen2.5-Coder-1.5B
 (2 of its 28 layers by default, + the 151936 x 1536 head) and of SmolLM2-135M (all 211). Every
@@ -41,6 +46,7 @@ in blocks of 4 (BLOCK_M), dequantizing every weight block again for each block o
              heads sharing a K/V head become 3 query rows of that head (when T == 1 and there is no mask)
 
     python -m bench.step_cost bound
+    python -m bench.step_cost prefill
     python -m bench.step_cost few-rows --threads 1
     python -m bench.step_cost gqa --threads 1
 """
@@ -117,6 +123,25 @@ def bound(args) -> None:
     print("| weights | ms per token | ceiling tok/s |\n|---|---|---|")
     for name, t in ms.items():
         print(f"| {name} | {t:.2f} | {1000 / t:.1f} |")
+
+
+def prefill(args) -> None:
+    ws = [torch.randn(n, k) for n, k in LAYER * 30]
+    head = torch.randn(*HEAD)
+    x = {k: torch.randn(args.tokens, k) for k in (576, 1536)}
+    last = torch.randn(1, 576)
+
+    def run():
+        for w in ws:
+            F.linear(x[w.shape[1]], w)
+        F.linear(last, head)
+
+    ms = medians({"prefill": run}, args.repeats, warmups=1)["prefill"]
+    flop = 2 * (args.tokens * sum(w.numel() for w in ws) + head.numel())
+    print(f"SmolLM2-135M's fp32 prefill matmuls, {args.tokens} tokens (the head on the last one), "
+          f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
+    print("| ms | GFLOP | GFLOP/s |\n|---|---|---|")
+    print(f"| {ms:.1f} | {flop / 1e9:.1f} | {flop / ms / 1e6:.1f} |")
 
 
 SHAPES = {  # hidden, intermediate, k/v width, vocab, layers: each model's config (GGUF / config.json)
@@ -216,6 +241,10 @@ def main(argv=None) -> None:
     b = sub.add_parser("bound", help="one token's weight matmuls alone, per weight format")
     b.add_argument("--repeats", type=int, default=9)
     b.add_argument("--threads", type=int, default=2)
+    pf = sub.add_parser("prefill", help="a prompt's fp32 weight matmuls alone (SmolLM2-135M)")
+    pf.add_argument("--tokens", type=int, default=512)
+    pf.add_argument("--repeats", type=int, default=5)
+    pf.add_argument("--threads", type=int, default=2)
     f = sub.add_parser("few-rows", help="few-row matmuls per format and M, each way, ratio to M = 1")
     f.add_argument("--models", default=",".join(SHAPES))
     f.add_argument("--formats", default="fp32,bf16,int4")
@@ -233,7 +262,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with torch.inference_mode():
-        {"bound": bound, "few-rows": few_rows, "gqa": gqa}[args.command](args)
+        {"bound": bound, "prefill": prefill, "few-rows": few_rows, "gqa": gqa}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 
 from .flags import add_input, integer, real
-from .methods import MAX_K, METHODS, PARTNER, Method, with_temperature
+from .methods import MAX_K, MAX_LOOKUP_NGRAM, METHODS, PARTNER, Method, with_temperature
 from .sampling import SamplingParams
 
 
@@ -38,8 +38,8 @@ def add_decoding_args(p: argparse.ArgumentParser, method: str = "sample") -> Non
                     help="no draft model: prompt lookup proposes the tokens that followed the latest earlier "
                          "occurrence of the text's last n tokens (prompt and output; n = --lookup-ngram down to 1), "
                          "none where there is none; as exact as a draft model")
-    sp.add_argument("--lookup-ngram", type=integer(1, 16), default=3, metavar="N",
-                    help="--draft-lookup: the longest n-gram matched, in 1..16 (default 3)")
+    sp.add_argument("--lookup-ngram", type=integer(1, MAX_LOOKUP_NGRAM), default=3, metavar="N",
+                    help=f"--draft-lookup: the longest n-gram matched, in 1..{MAX_LOOKUP_NGRAM} (default 3)")
     sp.add_argument("--k", type=integer(1, MAX_K), default=4,
                     help=f"draft tokens proposed per target forward, in 1..{MAX_K} (default 4)")
     sp.add_argument("--adaptive-k", action="store_true",

@@ -33,6 +33,7 @@ from .tokenizer import check_same_tokenizer
 METHODS = ("sample", "greedy", "speculative", "contrastive")
 PARTNER = {"speculative": "draft", "contrastive": "amateur"}  # the second model each method needs
 MAX_K = 64  # speculative: most drafts per target call (the command lines' and the server's limit)
+MAX_LOOKUP_NGRAM = 16  # prompt lookup: the longest n-gram a command line or request may ask it to match
 DEFAULT_TEMPERATURE = {"sample": 0.8, "greedy": 0.0, "speculative": 0.8, "contrastive": 0.0}
 
 

@@ -23,10 +23,13 @@ the reference):
   takes one query at a time (OneQueryAttention), so a token's numbers do not depend on how many
   tokens share the call. A (k+1)-row speculative verification then gives each position the logits
   a one-row step gives it, bit for bit, and greedy speculative output is the target's own greedy
-  output in bf16 as in fp32 (one kernel shape per matmul: a GEMM's reduction order depends on its
-  shape, measured; within one shape it does not depend on a row's place). The int4 and int8 kernels
-  already give each row the same numbers whatever the row count (tests/test_speed.py holds them).
-  Its cost: a one-token step pays for `rows` rows (`python -m bench.speculative exact` measures it).
+  output in bf16 and int4 as in fp32. Why blocks: a GEMM's reduction order depends on its shape
+  (M = 1 and M = 5 round differently, measured); within one shape a row's place in the block
+  mostly changes nothing, and where it does (bf16 at 5 rows here) a probe at setup picks the next
+  block size that is place-invariant (steady_block). The int4 and int8 kernels already give each
+  row the same numbers whatever the row count (tests/test_speed.py holds them). Its cost: a
+  one-token step pays for a `rows`-row call (`python -m bench.speculative speed --batch-invariant
+  ROWS` measures it). Call prepack, if at all, before it: the probe tries the route the matmuls will take.
 * compile_decode: one-token cached calls without grad run through torch.compile (the many small ops
   between the matmuls fused); every other call stays eager. The first such call compiles (needs a
   C++ compiler; minutes for a 135M model on two CPU cores).
@@ -192,7 +195,7 @@ def steady_block(lin: FewRowLinear, rows: int, name: str = "a linear layer") -> 
     shape, dtype and r (_places_agree). bf16 at 5 rows on an AVX-512 Xeon: place 3 of 5 rounds
     differently in about 1 output in 5,000, hence the probe's size."""
     for r in range(rows, max(2 * rows, 16) + 1):
-        key = (tuple(lin.weight.shape), lin.weight.dtype, lin.weight.device.type, r)
+        key = (tuple(lin.weight.shape), lin.weight.dtype, lin.weight.device.type, lin.packed is not None, r)
         if key not in _STEADY:
             _STEADY[key] = _places_agree(lin, r)
         if _STEADY[key]:

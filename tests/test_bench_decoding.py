@@ -139,6 +139,16 @@ def test_speculative_bench_measure_is_exact_at_temperature_0():
     assert row.plain_s > 0 and row.spec_s > 0
 
 
+def test_speculative_bench_measures_the_exact_mode_and_prompt_lookup():
+    """--batch-invariant: plain both ways, speculative in the mode, the target left as it was; --draft lookup."""
+    target = speed_up(tiny_model(n_layer=2, **SHAPE).bfloat16())
+    row = speculative_bench.measure(target, None, [[1, 2, 3, 1, 2], [4, 5, 4]], n=8, k=3, temperature=0,
+                                    lookup=True, exact_rows=4)
+    assert row.identical is True and row.identical_to_default is not None and row.exact_s > 0
+    assert row.stats.calls["target"] >= 4 and "draft" not in row.stats.calls
+    assert not any(type(m).__name__ in ("BlockedLinear", "OneQueryAttention") for m in target.modules())
+
+
 @pytest.mark.parametrize("name", list(decoding_bench.SETTINGS))
 def test_decoding_bench_runs_every_setting(name):
     """bench/decoding.py: each setting runs through methods.stream for the full length (EOS never

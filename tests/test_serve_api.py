@@ -178,10 +178,12 @@ def test_stop_strings_cut_the_text_whole_and_streamed(tiny):
 
 
 def test_the_minillm_field_runs_speculative_and_contrastive(tiny):
-    """Greedy speculative decoding and contrastive with beta = 0 both equal plain greedy."""
+    """Greedy speculative decoding (a draft model, or prompt lookup) and contrastive with beta = 0 all
+    equal plain greedy."""
     url, _ = tiny
     greedy = complete(url, "Ay", max_tokens=30, temperature=0).choices[0].text
-    for ext in ({"method": "speculative", "k": 3}, {"method": "contrastive", "beta": 0}):
+    for ext in ({"method": "speculative", "k": 3}, {"method": "contrastive", "beta": 0},
+                {"method": "speculative", "draft_lookup": True, "lookup_ngram": 2, "k": 5}):
         r = complete(url, "Ay", max_tokens=30, temperature=0, extra_body={"minillm": ext})
         assert r.choices[0].text == greedy, ext
 
@@ -236,6 +238,9 @@ BAD = [
     ({"prompt": ""}, "prompt"),
     ({"extra_body": {"minillm": {"method": "beam"}}}, "minillm.method"),
     ({"extra_body": {"minillm": {"k": 0}}}, "minillm.k"),
+    ({"extra_body": {"minillm": {"draft_lookup": True}}}, "minillm.draft_lookup"),  # not a draft of sample
+    ({"extra_body": {"minillm": {"method": "speculative", "draft_lookup": True, "lookup_ngram": 17}}},
+     "minillm.lookup_ngram"),
     ({"temperature": 0.5, "extra_body": {"minillm": {"method": "greedy"}}}, "temperature"),
     ({"max_tokens": 100, "extra_body": {"minillm": {"method": "speculative"}}}, "max_tokens"),  # past the context
 ]
@@ -273,6 +278,11 @@ def test_malformed_json_and_a_method_without_its_model_and_the_server_keeps_serv
     with live_server(alone) as url2:
         status, body = post(url2, "/v1/completions", json.dumps({"prompt": "Ay", "minillm": {"method": "contrastive"}}).encode())
         assert status == 400 and body["error"]["param"] == "minillm.method" and "--amateur" in body["error"]["message"]
+        status, body = post(url2, "/v1/completions", json.dumps({"prompt": "Ay", "minillm": {"method": "speculative"}}).encode())
+        assert status == 400 and '"draft_lookup": true' in body["error"]["message"]
+        lookup = {"prompt": "Ay", "max_tokens": 6, "temperature": 0, "minillm": {"method": "speculative", "draft_lookup": True}}
+        status, body = post(url2, "/v1/completions", json.dumps(lookup).encode())  # prompt lookup needs no draft model
+        assert status == 200 and body["usage"]["completion_tokens"] == 6
     assert complete(url, max_tokens=3).usage.completion_tokens == 3
 
 

@@ -214,6 +214,23 @@ def test_prefill_and_sampling_step_equal_the_library(page, url, models, tmp_path
 
 
 @BOTH
+def test_prompt_lookup_runs_from_the_page_as_the_library_runs_it(page, url, models, request):
+    """"speculative (prompt lookup)": the same loop with no draft model; each target call's drafts and
+    verdicts are the library's."""
+    prompt, n = PROMPTS[request.node.callspec.params["models"]] * 2, 10  # repeated: lookup finds matches
+    open_page(page, url)
+    run(page, prompt, "lookup", temperature=0, k=3, max_tokens=n)
+    steps, stats = library_trace(models, prompt, Method("speculative", SamplingParams(0.0), k=3, draft_lookup=True), n,
+                                 1337)
+    assert page.get_attribute("#trace-panel", "data-steps") == str(len(steps)) and stats.drafts_proposed > 0
+    for i, want in enumerate(steps):
+        drafts = table_rows(page, "#spec-drafts")
+        assert [(d["token"], d["verdict"]) for d in drafts] == [(d["token"], d["verdict"]) for d in want["drafts"]]
+        if i < len(steps) - 1:
+            page.click("#step-next")
+
+
+@BOTH
 def test_speculative_steps_show_the_traces_verdicts(page, url, models, tmp_path, request):
     name = request.node.callspec.params["models"]
     prompt, n = PROMPTS[name], 12
@@ -348,7 +365,7 @@ def test_api_refuses_bad_requests_by_field(char_models):
     with live_server(Served(char_models["model"])) as address:  # no draft, no amateur
         status, m = call(address, "/api/methods")
         assert status == 200 and m["methods"] == {"sample": True, "greedy": True, "speculative": False,
-                                                  "contrastive": False}
+                                                  "contrastive": False, "lookup": True}
         for body, param in [({"prompt": "to be", "method": "speculative"}, "method"),
                             ({"prompt": "to be", "colour": 1}, "colour"),
                             ({"prompt": "to be", "top_k": 0}, "top_k"),
@@ -361,5 +378,11 @@ def test_api_refuses_bad_requests_by_field(char_models):
         assert status == 404 and "not a function the page cites" in reply["error"]["message"]
         status, views = call(address, "/api/inspect", {"prompt": "to be", "max_tokens": 3})
         assert status == 200 and views["format"] == "minillm-views-1" and len(views["trace"]["steps"]) == 3
+        lookup = {"prompt": "to be, or not to be, or not", "method": "speculative", "draft_lookup": True, "k": 3,
+                  "temperature": 0, "max_tokens": 6}  # prompt lookup: speculative with no draft model
+        status, views = call(address, "/api/inspect", lookup)
+        assert status == 200 and views["trace"]["steps"][0]["k"] == 3, views["trace"]["steps"][:1]
+        status, reply = call(address, "/api/inspect", {**lookup, "method": "greedy"})
+        assert status == 400 and reply["error"]["param"] == "draft_lookup"
         status, src = call(address, "/api/source?name=minillm.sampling.choose")
         assert status == 200 and src["source"].startswith("def choose(")

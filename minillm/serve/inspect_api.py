@@ -1,10 +1,12 @@
 """The inspector page's routes (app.py mounts them beside /v1):
 
     GET  /api/methods             the loaded model, which methods it can run (speculative needs --draft,
-                                  contrastive --amateur), the limits and the defaults the form starts with
+                                  contrastive --amateur; "lookup", speculative with prompt lookup, needs
+                                  neither), the limits and the defaults the form starts with
     POST /api/inspect             {prompt, method, max_tokens, temperature, top_k, top_p, min_p, seed, k,
-                                  alpha, beta, top} -> the views of minillm.inspector.views: prefill, logit
-                                  lens, attention, head scores and the recorded decoding steps
+                                  draft_lookup, lookup_ngram, alpha, beta, top} -> the views of
+                                  minillm.inspector.views: prefill, logit lens, attention, head scores
+                                  and the recorded decoding steps
     GET  /api/source?name=NAME    the source of a function the page cites (inspector.sources' allow-list)
 
 A request is checked field by field before it is queued (fields.Fields: unknown fields, wrong types
@@ -31,7 +33,7 @@ from ..sampling import SamplingParams
 from .errors import RequestError, error_response
 from .fields import Fields
 from .openai_api import read_json
-from .jobs import build_method, encode
+from .jobs import build_method, encode, lookup_settings
 from .state import Busy, Served
 
 MAX_INSPECT_TOKENS = 256  # tokens one inspection decodes (each step is recorded), under the server's cap
@@ -79,7 +81,8 @@ def methods_reply(served: Served) -> dict:
     return {"model": {"id": served.model_id, "family": cfg.family, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
                       "vocab_size": cfg.vocab_size, "block_size": cfg.block_size,
                       "attention_up_to_tokens": attention_cap(cfg.n_layer, cfg.n_head)},
-            "methods": {m: m not in PARTNER or served.partner(PARTNER[m]) is not None for m in METHODS},
+            "methods": {**{m: m not in PARTNER or served.partner(PARTNER[m]) is not None for m in METHODS},
+                        "lookup": True},  # speculative with prompt lookup: no second model
             "needs": dict(PARTNER),
             "limits": {"max_prompt_tokens": served.limits.max_prompt_tokens, "max_tokens": max_tokens_cap(served)},
             "defaults": DEFAULTS}
@@ -100,7 +103,7 @@ def inspection(served: Served, body) -> Inspection:
                             min_p=f.number("min_p", 0, 1))
     extra = dict(k=f.integer("k", 1, MAX_K, default=DEFAULTS["k"]),
                  alpha=f.number("alpha", 0, 1, low_open=True, default=DEFAULTS["alpha"]),
-                 beta=f.number("beta", 0, default=DEFAULTS["beta"]))
+                 beta=f.number("beta", 0, default=DEFAULTS["beta"]), **lookup_settings(f, name))
     seed = f.integer("seed", 0, default=DEFAULTS["seed"])
     top = f.integer("top", 1, MAX_TOP, default=DEFAULTS["top"])
     f.finish()

@@ -8,8 +8,8 @@ sliding window). Everything a request asks for is checked here, before it is que
 RequestError naming the field (see fields.py), raised on the event loop.
 
 The minillm extension, e.g. {"minillm": {"method": "speculative", "k": 4}}, picks a method the
-loaded models can run (speculative needs --draft, contrastive --amateur) and the sampler flags
-OpenAI's API lacks.
+loaded models can run (speculative needs --draft, or "draft_lookup": true for prompt lookup, which
+needs no model; contrastive needs --amateur) and the sampler flags OpenAI's API lacks.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..chat import render_for
 from ..generate import check_budget
-from ..methods import MAX_K, METHODS, Method, with_temperature
+from ..methods import MAX_K, MAX_LOOKUP_NGRAM, METHODS, Method, with_temperature
 from ..sampling import SamplingParams
 from .errors import RequestError
 from .fields import Fields
@@ -140,9 +140,21 @@ def _method(served: Served, ext: Fields | None, sampler: dict, temperature: floa
                        repetition_penalty=ext.number("repetition_penalty", 0, low_open=True, default=1.0))
         extra = {k: v for k, v in (("k", ext.integer("k", 1, MAX_K)), ("alpha", ext.number("alpha", 0, 1, low_open=True)),
                                    ("beta", ext.number("beta", 0))) if v is not None}
+        extra.update(lookup_settings(ext, name))
         ext.finish()
     return build_method(served, name, SamplingParams(0.0, **sampler), temperature, "minillm.method",
                         sliding_window=name in ("sample", "greedy"), **extra)
+
+
+def lookup_settings(f: Fields, method: str) -> dict:
+    """draft_lookup (speculative decoding with prompt lookup, no draft model) and lookup_ngram, as given."""
+    settings = {}
+    if f.boolean("draft_lookup"):
+        if method != "speculative":
+            raise RequestError(f"draft_lookup is a draft of method speculative, not of {method}", f.name("draft_lookup"))
+        settings["draft_lookup"] = True
+    ngram = f.integer("lookup_ngram", 1, MAX_LOOKUP_NGRAM)
+    return settings if ngram is None else {**settings, "lookup_ngram": ngram}
 
 
 def build_method(served: Served, name: str, params: SamplingParams, temperature: float | None, method_field: str,
@@ -154,8 +166,9 @@ def build_method(served: Served, name: str, params: SamplingParams, temperature:
     except ValueError as e:
         raise RequestError(str(e), "temperature") from None
     if method.partner and served.partner(method.partner) is None:
+        lookup = ' (or ask for "draft_lookup": true)' if method.partner == "draft" else ""
         raise RequestError(f"method {name} needs the {method.partner} model, and this server has none: start it with "
-                           f"--{method.partner} PATH", method_field)
+                           f"--{method.partner} PATH{lookup}", method_field)
     return method
 
 

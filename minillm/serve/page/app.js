@@ -157,8 +157,9 @@ function showMethodFields() {
 // ---------------------------------------------------------------- run (served mode)
 
 function requestBody() {
-  const method = $("method").value;
-  const body = { prompt: $("prompt").value, method: method };
+  const method = $("method").value;  // "lookup": speculative decoding with prompt lookup as its draft
+  const body = method === "lookup" ? { prompt: $("prompt").value, method: "speculative", draft_lookup: true }
+                                   : { prompt: $("prompt").value, method: method };
   const maxTokens = $("max-tokens").value;
   if (maxTokens !== "") body.max_tokens = Number(maxTokens);
   for (const label of document.querySelectorAll("label[data-methods]")) {
