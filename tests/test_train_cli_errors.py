@@ -209,9 +209,13 @@ def test_ctrl_c_says_which_checkpoint_is_good_and_resume_goes_on(out, texts, cap
 
 
 def cli(args, **kwargs):
+    """train.py in a subprocess. Its SIGINT is reset to the default first: a suite started as a
+    background job of a non-interactive shell inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt (the Ctrl-C test would train on until its timeout)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-u", str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, **kwargs)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
 def test_command_line_refusal_and_sigint(tmp_path, texts):
