@@ -106,11 +106,11 @@ def load(args, method, device):
     for path, m in ((args.model, loaded), (partner_path(args), partner)):
         if m is not None and not args.reference:
             speed_up(m.model)
-    if args.batch_invariant:
-        batch_invariant(loaded.model, args.batch_invariant)
         if m is not None and args.compile:
             print(f"compiling the one-token step of {path} (torch.compile)...", end="", file=sys.stderr, flush=True)
             print(f" {warm_up(compile_decode(m.model)):.1f} s", file=sys.stderr)
+    if args.batch_invariant:  # the target's (check_args refuses it with --compile and --reference)
+        batch_invariant(loaded.model, args.batch_invariant)
     return loaded, partner
 
 

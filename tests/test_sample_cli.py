@@ -197,8 +197,9 @@ def test_compile_flag_gives_the_same_greedy_text(ckpts, capsys):
     args = ["--model", ckpts["target"], "--prompt", "Ay", "--max-new-tokens", "20", "--method", "speculative",
             "--draft", ckpts["small"], "--k", "2", "--temperature", "0"]
     code, eager, _ = run(capsys, *args)
-    code_c, compiled, _ = run(capsys, *args, "--compile")
+    code_c, compiled, err = run(capsys, *args, "--compile")
     assert code == code_c == 0 and compiled == eager and len(set(eager.strip())) > 2
+    assert err.count("compiling the one-token step of") == 2, err  # the target's step and the draft's
 
 
 def test_a_refused_setting_prints_no_prompt_first(ckpts, capsys):
