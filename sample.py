@@ -88,11 +88,12 @@ def check_args(args) -> None:
         raise ValueError(f"--chat works with --method sample or greedy, not {args.method}")
     if args.chat and args.stop:
         raise ValueError("--stop is not supported with --chat (a reply ends at the end-of-turn token)")
-    for flag in ("compile", "reference"):
-        if args.batch_invariant and getattr(args, flag):
-            raise ValueError(f"--batch-invariant and --{flag} do not go together: "
-                             + ("a compiled one-token step rounds differently from the eager verification"
-                                if flag == "compile" else "--batch-invariant is a mode of the speed layer"))
+    if args.batch_invariant and args.compile:
+        raise ValueError("--batch-invariant and --compile do not go together: a compiled one-token step rounds "
+                         "differently from the eager verification")
+    if args.batch_invariant and args.reference:
+        raise ValueError("--batch-invariant and --reference do not go together: --batch-invariant is a mode of the "
+                         "speed layer")
     if args.model == DEFAULT_MODEL and not os.path.exists(DEFAULT_MODEL):
         raise FileNotFoundError(f"checkpoint not found: {DEFAULT_MODEL} (the default --model): make it with "
                                 "`python train.py` (a few minutes on a CPU), or pass --model PATH")

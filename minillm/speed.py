@@ -194,14 +194,15 @@ def steady_block(lin: FewRowLinear, rows: int, name: str = "a linear layer") -> 
     numbers at every place in an r-row block whatever the other rows hold, probed once per weight
     shape, dtype and r (_places_agree). bf16 at 5 rows on an AVX-512 Xeon: place 3 of 5 rounds
     differently in about 1 output in 5,000, hence the probe's size."""
-    for r in range(rows, max(2 * rows, 16) + 1):
+    largest = max(2 * rows, 16)
+    for r in range(rows, largest + 1):
         key = (tuple(lin.weight.shape), lin.weight.dtype, lin.weight.device.type, lin.packed is not None, r)
         if key not in _STEADY:
             _STEADY[key] = _places_agree(lin, r)
         if _STEADY[key]:
             return r
     raise ValueError(f"batch_invariant: {name} ({lin.out_features} x {lin.in_features}, {lin.weight.dtype}) rounds a "
-                     f"row differently by its place in every block of {rows} to {max(2 * rows, 16)} rows on this machine")
+                     f"row differently by its place in every block of {rows} to {largest} rows on this machine")
 
 
 _STEADY: dict[tuple, bool] = {}
