@@ -10,7 +10,9 @@ ceiling on tokens/s for that format on this machine:
 
     fp32, bf16      F.linear(x, W)                       (what transformers and our float models run)
     int8            aten._weight_int8pack_mm             (per-channel int8, bf16 activations)
-    int4 g32        aten._weight_int4pack_mm_for_cpu     (210 matrices) + the int8 head (as minillm.quantize does)
+    int4 g32        (210 matrices) + the int8 head (as minillm.quantize does), with each int4 kernel:
+                    torch's  aten._weight_int4pack_mm_for_cpu
+                    ours     minillm/kernels/int4_vnni.cpp (AVX-512 VNNI; what int4 models use there)
     int4 g32 fused  the same with q|k|v and gate|up as one matrix each: 4 int4 calls per layer, not 7
 
 `prefill`: the floor under a prompt read, fp32: the 210 layer matrices of SmolLM2-135M times
@@ -33,8 +35,10 @@ way's M = 1 (the M = 1 cell: the ratio to nn.Linear's). The ways, float formats:
                           this), for 4..16 rows of any size: an opt-in, as it keeps a second copy
                           of every weight (bf16: oneDNN on reordered W, which no route uses)
 
-int4 (g32, the head too): aten._weight_int4pack_mm_for_cpu, the only int4 route; it takes the rows
-in blocks of 4 (BLOCK_M), dequantizing every weight block again for each block of rows.
+int4 (g32, the head too), two kernels: BEFORE, aten._weight_int4pack_mm_for_cpu, which takes the rows
+in blocks of 4 (BLOCK_M), dequantizing every weight block again for each block of rows; AFTER, ours
+(minillm/kernels/int4_vnni.cpp, what int4 models use on CPUs with AVX-512 VNNI): x rounded to int8
+per 32 inputs, int8 dot products, up to 16 rows per pass.
 
 `gqa`: one decode step of grouped-query attention, three ways, SmolLM2-135M's shape (9 query heads,
 3 K/V heads, hd 64), one layer, per (dtype, cached length S); ratios to `repeat`:
@@ -67,7 +71,8 @@ import torch.nn.functional as F
 from minillm.config import ModelConfig
 from minillm.model import Attention
 from minillm.quantize import quantize_int4, quantize_int8
-from minillm.quantized import int4_mm, pack_for_kernel
+from minillm.kernels import int4_vnni, use_int4_kernel
+from minillm.quantized import Int4Linear
 from minillm.speed import FewRowLinear, few_row_route, prepack, speed_up
 
 LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # q k v o gate up down
@@ -90,16 +95,27 @@ def medians(ways: dict[str, Callable[[], object]], repeats: int, warmups: int) -
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def int4(n: int, k: int):
-    q, s, z = quantize_int4(torch.randn(n, k), 32)
-    return pack_for_kernel(q), torch.stack((s, z), -1).transpose(0, 1).contiguous()
+def int4(n: int, k: int, kernel: str):
+    """An (n, k) int4 g32 matrix as `kernel` multiplies it: a function of x."""
+    lin = Int4Linear(k, n, bias=False, group_size=32)
+    lin.set_codes(*quantize_int4(torch.randn(n, k), 32))
+    if kernel == "ours":
+        use_int4_kernel(lin)
+    return lin
+
+
+def int4_kernels() -> list[str]:
+    """The int4 kernels that run here: torch's, and ours where it builds (minillm/kernels)."""
+    return ["torch's"] + (["ours"] if int4_vnni() is not None else [])
 
 
 def bound(args) -> None:
     fp32 = [torch.randn(n, k) for n, k in SMOLLM2]
     bf16 = [w.bfloat16() for w in fp32]
     i8 = [quantize_int8(w) for w in fp32]
-    i4, i4f, head8 = [int4(n, k) for n, k in LAYER * 30], [int4(n, k) for n, k in FUSED * 30], i8[-1]
+    head8 = i8[-1]
+    i4 = {kernel: [int4(n, k, kernel) for n, k in LAYER * 30] for kernel in int4_kernels()}
+    i4f = {kernel: [int4(n, k, kernel) for n, k in FUSED * 30] for kernel in int4_kernels()}
     x = {k: torch.randn(1, k) for k in (576, 1536)}
     xb = {k: v.bfloat16() for k, v in x.items()}
 
@@ -112,12 +128,14 @@ def bound(args) -> None:
             torch.ops.aten._weight_int8pack_mm(xb[q.shape[1]], q, s)
 
     def run_int4(packed):
-        for p, sz in packed:
-            int4_mm(xb[sz.shape[0] * 32], p, 32, sz)
+        for lin in packed:
+            lin(xb[lin.in_features])
         torch.ops.aten._weight_int8pack_mm(xb[576], *head8)
 
-    ways = {"fp32": lambda: run_float(fp32, x), "bf16": lambda: run_float(bf16, xb), "int8": run_int8,
-            "int4 g32 (+ int8 head)": lambda: run_int4(i4), "int4 g32 fused (+ int8 head)": lambda: run_int4(i4f)}
+    ways = {"fp32": lambda: run_float(fp32, x), "bf16": lambda: run_float(bf16, xb), "int8": run_int8}
+    for kernel in i4:
+        ways[f"int4 g32 (+ int8 head), {kernel} kernel"] = functools.partial(run_int4, i4[kernel])
+        ways[f"int4 g32 fused (+ int8 head), {kernel} kernel"] = functools.partial(run_int4, i4f[kernel])
     ms = medians(ways, args.repeats, warmups=1)
     print(f"SmolLM2-135M's decode matmuls, 1 row, {torch.get_num_threads()} threads, median of {args.repeats}\n")
     print("| weights | ms per token | ceiling tok/s |\n|---|---|---|")
@@ -182,8 +200,12 @@ def float_ways(shapes: list[tuple[int, int]], dtype: torch.dtype) -> dict[str, C
 
 
 def int4_ways(shapes: list[tuple[int, int]]) -> dict[str, Callable]:
-    packed = [int4(n, k) for n, k in shapes]
-    return {"int4 kernel": lambda xs: [int4_mm(xs[sz.shape[0] * 32], p, 32, sz) for p, sz in packed]}
+    """BEFORE: torch's kernel; AFTER: ours (minillm/kernels), where it builds."""
+    ways = {}
+    for kernel, way in zip(int4_kernels(), ("BEFORE: torch's kernel", "AFTER: our kernel")):
+        packed = [int4(n, k, kernel) for n, k in shapes]
+        ways[way] = lambda xs, packed=packed: [lin(xs[lin.in_features]) for lin in packed]
+    return ways
 
 
 def few_rows_table(name: str, fmt: str, args) -> None:

@@ -3,8 +3,8 @@
 model.py is the reference a reader learns from and never mentions this file. A command line (or a
 user) calls `speed_up(model)` after loading, and optionally `compile_decode(model)` and
 `prepack(model)`; they change the model in place by giving some of its modules a subclass whose one
-overridden method takes a faster route to the same numbers (tests/test_speed.py holds each against
-the reference):
+overridden methods take a faster route to the same numbers (tests/test_speed.py holds each against
+the reference; the int4 kernel, which rounds x differently, tests/test_int4_kernel.py):
 
 * FewRowLinear: a float32 x @ Wᵀ of 4..16 rows (speculative verification of 3..15 drafts) through
   oneDNN's matmul (torch.ops.mkldnn._linear_pointwise) instead of PyTorch's CPU GEMM (MKL), which
@@ -18,6 +18,10 @@ the reference):
 * GQADecodeAttention: at decode (one query token, grouped-query attention, SDPA), the n_head/n_kv_head
   query heads that share a K/V head become that many query rows of it, so the cached K/V are read
   once instead of being expanded per query head.
+* VNNIInt4Linear (kernels/): int4 layers on CPUs with AVX-512 VNNI run our kernel, which rounds x to
+  int8 per 32 inputs as llama.cpp does (not the same numbers as quantized.py's bf16 route: within
+  about 1% of the largest output; tests/test_int4_kernel.py) and serves up to 16 rows per pass over
+  the weights, where PyTorch's kernel takes 4.
 * batch_invariant (an exact mode, not a faster one): every float matmul of a call without grad runs
   in blocks of exactly `rows` rows (BlockedLinear; the last block padded with zeros) and attention
   takes one query at a time (OneQueryAttention), so a token's numbers do not depend on how many
@@ -45,8 +49,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .kernels import use_int4_kernel
 from .kv_cache import KVCache
 from .model import Attention, Transformer
+from .quantized import Int4Linear
 
 
 class FewRowLinear(nn.Linear):
@@ -158,12 +164,15 @@ class CompiledDecode(Transformer):
 
 
 def speed_up(model: Transformer) -> Transformer:
-    """Give every plain nn.Linear the few-row route and every attention the GQA decode route, in place."""
+    """Give every plain nn.Linear the few-row route, every attention the GQA decode route and every CPU
+    Int4Linear our int4 kernel where this CPU has it (kernels/), in place."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = FewRowLinear
         elif type(module) is Attention:
             module.__class__ = GQADecodeAttention
+        elif type(module) is Int4Linear:
+            use_int4_kernel(module)
     return model
 
 
