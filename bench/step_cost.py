@@ -99,14 +99,14 @@ def int4(n: int, k: int, kernel: str):
     """An (n, k) int4 g32 matrix as `kernel` multiplies it: a function of x."""
     lin = Int4Linear(k, n, bias=False, group_size=32)
     lin.set_codes(*quantize_int4(torch.randn(n, k), 32))
-    if kernel == "ours":
+    if kernel == "our":
         use_int4_kernel(lin)
     return lin
 
 
 def int4_kernels() -> list[str]:
     """The int4 kernels that run here: torch's, and ours where it builds (minillm/kernels)."""
-    return ["torch's"] + (["ours"] if int4_vnni() is not None else [])
+    return ["torch's"] + (["our"] if int4_vnni() is not None else [])
 
 
 def bound(args) -> None:

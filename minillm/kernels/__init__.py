@@ -53,11 +53,15 @@ def int4_vnni():
     if choice == "aten" or not has_vnni():
         return None
     try:
-        return load(name="minillm_int4_vnni", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
+        module = load(name="minillm_int4_vnni", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError, ImportError) as e:
         warnings.warn(f"minillm: building {SOURCE} failed, int4 matmuls use PyTorch's kernel "
                       f"(set MINILLM_INT4_KERNEL=aten to skip the attempt): {str(e).strip()[-300:]}")
         return None
+    # the operator minillm::int4_vnni_mm (defined in C++, what a compiled step calls): its output's shape
+    torch.library.register_fake("minillm::int4_vnni_mm", lambda x, packed, scale_zero, group_size: x.new_empty(
+        x.shape[0], scale_zero.shape[0] * scale_zero.shape[2]))  # scale_zero: (N/16, K/group, 16, 2)
+    return module
 
 
 def int8_rows(x: torch.Tensor) -> torch.Tensor:
@@ -68,19 +72,6 @@ def int8_rows(x: torch.Tensor) -> torch.Tensor:
     amax = blocks.abs().amax(-1, keepdim=True)
     x8 = torch.round(blocks * torch.where(amax > 0, 127 / amax, 0))
     return (x8 * (amax / 127)).reshape(x.shape)
-
-
-# As an operator torch.compile can call without looking inside (compile_decode on int4 models).
-@torch.library.custom_op("minillm::int4_vnni_mm", mutates_args=())
-def int4_vnni_mm(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x (M, K) @ W^T -> (M, N) in x's dtype, with packed and scale_zero made by int4_vnni().pack."""
-    return int4_vnni().mm(x, packed, scale_zero, group_size)
-
-
-@int4_vnni_mm.register_fake
-def _(x, packed, scale_zero, group_size):
-    return x.new_empty(x.shape[0], scale_zero.shape[0] * scale_zero.shape[2])  # (N/16, K/group, 16, 2)
-
 
 
 class VNNIInt4Linear(Int4Linear):

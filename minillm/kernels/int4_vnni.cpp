@@ -155,6 +155,11 @@ std::vector<torch::Tensor> unpack(torch::Tensor packed, torch::Tensor scale_zero
   return {q.contiguous(), scale_zero.transpose(0, 1).reshape({G, N, 2}).contiguous()};
 }
 
+// As an operator too, which a compiled graph calls without going through Python (kernels/__init__.py
+// gives it the shape function torch.compile needs).
+TORCH_LIBRARY(minillm, m) { m.def("int4_vnni_mm(Tensor x, Tensor packed, Tensor scale_zero, int group_size) -> Tensor"); }
+TORCH_LIBRARY_IMPL(minillm, CPU, m) { m.impl("int4_vnni_mm", &mm); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm", &mm, "x @ W^T for int4 W in this file's layout, x rounded to int8 per 32 inputs");
   m.def("pack", &pack, "int4 codes and scale_zero -> this file's layouts");
