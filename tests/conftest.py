@@ -21,6 +21,14 @@ def _data_env():
     os.environ.setdefault("MINILLM_DATA_DIR", str(shared_data_dir()))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _int4_kernel_built():
+    """Build our int4 kernel (minillm/kernels; on AVX-512 VNNI CPUs) once, up front: else the first
+    command-line test that loads an int4 model would build it inside its subprocess's time limit."""
+    from minillm.kernels import int4_vnni
+    int4_vnni()
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return shared_data_dir()
