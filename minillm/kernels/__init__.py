@@ -39,8 +39,9 @@ FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq
 
 def has_vnni() -> bool:
     """Whether this CPU has AVX-512 VNNI (x86, as PyTorch reports it)."""
+    vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)  # private to torch: absent, say no
     return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() == "AVX512"
-            and torch.cpu._is_vnni_supported())
+            and vnni())
 
 
 @functools.cache
