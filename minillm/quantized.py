@@ -163,12 +163,15 @@ class Int4Linear(nn.Module):
 
     def set_codes(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """Take q (N, K) uint8 and scale, zero (N, K/group); pad rows to n_padded and pack for the kernel."""
+        q, self.scale_zero = self.padded(q, scale, zero)
+        self.packed = pack_for_kernel(q)
+
+    def padded(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q with rows up to n_padded, and scale_zero as the kernel wants it, (K/group, N_pad, 2)."""
         pad = self.n_padded - self.out_features
         q = F.pad(q, (0, 0, 0, pad), value=8)  # padded rows: (8 - 8) * 0 + 0 = 0
-        scale_zero = torch.stack((scale, zero), dim=-1)  # (N, K/group, 2)
-        scale_zero = F.pad(scale_zero, (0, 0, 0, 0, 0, pad))
-        self.packed = pack_for_kernel(q)
-        self.scale_zero = scale_zero.transpose(0, 1).contiguous().to(self.scale_zero.dtype)  # (K/group, N_pad, 2)
+        scale_zero = F.pad(torch.stack((scale, zero), dim=-1), (0, 0, 0, 0, 0, pad))  # (N_pad, K/group, 2)
+        return q, scale_zero.transpose(0, 1).contiguous().to(self.scale_zero.dtype)
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Back from the kernel layout to q (N, K) uint8, scale, zero (N, K/group). The packed layout is

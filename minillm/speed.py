@@ -2,7 +2,7 @@
 
 model.py is the reference a reader learns from and never mentions this file. A command line (or a
 user) calls `speed_up(model)` after loading, and optionally `compile_decode(model)` and
-`prepack(model)`; they change the model in place by giving some of its modules a subclass whose one
+`prepack(model)`; they change the model in place by giving some of its modules a subclass whose
 overridden methods take a faster route to the same numbers (tests/test_speed.py holds each against
 the reference; the int4 kernel, which rounds x differently, tests/test_int4_kernel.py):
 

@@ -27,10 +27,9 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.cpp_extension import load
 
-from ..quantized import Int4Linear
+from ..quantized import Int4Linear, unpack_nibbles
 
 SOURCE = Path(__file__).with_name("int4_vnni.cpp")
 CHOICES = ("own", "aten")
@@ -80,10 +79,10 @@ class VNNIInt4Linear(Int4Linear):
     layouts (packed 1-D); elsewhere (moved to CUDA) torch's, and it runs as Int4Linear does."""
 
     def set_codes(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
-        super().set_codes(q, scale, zero)  # pads the rows and orders scale_zero as (K/group, N_pad, 2)
-        if q.device.type == "cpu":
-            q = F.pad(q, (0, 0, 0, self.n_padded - self.out_features), value=8)
-            self.packed, self.scale_zero = int4_vnni().pack(q.to(torch.uint8).contiguous(), self.scale_zero)
+        if q.device.type != "cpu":
+            return super().set_codes(q, scale, zero)
+        q, scale_zero = self.padded(q, scale, zero)
+        self.packed, self.scale_zero = int4_vnni().pack(q.to(torch.uint8).contiguous(), scale_zero)
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.packed.dim() != 1:
@@ -118,9 +117,8 @@ def torch_layout_codes(module: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, 
     torch's CPU packing puts each of the N x K nibbles somewhere in (N, K/2) bytes; packing codes that
     spell out each position's index, 4 bits at a time, shows where (once per shape)."""
     N, K = module.n_padded, module.in_features
-    nibbles = torch.stack((module.packed & 15, module.packed >> 4), -1).reshape(-1)
     q = torch.empty(N * K, dtype=torch.uint8)
-    q[_torch_nibble_order(N, K)] = nibbles
+    q[_torch_nibble_order(N, K)] = unpack_nibbles(module.packed).reshape(-1)
     scale_zero = module.scale_zero[:, :module.out_features].transpose(0, 1)  # (N, K/group, 2)
     return q.reshape(N, K)[:module.out_features], scale_zero[..., 0], scale_zero[..., 1]
 
@@ -131,6 +129,6 @@ def _torch_nibble_order(N: int, K: int) -> torch.Tensor:
     index, order, shift = torch.arange(N * K).reshape(N, K), torch.zeros(N * K, dtype=torch.long), 0
     while (N * K - 1) >> shift:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(((index >> shift) & 15).to(torch.int32), 1)
-        order |= torch.stack((packed & 15, packed >> 4), -1).reshape(-1).long() << shift
+        order |= unpack_nibbles(packed).reshape(-1).long() << shift
         shift += 4
     return order
