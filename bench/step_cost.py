@@ -9,11 +9,14 @@ products and nothing else (no attention, norms, RoPE, cache, Python), so 1000 / 
 ceiling on tokens/s for that format on this machine:
 
     fp32, bf16      F.linear(x, W)                       (what transformers and our float models run)
-    int8            aten._weight_int8pack_mm             (per-channel int8, bf16 activations)
-    int4 g32        (210 matrices) + the int8 head (as minillm.quantize does), with each int4 kernel:
-                    torch's  aten._weight_int4pack_mm_for_cpu
-                    ours     minillm/kernels/int4_vnni.cpp (AVX-512 VNNI; what int4 models use there)
+    int8            per-channel int8 (quantized.py's Int8Linear), with each kernel:
+                    torch's  aten._weight_int8pack_mm (bf16 activations)
+                    ours     minillm/kernels/vnni.cpp (AVX-512 VNNI; what int8 layers use there)
+    int4 g32        (210 matrices) + the int8 head (as minillm.quantize does), with each kernel:
+                    torch's  aten._weight_int4pack_mm_for_cpu (+ torch's int8 for the head)
+                    ours     minillm/kernels/vnni.cpp (+ ours for the head)
     int4 g32 fused  the same with q|k|v and gate|up as one matrix each: 4 int4 calls per layer, not 7
+                    (with our kernel: what speed.speed_up runs, kernels.StackedInt4)
 
 `prefill`: the floor under a prompt read, fp32: the 210 layer matrices of SmolLM2-135M times
 --tokens rows (512) and the head times the last row (what a prefill with last_only multiplies),
@@ -37,7 +40,7 @@ way's M = 1 (the M = 1 cell: the ratio to nn.Linear's). The ways, float formats:
 
 int4 (g32, the head too), two kernels: BEFORE, aten._weight_int4pack_mm_for_cpu, which takes the rows
 in blocks of 4 (BLOCK_M), dequantizing every weight block again for each block of rows; AFTER, ours
-(minillm/kernels/int4_vnni.cpp, what int4 models use on CPUs with AVX-512 VNNI): x rounded to int8
+(minillm/kernels/vnni.cpp, what int4 models use on CPUs with AVX-512 VNNI): x rounded to int8
 per 32 inputs, int8 dot products, up to 16 rows per pass.
 
 `gqa`: one decode step of grouped-query attention, three ways, SmolLM2-135M's shape (9 query heads,
@@ -71,8 +74,8 @@ import torch.nn.functional as F
 from minillm.config import ModelConfig
 from minillm.model import Attention
 from minillm.quantize import quantize_int4, quantize_int8
-from minillm.kernels import int4_vnni, use_int4_kernel
-from minillm.quantized import Int4Linear
+from minillm.kernels import use_kernel, vnni
+from minillm.quantized import Int4Linear, Int8Linear
 from minillm.speed import FewRowLinear, few_row_route, prepack, speed_up
 
 LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # q k v o gate up down
@@ -100,22 +103,31 @@ def int4(n: int, k: int, kernel: str):
     lin = Int4Linear(k, n, bias=False, group_size=32)
     lin.set_codes(*quantize_int4(torch.randn(n, k), 32))
     if kernel == "our":
-        use_int4_kernel(lin)
+        use_kernel(lin)
+    return lin
+
+
+def int8(n: int, k: int, kernel: str):
+    """An (n, k) int8 per-row matrix as `kernel` multiplies it: a function of x."""
+    lin = Int8Linear(k, n, bias=False)
+    q, lin.scales = quantize_int8(torch.randn(n, k))
+    lin.set_codes(q)
+    if kernel == "our":
+        use_kernel(lin)
     return lin
 
 
 def int4_kernels() -> list[str]:
-    """The int4 kernels that run here: torch's, and ours where it builds (minillm/kernels)."""
-    return ["torch's"] + (["our"] if int4_vnni() is not None else [])
+    """The int4/int8 kernels that run here: torch's, and ours where it builds (minillm/kernels)."""
+    return ["torch's"] + (["our"] if vnni() is not None else [])
 
 
 def bound(args) -> None:
     fp32 = [torch.randn(n, k) for n, k in SMOLLM2]
     bf16 = [w.bfloat16() for w in fp32]
-    i8 = [quantize_int8(w) for w in fp32]
-    head8 = i8[-1]
-    i4 = {kernel: [int4(n, k, kernel) for n, k in LAYER * 30] for kernel in int4_kernels()}
-    i4f = {kernel: [int4(n, k, kernel) for n, k in FUSED * 30] for kernel in int4_kernels()}
+    i8 = {kernel: [int8(n, k, kernel) for n, k in SMOLLM2] for kernel in int4_kernels()}
+    i4 = {kernel: [int4(n, k, kernel) for n, k in LAYER * 30] + i8[kernel][-1:] for kernel in int4_kernels()}
+    i4f = {kernel: [int4(n, k, kernel) for n, k in FUSED * 30] + i8[kernel][-1:] for kernel in int4_kernels()}
     x = {k: torch.randn(1, k) for k in (576, 1536)}
     xb = {k: v.bfloat16() for k, v in x.items()}
 
@@ -123,19 +135,16 @@ def bound(args) -> None:
         for w in ws:
             F.linear(xs[w.shape[1]], w)
 
-    def run_int8():
-        for q, s in i8:
-            torch.ops.aten._weight_int8pack_mm(xb[q.shape[1]], q, s)
-
-    def run_int4(packed):
-        for lin in packed:
+    def run(layers):
+        for lin in layers:
             lin(xb[lin.in_features])
-        torch.ops.aten._weight_int8pack_mm(xb[576], *head8)
 
-    ways = {"fp32": lambda: run_float(fp32, x), "bf16": lambda: run_float(bf16, xb), "int8": run_int8}
+    ways = {"fp32": lambda: run_float(fp32, x), "bf16": lambda: run_float(bf16, xb)}
+    for kernel in i8:
+        ways[f"int8, {kernel} kernel"] = functools.partial(run, i8[kernel])
     for kernel in i4:
-        ways[f"int4 g32 (+ int8 head), {kernel} kernel"] = functools.partial(run_int4, i4[kernel])
-        ways[f"int4 g32 fused (+ int8 head), {kernel} kernel"] = functools.partial(run_int4, i4f[kernel])
+        ways[f"int4 g32 (+ int8 head), {kernel} kernel"] = functools.partial(run, i4[kernel])
+        ways[f"int4 g32 fused (+ int8 head), {kernel} kernel"] = functools.partial(run, i4f[kernel])
     ms = medians(ways, args.repeats, warmups=1)
     print(f"SmolLM2-135M's decode matmuls, 1 row, {torch.get_num_threads()} threads, median of {args.repeats}\n")
     print("| weights | ms per token | ceiling tok/s |\n|---|---|---|")

@@ -112,14 +112,19 @@ class Attention(nn.Module):
         """x (B, T, C) -> q (B, nh, T, hd), k and v (B, nkv, T, hd), q and k rotated by position."""
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k, v = self.qkv(x)  # (B, T, nh*hd), (B, T, nkv*hd) twice
+        q = q.view(B, T, cfg.n_head, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, cfg.n_kv_head, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)  # over hd, per head and position
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k, v
+
+    def qkv(self, x):
+        """x's three projections, heads side by side (one method: a faster route may do one matmul)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def attend(self, q, k, v, mask):
         """softmax(q·kᵀ/√hd, causal) · v for q (B, nh, T, hd) and k, v (B, nkv, S, hd); mask (T, S)

@@ -18,10 +18,12 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
 * GQADecodeAttention: at decode (one query token, grouped-query attention, SDPA), the n_head/n_kv_head
   query heads that share a K/V head become that many query rows of it, so the cached K/V are read
   once instead of being expanded per query head.
-* VNNIInt4Linear (kernels/): int4 layers on CPUs with AVX-512 VNNI run our kernel, which rounds x to
-  int8 per 32 inputs as llama.cpp does (not the same numbers as quantized.py's bf16 route: within
-  about 1% of the largest output; tests/test_int4_kernel.py) and serves up to 16 rows per pass over
-  the weights, where PyTorch's kernel takes 4.
+* VNNIInt4Linear, VNNIInt8Linear (kernels/): int4 and int8 layers on CPUs with AVX-512 VNNI run our
+  kernel, which rounds x to int8 per 32 inputs as llama.cpp does (not the same numbers as
+  quantized.py's bf16 route: within about 1% of the largest output; tests/test_int4_kernel.py) and
+  serves up to 16 rows per pass over the weights, where PyTorch's int4 kernel takes 4. The int4 q, k,
+  v of a layer and its gate, up run as one matrix each (StackedInt4, GQADecodeAttention.qkv and
+  StackedMLP): one call instead of five, the same numbers.
 * batch_invariant (an exact mode, not a faster one): every float matmul of a call without grad runs
   in blocks of exactly `rows` rows (BlockedLinear; the last block padded with zeros) and attention
   takes one query at a time (OneQueryAttention), so a token's numbers do not depend on how many
@@ -49,10 +51,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import use_int4_kernel
+from .kernels import StackedInt4, use_kernel
 from .kv_cache import KVCache
-from .model import Attention, Transformer
-from .quantized import Int4Linear
+from .model import MLP, Attention, Transformer
+from .quantized import Int4Linear, Int8Linear, release_freed_memory
 
 
 class FewRowLinear(nn.Linear):
@@ -120,6 +122,13 @@ def few_row_route(dtype: torch.dtype) -> str:
 
 
 class GQADecodeAttention(Attention):
+    int4_qkv: StackedInt4 | None = None  # speed_up: q, k and v as one matrix, where our int4 kernel runs them
+
+    def qkv(self, x):
+        if self.int4_qkv is None or not self.int4_qkv.valid:
+            return super().qkv(x)
+        return self.int4_qkv(x)
+
     def attend(self, q, k, v, mask):
         cfg = self.cfg
         B, nh, T, hd = q.shape
@@ -129,6 +138,17 @@ class GQADecodeAttention(Attention):
         q = q.reshape(B, cfg.n_kv_head, nh // cfg.n_kv_head, hd)  # (B, nkv, rep, hd): rep query rows per K/V head
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop)  # (B, nkv, rep, hd)
         return y.reshape(B, nh, 1, hd)
+
+
+class StackedMLP(MLP):
+    """SwiGLU with gate and up as one int4 matrix (speed_up makes it where our int4 kernel runs them)."""
+    gate_up: StackedInt4
+
+    def forward(self, x):
+        if not self.gate_up.valid:
+            return super().forward(x)
+        gate, up = self.gate_up(x)
+        return self.dropout(self.down_proj(F.silu(gate) * up))
 
 
 class BlockedLinear(FewRowLinear):
@@ -165,14 +185,23 @@ class CompiledDecode(Transformer):
 
 def speed_up(model: Transformer) -> Transformer:
     """Give every plain nn.Linear the few-row route, every attention the GQA decode route and every CPU
-    Int4Linear our int4 kernel where this CPU has it (kernels/), in place."""
+    Int4Linear and Int8Linear our kernel where this CPU has it (kernels/), in place; where that kernel
+    runs int4 q, k, v or gate, up, multiply them as one matrix each (StackedInt4)."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = FewRowLinear
         elif type(module) is Attention:
             module.__class__ = GQADecodeAttention
-        elif type(module) is Int4Linear:
-            use_int4_kernel(module)
+        elif type(module) in (Int4Linear, Int8Linear):
+            use_kernel(module)
+    for module in model.modules():
+        if isinstance(module, GQADecodeAttention) and module.int4_qkv is None:
+            module.int4_qkv = StackedInt4.of([module.q_proj, module.k_proj, module.v_proj])
+        elif type(module) is MLP and module.family == "llama":
+            stack = StackedInt4.of([module.gate_proj, module.up_proj])
+            if stack is not None:
+                module.__class__, module.gate_up = StackedMLP, stack
+    release_freed_memory()  # the layers' own buffers, now replaced by views of the stacks
     return model
 
 

@@ -22,11 +22,11 @@ def _data_env():
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _int4_kernel_built():
-    """Build our int4 kernel (minillm/kernels; on AVX-512 VNNI CPUs) once, up front: else the first
-    command-line test that loads an int4 model would build it inside its subprocess's time limit."""
-    from minillm.kernels import int4_vnni
-    int4_vnni()
+def _quant_kernel_built():
+    """Build our int4/int8 kernel (minillm/kernels; on AVX-512 VNNI CPUs) once, up front: else the first
+    command-line test that loads a quantized model would build it inside its subprocess's time limit."""
+    from minillm.kernels import vnni
+    vnni()
 
 
 @pytest.fixture(scope="session")

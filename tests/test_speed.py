@@ -151,15 +151,19 @@ def test_gqa_decode_route_is_taken_and_equals_reference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-gqa-int4"])
 def test_compiled_decode_gives_the_eager_greedy_tokens(name):
+    """int4: through the speed layer's route (our kernel and its q|k|v, gate|up stacks where it runs)."""
     from minillm.generate import stream_tokens
+    from minillm.quantize import quantize_model
     from minillm.sampling import SamplingParams
-    model = make(name)
+    model = make(name.removesuffix("-int4"))
     with torch.no_grad():  # louder blocks: a random model's argmax then moves instead of echoing its input
         for n, p in model.named_parameters():
             if n.endswith(("o_proj.weight", "down_proj.weight")):
                 p.mul_(30)
+    if name.endswith("int4"):
+        model = speed_up(quantize_model(model, 4, 32))
     prompt, greedy = [3, 14, 15, 92, 65], SamplingParams(temperature=0.0)
     eager = list(stream_tokens(model, prompt, 12, greedy))
     compile_decode(model)

@@ -1,21 +1,23 @@
-"""Our own CPU kernel for int4 matmuls (int4_vnni.cpp), a speed-layer route for CPUs with AVX-512 VNNI.
+"""Our own CPU kernel for int4 and int8 matmuls (vnni.cpp), a speed-layer route for CPUs with AVX-512 VNNI.
 
 It multiplies as llama.cpp does: each row of x rounded to int8 per block of 32 inputs, the products
-with the 4-bit codes summed exactly in int32 by the CPU's int8 dot-product instruction (vpdpbusd, 64
-at a time), floats once per block. Its result is thus dequant(W) @ dequant(x8) (int8_rows below says
-what x8 is), which tests/test_int4_kernel.py holds it to within float rounding; rounding x to int8
-per 32 inputs is about as coarse as the bf16 (8 significant bits) quantized.py's kernel, PyTorch's,
-rounds x to, and the two agree to about 1% of the largest output. A row's numbers do not depend on
-the other rows of a call, and each pass over the weights serves up to 16 rows, so verifying k
-drafts costs little more than one row; PyTorch's CPU kernel (aten._weight_int4pack_mm_for_cpu)
+with the 4-bit or 8-bit codes summed exactly in int32 by the CPU's int8 dot-product instruction
+(vpdpbusd, 64 at a time), floats once per block. Its result is thus dequant(W) @ dequant(x8) (int8_rows
+below says what x8 is), which tests/test_int4_kernel.py holds it to within float rounding; rounding x
+to int8 per 32 inputs is about as coarse as the bf16 (8 significant bits) quantized.py's kernels,
+PyTorch's, round x to, and the two agree to about 1% of the largest output. A row's numbers do not
+depend on the other rows of a call, and each pass over the weights serves up to 16 rows, so verifying
+k drafts costs little more than one row; PyTorch's CPU int4 kernel (aten._weight_int4pack_mm_for_cpu)
 takes rows four at a time and dequantizes the weights again for each four (`python -m
 bench.step_cost few-rows` prints both).
 
-speed.speed_up(model) gives every CPU Int4Linear this route (VNNIInt4Linear) where the kernel is
-available. Built with torch.utils.cpp_extension (a C++ compiler and ninja: `pip install ninja`)
-into PyTorch's extension cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions): the first
-time on a machine takes a minute or two. MINILLM_INT4_KERNEL=aten keeps PyTorch's kernel (own, the
-default, uses ours where the CPU has AVX-512 VNNI and it builds).
+speed.speed_up(model) gives every CPU Int4Linear this route (VNNIInt4Linear) and every CPU Int8Linear
+of a width that is a multiple of 32 (the int8 output head of int4 models, every layer of int8 ones:
+VNNIInt8Linear) where the kernel is available. Built with torch.utils.cpp_extension (a C++ compiler
+and ninja: `pip install ninja`) into PyTorch's extension cache (TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions): the first time on a machine takes a minute or two.
+MINILLM_QUANT_KERNEL=aten keeps PyTorch's kernels (own, the default, uses ours where the CPU has
+AVX-512 VNNI and it builds).
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.cpp_extension import load
 
-from ..quantized import Int4Linear, unpack_nibbles
+from ..quantized import Int4Linear, Int8Linear, unpack_nibbles
 
-SOURCE = Path(__file__).with_name("int4_vnni.cpp")
+SOURCE = Path(__file__).with_name("vnni.cpp")
 CHOICES = ("own", "aten")
+TILE = 16  # output rows per tile of the kernel's layout
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
 
 
@@ -44,22 +48,22 @@ def has_vnni() -> bool:
 
 
 @functools.cache
-def int4_vnni():
+def vnni():
     """The built extension (mm, pack, unpack), or None where it cannot run here (a warning says why when
     building failed). Decided once per process."""
-    choice = os.environ.get("MINILLM_INT4_KERNEL", "own")
+    choice = os.environ.get("MINILLM_QUANT_KERNEL", "own")
     if choice not in CHOICES:
-        raise ValueError(f"MINILLM_INT4_KERNEL={choice!r}: expected one of {CHOICES}")
+        raise ValueError(f"MINILLM_QUANT_KERNEL={choice!r}: expected one of {CHOICES}")
     if choice == "aten" or not has_vnni():
         return None
     try:
-        module = load(name="minillm_int4_vnni", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
+        module = load(name="minillm_vnni", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError, ImportError) as e:
-        warnings.warn(f"minillm: building {SOURCE} failed, int4 matmuls use PyTorch's kernel "
-                      f"(set MINILLM_INT4_KERNEL=aten to skip the attempt): {str(e).strip()[-300:]}")
+        warnings.warn(f"minillm: building {SOURCE} failed, int4 and int8 matmuls use PyTorch's kernels "
+                      f"(set MINILLM_QUANT_KERNEL=aten to skip the attempt): {str(e).strip()[-300:]}")
         return None
-    # the operator minillm::int4_vnni_mm (defined in C++, what a compiled step calls): its output's shape
-    torch.library.register_fake("minillm::int4_vnni_mm", lambda x, packed, scale_zero, group_size: x.new_empty(
+    # the operator minillm::vnni_mm (defined in C++, what a compiled step calls): its output's shape
+    torch.library.register_fake("minillm::vnni_mm", lambda x, packed, scale_zero, group_size, bits: x.new_empty(
         x.shape[0], scale_zero.shape[0] * scale_zero.shape[2]))  # scale_zero: (N/16, K/group, 16, 2)
     return module
 
@@ -75,19 +79,22 @@ def int8_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class VNNIInt4Linear(Int4Linear):
-    """An Int4Linear multiplied by our kernel: on the CPU `packed` and `scale_zero` hold int4_vnni.cpp's
+    """An Int4Linear multiplied by our kernel: on the CPU `packed` and `scale_zero` hold vnni.cpp's
     layouts (packed 1-D); elsewhere (moved to CUDA) torch's, and it runs as Int4Linear does."""
+    stack: StackedInt4 | None = None  # the stack whose buffers this layer's are views of
 
     def set_codes(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        if self.stack is not None:
+            self.stack.valid, self.stack = False, None
         if q.device.type != "cpu":
             return super().set_codes(q, scale, zero)
         q, scale_zero = self.padded(q, scale, zero)
-        self.packed, self.scale_zero = int4_vnni().pack(q.to(torch.uint8).contiguous(), scale_zero)
+        self.packed, self.scale_zero = vnni().pack(q.to(torch.uint8).contiguous(), scale_zero, 4)
 
     def codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.packed.dim() != 1:
             return super().codes()
-        q, scale_zero = int4_vnni().unpack(self.packed, self.scale_zero, self.in_features)
+        q, scale_zero = vnni().unpack(self.packed, self.scale_zero, self.in_features, 4)
         N = self.out_features
         scale_zero = scale_zero[:, :N].transpose(0, 1)  # (N, K/group, 2)
         return q[:N].contiguous(), scale_zero[..., 0].contiguous(), scale_zero[..., 1].contiguous()
@@ -96,20 +103,109 @@ class VNNIInt4Linear(Int4Linear):
         if self.packed.dim() != 1:
             return super().forward(x)
         shape = x.shape
-        args = (x.reshape(-1, shape[-1]), self.packed, self.scale_zero, self.group_size)
-        # eager calls skip the operator's dispatch: microseconds a call, and it imports sympy
-        y = torch.ops.minillm.int4_vnni_mm(*args) if torch.compiler.is_compiling() else int4_vnni().mm(*args)
-        y = y.to(self.scale_zero.dtype)[:, :self.out_features].reshape(*shape[:-1], self.out_features)
-        return y + self.bias if self.bias is not None else y
+        return finish(self, multiply(x.reshape(-1, shape[-1]), self.packed, self.scale_zero, self.group_size, 4), shape)
 
 
-def use_int4_kernel(module: Int4Linear) -> None:
-    """Give a CPU Int4Linear our kernel's route in place, where the kernel is available here."""
-    if type(module) is not Int4Linear or module.packed.device.type != "cpu" or int4_vnni() is None:
-        return
-    q, scale, zero = torch_layout_codes(module)
-    module.__class__ = VNNIInt4Linear
-    module.set_codes(q, scale, zero)
+class VNNIInt8Linear(Int8Linear):
+    """An Int8Linear multiplied by our kernel (in_features a multiple of 32): on the CPU `weight` holds
+    vnni.cpp's int8 layout (1-D: codes + 128, rows padded to a multiple of 16) and `scale_zero` (not
+    in the state dict) the scales as its (scale, -128 * scale) pairs; the state dict keeps the portable
+    (out, in) codes. Moved off the CPU it becomes a plain Int8Linear again."""
+
+    def set_codes(self, q: torch.Tensor) -> None:
+        if q.device.type != "cpu":
+            return super().set_codes(q)
+        pad = -q.shape[0] % TILE
+        u = (F.pad(q, (0, 0, 0, pad)).to(torch.int16) + 128).to(torch.uint8)
+        scale = F.pad(self.scales, (0, pad))
+        scale_zero = torch.stack((scale, -128 * scale), -1)[None]  # (1 group, N_pad, 2); -128 * a bf16 is exact
+        self.weight, scale_zero = vnni().pack(u.contiguous(), scale_zero.contiguous(), 8)
+        self.register_buffer("scale_zero", scale_zero, persistent=False)
+
+    def codes(self) -> torch.Tensor:
+        """q (out, in) int8, the portable form."""
+        u, _ = vnni().unpack(self.weight, self.scale_zero, self.in_features, 8)
+        return (u[:self.out_features].to(torch.int16) - 128).to(torch.int8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dim() != 1:
+            return super().forward(x)
+        shape = x.shape
+        return finish(self, multiply(x.reshape(-1, shape[-1]), self.weight, self.scale_zero, self.in_features, 8), shape)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if prefix + "weight" in destination and self.weight.dim() == 1:
+            destination[prefix + "weight"] = self.codes()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        self.weight = self.codes()  # the plain layout, which loading copies into
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self.set_codes(self.weight)
+
+    def _apply(self, fn, recurse=True):
+        if fn(torch.zeros(1)).device.type != "cpu":  # torch's kernel and layout off the CPU
+            self.weight, self.__class__ = self.codes(), Int8Linear
+            del self.scale_zero
+        return Int8Linear._apply(self, fn, recurse)
+
+
+def finish(layer: Int4Linear | Int8Linear, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The kernel's (M, padded out_features) result -> the layer's output for an x of `shape`."""
+    y = y.to(layer.scale_zero.dtype)[:, :layer.out_features].reshape(*shape[:-1], layer.out_features)
+    return y + layer.bias if layer.bias is not None else y
+
+
+def multiply(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
+    """The kernel: x (M, K) -> (M, N) in x's dtype, N the padded rows scale_zero holds."""
+    # eager calls skip the operator's dispatch: microseconds a call, and it imports sympy
+    mm = torch.ops.minillm.vnni_mm if torch.compiler.is_compiling() else vnni().mm
+    return mm(x, packed, scale_zero, group_size, bits)
+
+
+class StackedInt4:
+    """Several VNNIInt4Linear layers that read the same x (q, k, v; gate, up) multiplied as one matrix:
+    their tiles stacked, one rounding of x and one pass of the kernel instead of one each. Each tile's
+    sums do not depend on the tiles beside it, so every output is bit for bit the separate layer's.
+    The layers' own buffers become views of the stacked ones (no memory added; their state dicts are
+    unchanged). New codes for a layer later (set_codes: .to(device) and load_state_dict call it) make
+    the stack stale (`valid` False), and the caller multiplies the layers one by one again."""
+
+    def __init__(self, parts: list[VNNIInt4Linear]):
+        self.parts, self.group_size = parts, parts[0].group_size
+        self.packed, self.scale_zero = torch.cat([p.packed for p in parts]), torch.cat([p.scale_zero for p in parts])
+        self.bytes, self.tiles = [p.packed.numel() for p in parts], [p.scale_zero.shape[0] for p in parts]
+        for p, packed, scale_zero in zip(parts, self.packed.split(self.bytes), self.scale_zero.split(self.tiles)):
+            p.packed, p.scale_zero, p.stack = packed, scale_zero, self
+        self.valid = True
+
+    @classmethod
+    def of(cls, parts: list[Int4Linear]) -> StackedInt4 | None:
+        """The stack of `parts`, or None where they cannot share a call (not all on our kernel's route,
+        different group sizes or input widths, bias on some only)."""
+        if not all(type(p) is VNNIInt4Linear and p.packed.dim() == 1 for p in parts) or len(
+                {(p.group_size, p.in_features, p.bias is None) for p in parts}) != 1:
+            return None
+        return cls(parts)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (..., K) -> each layer's output, (..., its out_features)."""
+        shape = x.shape
+        y = multiply(x.reshape(-1, shape[-1]), self.packed, self.scale_zero, self.group_size, 4)
+        return [finish(p, part, shape) for p, part in zip(self.parts, y.split([TILE * t for t in self.tiles], dim=1))]
+
+
+def use_kernel(module: Int4Linear | Int8Linear) -> None:
+    """Give a CPU Int4Linear or Int8Linear our kernel's route in place, where the kernel is available
+    here (int8: for an in_features that is a multiple of 32, the kernel's block)."""
+    if type(module) is Int4Linear and module.packed.device.type == "cpu" and vnni() is not None:
+        q, scale, zero = torch_layout_codes(module)
+        module.__class__ = VNNIInt4Linear
+        module.set_codes(q, scale, zero)
+    elif type(module) is Int8Linear and module.weight.device.type == "cpu" and module.in_features % 32 == 0 \
+            and vnni() is not None:
+        module.__class__ = VNNIInt8Linear
+        module.set_codes(module.weight)
 
 
 def torch_layout_codes(module: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
