@@ -61,12 +61,15 @@ def test_our_kernel_computes_dequantized_w_times_int8_x_and_is_close_to_torchs(n
 
 @needs_vnni
 def test_a_row_gets_the_same_numbers_whatever_the_row_count():
+    """And a bf16 x gets the float32 result of the same values rounded as torch rounds to bf16."""
     _, _, lin = layers(576, 1536, 32, seed=3)
     x = torch.randn(40, 1536)
     with torch.inference_mode():
         alone = torch.cat([lin(x[i:i + 1]) for i in range(40)])
         for m in (2, 5, 16, 17, 33, 40):
             assert torch.equal(lin(x[:m]), alone[:m]), f"{m} rows"
+        xb, mm = x.bfloat16() * 1e3, vnni().mm
+        assert torch.equal(mm(xb, lin.packed, lin.scale_zero, 32, 4), mm(xb.float(), lin.packed, lin.scale_zero, 32, 4).bfloat16())
 
 
 @needs_vnni

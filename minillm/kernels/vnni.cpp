@@ -18,13 +18,30 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 constexpr int TILE = 16, BLOCK = 32, MAX_ROWS = 16;
+
+// Where results go: float32, or bf16 rounded to nearest even as PyTorch rounds (NaN -> 0x7FC0), so that
+// a bf16 caller gets what y.to(bf16) would give without a float32 copy of y.
+struct Out {
+  void* p;
+  bool bf16;
+  void store(int64_t i, __m512 v) const {
+    if (!bf16) return _mm512_storeu_ps((float*)p + i, v);
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                          _mm512_set1_epi32(0x7FFF));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256((__m256i*)((uint16_t*)p + i), _mm512_cvtepi32_epi16(r));
+  }
+};
 
 // Rows 0..M-1 of x (as x8, d per block and xsum = d * sum(x8) per group) times tiles tile0..tile0+T-1.
 template <int BITS, int M, int T>
 static void tiles(const uint8_t* w, const uint32_t* sz, const int8_t* x8, const float* d, const float* xsum,
-                  float* y, int64_t N, int64_t K, int64_t g, int64_t tile0) {
+                  Out y, int64_t N, int64_t K, int64_t g, int64_t tile0) {
   const int64_t G = K / g, B = K / BLOCK;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512 acc[M][T];
@@ -73,12 +90,12 @@ static void tiles(const uint8_t* w, const uint32_t* sz, const int8_t* x8, const 
     }
   }
   for (int m = 0; m < M; ++m)
-    for (int t = 0; t < T; ++t) _mm512_storeu_ps(y + m * N + (tile0 + t) * TILE, acc[m][t]);
+    for (int t = 0; t < T; ++t) y.store(m * N + (tile0 + t) * TILE, acc[m][t]);
 }
 
 template <int BITS, int M>
 static void rows(const uint8_t* w, const uint32_t* sz, const int8_t* x8, const float* d, const float* xsum,
-                 float* y, int64_t N, int64_t K, int64_t g) {
+                 Out y, int64_t N, int64_t K, int64_t g) {
   constexpr int T = M <= 2 ? 4 : (M <= 4 ? 2 : 1);  // more sums in flight for few rows
   at::parallel_for(0, N / TILE, 1, [&](int64_t a, int64_t b) {
     int64_t t = a;
@@ -87,13 +104,16 @@ static void rows(const uint8_t* w, const uint32_t* sz, const int8_t* x8, const f
   });
 }
 
-// x (M, K) float -> x8 (M, K) int8, d (M, K/32) and xsum (M, K/g) = sum of d * x8 over each group.
-static void quantize_rows(const float* x, int8_t* x8, float* d, float* xsum, int64_t M, int64_t K, int64_t g) {
+// x (M, K) float or bf16 -> x8 (M, K) int8, d (M, K/32) and xsum (M, K/g) = sum of d * x8 over each group.
+template <typename X>
+static void quantize_rows(const X* x, int8_t* x8, float* d, float* xsum, int64_t M, int64_t K, int64_t g) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < K / BLOCK; ++b) {
-      const float* xb = x + m * K + b * BLOCK;
-      float amax = 0.f;
-      for (int i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(xb[i]));
+      float xb[BLOCK], amax = 0.f;
+      for (int i = 0; i < BLOCK; ++i) {
+        xb[i] = static_cast<float>(x[m * K + b * BLOCK + i]);
+        amax = std::max(amax, std::fabs(xb[i]));
+      }
       const float inv = amax > 0.f ? 127.f / amax : 0.f;
       int sum = 0;
       for (int i = 0; i < BLOCK; ++i) {
@@ -110,7 +130,7 @@ static void quantize_rows(const float* x, int8_t* x8, float* d, float* xsum, int
 // Rows m0.. of a call, up to MAX_ROWS of them, through the template for their count.
 template <int BITS>
 static void row_block(int64_t rows_here, const uint8_t* w, const uint32_t* sz, const int8_t* x8, const float* d,
-                      const float* xsum, float* y, int64_t N, int64_t K, int64_t g) {
+                      const float* xsum, Out y, int64_t N, int64_t K, int64_t g) {
   switch (rows_here) {
     case 1: return rows<BITS, 1>(w, sz, x8, d, xsum, y, N, K, g);
     case 2: return rows<BITS, 2>(w, sz, x8, d, xsum, y, N, K, g);
@@ -131,24 +151,29 @@ static void row_block(int64_t rows_here, const uint8_t* w, const uint32_t* sz, c
   }
 }
 
-// x (M, K) any float dtype; packed and scale_zero from pack() with these bits -> (M, N) in x's dtype.
+// x (M, K) float32 or bf16 (others are converted to float32 first); packed and scale_zero from pack() with
+// these bits -> (M, N) in x's dtype. The rounded rows live in a scratch buffer kept per thread.
 torch::Tensor mm(torch::Tensor x, torch::Tensor packed, torch::Tensor scale_zero, int64_t g, int64_t bits) {
   const int64_t M = x.size(0), K = x.size(1), N = scale_zero.size(0) * TILE;
   TORCH_CHECK((bits == 4 || bits == 8) && K % g == 0 && g % BLOCK == 0 && packed.numel() == N * K * bits / 8 &&
               scale_zero.numel() == N * K / g * 2, "vnni mm: bad shapes");
-  auto xf = x.to(torch::kFloat).contiguous();
-  auto x8 = torch::empty({M, K}, xf.options().dtype(torch::kInt8));
-  auto d = torch::empty({M, K / BLOCK}, xf.options()), xsum = torch::empty({M, K / g}, xf.options());
-  quantize_rows(xf.data_ptr<float>(), x8.data_ptr<int8_t>(), d.data_ptr<float>(), xsum.data_ptr<float>(), M, K, g);
-  auto y = torch::empty({M, N}, xf.options());
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  auto xc = bf16 ? x.contiguous() : x.to(torch::kFloat).contiguous();
+  thread_local std::vector<float> scratch;  // d, xsum, then x8's bytes
+  scratch.resize(M * (K / BLOCK + K / g) + (M * K + 3) / 4);
+  float *d = scratch.data(), *xsum = d + M * (K / BLOCK);
+  int8_t* x8 = (int8_t*)(xsum + M * (K / g));
+  if (bf16) quantize_rows(xc.data_ptr<at::BFloat16>(), x8, d, xsum, M, K, g);
+  else quantize_rows(xc.data_ptr<float>(), x8, d, xsum, M, K, g);
+  auto y = torch::empty({M, N}, xc.options());
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const uint32_t* sz = (const uint32_t*)scale_zero.data_ptr<at::BFloat16>();
   const auto block = bits == 4 ? row_block<4> : row_block<8>;
   for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
-    block(std::min<int64_t>(MAX_ROWS, M - m0), w, sz, x8.data_ptr<int8_t>() + m0 * K, d.data_ptr<float>() + m0 * (K / BLOCK),
-          xsum.data_ptr<float>() + m0 * (K / g), y.data_ptr<float>() + m0 * N, N, K, g);
+    const Out out{(char*)y.data_ptr() + m0 * N * y.element_size(), bf16};
+    block(std::min<int64_t>(MAX_ROWS, M - m0), w, sz, x8 + m0 * K, d + m0 * (K / BLOCK), xsum + m0 * (K / g), out, N, K, g);
   }
-  return y.to(x.scalar_type());
+  return x.scalar_type() == xc.scalar_type() ? y : y.to(x.scalar_type());
 }
 
 // u (N, K) uint8 codes as above, scale_zero (K/g, N, 2) as quantized.py keeps it, N % 16 == 0, K % 32 == 0
