@@ -47,7 +47,8 @@ def test_our_kernel_computes_dequantized_w_times_int8_x_and_is_close_to_torchs(n
     largest output of ours (the two round x differently)."""
     (q, scale, zero), theirs, lin = layers(n, k, group_size)
     w = dequantize_int4(q, scale, zero).double()
-    x = torch.randn(40, k) * torch.rand(40, 1) * 3
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, k, generator=g) * torch.rand(40, 1, generator=g) * 3
     with torch.inference_mode():
         for m in list(range(1, 18)) + [40]:
             ref = int8_rows(x[:m]).double() @ w.t()
@@ -187,7 +188,8 @@ def test_our_int8_route_computes_dequantized_w_times_int8_x(n, k):
     (q, scale), theirs, lin = int8_layers(n, k)
     assert type(lin) is VNNIInt8Linear and lin.weight.dim() == 1
     w = (q.double() * scale.double()[:, None])
-    x = torch.randn(40, k) * torch.rand(40, 1) * 3
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(40, k, generator=g) * torch.rand(40, 1, generator=g) * 3
     with torch.inference_mode():
         alone = torch.cat([lin(x[i:i + 1]) for i in range(40)])
         for m in list(range(1, 18)) + [40]:

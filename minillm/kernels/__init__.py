@@ -74,7 +74,8 @@ def int8_rows(x: torch.Tensor) -> torch.Tensor:
     and readers; the kernel does this itself."""
     blocks = x.float().reshape(x.shape[0], -1, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
-    x8 = torch.round(blocks * torch.where(amax > 0, 127 / amax, 0))
+    inv = torch.where(amax > 0, torch.full_like(amax, 127) / amax, 0)  # a division, as the kernel's (127 / t is
+    x8 = torch.round(blocks * inv)  # 127 * reciprocal(t) in torch, which can land a tie on the other side)
     return (x8 * (amax / 127)).reshape(x.shape)
 
 
@@ -116,7 +117,7 @@ class VNNIInt8Linear(Int8Linear):
         if q.device.type != "cpu":
             return super().set_codes(q)
         pad = -q.shape[0] % TILE
-        u = (F.pad(q, (0, 0, 0, pad)).to(torch.int16) + 128).to(torch.uint8)
+        u = F.pad(q, (0, 0, 0, pad)).view(torch.uint8) ^ 128  # q + 128: two's complement with the top bit flipped
         scale = F.pad(self.scales, (0, pad))
         scale_zero = torch.stack((scale, -128 * scale), -1)[None]  # (1 group, N_pad, 2); -128 * a bf16 is exact
         self.weight, scale_zero = vnni().pack(u.contiguous(), scale_zero.contiguous(), 8)
@@ -125,7 +126,7 @@ class VNNIInt8Linear(Int8Linear):
     def codes(self) -> torch.Tensor:
         """q (out, in) int8, the portable form."""
         u, _ = vnni().unpack(self.weight, self.scale_zero, self.in_features, 8)
-        return (u[:self.out_features].to(torch.int16) - 128).to(torch.int8)
+        return (u[:self.out_features] ^ 128).view(torch.int8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dim() != 1:
