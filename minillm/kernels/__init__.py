@@ -104,7 +104,8 @@ class VNNIInt4Linear(Int4Linear):
         if self.packed.dim() != 1:
             return super().forward(x)
         shape = x.shape
-        return finish(self, multiply(x.reshape(-1, shape[-1]), self.packed, self.scale_zero, self.group_size, 4), shape)
+        y = multiply(x.reshape(-1, shape[-1]), self.packed, self.scale_zero, self.group_size, 4)
+        return finish(self, y.to(self.scale_zero.dtype), shape)
 
 
 class VNNIInt8Linear(Int8Linear):
@@ -132,7 +133,8 @@ class VNNIInt8Linear(Int8Linear):
         if self.weight.dim() != 1:
             return super().forward(x)
         shape = x.shape
-        return finish(self, multiply(x.reshape(-1, shape[-1]), self.weight, self.scale_zero, self.in_features, 8), shape)
+        y = multiply(x.reshape(-1, shape[-1]), self.weight, self.scale_zero, self.in_features, 8)
+        return finish(self, y.to(self.scale_zero.dtype), shape)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -152,8 +154,9 @@ class VNNIInt8Linear(Int8Linear):
 
 
 def finish(layer: Int4Linear | Int8Linear, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The kernel's (M, padded out_features) result -> the layer's output for an x of `shape`."""
-    y = y.to(layer.scale_zero.dtype)[:, :layer.out_features].reshape(*shape[:-1], layer.out_features)
+    """The kernel's (M, padded out_features) result in the layer's dtype -> its output for an x of `shape`.
+    (Reads no tensor of the layer but its bias: a compiled step then guards on no more of it.)"""
+    y = y[:, :layer.out_features].reshape(*shape[:-1], layer.out_features)
     return y + layer.bias if layer.bias is not None else y
 
 
@@ -192,7 +195,7 @@ class StackedInt4:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (..., K) -> each layer's output, (..., its out_features)."""
         shape = x.shape
-        y = multiply(x.reshape(-1, shape[-1]), self.packed, self.scale_zero, self.group_size, 4)
+        y = multiply(x.reshape(-1, shape[-1]), self.packed, self.scale_zero, self.group_size, 4).to(self.scale_zero.dtype)
         return [finish(p, part, shape) for p, part in zip(self.parts, y.split([TILE * t for t in self.tiles], dim=1))]
 
 
