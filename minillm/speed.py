@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import StackedInt4, use_kernel
+from .kernels import StackedInt4, forget_torch_layouts, use_kernel
 from .kv_cache import KVCache
 from .model import MLP, Attention, Transformer
 from .quantized import Int4Linear, Int8Linear, release_freed_memory
@@ -194,6 +194,7 @@ def speed_up(model: Transformer) -> Transformer:
             module.__class__ = GQADecodeAttention
         elif type(module) in (Int4Linear, Int8Linear):
             use_kernel(module)
+    forget_torch_layouts()
     for module in model.modules():
         if isinstance(module, GQADecodeAttention) and module.int4_qkv is None:
             module.int4_qkv = StackedInt4.of([module.q_proj, module.k_proj, module.v_proj])
