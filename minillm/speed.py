@@ -23,7 +23,7 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
   quantized.py's bf16 route: within about 1% of the largest output; tests/test_int4_kernel.py) and
   serves up to 16 rows per pass over the weights, where PyTorch's int4 kernel takes 4. The int4 q, k,
   v of a layer and its gate, up run as one matrix each (StackedInt4, GQADecodeAttention.qkv and
-  StackedMLP): one call instead of five, the same numbers.
+  StackedMLP): two calls instead of five, the same numbers.
 * batch_invariant (an exact mode, not a faster one): every float matmul of a call without grad runs
   in blocks of exactly `rows` rows (BlockedLinear; the last block padded with zeros) and attention
   takes one query at a time (OneQueryAttention), so a token's numbers do not depend on how many
