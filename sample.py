@@ -31,11 +31,11 @@ import torch
 
 from minillm.chat import ChatSession
 from minillm.checkpoint import load_model
-from minillm.cli import add_decoding_args, method_from_args, partner_path, unescape
+from minillm.cli import add_batch_invariant, add_decoding_args, check_batch_invariant, method_from_args, partner_path, unescape
 from minillm.device import pick_device
 from minillm.flags import Parser, add_input, add_threads, integer
 from minillm.generate import StopScanner, decode_stream, make_generator
-from minillm.methods import MAX_K, load_partner, stream
+from minillm.methods import load_partner, stream
 from minillm.speed import batch_invariant, compile_decode, speed_up, warm_up
 
 DEFAULT_NEW_TOKENS = 500
@@ -68,12 +68,7 @@ def make_parser() -> Parser:
                         "see README, 'When --compile pays'")
     p.add_argument("--reference", action="store_true",
                    help="run model.py as written, without the speed layer (minillm/speed.py; same numbers)")
-    p.add_argument("--batch-invariant", type=integer(1, MAX_K + 1), default=None, metavar="ROWS",
-                   help="the model computes every matmul in blocks of ROWS rows and attention one query at a time, "
-                        "so a token's logits do not depend on how many tokens share a call: greedy speculative "
-                        "output is then the model's own greedy output bit for bit, in bf16 and int4 too (give the "
-                        "plain run the same ROWS; ROWS = --k + 1 verifies in one block). A one-token step costs a "
-                        "ROWS-row call")
+    add_batch_invariant(p)
     add_threads(p)
     return p
 
@@ -88,12 +83,7 @@ def check_args(args) -> None:
         raise ValueError(f"--chat works with --method sample or greedy, not {args.method}")
     if args.chat and args.stop:
         raise ValueError("--stop is not supported with --chat (a reply ends at the end-of-turn token)")
-    if args.batch_invariant and args.compile:
-        raise ValueError("--batch-invariant and --compile do not go together: a compiled one-token step rounds "
-                         "differently from the eager verification")
-    if args.batch_invariant and args.reference:
-        raise ValueError("--batch-invariant and --reference do not go together: --batch-invariant is a mode of the "
-                         "speed layer")
+    check_batch_invariant(args)
     if args.model == DEFAULT_MODEL and not os.path.exists(DEFAULT_MODEL):
         raise FileNotFoundError(f"checkpoint not found: {DEFAULT_MODEL} (the default --model): make it with "
                                 "`python train.py` (a few minutes on a CPU), or pass --model PATH")

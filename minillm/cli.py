@@ -16,6 +16,26 @@ def unescape(s: str) -> str:
     return s.replace("\\n", "\n").replace("\\t", "\t")
 
 
+def add_batch_invariant(p: argparse.ArgumentParser) -> None:
+    """--batch-invariant ROWS: the exact mode of the speed layer (speed.batch_invariant) for the model."""
+    p.add_argument("--batch-invariant", type=integer(1, MAX_K + 1), default=None, metavar="ROWS",
+                   help="the model computes every matmul in blocks of ROWS rows and attention one query at a time, "
+                        "so a token's logits do not depend on how many tokens share a call: greedy speculative "
+                        "output is then the model's own greedy output bit for bit, in bf16 and int4 too (give the "
+                        "plain run the same ROWS; ROWS = --k + 1 verifies in one block). A one-token step costs a "
+                        "ROWS-row call")
+
+
+def check_batch_invariant(args: argparse.Namespace) -> None:
+    """--batch-invariant is a mode of the speed layer's eager route: refused with --compile and --reference."""
+    if args.batch_invariant and getattr(args, "compile", False):
+        raise ValueError("--batch-invariant and --compile do not go together: a compiled one-token step rounds "
+                         "differently from the eager verification")
+    if args.batch_invariant and args.reference:
+        raise ValueError("--batch-invariant and --reference do not go together: --batch-invariant is a mode of the "
+                         "speed layer")
+
+
 def add_decoding_args(p: argparse.ArgumentParser, method: str = "sample") -> None:
     """--method (default `method`), the sampler, speculative and contrastive flags, and --seed."""
     p.add_argument("--method", choices=METHODS, default=method, help=f"decoding method (default: {method})")

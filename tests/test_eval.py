@@ -16,6 +16,7 @@ from minillm.eval.__main__ import main as eval_main
 from minillm.eval.perplexity import eval_text, perplexity, window_spans
 from minillm.methods import Method
 from minillm.sampling import SamplingParams
+from minillm.speed import batch_invariant
 from minillm.tokenizer import CharTokenizer
 from tiny import tiny_model
 
@@ -331,6 +332,28 @@ def test_cli_generate_metrics_with_any_method(char_models, tmp_path, capsys):
     row = runs["greedy"]["results"][1]
     assert row["tasks"] == 3 and 0 <= row["bleu"] <= 100 and row["method"] == "greedy"
     assert row["chrf"] == pytest.approx(tm.chrf([o["text"] for o in greedy], [o["reference"] for o in greedy]))
+
+
+def test_cli_generate_metrics_in_the_exact_mode(char_models, tmp_path, capsys, monkeypatch):
+    """--batch-invariant ROWS puts the model in speed.batch_invariant mode (and only with the speed layer):
+    speculative greedy output is the plain greedy output of the same mode, on real prompts."""
+    import minillm.eval.__main__ as cli
+    modes = []
+    monkeypatch.setattr(cli, "batch_invariant", lambda model, rows: modes.append(rows) or batch_invariant(model, rows))
+    tasks = tmp_path / "tasks.jsonl"
+    assert eval_main(["make-tasks", "--out", str(tasks), "--n", "2"]) == 0
+    texts = {}
+    for name, method in {"greedy": ["--method", "greedy", "--no-sliding-window"],
+                         "speculative": ["--method", "speculative", "--draft", str(char_models[1]), "--temperature", "0"]}.items():
+        out = tmp_path / f"{name}.json"
+        assert eval_main(["generate-metrics", "--model", str(char_models[0]), "--tasks", str(tasks), "--max-new-tokens",
+                          "20", "--batch-invariant", "5", "--json", str(out), *method]) == 0
+        texts[name] = [o["text"] for o in json.loads(out.read_text())["outputs"][str(char_models[0])]]
+    assert modes == [5, 5] and texts["greedy"] == texts["speculative"] and all(len(t) == 20 for t in texts["greedy"])
+    capsys.readouterr()
+    assert eval_main(["generate-metrics", "--model", str(char_models[0]), "--tasks", str(tasks),
+                      "--batch-invariant", "5", "--reference"]) == 2
+    assert "--batch-invariant and --reference" in capsys.readouterr().err
 
 
 def test_cli_errors(char_models, tmp_path, capsys):

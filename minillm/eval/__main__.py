@@ -26,13 +26,13 @@ from dataclasses import asdict, fields
 import torch
 
 from ..checkpoint import load_model
-from ..cli import add_decoding_args, method_from_args, partner_path, unescape
+from ..cli import add_batch_invariant, add_decoding_args, check_batch_invariant, method_from_args, partner_path, unescape
 from ..data import read_text, resolve_text_path
 from ..device import pick_device
 from ..flags import Parser, add_input, add_output, add_threads, fail, integer, progress_bar
 from ..methods import load_partner
 from ..sampling import SamplingParams
-from ..speed import speed_up
+from ..speed import batch_invariant, speed_up
 from . import humaneval as he
 from .generation import read_tasks, run_tasks, shakespeare_tasks, write_tasks
 from .perplexity import eval_text, perplexity, window_spans
@@ -58,6 +58,7 @@ def _generation_flags(p: argparse.ArgumentParser, method: str = "sample") -> Non
                    help="tokens per answer (default: generate-metrics as many as the reference has, humaneval 512)")
     p.add_argument("--limit", type=integer(1), default=None, metavar="N", help="only the first N tasks / problems")
     p.add_argument("--reference", action="store_true", help="model.py as written, without the speed layer")
+    add_batch_invariant(p)
 
 
 def make_parser() -> Parser:
@@ -117,8 +118,12 @@ def _load(path: str, args, device):
 
 
 def _load_pair(path: str, args, method, device):
-    """The model and, for speculative / contrastive decoding, its draft / amateur (same tokenizer)."""
+    """The model and, for speculative / contrastive decoding, its draft / amateur (same tokenizer); the
+    model in the speed layer's exact mode with --batch-invariant."""
+    check_batch_invariant(args)
     loaded = _load(path, args, device)
+    if args.batch_invariant:
+        batch_invariant(loaded.model, args.batch_invariant)
     if method.partner is None:
         return loaded, None
     partner = load_partner(partner_path(args), method.partner, loaded, device,
