@@ -8,7 +8,8 @@ matrices (30 layers x q, k, v, o, gate, up, down + the 49152 x 576 head); this t
 products and nothing else (no attention, norms, RoPE, cache, Python), so 1000 / (ms per step) is a
 ceiling on tokens/s for that format on this machine:
 
-    fp32, bf16      F.linear(x, W)                       (what transformers and our float models run)
+    fp32, bf16      F.linear(x, W)                       (what transformers runs)
+                    our kernel: minillm/kernels/rows.cpp (what our float models run on AVX-512 VNNI CPUs)
     int8            per-channel int8 (quantized.py's Int8Linear), with each kernel:
                     torch's  aten._weight_int8pack_mm (bf16 activations)
                     ours     minillm/kernels/vnni.cpp (AVX-512 VNNI; what int8 layers use there)
@@ -27,16 +28,15 @@ and PyTorch's CPU GEMM (transformers uses the same one).
 drafts), per format (fp32, bf16, int4 g32) on the matrices of a decode step of Qwen2.5-Coder-1.5B
 (2 of its 28 layers by default, + the 151936 x 1536 head) and of SmolLM2-135M (all 211). Every
 (way, M) is timed in each repeat, interleaved; cells are ms per pass and the ratio to the same
-way's M = 1 (the M = 1 cell: the ratio to nn.Linear's). The ways, float formats:
+way's M = 1 (the M = 1 cell: the ratio to nn.Linear's). The ways, float formats (speed.FewRowLinear
+takes the one speed.few_row_route names, printed first):
 
     nn.Linear             F.linear(x, W): PyTorch's CPU GEMM (MKL for fp32), the reference
-    BEFORE: speed layer   FewRowLinear at 5d36663: (W @ x^T)^T for 2..8 rows of fp32
-    AFTER: speed layer    FewRowLinear now: oneDNN's matmul on W as it is for 4..16 rows and
-                          matrices of 2M weights or more, where the probe (speed.few_row_route)
-                          finds it faster on this CPU; else nn.Linear
-    AFTER + speed.prepack the same on W reordered once for oneDNN (torch.compile's freezing does
-                          this), for 4..16 rows of any size: an opt-in, as it keeps a second copy
-                          of every weight (bf16: oneDNN on reordered W, which no route uses)
+    oneDNN                oneDNN's matmul (torch.ops.mkldnn._linear_pointwise) on W as it is
+    oneDNN, W prepacked   the same on W reordered once for it (speed.prepack; torch.compile's
+                          freezing does this): a second copy of every weight
+    ours                  minillm/kernels/rows.cpp: W as it is, read once for all the rows (AVX-512
+                          VNNI CPUs, where the kernels build)
 
 int4 (g32, the head too), two kernels: BEFORE, aten._weight_int4pack_mm_for_cpu, which takes the rows
 in blocks of 4 (BLOCK_M), dequantizing every weight block again for each block of rows; AFTER, ours
@@ -76,7 +76,7 @@ from minillm.model import Attention
 from minillm.quantize import quantize_int4, quantize_int8
 from minillm.kernels import use_kernel, vnni
 from minillm.quantized import Int4Linear, Int8Linear
-from minillm.speed import FewRowLinear, few_row_route, prepack, speed_up
+from minillm.speed import few_row_route, speed_up
 
 LAYER = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # q k v o gate up down
 FUSED = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # qkv, o, gate|up, down
@@ -140,6 +140,9 @@ def bound(args) -> None:
             lin(xb[lin.in_features])
 
     ways = {"fp32": lambda: run_float(fp32, x), "bf16": lambda: run_float(bf16, xb)}
+    if vnni() is not None:  # the float route speed.FewRowLinear takes here
+        ways["fp32, our kernel"] = lambda: [vnni().rows_mm(x[w.shape[1]], w) for w in fp32]
+        ways["bf16, our kernel"] = lambda: [vnni().rows_mm(xb[w.shape[1]], w) for w in bf16]
     for kernel in i8:
         ways[f"int8, {kernel} kernel"] = functools.partial(run, i8[kernel])
     for kernel in i4:
@@ -187,24 +190,15 @@ def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
-def before(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """FewRowLinear before oneDNN (5d36663): (W @ x^T)^T for 2..8 rows of fp32, else nn.Linear's x @ W^T."""
-    return (w @ x.t()).t().contiguous() if 1 < x.shape[0] <= 8 and x.dtype == torch.float32 else F.linear(x, w)
-
-
 def float_ways(shapes: list[tuple[int, int]], dtype: torch.dtype) -> dict[str, Callable]:
-    """The ways to multiply few rows by float matrices, each mapping {in features: x} to the outputs.
-    AFTER is FewRowLinear as speed_up installs it now (its route chosen by this machine's probe)."""
+    """The ways to multiply few rows by float matrices, each mapping {in features: x} to the outputs."""
     ws = [torch.randn(n, k).to(dtype) for n, k in shapes]
-    fast, packed = nn.ModuleList(FewRowLinear.wrap(w) for w in ws), nn.ModuleList(FewRowLinear.wrap(w) for w in ws)
+    reordered = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in ws]
     ways = {"nn.Linear": lambda xs: [F.linear(xs[w.shape[1]], w) for w in ws],
-            "BEFORE: speed layer": lambda xs: [before(xs[w.shape[1]], w) for w in ws],
-            "AFTER: speed layer": lambda xs: [lin(xs[lin.in_features]) for lin in fast]}
-    if dtype == torch.float32 and prepack(packed):
-        ways["AFTER + speed.prepack"] = lambda xs: [lin(xs[lin.in_features]) for lin in packed]
-    elif dtype != torch.float32:  # for the record: what prepacking would do in bf16 (nothing uses it)
-        reordered = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in ws]
-        ways["oneDNN prepacked (unused)"] = lambda xs: [onednn(xs[w.shape[1]], p) for w, p in zip(ws, reordered)]
+            "oneDNN": lambda xs: [onednn(xs[w.shape[1]], w) for w in ws],
+            "oneDNN, W prepacked": lambda xs: [onednn(xs[w.shape[1]], p) for w, p in zip(ws, reordered)]}
+    if vnni() is not None:
+        ways["ours (kernels/rows.cpp)"] = lambda xs: [vnni().rows_mm(xs[w.shape[1]], w) for w in ws]
     return ways
 
 

@@ -6,15 +6,16 @@ user) calls `speed_up(model)` after loading, and optionally `compile_decode(mode
 overridden methods take a faster route to the same numbers (tests/test_speed.py holds each against
 the reference; the int4 kernel, which rounds x differently, tests/test_int4_kernel.py):
 
-* FewRowLinear: a float32 x @ Wᵀ of 4..16 rows (speculative verification of 3..15 drafts) through
-  oneDNN's matmul (torch.ops.mkldnn._linear_pointwise) instead of PyTorch's CPU GEMM (MKL), which
-  takes fp32 rows three at a time: on an AVX-512 Xeon 5 rows cost MKL 2.2 one-row times and oneDNN
-  1.5, on the Qwen2.5-1.5B's matrices (`python -m bench.step_cost few-rows` prints both per M).
-  Only for matrices of 2M weights or more (on W as it is oneDNN pays a per-call cost, by the look
-  of it reordering W, that smaller ones do not repay), and only where a probe finds oneDNN faster
-  on this CPU (few_row_route, once per process; MINILLM_FEW_ROWS=onednn|linear overrides it, for
-  bf16 too). CPU, no grad only. `prepack(model)` keeps W reordered once as well (1.2 one-row times
-  for 5 rows, any size), at the price of a second copy of it.
+* FewRowLinear: a float32 or bf16 x @ Wᵀ of 1..16 rows (one-token decoding; speculative verification
+  of up to 15 drafts) through our kernel (kernels/rows.cpp, CPUs with AVX-512 VNNI), which reads W
+  once for all the rows: on an AVX-512 Xeon 9 fp32 rows cost it ~1.2 one-row times where PyTorch's
+  CPU GEMM (MKL) takes 3.2, and one bf16 row half of PyTorch's time (`python -m bench.step_cost
+  few-rows` prints each way per M). Each row's numbers do not depend on the other rows of the call.
+  Elsewhere, 4..16 fp32 rows through oneDNN's matmul (torch.ops.mkldnn._linear_pointwise) where a
+  probe finds it faster than MKL on this CPU, for matrices of 2M weights or more (on W as it is
+  oneDNN pays a per-call cost, by the look of it reordering W, that smaller ones do not repay);
+  `prepack(model)` keeps W reordered for it once, at the price of a second copy. few_row_route
+  decides once per process; MINILLM_FEW_ROWS=own|onednn|linear overrides it. CPU, no grad only.
 * GQADecodeAttention: at decode (one query token, grouped-query attention, SDPA), the n_head/n_kv_head
   query heads that share a K/V head become that many query rows of it, so the cached K/V are read
   once instead of being expanded per query head.
@@ -32,10 +33,12 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
   output in bf16 and int4 as in fp32. Why blocks: a GEMM's reduction order depends on its shape
   (M = 1 and M = 5 round differently, measured); within one shape a row's place in the block
   mostly changes nothing, and where it does (bf16 at 5 rows here) a probe at setup picks the next
-  block size that is place-invariant (steady_block). The int4 and int8 kernels already give each
-  row the same numbers whatever the row count (tests/test_speed.py holds them). Its cost: a
-  one-token step pays for a `rows`-row call (`python -m bench.speculative speed --batch-invariant
-  ROWS` measures it). Call prepack, if at all, before it: the probe tries the route the matmuls will take.
+  block size that is place-invariant (steady_block). Our kernels (int4, int8, and float rows.cpp)
+  already give each row the same numbers whatever the row count (tests/test_speed.py holds them):
+  where FewRowLinear takes ours, blocks are of up to 16 rows, unpadded. Its cost: attention one query
+  at a time, and, off our float kernel, a one-token step pays for a `rows`-row call (`python -m
+  bench.speculative speed --batch-invariant ROWS` measures it). Call prepack, if at all, before it:
+  the probe tries the route the matmuls will take.
 * compile_decode: one-token cached calls without grad run through torch.compile (the many small ops
   between the matmuls fused); every other call stays eager. The first such call compiles (needs a
   C++ compiler; minutes for a 135M model on two CPU cores).
@@ -51,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import StackedInt4, forget_torch_layouts, use_kernel
+from .kernels import ROWS_MAX, StackedInt4, forget_torch_layouts, rows_mm, use_kernel, vnni
 from .kv_cache import KVCache
 from .model import MLP, Attention, Transformer
 from .quantized import Int4Linear, Int8Linear, release_freed_memory
@@ -63,12 +66,21 @@ class FewRowLinear(nn.Linear):
     packed: tuple[torch.Tensor, int | None] | None = None  # prepack(): (W reordered for oneDNN, version(W) then)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // self.in_features in self.ROWS and x.device.type == "cpu" and x.dtype == self.weight.dtype \
-                and not torch.is_grad_enabled():
+        rows = x.numel() // self.in_features
+        if 1 <= rows <= ROWS_MAX and self.takes_our_kernel(x):
+            y = rows_mm(x.reshape(rows, self.in_features), self.weight).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        if rows in self.ROWS and x.device.type == "cpu" and x.dtype == self.weight.dtype and not torch.is_grad_enabled():
             w = self.onednn_weight()
             if w is not None:
                 return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
         return super().forward(x)
+
+    def takes_our_kernel(self, x: torch.Tensor) -> bool:
+        """Whether rows of x, up to 16 a call, go to our kernel (kernels/rows.cpp) here: CPU, float32 or
+        bf16 as W (contiguous), no grad, and the route few_row_route names is ours."""
+        return x.device.type == "cpu" and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16) \
+            and not torch.is_grad_enabled() and self.weight.is_contiguous() and few_row_route(x.dtype) == "own"
 
     def onednn_weight(self) -> torch.Tensor | None:
         """What oneDNN multiplies: the prepacked weight while W is unchanged since (its _version), else W
@@ -88,23 +100,30 @@ class FewRowLinear(nn.Linear):
         return lin
 
 
-ROUTES = ("onednn", "linear")
+ROUTES = ("own", "onednn", "linear")
 
 
 @functools.cache
 def few_row_route(dtype: torch.dtype) -> str:
-    """"onednn" where oneDNN's matmul of a few rows beats nn.Linear's on this CPU, else "linear".
-    Decided once per process and dtype by a probe (under a second, most of it making the matrix):
-    5 and 9 rows (verifying 4 and 8 drafts) times an 8960 x 1536 matrix (Qwen2.5-1.5B's MLP; beyond
-    the private caches, as real weights are: a matrix that stays in cache hides the difference),
-    both ways alternated, best of 5 each. oneDNN must win by 10% on the sum: noise on a busy
-    machine then keeps nn.Linear. The choice differs by CPU (bench/README.md, machines A and D).
-    Probed for float32 only; MINILLM_FEW_ROWS applies to every dtype."""
+    """How FewRowLinear multiplies 1..16 rows of float32 or bf16 here, decided once per process and dtype:
+    "own" (our kernel, kernels/rows.cpp) where it is built (AVX-512 VNNI CPUs); else "onednn" where
+    oneDNN's matmul of 4..16 rows beats nn.Linear's on this CPU, else "linear". The oneDNN probe
+    (under a second, most of it making the matrix): 5 and 9 rows (verifying 4 and 8 drafts) times an
+    8960 x 1536 matrix (Qwen2.5-1.5B's MLP; beyond the private caches, as real weights are: a matrix
+    that stays in cache hides the difference), both ways alternated, best of 5 each. oneDNN must win
+    by 10% on the sum: noise on a busy machine then keeps nn.Linear. The choice differs by CPU
+    (bench/README.md, machines A and D). Probed for float32 only. MINILLM_FEW_ROWS=own|onednn|linear
+    overrides it for every dtype."""
     forced = os.environ.get("MINILLM_FEW_ROWS")
     if forced:
         if forced not in ROUTES:
             raise ValueError(f"MINILLM_FEW_ROWS={forced!r}: expected one of {ROUTES}")
+        if forced == "own" and vnni() is None:
+            raise ValueError("MINILLM_FEW_ROWS=own: our kernel is not built here (it needs a CPU with AVX-512 VNNI, "
+                             "a C++ compiler and MINILLM_QUANT_KERNEL unset or own)")
         return forced
+    if dtype in (torch.float32, torch.bfloat16) and vnni() is not None:
+        return "own"
     if not torch.backends.mkldnn.is_available() or dtype != torch.float32:
         return "linear"  # bf16: the two ways tie (bench/README.md), so noise would pick the rounding
     w, xs = torch.randn(8960, 1536).to(dtype), [torch.randn(m, 1536).to(dtype) for m in (5, 9)]
@@ -159,6 +178,9 @@ class BlockedLinear(FewRowLinear):
             return super().forward(x)
         flat = x.reshape(-1, self.in_features)
         n = flat.shape[0]
+        if self.takes_our_kernel(x):  # a row's numbers there do not depend on its call: no padding needed
+            y = torch.cat([super(BlockedLinear, self).forward(block) for block in flat.split(ROWS_MAX)])
+            return y.reshape(*x.shape[:-1], self.out_features)
         flat = F.pad(flat, (0, 0, 0, -n % self.rows))  # zero rows up to a whole number of blocks
         y = torch.cat([super(BlockedLinear, self).forward(block) for block in flat.split(self.rows)])
         return y[:n].reshape(*x.shape[:-1], self.out_features)
@@ -208,8 +230,9 @@ def speed_up(model: Transformer) -> Transformer:
 
 def batch_invariant(model: Transformer, rows: int | None) -> Transformer:
     """Make each token's logits independent of how many tokens share a call, in place (see the top):
-    float matmuls in blocks of `rows` rows, attention one query at a time; calls with grad unchanged.
-    rows = k + 1 verifies k drafts in one block; a one-token step then costs a `rows`-row call. A
+    float matmuls in blocks of `rows` rows (of up to 16, unpadded, where they take our kernel), attention
+    one query at a time; calls with grad unchanged. rows = k + 1 verifies k drafts in one block; off
+    our kernel a one-token step then costs a `rows`-row call. A
     matrix whose kernel rounds a row by its place in a block of `rows` (bf16 on some shapes and
     CPUs: steady_block) gets the next block size that does not. rows=None turns the mode off."""
     if rows is not None and rows < 1:
@@ -272,7 +295,7 @@ def version(t: torch.Tensor) -> int | None:
 
 def prepack(model: Transformer) -> int:
     """Reorder every FewRowLinear's float32 weight once into oneDNN's layout for few rows (what
-    torch.compile's freezing does), where the probe picks oneDNN -> bytes added. A second copy of
+    torch.compile's freezing does), where the route is oneDNN's (not ours) -> bytes added. A second copy of
     each matrix (the model's fp32 size again), for 4..16 rows at 1.2-1.4x a row's time instead of
     1.4-1.6x on W as it is (`python -m bench.step_cost few-rows`). A weight changed in place later
     is seen (its _version moves) and multiplied as it is; call speed_up(model) first."""

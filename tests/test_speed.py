@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from minillm.config import preset
+from minillm.kernels import vnni
 from minillm.kv_cache import KVCache
 from minillm.model import Transformer
 from minillm.speed import (ROUTES, BlockedLinear, FewRowLinear, GQADecodeAttention, OneQueryAttention, batch_invariant,
@@ -39,6 +40,8 @@ def test_few_row_linear_equals_nn_linear(bias):
 @pytest.fixture(params=ROUTES)
 def few_row_route_forced(request, monkeypatch):
     """Each few-row route in turn, whatever this machine's probe would choose, for any matrix size."""
+    if request.param == "own" and vnni() is None:
+        pytest.skip("our few-row kernel (minillm/kernels/rows.cpp) is built on CPUs with AVX-512 VNNI only")
     monkeypatch.setenv("MINILLM_FEW_ROWS", request.param)
     monkeypatch.setattr(FewRowLinear, "MIN_WEIGHTS", 0)  # small matrices of real widths take the route too
     few_row_route.cache_clear()
@@ -103,8 +106,9 @@ def test_few_row_route_is_taken_and_chosen_once(few_row_route_forced):
     w, x = torch.randn(40, 48), torch.randn(5, 48)
     with torch.no_grad():
         y = FewRowLinear.wrap(w)(x)
-    onednn = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-    assert torch.equal(y, onednn if few_row_route_forced == "onednn" else torch.nn.functional.linear(x, w))
+    want = {"own": lambda: vnni().rows_mm(x, w), "linear": lambda: torch.nn.functional.linear(x, w),
+            "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")}[few_row_route_forced]()
+    assert torch.equal(y, want)
     assert few_row_route.cache_info().currsize == 1  # probed (here: read from the variable) once
 
 
@@ -116,6 +120,46 @@ def test_few_row_probe_picks_a_route(monkeypatch):
         monkeypatch.setenv("MINILLM_FEW_ROWS", "mkl")
         few_row_route.cache_clear()
         with pytest.raises(ValueError, match="MINILLM_FEW_ROWS"):
+            few_row_route(torch.float32)
+    finally:
+        few_row_route.cache_clear()
+
+
+@pytest.mark.skipif(vnni() is None, reason="our few-row kernel is built on CPUs with AVX-512 VNNI only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_in", [(100, 37), (7, 16), *REAL_WIDTHS, (1536, 8960)])
+def test_own_few_row_kernel_gives_a_row_the_same_numbers_in_any_call(dtype, out_in):
+    """kernels/rows.cpp: a row's outputs are bit for bit the same whatever the call's other rows and
+    their number (1..16, the row at every place), for widths that are not multiples of its 16 lanes
+    or 512-input chunks and counts of outputs that are not multiples of its tiles or groups."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(*out_in, generator=g).to(dtype)
+    x = torch.randn(16, out_in[1], generator=g).to(dtype)
+    alone = torch.cat([vnni().rows_mm(x[i:i + 1], w) for i in range(16)])
+    assert alone.dtype == dtype and alone.shape == (16, out_in[0])
+    for m in range(1, 17):
+        assert torch.equal(vnni().rows_mm(x[:m], w), alone[:m])
+        assert torch.equal(vnni().rows_mm(x[16 - m:], w), alone[16 - m:])
+    want = x.double() @ w.double().t()  # and it is the product: float32 sums (see the two tests above)
+    assert (alone.double() - want).abs().max() <= want.abs().max() * (2 ** -8 if dtype == torch.bfloat16 else 1e-6)
+
+
+def test_own_few_row_kernel_refuses_what_it_cannot_multiply():
+    if vnni() is None:
+        pytest.skip("our few-row kernel is built on CPUs with AVX-512 VNNI only")
+    w = torch.randn(8, 32)
+    for x, wt in [(torch.randn(17, 32), w), (torch.randn(2, 31), w), (torch.randn(2, 32).bfloat16(), w),
+                  (torch.randn(2, 32).half(), w.half()), (torch.randn(2, 32), w.t().contiguous().t())]:
+        with pytest.raises(RuntimeError, match="rows_mm"):
+            vnni().rows_mm(x, wt)
+
+
+def test_few_row_route_own_is_refused_where_the_kernel_is_not_built(monkeypatch):
+    monkeypatch.setenv("MINILLM_FEW_ROWS", "own")
+    monkeypatch.setattr("minillm.speed.vnni", lambda: None)
+    few_row_route.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="MINILLM_FEW_ROWS=own: our kernel is not built here"):
             few_row_route(torch.float32)
     finally:
         few_row_route.cache_clear()

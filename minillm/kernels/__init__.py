@@ -1,4 +1,5 @@
-"""Our own CPU kernel for int4 and int8 matmuls (vnni.cpp), a speed-layer route for CPUs with AVX-512 VNNI.
+"""Our own CPU kernels, speed-layer routes for CPUs with AVX-512 VNNI: int4 and int8 matmuls (vnni.cpp),
+and float32 / bf16 matmuls of 1..16 rows (rows.cpp, the last section below).
 
 It multiplies as llama.cpp does: each row of x rounded to int8 per block of 32 inputs, the products
 with the 4-bit or 8-bit codes summed exactly in int32 by the CPU's int8 dot-product instruction
@@ -17,7 +18,14 @@ VNNIInt8Linear) where the kernel is available. Built with torch.utils.cpp_extens
 and ninja: `pip install ninja`) into PyTorch's extension cache (TORCH_EXTENSIONS_DIR, default
 ~/.cache/torch_extensions): the first time on a machine takes a minute or two.
 MINILLM_QUANT_KERNEL=aten keeps PyTorch's kernels (own, the default, uses ours where the CPU has
-AVX-512 VNNI and it builds).
+AVX-512 VNNI and it builds; aten skips the build, so the float kernel below is gone too).
+
+rows.cpp multiplies float32 or bf16 W as it is by 1..16 rows of x in one pass over W, every weight
+used for all the rows while in a register, the sums in float32 (bf16 W and x widened exactly). One
+row costs the read of the weights, as PyTorch's GEMV does (bf16: half its time on this kind of CPU,
+which has no bf16 instructions), and 9 rows ~1.2x of one in fp32 (PyTorch's GEMM: 2-3x). Each output
+is summed in one fixed order whatever the number of rows, so a row's numbers do not depend on the
+call it is in. speed.FewRowLinear takes it (MINILLM_FEW_ROWS=own, the default where it builds).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from torch.utils.cpp_extension import load
 
 from ..quantized import Int4Linear, Int8Linear, unpack_nibbles
 
-SOURCE = Path(__file__).with_name("vnni.cpp")
+SOURCES = [Path(__file__).with_name("vnni.cpp"), Path(__file__).with_name("rows.cpp")]
 CHOICES = ("own", "aten")
 TILE = 16  # output rows per tile of the kernel's layout
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
@@ -57,14 +65,15 @@ def vnni():
     if choice == "aten" or not has_vnni():
         return None
     try:
-        module = load(name="minillm_vnni", sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
+        module = load(name="minillm_vnni", sources=[str(s) for s in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError, ImportError) as e:
-        warnings.warn(f"minillm: building {SOURCE} failed, int4 and int8 matmuls use PyTorch's kernels "
+        warnings.warn(f"minillm: building {SOURCES[0].parent} failed, matmuls use PyTorch's kernels "
                       f"(set MINILLM_QUANT_KERNEL=aten to skip the attempt): {str(e).strip()[-300:]}")
         return None
     # the operator minillm::vnni_mm (defined in C++, what a compiled step calls): its output's shape
     torch.library.register_fake("minillm::vnni_mm", lambda x, packed, scale_zero, group_size, bits: x.new_empty(
         x.shape[0], scale_zero.shape[0] * scale_zero.shape[2]))  # scale_zero: (N/16, K/group, 16, 2)
+    torch.library.register_fake("minillm::rows_mm", lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
     return module
 
 
@@ -165,6 +174,16 @@ def multiply(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, gr
     # eager calls skip the operator's dispatch: microseconds a call, and it imports sympy
     mm = torch.ops.minillm.vnni_mm if torch.compiler.is_compiling() else vnni().mm
     return mm(x, packed, scale_zero, group_size, bits)
+
+
+def rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """rows.cpp's kernel: x (M <= ROWS_MAX, K) @ w (N, K)^T, both float32 or both bf16, w read once
+    whatever M, each row's numbers independent of the others' (speed.FewRowLinear's "own" route)."""
+    mm = torch.ops.minillm.rows_mm if torch.compiler.is_compiling() else vnni().rows_mm
+    return mm(x, w)
+
+
+ROWS_MAX = 16  # rows.cpp's MAX_ROWS
 
 
 class StackedInt4:

@@ -1,0 +1,137 @@
+// y = x @ W^T for a few rows of x (1..16) and float32 or bf16 W as it is, (N, K) row-major: each weight is
+// read from memory once per call, whatever the number of rows, and used for every row while in a register.
+// That is what a verification of k drafts needs: decoding reads every weight per token, so one row costs
+// the read of the weights, and k + 1 rows should cost the same read, not k + 1 of them (PyTorch's CPU GEMM
+// repacks W for every call of a few rows, or takes rows a few at a time).
+//
+// For each output n and row m, 16 lanes sum w[n, k] * x[m, k] over k = lane, lane + 16, ... in order, by
+// fused multiply-adds in float32, and a fixed tree adds the 16 lanes: the arithmetic of (n, m) is the same
+// whatever the other rows of the call, the number of rows or the thread, so a row's numbers do not depend
+// on the call it is in (a verification gives each position the numbers a one-row step gives it). bf16
+// weights and x become float32 exactly (a shift); the sums are float32, y rounded once to x's dtype.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int MAX_ROWS = 16, LANES = 16, CHUNK = 512, GROUP = 48;
+
+// 16 weights from k on (mask: which of them exist), as floats.
+template <typename W>
+inline __m512 load(const W* w, __mmask16 mask) {
+  if constexpr (std::is_same_v<W, float>) {
+    return _mm512_maskz_loadu_ps(mask, w);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, w);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+inline float sum16(__m512 v) {  // one fixed order of the 16 lanes' sum
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+
+// Inputs k0..k1-1 of outputs n0..n0+R-1, rows 0..M-1 of xf (float32, (M, K)): their sums added to y
+// (float32, (M, N)), or written to it for the first chunk of inputs.
+template <typename W, int M, int R>
+void chunk(const W* w, const float* xf, float* y, int64_t N, int64_t K, int64_t n0, int64_t k0, int64_t k1) {
+  __m512 acc[R][M];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  auto step = [&](int64_t k, __mmask16 mask) __attribute__((always_inline)) {
+    constexpr int AHEAD = 2 * R < 4 ? 4 : 2 * R;  // outputs ahead: this chunk of theirs is read a few tiles from now
+    __m512 wr[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const W* row = w + (n0 + r) * K + k;
+      __builtin_prefetch(row + AHEAD * K);
+      wr[r] = load(row, mask);
+    }
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) {
+      const __m512 xm = _mm512_maskz_loadu_ps(mask, xf + m * K + k);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wr[r], xm, acc[r][m]);
+    }
+  };
+  int64_t k = k0;
+  for (; k + LANES <= k1; k += LANES) step(k, 0xFFFF);
+  if (k < k1) step(k, (__mmask16)((1u << (k1 - k)) - 1));
+#pragma GCC unroll 16
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      float& out = y[m * N + n0 + r];
+      out = k0 == 0 ? sum16(acc[r][m]) : out + sum16(acc[r][m]);
+    }
+}
+
+// All outputs: groups of GROUP outputs split among the threads; within a group, chunks of CHUNK inputs
+// in order (the chunk of x, CHUNK * M floats, stays in the core's first cache while every output of the
+// group uses it), and within a chunk R outputs at a time, R * M sums in registers. An output's sum is
+// thus the sum, chunk after chunk, of each chunk's 16 lanes added by sum16: the same for any M.
+template <typename W, int M>
+void rows(const W* w, const float* xf, float* y, int64_t N, int64_t K) {
+  constexpr int R = M <= 3 ? 8 : (M <= 4 ? 6 : (M <= 6 ? 4 : (M <= 8 ? 3 : (M <= 12 ? 2 : 1))));
+  at::parallel_for(0, (N + GROUP - 1) / GROUP, 1, [&](int64_t a, int64_t b) {
+    for (int64_t g = a; g < b; ++g) {
+      const int64_t n0 = g * GROUP, n1 = std::min(N, n0 + GROUP);
+      for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
+        const int64_t k1 = std::min(K, k0 + CHUNK);
+        int64_t n = n0;
+        for (; n + R <= n1; n += R) chunk<W, M, R>(w, xf, y, N, K, n, k0, k1);
+        for (; n < n1; ++n) chunk<W, M, 1>(w, xf, y, N, K, n, k0, k1);
+      }
+    }
+  });
+}
+
+template <typename W>
+void row_block(int64_t M, const W* w, const float* xf, float* y, int64_t N, int64_t K) {
+  switch (M) {
+    case 1: return rows<W, 1>(w, xf, y, N, K);
+    case 2: return rows<W, 2>(w, xf, y, N, K);
+    case 3: return rows<W, 3>(w, xf, y, N, K);
+    case 4: return rows<W, 4>(w, xf, y, N, K);
+    case 5: return rows<W, 5>(w, xf, y, N, K);
+    case 6: return rows<W, 6>(w, xf, y, N, K);
+    case 7: return rows<W, 7>(w, xf, y, N, K);
+    case 8: return rows<W, 8>(w, xf, y, N, K);
+    case 9: return rows<W, 9>(w, xf, y, N, K);
+    case 10: return rows<W, 10>(w, xf, y, N, K);
+    case 11: return rows<W, 11>(w, xf, y, N, K);
+    case 12: return rows<W, 12>(w, xf, y, N, K);
+    case 13: return rows<W, 13>(w, xf, y, N, K);
+    case 14: return rows<W, 14>(w, xf, y, N, K);
+    case 15: return rows<W, 15>(w, xf, y, N, K);
+    default: return rows<W, 16>(w, xf, y, N, K);
+  }
+}
+
+}  // namespace
+
+// x (M, K) and w (N, K), both float32 or both bf16, M <= 16 -> (M, N) in their dtype.
+torch::Tensor rows_mm(torch::Tensor x, torch::Tensor w) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == K && M >= 1 && M <= MAX_ROWS && x.scalar_type() == w.scalar_type() &&
+              (w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kBFloat16) && w.is_contiguous(),
+              "rows_mm: x (M <= 16, K) and contiguous w (N, K), both float32 or both bfloat16");
+  const bool bf16 = w.scalar_type() == torch::kBFloat16;
+  auto xf = x.to(torch::kFloat).contiguous();  // bf16 -> float32 is exact
+  auto y = torch::empty({M, N}, xf.options());
+  if (bf16) row_block(M, (const uint16_t*)w.data_ptr<at::BFloat16>(), xf.data_ptr<float>(), y.data_ptr<float>(), N, K);
+  else row_block(M, w.data_ptr<float>(), xf.data_ptr<float>(), y.data_ptr<float>(), N, K);
+  return bf16 ? y.to(torch::kBFloat16) : y;  // rounded once, to nearest even
+}
+
+TORCH_LIBRARY_FRAGMENT(minillm, m) { m.def("rows_mm(Tensor x, Tensor w) -> Tensor"); }
+TORCH_LIBRARY_IMPL(minillm, CPU, m) { m.impl("rows_mm", &rows_mm); }
