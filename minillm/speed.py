@@ -80,7 +80,7 @@ class FewRowLinear(nn.Linear):
         """Whether rows of x, up to 16 a call, go to our kernel (kernels/rows.cpp) here: CPU, float32 or
         bf16 as W (contiguous), no grad, and the route few_row_route names is ours."""
         return x.device.type == "cpu" and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16) \
-            and not torch.is_grad_enabled() and self.weight.is_contiguous() and few_row_route(x.dtype) == "own"
+            and not torch.is_grad_enabled() and self.weight.is_contiguous() and ours_for(x.dtype)
 
     def onednn_weight(self) -> torch.Tensor | None:
         """What oneDNN multiplies: the prepacked weight while W is unchanged since (its _version), else W
@@ -138,6 +138,11 @@ def few_row_route(dtype: torch.dtype) -> str:
                 best[name, i] = min(t, time.perf_counter() - t0)
     total = {name: sum(best[name, i] for i in range(len(xs))) for name in ways}
     return "onednn" if total["onednn"] < 0.9 * total["linear"] else "linear"
+
+
+@torch.compiler.assume_constant_result  # a compiled step takes the route decided when it was traced
+def ours_for(dtype: torch.dtype) -> bool:
+    return few_row_route(dtype) == "own"
 
 
 class GQADecodeAttention(Attention):

@@ -222,6 +222,27 @@ def test_compiled_decode_gives_the_eager_greedy_tokens(name):
     torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=1e-4)
 
 
+@pytest.mark.skipif(vnni() is None, reason="our few-row kernel is built on CPUs with AVX-512 VNNI only")
+def test_compiled_step_of_a_float_model_is_one_graph_through_our_kernel():
+    """The route is decided outside the graph (speed.ours_for): a compiled one-token step calls our
+    float kernel for every linear layer, in one graph (a graph break per layer made it 1.7x slower)."""
+    import functools
+    model = speed_up(make("llama-gqa"))
+    graphs = []
+    step = torch.compile(functools.partial(Transformer.forward, model), dynamic=True,
+                         backend=lambda gm, _: graphs.append(gm) or gm.forward)
+    with torch.inference_mode():
+        cache = KVCache.for_model(model, 1, 8)
+        model(torch.tensor([[3, 14, 15]]), cache, 0)
+        compiled = step(torch.tensor([[7]]), cache, 3, True)
+        cache.crop(3)
+        eager = model(torch.tensor([[7]]), cache, 3, last_only=True)
+    calls = [n for g in graphs for n in g.graph.nodes if "rows_mm" in str(n.target)]
+    linears = sum(isinstance(m, FewRowLinear) for m in model.modules())
+    assert len(graphs) == 1 and len(calls) == linears > 0
+    assert torch.equal(compiled, eager)
+
+
 # ----------------------------------------------------------------------------- batch_invariant (exact mode)
 
 def prefill_then_verify_vs_steps(model, prompt: torch.Tensor, drafts: torch.Tensor):
