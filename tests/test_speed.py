@@ -227,6 +227,7 @@ def test_compiled_step_of_a_float_model_is_one_graph_through_our_kernel():
     """The route is decided outside the graph (speed.ours_for): a compiled one-token step calls our
     float kernel for every linear layer, in one graph (a graph break per layer made it 1.7x slower)."""
     import functools
+    torch._dynamo.reset()  # else Transformer.forward's code compiled by an earlier test may be reused
     model = speed_up(make("llama-gqa"))
     graphs = []
     step = torch.compile(functools.partial(Transformer.forward, model), dynamic=True,
