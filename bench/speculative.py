@@ -171,7 +171,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     both.add_argument("--prompts", type=int, default=None, help="use the first N of the set")
     both.add_argument("--threads", type=int, help="torch.set_num_threads (1 is steadier on a busy shared CPU)")
     both.add_argument("--prepack", action="store_true", help="speed.prepack(target): its fp32 weights reordered "
-                      "once for oneDNN's few-row matmul (verify calls), a second copy of them in memory")
+                      "once for oneDNN's few-row matmul (verify calls), a second copy of them in memory; only "
+                      "where the few-row route is oneDNN's (MINILLM_FEW_ROWS=onednn, or CPUs without our kernel)")
     sp = sub.add_parser("speed", parents=[both], help="plain vs speculative time per k, acceptance, Leviathan's prediction")
     sp.add_argument("--ks", default="1,2,3,4,5,6,7,8,9,10")
     sp.add_argument("--temperatures", default="0,0.8")

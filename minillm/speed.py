@@ -70,7 +70,8 @@ class FewRowLinear(nn.Linear):
         if 1 <= rows <= ROWS_MAX and self.takes_our_kernel(x):
             y = rows_mm(x.reshape(rows, self.in_features), self.weight).reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
-        if rows in self.ROWS and x.device.type == "cpu" and x.dtype == self.weight.dtype and not torch.is_grad_enabled():
+        if rows in self.ROWS and x.device.type == "cpu" and x.dtype == self.weight.dtype \
+                and not torch.is_grad_enabled():
             w = self.onednn_weight()
             if w is not None:
                 return torch.ops.mkldnn._linear_pointwise(x, w, self.bias, "none", [], "")
@@ -79,8 +80,9 @@ class FewRowLinear(nn.Linear):
     def takes_our_kernel(self, x: torch.Tensor) -> bool:
         """Whether rows of x, up to 16 a call, go to our kernel (kernels/rows.cpp) here: CPU, float32 or
         bf16 as W (contiguous), no grad, and the route few_row_route names is ours."""
-        return x.device.type == "cpu" and x.dtype == self.weight.dtype and x.dtype in (torch.float32, torch.bfloat16) \
-            and not torch.is_grad_enabled() and self.weight.is_contiguous() and ours_for(x.dtype)
+        return x.device.type == "cpu" and x.dtype == self.weight.dtype and x.dtype in (
+            torch.float32, torch.bfloat16) and not torch.is_grad_enabled() and self.weight.is_contiguous() \
+            and ours_for(x.dtype)
 
     def onednn_weight(self) -> torch.Tensor | None:
         """What oneDNN multiplies: the prepacked weight while W is unchanged since (its _version), else W

@@ -148,8 +148,9 @@ def test_own_few_row_kernel_refuses_what_it_cannot_multiply():
     if vnni() is None:
         pytest.skip("our few-row kernel is built on CPUs with AVX-512 VNNI only")
     w = torch.randn(8, 32)
-    for x, wt in [(torch.randn(17, 32), w), (torch.randn(2, 31), w), (torch.randn(2, 32).bfloat16(), w),
-                  (torch.randn(2, 32).half(), w.half()), (torch.randn(2, 32), w.t().contiguous().t())]:
+    for x, wt in [(torch.randn(17, 32), w), (torch.randn(2, 31), w), (torch.randn(32), w),
+                  (torch.randn(2, 32).bfloat16(), w), (torch.randn(2, 32).half(), w.half()),
+                  (torch.randn(2, 32), w.t().contiguous().t())]:
         with pytest.raises(RuntimeError, match="rows_mm"):
             vnni().rows_mm(x, wt)
 

@@ -65,7 +65,8 @@ def vnni():
     if choice == "aten" or not has_vnni():
         return None
     try:
-        module = load(name="minillm_vnni", sources=[str(s) for s in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"])
+        module = load(name="minillm_vnni", sources=[str(s) for s in SOURCES], extra_cflags=FLAGS,
+                      extra_ldflags=["-fopenmp"])
     except (RuntimeError, OSError, ImportError) as e:
         warnings.warn(f"minillm: building {SOURCES[0].parent} failed, matmuls use PyTorch's kernels "
                       f"(set MINILLM_QUANT_KERNEL=aten to skip the attempt): {str(e).strip()[-300:]}")

@@ -2,18 +2,18 @@
 // read from memory once per call, whatever the number of rows, and used for every row while in a register.
 // That is what a verification of k drafts needs: decoding reads every weight per token, so one row costs
 // the read of the weights, and k + 1 rows should cost the same read, not k + 1 of them (PyTorch's CPU GEMM
-// repacks W for every call of a few rows, or takes rows a few at a time).
+// takes 2-3 one-row times for 4-9 rows: `python -m bench.step_cost few-rows`).
 //
-// For each output n and row m, 16 lanes sum w[n, k] * x[m, k] over k = lane, lane + 16, ... in order, by
-// fused multiply-adds in float32, and a fixed tree adds the 16 lanes: the arithmetic of (n, m) is the same
-// whatever the other rows of the call, the number of rows or the thread, so a row's numbers do not depend
-// on the call it is in (a verification gives each position the numbers a one-row step gives it). bf16
-// weights and x become float32 exactly (a shift); the sums are float32, y rounded once to x's dtype.
+// For each output n and row m, per chunk of CHUNK inputs, 16 lanes sum w[n, k] * x[m, k] over k = lane,
+// lane + 16, ... in order by fused multiply-adds in float32, a fixed tree adds the 16 lanes, and the
+// chunks' sums are added in order: the arithmetic of (n, m) is the same whatever the other rows of the
+// call, their number or the thread, so a row's numbers do not depend on the call it is in (a
+// verification gives each position the numbers a one-row step gives it). bf16 weights and x become
+// float32 exactly (a shift); the sums are float32, y rounded once to x's dtype.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <type_traits>
-#include <vector>
 
 namespace {
 
@@ -121,8 +121,9 @@ void row_block(int64_t M, const W* w, const float* xf, float* y, int64_t N, int6
 
 // x (M, K) and w (N, K), both float32 or both bf16, M <= 16 -> (M, N) in their dtype.
 torch::Tensor rows_mm(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "rows_mm: x (M, K) and w (N, K) must be 2-D");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == K && M >= 1 && M <= MAX_ROWS && x.scalar_type() == w.scalar_type() &&
+  TORCH_CHECK(w.size(1) == K && M >= 1 && M <= MAX_ROWS && x.scalar_type() == w.scalar_type() &&
               (w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kBFloat16) && w.is_contiguous(),
               "rows_mm: x (M <= 16, K) and contiguous w (N, K), both float32 or both bfloat16");
   const bool bf16 = w.scalar_type() == torch::kBFloat16;
