@@ -22,8 +22,9 @@ def add_batch_invariant(p: argparse.ArgumentParser) -> None:
                    help="the model computes every matmul in blocks of ROWS rows and attention one query at a time, "
                         "so a token's logits do not depend on how many tokens share a call: greedy speculative "
                         "output is then the model's own greedy output bit for bit, in bf16 and int4 too (give the "
-                        "plain run the same ROWS; ROWS = --k + 1 verifies in one block). A one-token step costs a "
-                        "ROWS-row call")
+                        "plain run the same ROWS; ROWS = --k + 1 verifies in one block). Its cost: attention one query "
+                        "at a time, and, where a matmul does not run on our kernels (minillm/kernels), a one-token "
+                        "step costs a ROWS-row call")
 
 
 def check_batch_invariant(args: argparse.Namespace) -> None:

@@ -22,8 +22,8 @@ AVX-512 VNNI and it builds; aten skips the build, so the float kernel below is g
 
 rows.cpp multiplies float32 or bf16 W as it is by 1..16 rows of x in one pass over W, every weight
 used for all the rows while in a register, the sums in float32 (bf16 W and x widened exactly). One
-row costs the read of the weights, as PyTorch's GEMV does (bf16: half its time on this kind of CPU,
-which has no bf16 instructions), and 9 rows ~1.2x of one in fp32 (PyTorch's GEMM: 2-3x). Each output
+row costs the read of the weights, as PyTorch's GEMV does (bf16: half its time on an AVX-512 Xeon
+without bf16 instructions), and 9 rows ~1.2x of one in fp32 (PyTorch's GEMM: 2-3x). Each output
 is summed in one fixed order whatever the number of rows, so a row's numbers do not depend on the
 call it is in. speed.FewRowLinear takes it (MINILLM_FEW_ROWS=own, the default where it builds).
 """
@@ -45,6 +45,7 @@ from ..quantized import Int4Linear, Int8Linear, unpack_nibbles
 SOURCES = [Path(__file__).with_name("vnni.cpp"), Path(__file__).with_name("rows.cpp")]
 CHOICES = ("own", "aten")
 TILE = 16  # output rows per tile of the kernel's layout
+ROWS_MAX = 16  # rows.cpp's MAX_ROWS: the most rows of x one rows_mm call takes
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
 
 
@@ -182,9 +183,6 @@ def rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     whatever M, each row's numbers independent of the others' (speed.FewRowLinear's "own" route)."""
     mm = torch.ops.minillm.rows_mm if torch.compiler.is_compiling() else vnni().rows_mm
     return mm(x, w)
-
-
-ROWS_MAX = 16  # rows.cpp's MAX_ROWS
 
 
 class StackedInt4:
