@@ -4,12 +4,12 @@
 // the read of the weights, and k + 1 rows should cost the same read, not k + 1 of them (PyTorch's CPU GEMM
 // takes 2-3 one-row times for 4-9 rows: `python -m bench.step_cost few-rows`).
 //
-// For each output n and row m, per chunk of CHUNK inputs, 16 lanes sum w[n, k] * x[m, k] over k = lane,
-// lane + 16, ... in order by fused multiply-adds in float32, a fixed tree adds the 16 lanes, and the
-// chunks' sums are added in order: the arithmetic of (n, m) is the same whatever the other rows of the
-// call, their number or the thread, so a row's numbers do not depend on the call it is in (a
-// verification gives each position the numbers a one-row step gives it). bf16 weights and x become
-// float32 exactly (a shift); the sums are float32, y rounded once to x's dtype.
+// For each output n and row m, 16 lanes sum w[n, k] * x[m, k] over k = lane, lane + 16, ... in order by
+// fused multiply-adds in float32, and a fixed tree adds the 16 lanes at the end: the arithmetic of (n, m)
+// is the same whatever the other rows of the call, their number, the tiles, the chunks of inputs or the
+// thread, so a row's numbers do not depend on the call it is in (a verification gives each position the
+// numbers a one-row step gives it). bf16 weights and x become float32 exactly (a shift); the sums are
+// float32, y rounded once to x's dtype.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -17,7 +17,7 @@
 
 namespace {
 
-constexpr int MAX_ROWS = 16, LANES = 16, CHUNK = 512, GROUP = 48;
+constexpr int MAX_ROWS = 16, LANES = 16, GROUP = 24, X_CHUNK = 4096;  // X_CHUNK floats of x: 16 KB
 
 // 16 weights from k on (mask: which of them exist), as floats.
 template <typename W>
@@ -38,15 +38,16 @@ inline float sum16(__m512 v) {  // one fixed order of the 16 lanes' sum
   return _mm_cvtss_f32(q);
 }
 
-// Inputs k0..k1-1 of outputs n0..n0+R-1, rows 0..M-1 of xf (float32, (M, K)): their sums added to y
-// (float32, (M, N)), or written to it for the first chunk of inputs.
+// Inputs k0..k1-1 of outputs n0..n0+R-1, rows 0..M-1 of xf (float32, (M, K)). The lanes' sums carry from
+// chunk to chunk in `lanes` (R * M vectors); after the last chunk each (n, m) adds its lanes into y[m, n].
 template <typename W, int M, int R>
-void chunk(const W* w, const float* xf, float* y, int64_t N, int64_t K, int64_t n0, int64_t k0, int64_t k1) {
+void chunk(const W* w, const float* xf, float* y, __m512* lanes, int64_t N, int64_t K, int64_t n0, int64_t k0,
+           int64_t k1) {
   __m512 acc[R][M];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) acc[r][m] = k0 == 0 ? _mm512_setzero_ps() : lanes[r * M + m];
   auto step = [&](int64_t k, __mmask16 mask) __attribute__((always_inline)) {
     constexpr int AHEAD = 2 * R < 4 ? 4 : 2 * R;  // outputs ahead: this chunk of theirs is read a few tiles from now
     __m512 wr[R];
@@ -58,7 +59,8 @@ void chunk(const W* w, const float* xf, float* y, int64_t N, int64_t K, int64_t 
     }
 #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) {
-      const __m512 xm = _mm512_maskz_loadu_ps(mask, xf + m * K + k);
+      __m512 xm = _mm512_maskz_loadu_ps(mask, xf + m * K + k);
+      __asm__("" : "+v"(xm));  // loaded once into a register, not once per multiply (the load ports are busy)
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wr[r], xm, acc[r][m]);
     }
@@ -67,29 +69,30 @@ void chunk(const W* w, const float* xf, float* y, int64_t N, int64_t K, int64_t 
   for (; k + LANES <= k1; k += LANES) step(k, 0xFFFF);
   if (k < k1) step(k, (__mmask16)((1u << (k1 - k)) - 1));
 #pragma GCC unroll 16
-  for (int m = 0; m < M; ++m)
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      float& out = y[m * N + n0 + r];
-      out = k0 == 0 ? sum16(acc[r][m]) : out + sum16(acc[r][m]);
+    for (int m = 0; m < M; ++m) {
+      if (k1 == K) y[m * N + n0 + r] = sum16(acc[r][m]);
+      else lanes[r * M + m] = acc[r][m];
     }
 }
 
-// All outputs: groups of GROUP outputs split among the threads; within a group, chunks of CHUNK inputs
-// in order (the chunk of x, CHUNK * M floats, stays in the core's first cache while every output of the
-// group uses it), and within a chunk R outputs at a time, R * M sums in registers. An output's sum is
-// thus the sum, chunk after chunk, of each chunk's 16 lanes added by sum16: the same for any M.
+// All outputs: groups of GROUP outputs split among the threads; within a group, chunks of inputs in order
+// (the chunk of x, X_CHUNK floats for any M, stays in the core's first cache while every output of the group
+// uses it), and within a chunk R outputs at a time, R * M vectors of sums in registers (R * M + R + 1 <= 32).
 template <typename W, int M>
 void rows(const W* w, const float* xf, float* y, int64_t N, int64_t K) {
-  constexpr int R = M <= 3 ? 8 : (M <= 4 ? 6 : (M <= 6 ? 4 : (M <= 8 ? 3 : (M <= 12 ? 2 : 1))));
+  constexpr int R = M <= 3 ? 8 : (M <= 4 ? 6 : (M <= 6 ? 4 : (M <= 9 ? 3 : (M <= 12 ? 2 : 1))));
+  constexpr int64_t CHUNK = X_CHUNK / M / LANES * LANES;
   at::parallel_for(0, (N + GROUP - 1) / GROUP, 1, [&](int64_t a, int64_t b) {
+    alignas(64) __m512 lanes[GROUP * M];
     for (int64_t g = a; g < b; ++g) {
       const int64_t n0 = g * GROUP, n1 = std::min(N, n0 + GROUP);
       for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
         const int64_t k1 = std::min(K, k0 + CHUNK);
         int64_t n = n0;
-        for (; n + R <= n1; n += R) chunk<W, M, R>(w, xf, y, N, K, n, k0, k1);
-        for (; n < n1; ++n) chunk<W, M, 1>(w, xf, y, N, K, n, k0, k1);
+        for (; n + R <= n1; n += R) chunk<W, M, R>(w, xf, y, lanes + (n - n0) * M, N, K, n, k0, k1);
+        for (; n < n1; ++n) chunk<W, M, 1>(w, xf, y, lanes + (n - n0) * M, N, K, n, k0, k1);
       }
     }
   });
