@@ -13,10 +13,13 @@ get) on the model as sample.py runs it: speed.speed_up after loading, and speed.
 the "-compiled" configs; transformers runs its best case, a bare loop of model(token,
 past_key_values) + argmax with a DynamicCache and logits for the last position only (generate()
 adds nothing measurable to it).
-Prefill: one forward over the first 512 tokens of tinyshakespeare into an empty cache.
-Peak RSS: the worker's VmHWM (load included) after all its measurements. ours-int8 / ours-int4
-load files made by `python -m minillm.quantize` (int4: group 32, embedding/head int8) before the
-workers start; ours-bf16 and hf-bf16 both load the fp32 file and cast.
+Prefill: one forward over the first 512 tokens of tinyshakespeare into an empty cache. speed_up also
+keeps freed memory for reuse in our workers (host_memory.reuse_freed_memory: no fresh pages for every
+big activation); the "-reuse" configs give transformers' worker the same setting, for a like-for-like
+look at the rest.
+Prefill page faults: the worker's minor faults during one prefill (memory touched fresh). Peak RSS:
+the worker's VmHWM (load included) after all its measurements. ours-int8 / ours-int4 load files made
+by `python -m minillm.quantize` (int4: group 32, embedding/head int8) before the workers start; ours-bf16 and hf-bf16 both load the fp32 file and cast.
 transformers loads the same weights, exported once with minillm.export to a temporary directory
 (the fp32 safetensors; bf16 is cast at load with dtype=torch.bfloat16).
 
@@ -32,6 +35,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -42,7 +46,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT = ["hf-fp32", "hf-bf16", "ours-fp32", "ours-bf16", "ours-int8", "ours-int4"]
-CONFIGS = DEFAULT + ["ours-fp32-compiled", "ours-bf16-compiled", "ours-int8-compiled", "ours-int4-compiled", "llamacpp-q4_1"]
+CONFIGS = DEFAULT + ["ours-fp32-compiled", "ours-bf16-compiled", "ours-int8-compiled", "ours-int4-compiled", "llamacpp-q4_1",
+                     "hf-fp32-reuse", "hf-bf16-reuse"]
 if importlib.util.find_spec("llama_cpp"):  # llama-cpp-python installed: llama.cpp joins the default run
     DEFAULT.append("llamacpp-q4_1")
 PROMPT = "Once upon a time"
@@ -61,10 +66,13 @@ def load(config: str, model_path: str, hf_dir: str):
     from minillm.checkpoint import load_model
     loaded = load_model(model_path)
     prompt, text_ids = loaded.tokenizer.encode(PROMPT), loaded.tokenizer.encode(prefill_text())[:512]
-    kind, dtype, *compiled = config.split("-")  # "-compiled": one-token steps through torch.compile
+    kind, dtype, *extra = config.split("-")  # "-compiled": one-token steps through torch.compile
     if kind == "ours":
-        return load_ours(loaded.model, dtype, bool(compiled), prompt, text_ids, model_path)
+        return load_ours(loaded.model, dtype, "compiled" in extra, prompt, text_ids, model_path)
     del loaded  # transformers loads the exported copy
+    if "reuse" in extra:  # the allocator setting speed_up makes for ours, given to transformers too
+        from minillm.host_memory import reuse_freed_memory
+        reuse_freed_memory()
     return load_hf(hf_dir, dtype, prompt, text_ids)
 
 
@@ -177,7 +185,8 @@ def worker(config: str, model_path: str, hf_dir: str, threads: int) -> None:
             ids, ttft, tps = decode()
             res = {"ids": ids, "ttft_s": ttft, "tok_s": tps}
         elif cmd == "prefill":
-            res = {"prefill_s": prefill()}
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            res = {"prefill_s": prefill(), "prefill_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
         elif cmd == "rss":  # VmHWM: this process's own peak (ru_maxrss would carry the parent's over exec)
             hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
             res = {"peak_rss_mib": int(hwm.split()[1]) / 1024}
@@ -244,12 +253,14 @@ def main():
         procs[c].stdin.flush()
         return json.loads(procs[c].stdout.readline())
 
-    res = {c: {"tok_s": [], "ttft_s": [], "prefill_s": [], "ids": None} for c in configs}
+    res = {c: {"tok_s": [], "ttft_s": [], "prefill_s": [], "prefill_faults": [], "ids": None} for c in configs}
     for r in range(args.rounds):
         order = configs[r % len(configs):] + configs[:r % len(configs)]
         for c in order:
             d, p = ask(c, "decode"), ask(c, "prefill")
-            res[c]["tok_s"].append(d["tok_s"]), res[c]["ttft_s"].append(d["ttft_s"]), res[c]["prefill_s"].append(p["prefill_s"])
+            for key, value in {**d, **p}.items():
+                if key != "ids":
+                    res[c][key].append(value)
             res[c]["ids"] = d["ids"]
             print(f"  round {r + 1} {c}: {d['tok_s']:.1f} tok/s, ttft {d['ttft_s'] * 1e3:.0f} ms, "
                   f"prefill {p['prefill_s'] * 1e3:.0f} ms   (load {open('/proc/loadavg').read().split()[0]})", flush=True)
@@ -258,13 +269,13 @@ def main():
         procs[c].stdin.close()
         procs[c].wait()
 
-    med = {c: {k: statistics.median(res[c][k]) for k in ("tok_s", "ttft_s", "prefill_s")} for c in configs}
+    med = {c: {k: statistics.median(res[c][k]) for k in ("tok_s", "ttft_s", "prefill_s", "prefill_faults")} for c in configs}
 
     print(f"\n{Path(args.model).name}, greedy, {PROMPT!r} + 128 new tokens; 512-token prefill; threads {args.threads}; "
           f"{args.rounds} rounds (medians); load average at the end {open('/proc/loadavg').read().split()[0]}\n")
     print("| config | decode tok/s | vs hf-fp32 | vs hf-bf16 | vs llama.cpp | TTFT ms | prefill 512 ms | prefill vs hf-fp32 "
-          "| peak RSS MiB | first 32 ids = hf-fp32's |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| prefill page faults | peak RSS MiB | first 32 ids = hf-fp32's |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
 
     def ratio(c, key, other):
         return f"{med[c][key] / med[other][key]:.2f}x" if other in med else "-"
@@ -273,7 +284,8 @@ def main():
         ids_same = ("yes" if res[c]["ids"][:32] == res["hf-fp32"]["ids"][:32] else "no") if "hf-fp32" in res else "-"
         print(f"| {c} | {m['tok_s']:.1f} | {ratio(c, 'tok_s', 'hf-fp32')} | {ratio(c, 'tok_s', 'hf-bf16')} "
               f"| {ratio(c, 'tok_s', 'llamacpp-q4_1')} | {m['ttft_s'] * 1e3:.0f} "
-              f"| {m['prefill_s'] * 1e3:.0f} | {ratio(c, 'prefill_s', 'hf-fp32')} | {res[c]['rss']:.0f} | {ids_same} |")
+              f"| {m['prefill_s'] * 1e3:.0f} | {ratio(c, 'prefill_s', 'hf-fp32')} | {m['prefill_faults']:.0f} "
+              f"| {res[c]['rss']:.0f} | {ids_same} |")
 
     import matplotlib
     matplotlib.use("Agg")

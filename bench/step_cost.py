@@ -21,8 +21,9 @@ ceiling on tokens/s for that format on this machine:
 
 `prefill`: the floor under a prompt read, fp32: the 210 layer matrices of SmolLM2-135M times
 --tokens rows (512) and the head times the last row (what a prefill with last_only multiplies),
-nothing else; ms and the GEMM's GFLOP/s. A prefill can be no faster than this with fp32 weights
-and PyTorch's CPU GEMM (transformers uses the same one).
+nothing else; ms and the GEMM's GFLOP/s; the same with q|k|v and gate|up stacked; and one large square
+product, the GEMM library's best rate on this machine. A prefill can be no faster than the matmuls with
+fp32 weights and PyTorch's CPU GEMM (transformers uses the same one).
 
 `few-rows`: what M = 1..9 rows cost against one row (M = k+1 is a speculative verification of k
 drafts), per format (fp32, bf16, int4 g32) on the matrices of a decode step of Qwen2.5-Coder-1.5B
@@ -156,22 +157,29 @@ def bound(args) -> None:
 
 
 def prefill(args) -> None:
-    ws = [torch.randn(n, k) for n, k in LAYER * 30]
-    head = torch.randn(*HEAD)
+    head, last = torch.randn(*HEAD), torch.randn(1, 576)
     x = {k: torch.randn(args.tokens, k) for k in (576, 1536)}
-    last = torch.randn(1, 576)
+    square = [torch.randn(3072, 3072) for _ in range(2)]
 
-    def run():
-        for w in ws:
-            F.linear(x[w.shape[1]], w)
-        F.linear(last, head)
+    def matmuls(shapes):
+        ws = [torch.randn(n, k) for n, k in shapes * 30]
 
-    ms = medians({"prefill": run}, args.repeats, warmups=1)["prefill"]
-    flop = 2 * (args.tokens * sum(w.numel() for w in ws) + head.numel())
+        def run():
+            for w in ws:
+                F.linear(x[w.shape[1]], w)
+            F.linear(last, head)
+        return run, 2 * (args.tokens * sum(w.numel() for w in ws) + head.numel())
+
+    ways = {"as the model calls them (7 per layer)": matmuls(LAYER),
+            "q, k, v and gate, up stacked (4 per layer)": matmuls(FUSED),
+            "one 3072 x 3072 x 3072 product (the library's best case here)":
+                (lambda: square[0] @ square[1], 2 * 3072 ** 3)}
+    ms = medians({name: run for name, (run, _) in ways.items()}, args.repeats, warmups=1)
     print(f"SmolLM2-135M's fp32 prefill matmuls, {args.tokens} tokens (the head on the last one), "
           f"{torch.get_num_threads()} threads, median of {args.repeats}\n")
-    print("| ms | GFLOP | GFLOP/s |\n|---|---|---|")
-    print(f"| {ms:.1f} | {flop / 1e9:.1f} | {flop / ms / 1e6:.1f} |")
+    print("| matmuls | ms | GFLOP | GFLOP/s |\n|---|---|---|---|")
+    for name, (_, flop) in ways.items():
+        print(f"| {name} | {ms[name]:.1f} | {flop / 1e9:.1f} | {flop / ms[name] / 1e6:.1f} |")
 
 
 SHAPES = {  # hidden, intermediate, k/v width, vocab, layers: each model's config (GGUF / config.json)

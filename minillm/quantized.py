@@ -26,14 +26,13 @@ portable nibble layout above and packing happens at load.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .host_memory import release_freed_memory
 from .model import Transformer
 
 BITS = (8, 4)
@@ -331,21 +330,3 @@ def finish_loading(model) -> None:
     if model.config.tie_embeddings:
         model.lm_head = model.tok_emb.as_linear()
     release_freed_memory()
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed by torch back to the OS now (glibc's malloc_trim; elsewhere nothing).
-    Repacking int4 codes makes temporaries for every matrix, and glibc keeps freed heap memory for
-    reuse: without a trim after each matrix, the heap of a loaded model grows by free space that the
-    process never uses again (bench/README.md has the load peaks with and without)."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
-
-
-_malloc_trim = None  # looked up on first use
