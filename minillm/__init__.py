@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 CORE = (
     "minillm.config", "minillm.model", "minillm.kv_cache", "minillm.tokenizer",  # the model and its text
-    "minillm.checkpoint", "minillm.quantized",  # the file format, with the weight forms it holds
+    "minillm.checkpoint", "minillm.quantized", "minillm.host_memory",  # the file format, its weight forms, the allocator
     "minillm.sampling", "minillm.generate",  # the decoding core
     "minillm.data", "minillm.device", "minillm.ddp",  # data, devices and data-parallel ranks
     "minillm.trainer", "minillm.train_config", "minillm.train_lock", "minillm.train_resume",  # the training loop
