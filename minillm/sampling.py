@@ -135,10 +135,14 @@ def ban_repeated_ngrams(logits: torch.Tensor, history: torch.Tensor, n: int) -> 
 # ----------------------------------------------------------------------------- truncation
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask all but exactly k entries per row (topk picks k indices, so ties cannot add extra)."""
+    """Mask all but exactly k entries per row: those above the k-th largest value, then of those equal
+    to it the lowest indices (torch.topk alone may return any of the tied ones)."""
     if k >= logits.size(-1):
         return logits
-    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(k, dim=-1).indices, True)
+    kth = logits.topk(k, dim=-1).values[:, -1:]
+    above, tied = logits > kth, logits == kth
+    room = k - above.sum(-1, keepdim=True)  # how many of the tied ones fit
+    keep = above | (tied & (tied.cumsum(-1) <= room))
     return logits.masked_fill(~keep, float("-inf"))
 
 

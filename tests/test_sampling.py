@@ -200,6 +200,18 @@ def test_top_k_keeps_exactly_k_even_on_ties(logits, k):
     lo_kept = logits.masked_fill(~kept, float("inf")).min(-1).values
     hi_dropped = logits.masked_fill(kept, float("-inf")).max(-1).values
     assert (lo_kept >= hi_dropped).all()
+    # and of equal logits the lower indices: the first k of a stable sort, largest first
+    first_k = logits.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+    assert torch.equal(kept, torch.zeros_like(kept).scatter_(-1, first_k, True))
+
+
+def test_top_k_breaks_ties_by_lower_index():
+    """The case hypothesis found: torch.topk(1) of [9, 0, ..., 0, 9] may give index 7."""
+    logits = torch.tensor([[9.0, 0, 0, 0, 0, 0, 0, 9.0], [0, 5.0, 5.0, 5.0, 0, 0, 0, 0]])
+    kept = torch.isfinite(apply_top_k(logits, 1))
+    assert kept.nonzero().tolist() == [[0, 0], [1, 1]]
+    kept = torch.isfinite(apply_top_k(logits, 2))
+    assert kept.nonzero().tolist() == [[0, 0], [0, 7], [1, 1], [1, 2]]
 
 
 @settings_props
