@@ -79,7 +79,8 @@ void chunk(const W* w, const float* xf, float* y, __m512* lanes, int64_t N, int6
 
 // All outputs: groups of GROUP outputs split among the threads; within a group, chunks of inputs in order
 // (the chunk of x, X_CHUNK floats for any M, stays in the core's first cache while every output of the group
-// uses it), and within a chunk R outputs at a time, R * M vectors of sums in registers (R * M + R + 1 <= 32).
+// uses it), and within a chunk R outputs at a time, R * M vectors of sums in registers (with the R weight
+// vectors and x's: R * M + R + 1 of the 32 registers; 33 at 3 rows, where the compiler keeps one on the stack).
 template <typename W, int M>
 void rows(const W* w, const float* xf, float* y, int64_t N, int64_t K) {
   constexpr int R = M <= 3 ? 8 : (M <= 4 ? 6 : (M <= 6 ? 4 : (M <= 9 ? 3 : (M <= 12 ? 2 : 1))));
