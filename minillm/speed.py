@@ -18,7 +18,9 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
   decides once per process; MINILLM_FEW_ROWS=own|onednn|linear overrides it. CPU, no grad only.
 * GQADecodeAttention: at decode (one query token, grouped-query attention, SDPA), the n_head/n_kv_head
   query heads that share a K/V head become that many query rows of it, so the cached K/V are read
-  once instead of being expanded per query head.
+  once instead of being expanded per query head. A prompt's attention (more than 16 queries, fp32)
+  goes to our kernel (kernels/attention.cpp), which visits only the keys each block of queries sees:
+  PyTorch's CPU kernel computes every score of a 512-token prompt and masks half (~0.55x its time).
 * VNNIInt4Linear, VNNIInt8Linear (kernels/): int4 and int8 layers on CPUs with AVX-512 VNNI run our
   kernel, which rounds x to int8 per 32 inputs as llama.cpp does (not the same numbers as
   quantized.py's bf16 route: within about 1% of the largest output; tests/test_int4_kernel.py) and
@@ -57,7 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import ROWS_MAX, StackedInt4, forget_torch_layouts, rows_mm, use_kernel, vnni
+from .kernels import ROWS_MAX, StackedInt4, causal_attention, forget_torch_layouts, rows_mm, use_kernel, vnni
 from .kv_cache import KVCache
 from .model import MLP, Attention, Transformer
 from .host_memory import release_freed_memory, reuse_freed_memory
@@ -162,12 +164,21 @@ class GQADecodeAttention(Attention):
     def attend(self, q, k, v, mask):
         cfg = self.cfg
         B, nh, T, hd = q.shape
+        if T > ROWS_MAX and self.takes_prompt_kernel(q, k, v):  # mask: the causal one Transformer.forward made
+            return causal_attention(q, k, v)
         if cfg.attn_impl != "sdpa" or cfg.n_kv_head == nh or T != 1 or mask is not None:
             return super().attend(q, k, v, mask)
         p_drop = self.dropout if self.training else 0.0
         q = q.reshape(B, cfg.n_kv_head, nh // cfg.n_kv_head, hd)  # (B, nkv, rep, hd): rep query rows per K/V head
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop)  # (B, nkv, rep, hd)
         return y.reshape(B, nh, 1, hd)
+
+    def takes_prompt_kernel(self, q, k, v) -> bool:
+        """Whether a prompt's attention goes to our kernel (kernels/attention.cpp) here: CPU, float32, no
+        grad, no dropout, a head_dim multiple of 16, and the kernel built (vnni())."""
+        return q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and \
+            not torch.is_grad_enabled() and not (self.training and self.dropout) and q.shape[-1] % 16 == 0 and \
+            vnni() is not None
 
 
 class StackedMLP(MLP):

@@ -18,6 +18,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
+from minillm import kernels  # noqa: E402
 from minillm.checkpoint import load_model  # noqa: E402
 from minillm.convert import LLAMA3_PAT, ConvertError, convert  # noqa: E402
 from minillm.convert.vocab import QWEN2_PAT  # noqa: E402
@@ -455,6 +456,25 @@ def test_smollm2_logits_match_transformers(smollm2_ours, smollm2_hf_model, promp
     with torch.no_grad():
         ref = smollm2_hf_model(x).logits
         ours = smollm2_ours.model(x)
+    diff = (ours - ref).abs().max().item()
+    assert diff <= GGUF_TOL, f"max |diff| {diff}"
+    assert torch.equal(ours.argmax(-1), ref.argmax(-1))
+
+
+def test_smollm2_sped_up_prefill_matches_transformers(smollm2_converted, smollm2_hf_model, prompt_256, monkeypatch):
+    """The speed layer's prompt route (our causal attention, kernels/attention.cpp, where it builds) in a
+    prefill of 200 tokens and then 56 more after them (queries that also see cached keys): every
+    position's logits within GGUF_TOL of transformers', the same argmax."""
+    from minillm import speed
+    calls = []
+    monkeypatch.setattr(speed, "causal_attention", lambda *a: calls.append(1) or kernels.causal_attention(*a))
+    model = speed.speed_up(load_model(smollm2_converted).model)
+    x = torch.tensor([prompt_256])
+    with torch.no_grad():
+        ref = smollm2_hf_model(x).logits
+        cache = KVCache.for_model(model, 1, 256)
+        ours = torch.cat([model(x[:, :200], cache, 0), model(x[:, 200:], cache, 200)], 1)
+    assert len(calls) == (2 * 30 if kernels.vnni() is not None else 0)
     diff = (ours - ref).abs().max().item()
     assert diff <= GGUF_TOL, f"max |diff| {diff}"
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))

@@ -196,6 +196,46 @@ def test_gqa_decode_route_is_taken_and_equals_reference():
     torch.testing.assert_close(fast, ref, rtol=0, atol=1e-6)
 
 
+@needs_our_kernel
+@pytest.mark.parametrize("B, nh, nkv, T, S, hd", [
+    (1, 9, 3, 512, 512, 64),  # SmolLM2's heads, a 512-token prompt
+    (1, 12, 2, 300, 300, 128),  # Qwen2.5-1.5B's
+    (2, 4, 4, 37, 50, 16),  # no grouping, two rows, 13 cached positions before the queries
+    (1, 6, 1, 100, 100, 48),  # head_dim not a multiple of the 64-key block
+    (1, 9, 3, 17, 200, 64),  # few queries after many cached keys
+])
+def test_prompt_attention_kernel_matches_float64(B, nh, nkv, T, S, hd):
+    """kernels/attention.cpp against the reference's written-out attention in float64: within what PyTorch's
+    own float32 kernel (SDPA) gets, at most 2e-5 on outputs of magnitude ~1."""
+    from minillm.kernels import causal_attention
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, T, nh, hd, generator=g).transpose(1, 2) * 2  # the layout Attention.project makes
+    k, v = torch.randn(B, nkv, S, hd, generator=g) * 2, torch.randn(B, nkv, S, hd, generator=g)
+    mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    attn = make("llama-gqa").blocks[0].attn
+    attn.cfg = preset("nano", family="llama", n_head=nh, n_kv_head=nkv, n_embd=nh * hd, attn_impl="manual")
+    want = attn.attend(q.double(), k.double(), v.double(), mask)
+    got = causal_attention(q, k, v)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert got.shape == want.shape
+    assert (got.double() - want).abs().max() <= max(2e-5, 1.5 * (sdpa.double() - want).abs().max())
+
+
+@needs_our_kernel
+def test_prompt_attention_route_is_taken_for_prompts_only(monkeypatch):
+    """GQADecodeAttention gives our kernel more than 16 fp32 queries without grad; SDPA the rest."""
+    from minillm import kernels, speed
+    calls = []
+    monkeypatch.setattr(speed, "causal_attention", lambda *a: calls.append(a[0].shape[2]) or kernels.causal_attention(*a))
+    model = speed_up(make("llama-gqa", n_embd=64))  # head_dim 16
+    x = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(x[:, :17], KVCache.for_model(model, 1), 0)  # a prompt of 17
+        model(x[:, :16], KVCache.for_model(model, 1), 0)  # 16: a verify's size
+        model.bfloat16()(x[:, :20], KVCache.for_model(model, 1), 0)  # bf16
+    assert calls == [17, 17]  # one call per layer, the first prompt only
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-gqa-int4"])
 def test_compiled_decode_gives_the_eager_greedy_tokens(name):

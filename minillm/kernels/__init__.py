@@ -1,5 +1,5 @@
 """Our own CPU kernels, speed-layer routes for CPUs with AVX-512 VNNI: int4 and int8 matmuls (vnni.cpp),
-and float32 / bf16 matmuls of 1..16 rows (rows.cpp, the last section below).
+float32 / bf16 matmuls of 1..16 rows (rows.cpp) and a prompt's attention (attention.cpp), the last sections below.
 
 It multiplies as llama.cpp does: each row of x rounded to int8 per block of 32 inputs, the products
 with the 4-bit or 8-bit codes summed exactly in int32 by the CPU's int8 dot-product instruction
@@ -26,6 +26,11 @@ row costs the read of the weights, as PyTorch's GEMV does (bf16: half its time o
 without bf16 instructions), and 9 rows ~1.2x of one in fp32 (PyTorch's GEMM: 2-3x). Each output
 is summed in one fixed order whatever the number of rows, so a row's numbers do not depend on the
 call it is in. speed.FewRowLinear takes it (MINILLM_FEW_ROWS=own, the default where it builds).
+
+attention.cpp computes a prompt's causal attention in float32, visiting only the keys each block of
+queries may see (flash attention's blocks, the query heads of a K/V head together); PyTorch's CPU
+kernel computes all the scores of a prompt up to 512 tokens and masks half of them.
+speed.GQADecodeAttention takes it for more than 16 queries.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from torch.utils.cpp_extension import load
 
 from ..quantized import Int4Linear, Int8Linear, unpack_nibbles
 
-SOURCES = [Path(__file__).with_name("vnni.cpp"), Path(__file__).with_name("rows.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("vnni.cpp", "rows.cpp", "attention.cpp")]
 CHOICES = ("own", "aten")
 TILE = 16  # output rows per tile of the kernel's layout
 ROWS_MAX = 16  # rows.cpp's MAX_ROWS: the most rows of x one rows_mm call takes
@@ -76,6 +81,8 @@ def vnni():
     torch.library.register_fake("minillm::vnni_mm", lambda x, packed, scale_zero, group_size, bits: x.new_empty(
         x.shape[0], scale_zero.shape[0] * scale_zero.shape[2]))  # scale_zero: (N/16, K/group, 16, 2)
     torch.library.register_fake("minillm::rows_mm", lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("minillm::causal_attention", lambda q, kt, v: q.new_empty(
+        q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
     return module
 
 
@@ -183,6 +190,15 @@ def rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     whatever M, each row's numbers independent of the others' (speed.FewRowLinear's "own" route)."""
     mm = torch.ops.minillm.rows_mm if torch.compiler.is_compiling() else vnni().rows_mm
     return mm(x, w)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """attention.cpp's kernel: softmax(q kᵀ/√hd, causal) v for q (B, nh, T, hd) and k, v (B, nkv, S, hd),
+    float32, query t at position S - T + t (it sees keys 0..S - T + t), hd a multiple of 16 -> (B, nh, T, hd),
+    a view of the (B, T, nh, hd) result (the output projection's layout: no copy to get there)."""
+    kt = k.transpose(-1, -2).contiguous()  # (B, nkv, hd, S): the keys' scores are vectors of 16 keys
+    a = torch.ops.minillm.causal_attention if torch.compiler.is_compiling() else vnni().causal_attention
+    return a(q, kt, v).transpose(1, 2)
 
 
 class StackedInt4:

@@ -206,10 +206,12 @@ TORCH_LIBRARY(minillm, m) { m.def("vnni_mm(Tensor x, Tensor packed, Tensor scale
 TORCH_LIBRARY_IMPL(minillm, CPU, m) { m.impl("vnni_mm", &mm); }
 
 torch::Tensor rows_mm(torch::Tensor x, torch::Tensor w);  // rows.cpp, built into the same module
+torch::Tensor causal_attention(torch::Tensor q, torch::Tensor kt, torch::Tensor v);  // attention.cpp, likewise
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm", &mm, "x @ W^T for int4 or int8 W in this file's layout, x rounded to int8 per 32 inputs");
   m.def("pack", &pack, "unsigned codes and scale_zero -> this file's layouts");
   m.def("unpack", &unpack, "this file's layouts -> unsigned codes (N, K) and scale_zero (K/g, N, 2)");
   m.def("rows_mm", &rows_mm, "x @ W^T for up to 16 rows of float32 or bf16 x and W (rows.cpp)");
+  m.def("causal_attention", &causal_attention, "a prompt's causal attention, float32 (attention.cpp)");
 }
