@@ -21,12 +21,14 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
   once instead of being expanded per query head. A prompt's attention (more than 16 queries, fp32)
   goes to our kernel (kernels/attention.cpp), which visits only the keys each block of queries sees:
   PyTorch's CPU kernel computes every score of a 512-token prompt and masks half (~0.55x its time).
+* FusedRMSNorm, GQADecodeAttention.project, SwiGLUMLP: RMSNorm, RoPE and silu(gate) * up in float32
+  through our one-pass kernels (kernels/pointwise.cpp; RoPE the reference's numbers bit for bit).
 * VNNIInt4Linear, VNNIInt8Linear (kernels/): int4 and int8 layers on CPUs with AVX-512 VNNI run our
   kernel, which rounds x to int8 per 32 inputs as llama.cpp does (not the same numbers as
   quantized.py's bf16 route: within about 1% of the largest output; tests/test_int4_kernel.py) and
   serves up to 16 rows per pass over the weights, where PyTorch's int4 kernel takes 4. The int4 q, k,
   v of a layer and its gate, up run as one matrix each (StackedInt4, GQADecodeAttention.qkv and
-  StackedMLP): two calls instead of five, the same numbers.
+  SwiGLUMLP): two calls instead of five, the same numbers.
 * batch_invariant (an exact mode, not a faster one): every float matmul of a call without grad runs
   in blocks of exactly `rows` rows (BlockedLinear; the last block padded with zeros) and attention
   takes one query at a time (OneQueryAttention), so a token's numbers do not depend on how many
@@ -59,9 +61,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import ROWS_MAX, StackedInt4, causal_attention, forget_torch_layouts, rows_mm, use_kernel, vnni
+from .kernels import (ROWS_MAX, StackedInt4, causal_attention, forget_torch_layouts, rms_norm, rope, rows_mm, swiglu,
+                      use_kernel, vnni)
 from .kv_cache import KVCache
-from .model import MLP, Attention, Transformer
+from .model import MLP, Attention, RMSNorm, Transformer
 from .host_memory import release_freed_memory, reuse_freed_memory
 from .quantized import Int4Linear, Int8Linear
 
@@ -153,8 +156,32 @@ def ours_for(dtype: torch.dtype) -> bool:
     return few_row_route(dtype) == "own"
 
 
+def takes_pointwise(x: torch.Tensor) -> bool:
+    """Whether RMSNorm and RoPE of x go to our one-pass kernels (kernels/pointwise.cpp): CPU, float32, no grad,
+    the kernels built (a compiled step calls them too, and rounds as the eager one)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and kernels_built()
+
+
+@torch.compiler.assume_constant_result  # as ours_for: no graph break for the question
+def kernels_built() -> bool:
+    return vnni() is not None
+
+
+class FusedRMSNorm(RMSNorm):
+    def forward(self, x):
+        if takes_pointwise(x) and self.weight.dtype == torch.float32:
+            return rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
 class GQADecodeAttention(Attention):
     int4_qkv: StackedInt4 | None = None  # speed_up: q, k and v as one matrix, where our int4 kernel runs them
+
+    def project(self, x, rope_tables):
+        if rope_tables is None or not takes_pointwise(x):
+            return super().project(x, rope_tables)
+        q, k, v = super().project(x, None)  # not yet rotated
+        return rope(q, *rope_tables), rope(k, *rope_tables), v
 
     def qkv(self, x):
         if self.int4_qkv is None or not self.int4_qkv.valid:
@@ -175,20 +202,24 @@ class GQADecodeAttention(Attention):
 
     def takes_prompt_kernel(self, q, k, v) -> bool:
         """Whether a prompt's attention goes to our kernel (kernels/attention.cpp) here: CPU, float32, no
-        grad, no dropout, a head_dim multiple of 16, and the kernel built (vnni())."""
+        grad, no dropout, a head_dim multiple of 16, and the kernel built."""
         return q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and \
             not torch.is_grad_enabled() and not (self.training and self.dropout) and q.shape[-1] % 16 == 0 and \
-            vnni() is not None
+            kernels_built()
 
 
-class StackedMLP(MLP):
-    """SwiGLU with gate and up as one int4 matrix (speed_up makes it where our int4 kernel runs them)."""
-    gate_up: StackedInt4
+class SwiGLUMLP(MLP):
+    """SwiGLU with gate and up as one int4 matrix where our int4 kernel runs them (gate_up, made by speed_up),
+    and silu(gate) * up in one pass in float32 (kernels/pointwise.cpp)."""
+    gate_up: StackedInt4 | None = None
 
     def forward(self, x):
-        if not self.gate_up.valid:
-            return super().forward(x)
-        gate, up = self.gate_up(x)
+        if self.gate_up is not None and self.gate_up.valid:
+            gate, up = self.gate_up(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if takes_pointwise(gate) and gate.is_contiguous() and up.is_contiguous():
+            return self.dropout(self.down_proj(swiglu(gate, up)))
         return self.dropout(self.down_proj(F.silu(gate) * up))
 
 
@@ -228,15 +259,18 @@ class CompiledDecode(Transformer):
 
 
 def speed_up(model: Transformer) -> Transformer:
-    """Give every plain nn.Linear the few-row route, every attention the GQA decode route and every CPU
-    Int4Linear and Int8Linear our kernel where this CPU has it (kernels/), in place; where that kernel
-    runs int4 q, k, v or gate, up, multiply them as one matrix each (StackedInt4). And for the whole
+    """Give every plain nn.Linear the few-row route, every attention the GQA decode and prompt routes, every
+    RMSNorm the one-pass route and every CPU Int4Linear and Int8Linear our kernel where this CPU has it
+    (kernels/), in place; where that kernel runs int4 q, k, v or gate, up, multiply them as one matrix
+    each (StackedInt4). And for the whole
     process: freed memory kept for reuse (host_memory.reuse_freed_memory)."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = FewRowLinear
         elif type(module) is Attention:
             module.__class__ = GQADecodeAttention
+        elif type(module) is RMSNorm:
+            module.__class__ = FusedRMSNorm
         elif type(module) in (Int4Linear, Int8Linear):
             use_kernel(module)
     forget_torch_layouts()
@@ -244,9 +278,7 @@ def speed_up(model: Transformer) -> Transformer:
         if isinstance(module, GQADecodeAttention) and module.int4_qkv is None:
             module.int4_qkv = StackedInt4.of([module.q_proj, module.k_proj, module.v_proj])
         elif type(module) is MLP and module.family == "llama":
-            stack = StackedInt4.of([module.gate_proj, module.up_proj])
-            if stack is not None:
-                module.__class__, module.gate_up = StackedMLP, stack
+            module.__class__, module.gate_up = SwiGLUMLP, StackedInt4.of([module.gate_proj, module.up_proj])
     release_freed_memory()  # the layers' own buffers, now replaced by views of the stacks
     reuse_freed_memory()  # from now on: a prefill's activations are not mapped afresh at every use
     return model

@@ -131,7 +131,7 @@ def test_stacked_q_k_v_and_gate_up_give_each_layer_its_own_numbers():
     call takes the stack too; a layer given new codes later is multiplied on its own again."""
     import copy
     from minillm.quantize import quantize_model
-    from minillm.speed import StackedMLP, speed_up
+    from minillm.speed import SwiGLUMLP, speed_up
     from tiny import tiny_model
     reference = quantize_model(tiny_model("llama", n_embd=64, n_kv_head=2, qkv_bias=True), 4, 32, embedding_bits=4)
     with torch.no_grad():
@@ -140,7 +140,7 @@ def test_stacked_q_k_v_and_gate_up_give_each_layer_its_own_numbers():
                 b.normal_()  # the converted biases are zero: make them count
     fast = speed_up(copy.deepcopy(reference))
     attn, mlp = fast.blocks[0].attn, fast.blocks[0].mlp
-    assert attn.int4_qkv is not None and type(mlp) is StackedMLP
+    assert attn.int4_qkv is not None and type(mlp) is SwiGLUMLP and mlp.gate_up is not None
     x = torch.randn(2, 5, 64).bfloat16()  # what an int4 model's layers get
     tokens = torch.randint(0, reference.config.vocab_size, (2, 24))
     with torch.inference_mode():

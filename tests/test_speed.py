@@ -236,6 +236,59 @@ def test_prompt_attention_route_is_taken_for_prompts_only(monkeypatch):
     assert calls == [17, 17]  # one call per layer, the first prompt only
 
 
+@needs_our_kernel
+@pytest.mark.parametrize("B, H, T, hd", [(1, 9, 512, 64), (2, 2, 7, 128), (1, 4, 3, 10), (1, 3, 1, 64)])
+def test_rope_kernel_gives_the_reference_numbers_bit_for_bit(B, H, T, hd):
+    from minillm.kernels import rope
+    from minillm.model import apply_rope
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, H, hd, generator=g).transpose(1, 2) * 3  # (B, H, T, hd) as Attention.project has it
+    cos, sin = torch.randn(T, hd // 2, generator=g), torch.randn(T, hd // 2, generator=g)
+    assert torch.equal(rope(x, cos, sin), apply_rope(x, cos, sin))
+    assert torch.equal(rope(x.contiguous(), cos, sin), apply_rope(x, cos, sin))  # any strides but the last
+
+
+@needs_our_kernel
+@pytest.mark.parametrize("shape", [(1, 512, 576), (3, 40), (2, 5, 1536), (1, 1, 7)])
+def test_rms_norm_kernel_within_a_rounding_step_of_the_reference(shape):
+    from minillm.kernels import rms_norm
+    from minillm.model import RMSNorm
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(shape[-1], 1e-5)
+    norm.weight.data = torch.randn(shape[-1], generator=g)
+    x = torch.randn(*shape, generator=g) * 3
+    want = norm(x.double()).float()  # the same operations in float64
+    got, ours_f32 = rms_norm(x, norm.weight, 1e-5), norm(x)
+    assert got.shape == x.shape
+    assert (got - want).abs().max() <= 4 * max(1e-7, (ours_f32 - want).abs().max()) + 1e-6 * want.abs().max()
+    y = torch.randn(shape[-1], 3, generator=g).t()  # rows not contiguous: copied first
+    torch.testing.assert_close(rms_norm(y, norm.weight, 1e-5), norm(y), rtol=1e-6, atol=1e-6)
+
+
+@needs_our_kernel
+@pytest.mark.parametrize("shape", [(1, 512, 1536), (3, 37), (1, 1, 8960)])
+def test_swiglu_kernel_within_a_rounding_step_of_the_reference(shape):
+    from minillm.kernels import swiglu
+    g = torch.Generator().manual_seed(0)
+    gate, up = torch.randn(*shape, generator=g) * 4, torch.randn(*shape, generator=g)
+    gate.view(-1)[:5] = torch.tensor([-100.0, -88.0, 0.0, 88.0, 100.0])  # e^-gate past float32's range and at 1
+    want = torch.nn.functional.silu(gate.double()) * up.double()
+    got, torch_f32 = swiglu(gate, up), torch.nn.functional.silu(gate) * up
+    assert (got.double() - want).abs().max() <= 2 * (torch_f32.double() - want).abs().max() + 1e-7 * want.abs().max()
+    assert ((got.double() - want).abs() <= 4e-7 * want.abs() + 1e-30).all()  # ~3 units in the last place
+
+
+def test_speed_up_gives_rmsnorm_and_swiglu_their_one_pass_routes_and_grad_the_reference():
+    from minillm.speed import FusedRMSNorm, SwiGLUMLP
+    model = speed_up(make("llama-gqa"))
+    norms = [m for m in model.modules() if isinstance(m, FusedRMSNorm)]
+    assert len(norms) == 2 * 2 + 1  # two per block, the final one
+    assert all(type(block.mlp) is SwiGLUMLP and block.mlp.gate_up is None for block in model.blocks)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    norms[0](x).sum().backward()  # with grad: the reference's operations, gradients as usual
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-gqa-int4"])
 def test_compiled_decode_gives_the_eager_greedy_tokens(name):

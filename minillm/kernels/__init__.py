@@ -31,6 +31,10 @@ attention.cpp computes a prompt's causal attention in float32, visiting only the
 queries may see (flash attention's blocks, the query heads of a K/V head together); PyTorch's CPU
 kernel computes all the scores of a prompt up to 512 tokens and masks half of them.
 speed.GQADecodeAttention takes it for more than 16 queries.
+
+pointwise.cpp does RMSNorm, RoPE and SwiGLU's silu(gate) * up in float32 in one pass over the activations
+each (PyTorch: two to seven kernels); RoPE bit for bit the reference's numbers. speed.FusedRMSNorm,
+GQADecodeAttention.project and SwiGLUMLP take them (a compiled step too: it then rounds as the eager one).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from torch.utils.cpp_extension import load
 
 from ..quantized import Int4Linear, Int8Linear, unpack_nibbles
 
-SOURCES = [Path(__file__).with_name(name) for name in ("vnni.cpp", "rows.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("vnni.cpp", "rows.cpp", "attention.cpp", "pointwise.cpp")]
 CHOICES = ("own", "aten")
 TILE = 16  # output rows per tile of the kernel's layout
 ROWS_MAX = 16  # rows.cpp's MAX_ROWS: the most rows of x one rows_mm call takes
@@ -81,6 +85,10 @@ def vnni():
     torch.library.register_fake("minillm::vnni_mm", lambda x, packed, scale_zero, group_size, bits: x.new_empty(
         x.shape[0], scale_zero.shape[0] * scale_zero.shape[2]))  # scale_zero: (N/16, K/group, 16, 2)
     torch.library.register_fake("minillm::rows_mm", lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("minillm::rms_norm", lambda x, weight, eps: torch.empty_like(x))
+    torch.library.register_fake("minillm::swiglu", lambda gate, up: torch.empty_like(gate))
+    torch.library.register_fake("minillm::rope", lambda x, cos, sin: x.new_empty(
+        x.shape[0], x.shape[2], x.shape[1], x.shape[3]).transpose(1, 2))
     torch.library.register_fake("minillm::causal_attention", lambda q, kt, v: q.new_empty(
         q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
     return module
@@ -199,6 +207,22 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     kt = k.transpose(-1, -2).contiguous()  # (B, nkv, hd, S): the keys' scores are vectors of 16 keys
     a = torch.ops.minillm.causal_attention if torch.compiler.is_compiling() else vnni().causal_attention
     return a(q, kt, v).transpose(1, 2)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """pointwise.cpp: model.RMSNorm's x / sqrt(mean(x²) + eps) * weight, float32, in one pass."""
+    return (torch.ops.minillm.rms_norm if torch.compiler.is_compiling() else vnni().rms_norm)(x, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """pointwise.cpp: model.apply_rope(x, cos, sin) for float32 x (B, H, T, hd), the same numbers, in one pass;
+    a view of a (B, T, H, hd) tensor."""
+    return (torch.ops.minillm.rope if torch.compiler.is_compiling() else vnni().rope)(x, cos, sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """pointwise.cpp: silu(gate) * up for float32 gate and up of one shape, contiguous, in one pass."""
+    return (torch.ops.minillm.swiglu if torch.compiler.is_compiling() else vnni().swiglu)(gate, up)
 
 
 class StackedInt4:

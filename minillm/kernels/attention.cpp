@@ -16,21 +16,11 @@
 #include <cmath>
 #include <vector>
 
+#include "exp16.h"
+
 namespace {
 
 constexpr int KB = 64, LANES = 16, RB = 6, TASK_ROWS = 96;  // keys per block, rows per kernel step, per task
-
-// e^x for x <= 0 (a score minus its row's maximum), to about one unit in the last place: x = n ln 2 + r with
-// |r| <= ln 2 / 2, e^r by its Taylor polynomial to r^7 (remainder below 2^-26), times 2^n by scalef.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  // e^-87 is about float32's smallest normal
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);  // ln 2 in two parts: n * hi is exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-  return _mm512_scalef_ps(p, n);
-}
 
 // c[r, :] (+)= sum_i a[r, i] * b[i, :] for R rows and NV vectors of 16 columns, i < n: a's rows `lda` apart,
 // b's rows `ldb` apart (columns beyond `cols` read as zero: the last block of keys).

@@ -207,6 +207,9 @@ TORCH_LIBRARY_IMPL(minillm, CPU, m) { m.impl("vnni_mm", &mm); }
 
 torch::Tensor rows_mm(torch::Tensor x, torch::Tensor w);  // rows.cpp, built into the same module
 torch::Tensor causal_attention(torch::Tensor q, torch::Tensor kt, torch::Tensor v);  // attention.cpp, likewise
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);  // pointwise.cpp, likewise
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor swiglu(torch::Tensor gate, torch::Tensor up);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm", &mm, "x @ W^T for int4 or int8 W in this file's layout, x rounded to int8 per 32 inputs");
@@ -214,4 +217,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpack", &unpack, "this file's layouts -> unsigned codes (N, K) and scale_zero (K/g, N, 2)");
   m.def("rows_mm", &rows_mm, "x @ W^T for up to 16 rows of float32 or bf16 x and W (rows.cpp)");
   m.def("causal_attention", &causal_attention, "a prompt's causal attention, float32 (attention.cpp)");
+  m.def("rms_norm", &rms_norm, "RMSNorm in one pass, float32 (pointwise.cpp)");
+  m.def("rope", &rope, "RoPE in one pass, float32, the reference's numbers (pointwise.cpp)");
+  m.def("swiglu", &swiglu, "silu(gate) * up in one pass, float32 (pointwise.cpp)");
 }

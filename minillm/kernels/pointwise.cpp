@@ -1,0 +1,119 @@
+// RMSNorm, RoPE and SwiGLU's silu(gate) * up in one pass each, float32: PyTorch runs them as two to seven
+// separate kernels over the activations (x.pow(2), mean, rsqrt, two products; RoPE's chunks, four products,
+// a sum, a difference and a concatenation), each reading and writing all of them. Here each row is read
+// once and written once. RoPE computes exactly the reference's operations in its order, no fused
+// multiply-add (bit for bit the same); RMSNorm sums the squares in another order, and SwiGLU's exponential
+// is ours (exp16.h): within a rounding step or two of the reference.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cmath>
+
+#include "exp16.h"
+
+namespace {
+
+constexpr int LANES = 16;
+
+inline __mmask16 first(int64_t n) { return n >= LANES ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+
+// a * b + sign * c * d with each product rounded before the sum, as separate tensor operations round them (the
+// empty asm keeps the compiler from fusing a product into the sum).
+template <bool ADD>
+inline __m512 products(__m512 a, __m512 b, __m512 c, __m512 d) {
+  __m512 ab = _mm512_mul_ps(a, b), cd = _mm512_mul_ps(c, d);
+  __asm__("" : "+v"(ab), "+v"(cd));
+  return ADD ? _mm512_add_ps(ab, cd) : _mm512_sub_ps(ab, cd);
+}
+
+}  // namespace
+
+// x (..., C) float32, contiguous rows, and weight (C) -> x / sqrt(mean(x^2) + eps) * weight, as model.RMSNorm.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat && weight.dim() == 1 &&
+              x.size(-1) == weight.size(0) && weight.is_contiguous(),
+              "rms_norm: float32 x (..., C) and weight (C)");
+  auto xc = x.contiguous();
+  auto y = torch::empty_like(xc);
+  const int64_t C = weight.size(0), rows = xc.numel() / C;
+  const float *xp = xc.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / C), [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r) {
+      const float* xr = xp + r * C;
+      __m512 ss = _mm512_setzero_ps();
+      for (int64_t c = 0; c < C; c += LANES) {
+        const __m512 v = _mm512_maskz_loadu_ps(first(C - c), xr + c);
+        ss = _mm512_fmadd_ps(v, v, ss);
+      }
+      const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / C + (float)eps));
+      for (int64_t c = 0; c < C; c += LANES) {
+        const __mmask16 m = first(C - c);
+        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + c), inv);
+        _mm512_mask_storeu_ps(yp + r * C + c, m, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, wp + c)));
+      }
+    }
+  });
+  return y.view(x.sizes());
+}
+
+// x (B, H, T, hd) float32 with its last dimension contiguous, cos and sin (T, hd / 2) contiguous -> x rotated
+// as model.apply_rope does (channel i with channel i + hd/2), as a (B, H, T, hd) view of a (B, T, H, hd) tensor:
+// the layout Attention.project's heads come in.
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == torch::kFloat && x.stride(3) == 1 && x.size(3) % 2 == 0 &&
+              cos.scalar_type() == torch::kFloat && sin.scalar_type() == torch::kFloat && cos.is_contiguous() &&
+              sin.is_contiguous() && cos.numel() == x.size(2) * x.size(3) / 2 && sin.numel() == cos.numel(),
+              "rope: float32 x (B, H, T, hd), its last dimension contiguous, and cos, sin (T, hd / 2)");
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), hd = x.size(3), half = hd / 2;
+  auto out = torch::empty({B, T, H, hd}, x.options());
+  const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * T, std::max<int64_t>(1, 8192 / (H * hd)), [&](int64_t a, int64_t b) {
+    for (int64_t bt = a; bt < b; ++bt) {
+      const int64_t batch = bt / T, t = bt % T;
+      for (int64_t h = 0; h < H; ++h) {
+        const float* xr = xp + batch * x.stride(0) + h * x.stride(1) + t * x.stride(2);
+        float* o = op + (bt * H + h) * hd;
+        for (int64_t i = 0; i < half; i += LANES) {
+          const __mmask16 m = first(half - i);
+          const __m512 x1 = _mm512_maskz_loadu_ps(m, xr + i), x2 = _mm512_maskz_loadu_ps(m, xr + half + i);
+          const __m512 c = _mm512_maskz_loadu_ps(m, cp + t * half + i), s = _mm512_maskz_loadu_ps(m, sp + t * half + i);
+          _mm512_mask_storeu_ps(o + i, m, products<false>(x1, c, x2, s));  // x1 cos - x2 sin
+          _mm512_mask_storeu_ps(o + half + i, m, products<true>(x2, c, x1, s));  // x2 cos + x1 sin
+        }
+      }
+    }
+  });
+  return out.transpose(1, 2);
+}
+
+// gate and up (..., H) float32, the same shape and contiguous -> silu(gate) * up = gate / (1 + e^-gate) * up.
+torch::Tensor swiglu(torch::Tensor gate, torch::Tensor up) {
+  TORCH_CHECK(gate.scalar_type() == torch::kFloat && up.scalar_type() == torch::kFloat && gate.sizes() == up.sizes() &&
+              gate.is_contiguous() && up.is_contiguous(), "swiglu: float32 gate and up of one shape, contiguous");
+  auto out = torch::empty_like(gate);
+  const float *gp = gate.data_ptr<float>(), *up_ = up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const __m512 one = _mm512_set1_ps(1.0f);
+  at::parallel_for(0, (gate.numel() + LANES - 1) / LANES, 1024, [&](int64_t a, int64_t b) {
+    for (int64_t i = a * LANES; i < std::min(b * LANES, gate.numel()); i += LANES) {
+      const __mmask16 m = first(gate.numel() - i);
+      const __m512 g = _mm512_maskz_loadu_ps(m, gp + i);
+      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+      _mm512_mask_storeu_ps(op + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up_ + i)));
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(minillm, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(minillm, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rope", &rope);
+  m.impl("swiglu", &swiglu);
+}
