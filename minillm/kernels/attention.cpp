@@ -87,7 +87,7 @@ inline float softmax_block(float* s, int64_t last, float& m, float& l) {
     mx = _mm512_mask_max_ps(mx, keep[v], mx, _mm512_loadu_ps(s + v * LANES));
   }
   const float m_new = std::max(m, _mm512_reduce_max_ps(mx));
-  const float scale = m == -INFINITY ? 0.0f : std::exp(m - m_new);
+  const float scale = m == -INFINITY ? 0.0f : (m == m_new ? 1.0f : _mm512_cvtss_f32(exp16(_mm512_set1_ps(m - m_new))));
   __m512 sum = _mm512_setzero_ps();
   for (int v = 0; v < KB / LANES; ++v) {
     const __m512 p = _mm512_maskz_mov_ps(keep[v], exp16(_mm512_sub_ps(_mm512_loadu_ps(s + v * LANES), _mm512_set1_ps(m_new))));
