@@ -23,7 +23,9 @@ ceiling on tokens/s for that format on this machine:
 --tokens rows (512) and the head times the last row (what a prefill with last_only multiplies),
 nothing else; ms and the GEMM's GFLOP/s; the same with q|k|v and gate|up stacked; and one large square
 product, the GEMM library's best rate on this machine. A prefill can be no faster than the matmuls with
-fp32 weights and PyTorch's CPU GEMM (transformers uses the same one).
+fp32 weights and PyTorch's CPU GEMM (transformers uses the same one). Then the rest of a layer (where
+our kernels build): causal attention, RMSNorm, RoPE and silu(gate) * up, model.py's operations against
+the speed layer's kernels.
 
 `few-rows`: what M = 1..9 rows cost against one row (M = k+1 is a speculative verification of k
 drafts), per format (fp32, bf16, int4 g32) on the matrices of a decode step of Qwen2.5-Coder-1.5B
@@ -180,6 +182,36 @@ def prefill(args) -> None:
     print("| matmuls | ms | GFLOP | GFLOP/s |\n|---|---|---|---|")
     for name, (_, flop) in ways.items():
         print(f"| {name} | {ms[name]:.1f} | {flop / 1e9:.1f} | {flop / ms[name] / 1e6:.1f} |")
+    if vnni() is not None:
+        prefill_rest(args)
+
+
+def prefill_rest(args) -> None:
+    """The rest of a prefill layer at SmolLM2's shapes: model.py's operations against the speed layer's
+    kernels (kernels/attention.cpp, pointwise.cpp), one layer each, and x 30 for the whole prompt."""
+    from minillm import kernels
+    from minillm.model import RMSNorm, apply_rope
+    T, nh, nkv, hd = args.tokens, 9, 3, 64
+    q, k, v = torch.randn(1, T, nh, hd).transpose(1, 2), torch.randn(1, nkv, T, hd), torch.randn(1, nkv, T, hd)
+    x, norm, cos, sin = torch.randn(1, T, 576), RMSNorm(576, 1e-5), torch.randn(T, hd // 2), torch.randn(T, hd // 2)
+    gate, up = torch.randn(1, T, 1536), torch.randn(1, T, 1536)
+    pairs = {
+        "causal attention (SDPA, enable_gqa / kernels/attention.cpp)": (
+            lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+            lambda: kernels.causal_attention(q, k, v)),
+        "RMSNorm x 2": (lambda: (norm(x), norm(x)),
+                        lambda: (kernels.rms_norm(x, norm.weight, 1e-5), kernels.rms_norm(x, norm.weight, 1e-5))),
+        "RoPE of q and k": (lambda: (apply_rope(q, cos, sin), apply_rope(k, cos, sin)),
+                            lambda: (kernels.rope(q, cos, sin), kernels.rope(k, cos, sin))),
+        "silu(gate) * up": (lambda: F.silu(gate) * up, lambda: kernels.swiglu(gate, up)),
+    }
+    ways = {(name, side): fn for name, fns in pairs.items() for side, fn in zip(("model.py", "ours"), fns)}
+    ms = medians(ways, args.repeats * 6, warmups=2)
+    print(f"\nThe rest of a layer, {T} tokens, SmolLM2-135M's shapes; ms per layer (x 30 layers)\n")
+    print("| operation | model.py | ours | ours / model.py |\n|---|---|---|---|")
+    for name in pairs:
+        ref, ours = ms[name, "model.py"], ms[name, "ours"]
+        print(f"| {name} | {ref:.3f} ({30 * ref:.1f}) | {ours:.3f} ({30 * ours:.1f}) | {ours / ref:.2f} |")
 
 
 SHAPES = {  # hidden, intermediate, k/v width, vocab, layers: each model's config (GGUF / config.json)
