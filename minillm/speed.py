@@ -157,8 +157,8 @@ def ours_for(dtype: torch.dtype) -> bool:
 
 
 def takes_pointwise(x: torch.Tensor) -> bool:
-    """Whether RMSNorm and RoPE of x go to our one-pass kernels (kernels/pointwise.cpp): CPU, float32, no grad,
-    the kernels built (a compiled step calls them too, and rounds as the eager one)."""
+    """Whether RMSNorm, RoPE or SwiGLU of x go to our one-pass kernels (kernels/pointwise.cpp): CPU, float32,
+    no grad, the kernels built (a compiled step calls them too, and rounds as the eager one)."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and kernels_built()
 
 
@@ -260,10 +260,10 @@ class CompiledDecode(Transformer):
 
 def speed_up(model: Transformer) -> Transformer:
     """Give every plain nn.Linear the few-row route, every attention the GQA decode and prompt routes, every
-    RMSNorm the one-pass route and every CPU Int4Linear and Int8Linear our kernel where this CPU has it
-    (kernels/), in place; where that kernel runs int4 q, k, v or gate, up, multiply them as one matrix
-    each (StackedInt4). And for the whole
-    process: freed memory kept for reuse (host_memory.reuse_freed_memory)."""
+    RMSNorm and SwiGLU the one-pass route and every CPU Int4Linear and Int8Linear our kernel where this
+    CPU has it (kernels/), in place; where that kernel runs int4 q, k, v or gate, up, multiply them as
+    one matrix each (StackedInt4). And for the whole process: freed memory kept for reuse
+    (host_memory.reuse_freed_memory)."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = FewRowLinear
