@@ -139,7 +139,7 @@ def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     to it the lowest indices (torch.topk alone may return any of the tied ones)."""
     if k >= logits.size(-1):
         return logits
-    kth = logits.topk(k, dim=-1).values[:, -1:]
+    kth = logits.topk(k, dim=-1).values[..., -1:]
     above, tied = logits > kth, logits == kth
     room = k - above.sum(-1, keepdim=True)  # how many of the tied ones fit
     keep = above | (tied & (tied.cumsum(-1) <= room))

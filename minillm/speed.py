@@ -156,9 +156,10 @@ def ours_for(dtype: torch.dtype) -> bool:
     return few_row_route(dtype) == "own"
 
 
-def takes_pointwise(x: torch.Tensor) -> bool:
-    """Whether RMSNorm, RoPE or SwiGLU of x go to our one-pass kernels (kernels/pointwise.cpp): CPU, float32,
-    no grad, the kernels built (a compiled step calls them too, and rounds as the eager one)."""
+def takes_float32_kernels(x: torch.Tensor) -> bool:
+    """Whether our float32 kernels (kernels/pointwise.cpp's RMSNorm, RoPE and SwiGLU; attention.cpp with the
+    checks of takes_prompt_kernel) take x here: CPU, float32, no grad, the kernels built (a compiled step
+    calls them too, and rounds as the eager one)."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and kernels_built()
 
 
@@ -169,7 +170,7 @@ def kernels_built() -> bool:
 
 class FusedRMSNorm(RMSNorm):
     def forward(self, x):
-        if takes_pointwise(x) and self.weight.dtype == torch.float32:
+        if takes_float32_kernels(x) and self.weight.dtype == torch.float32:
             return rms_norm(x, self.weight, self.eps)
         return super().forward(x)
 
@@ -178,7 +179,7 @@ class GQADecodeAttention(Attention):
     int4_qkv: StackedInt4 | None = None  # speed_up: q, k and v as one matrix, where our int4 kernel runs them
 
     def project(self, x, rope_tables):
-        if rope_tables is None or not takes_pointwise(x):
+        if rope_tables is None or not takes_float32_kernels(x):
             return super().project(x, rope_tables)
         q, k, v = super().project(x, None)  # not yet rotated
         return rope(q, *rope_tables), rope(k, *rope_tables), v
@@ -203,9 +204,8 @@ class GQADecodeAttention(Attention):
     def takes_prompt_kernel(self, q, k, v) -> bool:
         """Whether a prompt's attention goes to our kernel (kernels/attention.cpp) here: CPU, float32, no
         grad, no dropout, a head_dim multiple of 16, and the kernel built."""
-        return q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and \
-            not torch.is_grad_enabled() and not (self.training and self.dropout) and q.shape[-1] % 16 == 0 and \
-            kernels_built()
+        return takes_float32_kernels(q) and k.dtype == v.dtype == torch.float32 and \
+            not (self.training and self.dropout) and q.shape[-1] % 16 == 0
 
 
 class SwiGLUMLP(MLP):
@@ -218,7 +218,7 @@ class SwiGLUMLP(MLP):
             gate, up = self.gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        if takes_pointwise(gate) and gate.is_contiguous() and up.is_contiguous():
+        if takes_float32_kernels(gate) and gate.is_contiguous() and up.is_contiguous():
             return self.dropout(self.down_proj(swiglu(gate, up)))
         return self.dropout(self.down_proj(F.silu(gate) * up))
 

@@ -186,18 +186,22 @@ def finish(layer: Int4Linear | Int8Linear, y: torch.Tensor, shape: torch.Size) -
     return y + layer.bias if layer.bias is not None else y
 
 
+def kernel(operator: str, function: str | None = None):
+    """Our kernel by name: inside torch.compile the registered operator minillm::`operator` (what a compiled
+    graph calls); eagerly the module's own `function` (default: the same name), which skips the operator's
+    dispatch: microseconds a call, and it imports sympy."""
+    return getattr(torch.ops.minillm, operator) if torch.compiler.is_compiling() else getattr(vnni(), function or operator)
+
+
 def multiply(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int, bits: int) -> torch.Tensor:
     """The kernel: x (M, K) -> (M, N) in x's dtype, N the padded rows scale_zero holds."""
-    # eager calls skip the operator's dispatch: microseconds a call, and it imports sympy
-    mm = torch.ops.minillm.vnni_mm if torch.compiler.is_compiling() else vnni().mm
-    return mm(x, packed, scale_zero, group_size, bits)
+    return kernel("vnni_mm", "mm")(x, packed, scale_zero, group_size, bits)
 
 
 def rows_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """rows.cpp's kernel: x (M <= ROWS_MAX, K) @ w (N, K)^T, both float32 or both bf16, w read once
     whatever M, each row's numbers independent of the others' (speed.FewRowLinear's "own" route)."""
-    mm = torch.ops.minillm.rows_mm if torch.compiler.is_compiling() else vnni().rows_mm
-    return mm(x, w)
+    return kernel("rows_mm")(x, w)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -205,24 +209,23 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     float32, query t at position S - T + t (it sees keys 0..S - T + t), hd a multiple of 16 -> (B, nh, T, hd),
     a view of the (B, T, nh, hd) result (the output projection's layout: no copy to get there)."""
     kt = k.transpose(-1, -2).contiguous()  # (B, nkv, hd, S): the keys' scores are vectors of 16 keys
-    a = torch.ops.minillm.causal_attention if torch.compiler.is_compiling() else vnni().causal_attention
-    return a(q, kt, v).transpose(1, 2)
+    return kernel("causal_attention")(q, kt, v).transpose(1, 2)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """pointwise.cpp: model.RMSNorm's x / sqrt(mean(x²) + eps) * weight, float32, in one pass."""
-    return (torch.ops.minillm.rms_norm if torch.compiler.is_compiling() else vnni().rms_norm)(x, weight, eps)
+    return kernel("rms_norm")(x, weight, eps)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """pointwise.cpp: model.apply_rope(x, cos, sin) for float32 x (B, H, T, hd), the same numbers, in one pass;
     a view of a (B, T, H, hd) tensor."""
-    return (torch.ops.minillm.rope if torch.compiler.is_compiling() else vnni().rope)(x, cos, sin)
+    return kernel("rope")(x, cos, sin)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """pointwise.cpp: silu(gate) * up for float32 gate and up of one shape, contiguous, in one pass."""
-    return (torch.ops.minillm.swiglu if torch.compiler.is_compiling() else vnni().swiglu)(gate, up)
+    return kernel("swiglu")(gate, up)
 
 
 class StackedInt4:

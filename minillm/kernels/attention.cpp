@@ -16,7 +16,7 @@
 #include <cmath>
 #include <vector>
 
-#include "exp16.h"
+#include "simd.h"
 
 namespace {
 
@@ -31,8 +31,7 @@ inline void kernel(const float* a, int64_t lda, const float* b, int64_t ldb, int
   __mmask16 mask[NV];
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
-    const int64_t left = cols - v * LANES;
-    mask[v] = left >= LANES ? 0xFFFF : (left <= 0 ? 0 : (__mmask16)((1u << left) - 1));
+    mask[v] = first(cols - v * LANES);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[r][v] = ADD ? _mm512_loadu_ps(c + r * ldc + v * LANES) : _mm512_setzero_ps();
   }
@@ -82,8 +81,7 @@ inline float softmax_block(float* s, int64_t last, float& m, float& l) {
   __mmask16 keep[KB / LANES];
   __m512 mx = _mm512_set1_ps(-INFINITY);
   for (int v = 0; v < KB / LANES; ++v) {
-    const int64_t left = last + 1 - v * LANES;
-    keep[v] = left >= LANES ? 0xFFFF : (left <= 0 ? 0 : (__mmask16)((1u << left) - 1));
+    keep[v] = first(last + 1 - v * LANES);
     mx = _mm512_mask_max_ps(mx, keep[v], mx, _mm512_loadu_ps(s + v * LANES));
   }
   const float m_new = std::max(m, _mm512_reduce_max_ps(mx));

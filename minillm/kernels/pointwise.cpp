@@ -3,19 +3,17 @@
 // a sum, a difference and a concatenation), each reading and writing all of them. Here each row is read
 // once and written once. RoPE computes exactly the reference's operations in its order, no fused
 // multiply-add (bit for bit the same); RMSNorm sums the squares in another order, and SwiGLU's exponential
-// is ours (exp16.h): within a rounding step or two of the reference.
+// is ours (simd.h): within a rounding step or two of the reference.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cmath>
 
-#include "exp16.h"
+#include "simd.h"
 
 namespace {
 
 constexpr int LANES = 16;
-
-inline __mmask16 first(int64_t n) { return n >= LANES ? 0xFFFF : (__mmask16)((1u << n) - 1); }
 
 // a * b + sign * c * d with each product rounded before the sum, as separate tensor operations round them (the
 // empty asm keeps the compiler from fusing a product into the sum).

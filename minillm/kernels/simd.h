@@ -1,8 +1,12 @@
-// e^x for 16 floats at a time, shared by attention.cpp and pointwise.cpp.
+// Vector helpers shared by attention.cpp and pointwise.cpp: the mask of a vector's first lanes, and e^x.
 #pragma once
 #include <immintrin.h>
+#include <cstdint>
 
 namespace {
+
+// The first n of a vector's 16 lanes (n may be <= 0 or >= 16: none or all).
+inline __mmask16 first(int64_t n) { return n >= 16 ? 0xFFFF : (n <= 0 ? 0 : (__mmask16)((1u << n) - 1)); }
 
 // e^x to about one unit in the last place (infinity past 88.7; below -87, e^-87): x = n ln 2 + r with
 // |r| <= ln 2 / 2, e^r by its Taylor polynomial to r^7 (remainder below 2^-26), times 2^n by scalef.
