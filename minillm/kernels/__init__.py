@@ -86,10 +86,10 @@ def vnni():
         x.shape[0], scale_zero.shape[0] * scale_zero.shape[2]))  # scale_zero: (N/16, K/group, 16, 2)
     torch.library.register_fake("minillm::rows_mm", lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
     torch.library.register_fake("minillm::rms_norm", lambda x, weight, eps: torch.empty_like(x))
-    torch.library.register_fake("minillm::swiglu", lambda gate, up: torch.empty_like(gate))
+    torch.library.register_fake("minillm::swiglu", lambda gate, up: gate.new_empty(gate.shape))
     torch.library.register_fake("minillm::rope", lambda x, cos, sin: x.new_empty(
         x.shape[0], x.shape[2], x.shape[1], x.shape[3]).transpose(1, 2))
-    torch.library.register_fake("minillm::causal_attention", lambda q, kt, v: q.new_empty(
+    torch.library.register_fake("minillm::causal_attention", lambda q, k, v: q.new_empty(
         q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
     return module
 
@@ -208,8 +208,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     """attention.cpp's kernel: softmax(q kᵀ/√hd, causal) v for q (B, nh, T, hd) and k, v (B, nkv, S, hd),
     float32, query t at position S - T + t (it sees keys 0..S - T + t), hd a multiple of 16 -> (B, nh, T, hd),
     a view of the (B, T, nh, hd) result (the output projection's layout: no copy to get there)."""
-    kt = k.transpose(-1, -2).contiguous()  # (B, nkv, hd, S): the keys' scores are vectors of 16 keys
-    return kernel("causal_attention")(q, kt, v).transpose(1, 2)
+    return kernel("causal_attention")(q, k, v).transpose(1, 2)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

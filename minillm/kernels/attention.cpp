@@ -1,18 +1,21 @@
 // Causal attention of a prompt: softmax(q k^T / sqrt(hd), causal) v in float32, for the many queries of a
 // prefill (speed.GQADecodeAttention takes it for more than 16 queries). PyTorch's CPU kernel (flash
 // attention, blocks of 512 keys) computes every score of a 512-token prompt and masks half of them; this one
-// visits only the keys a block of queries can see, so a prompt's attention costs about half.
+// visits only the keys each query can see, so a prompt's attention costs about half.
 //
 // The work is split into tasks of (batch row, K/V head, block of queries). A task takes the query heads that
 // share its K/V head (grouped-query attention) together, QB queries of each: up to 96 rows that reuse every
-// key and value they load. Keys come in blocks of 64, as flash attention does: the block's scores (rows x 64),
-// each row's running maximum and sum of exponentials (online softmax), and the output rows, rescaled when a
-// row's maximum grows, then added to by the block's probabilities times its values. Scores and outputs are
-// computed by one small kernel shape, rows x 16-float vectors of sums in registers (R x NV <= 24), each
-// multiply-add a broadcast of a row's number times a vector of the other operand.
+// key and value they load. Keys come in blocks of 64, as flash attention does: the block's scores, each
+// row's running maximum and sum of exponentials (online softmax), and the output rows, scaled down when a
+// row's maximum grows, then added to by the block's probabilities times its values. The task's rows lie
+// across the lanes of its vectors (16 rows a vector): scores are kept keys x rows and outputs hd x rows, so
+// the softmax of 16 rows is a few vector operations per key, with no sums across lanes. Both products are
+// one small kernel shape, R rows x NV vectors of 16 rows' sums in registers, each multiply-add a broadcast
+// of a key's (or a value's) number times a vector of 16 rows' numbers.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <climits>
 #include <cmath>
 #include <vector>
 
@@ -20,28 +23,27 @@
 
 namespace {
 
-constexpr int KB = 64, LANES = 16, RB = 6, TASK_ROWS = 96;  // keys per block, rows per kernel step, per task
+constexpr int KB = 64, LANES = 16, RB = 4, TASK_ROWS = 96, VMAX = TASK_ROWS / LANES;  // keys a block, kernel rows
 
-// c[r, :] (+)= sum_i a[r, i] * b[i, :] for R rows and NV vectors of 16 columns, i < n: a's rows `lda` apart,
-// b's rows `ldb` apart (columns beyond `cols` read as zero: the last block of keys).
+// c[r, :] = sum_i a[r * ar + i * ai] * b[i, :] (+ c[r, :] * f, with ADD) for R rows and NV vectors of 16
+// columns, i < n: b's rows ldb apart, c's ldc; f: one factor per column.
 template <int R, int NV, bool ADD>
-inline void kernel(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, float* c, int64_t ldc,
-                   int64_t cols) {
+inline void kernel(const float* a, int64_t ar, int64_t ai, const float* b, int64_t ldb, int64_t n, float* c,
+                   int64_t ldc, const float* f) {
   __m512 acc[R][NV];
-  __mmask16 mask[NV];
 #pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) {
-    mask[v] = first(cols - v * LANES);
+  for (int v = 0; v < NV; ++v)
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) acc[r][v] = ADD ? _mm512_loadu_ps(c + r * ldc + v * LANES) : _mm512_setzero_ps();
-  }
+    for (int r = 0; r < R; ++r)
+      acc[r][v] = ADD ? _mm512_mul_ps(_mm512_loadu_ps(c + r * ldc + v * LANES), _mm512_loadu_ps(f + v * LANES))
+                      : _mm512_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
     __m512 bv[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_maskz_loadu_ps(mask[v], b + i * ldb + v * LANES);
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_ps(b + i * ldb + v * LANES);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * lda + i]);
+      const __m512 av = _mm512_set1_ps(a[r * ar + i * ai]);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
     }
@@ -52,105 +54,108 @@ inline void kernel(const float* a, int64_t lda, const float* b, int64_t ldb, int
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + v * LANES, acc[r][v]);
 }
 
-// The same for any number of rows and of vectors (up to 4 at a time): RB rows at a time, then the rest.
+// The same for any number of rows (RB at a time, then the rest) and 1..VMAX vectors.
 template <bool ADD>
-void product(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t n, float* c, int64_t ldc,
-             int64_t rows, int64_t vectors, int64_t cols) {
-  for (int64_t v0 = 0; v0 < vectors; v0 += 4) {
-    const int nv = (int)std::min<int64_t>(4, vectors - v0);
-    const float* bb = b + v0 * LANES;
-    const int64_t left = cols - v0 * LANES;
-    for (int64_t r0 = 0; r0 < rows; r0 += RB) {
-      const int nr = (int)std::min<int64_t>(RB, rows - r0);
-      const float* aa = a + r0 * lda;
-      float* cc = c + r0 * ldc + v0 * LANES;
+void product(const float* a, int64_t ar, int64_t ai, const float* b, int64_t ldb, int64_t n, float* c,
+             int64_t ldc, const float* f, int64_t rows, int vectors) {
+  for (int64_t r0 = 0; r0 < rows; r0 += RB) {
+    const int nr = (int)std::min<int64_t>(RB, rows - r0);
+    const float* aa = a + r0 * ar;
+    float* cc = c + r0 * ldc;
 #define MINILLM_CASE(R, NV) \
-  case (R) * 8 + (NV): kernel<R, NV, ADD>(aa, lda, bb, ldb, n, cc, ldc, left); break;
-#define MINILLM_ROWS(R) MINILLM_CASE(R, 1) MINILLM_CASE(R, 2) MINILLM_CASE(R, 3) MINILLM_CASE(R, 4)
-      switch (nr * 8 + nv) { MINILLM_ROWS(1) MINILLM_ROWS(2) MINILLM_ROWS(3) MINILLM_ROWS(4) MINILLM_ROWS(5) MINILLM_ROWS(6) }
+  case (R) * 8 + (NV): kernel<R, NV, ADD>(aa, ar, ai, b, ldb, n, cc, ldc, f); break;
+#define MINILLM_ROWS(R) \
+  MINILLM_CASE(R, 1) MINILLM_CASE(R, 2) MINILLM_CASE(R, 3) MINILLM_CASE(R, 4) MINILLM_CASE(R, 5) MINILLM_CASE(R, 6)
+    switch (nr * 8 + vectors) { MINILLM_ROWS(1) MINILLM_ROWS(2) MINILLM_ROWS(3) MINILLM_ROWS(4) }
 #undef MINILLM_ROWS
 #undef MINILLM_CASE
-    }
   }
 }
 
-// One row's block of scores s[0..KB) -> its probabilities against the running maximum m and sum l; keys
-// beyond `last` (the row's own position, relative to the block) are masked out. -> the factor by which the
-// row's earlier output must be scaled (its maximum moved).
-inline float softmax_block(float* s, int64_t last, float& m, float& l) {
-  __mmask16 keep[KB / LANES];
-  __m512 mx = _mm512_set1_ps(-INFINITY);
-  for (int v = 0; v < KB / LANES; ++v) {
-    keep[v] = first(last + 1 - v * LANES);
-    mx = _mm512_mask_max_ps(mx, keep[v], mx, _mm512_loadu_ps(s + v * LANES));
+// A block's scores s (kn keys x 16 * vectors rows, rows ld apart) -> probabilities, in place, against each
+// row's running maximum m and sum l; key j0 + j is hidden from a row past its position pos (only checked
+// where `masked`). -> f: per row, the factor by which its earlier output must be scaled (its maximum moved).
+void softmax_block(float* s, int64_t ld, int64_t kn, int64_t j0, const int32_t* pos, bool masked, float* m,
+                   float* l, float* f, int vectors) {
+  for (int v = 0; v < vectors; ++v) {
+    const __m512i p = _mm512_loadu_si512(pos + v * LANES);
+    auto keep = [&](int64_t j) { return masked ? _mm512_cmple_epi32_mask(_mm512_set1_epi32((int)(j0 + j)), p)
+                                               : (__mmask16)0xFFFF; };
+    __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < kn; ++j) mx = _mm512_mask_max_ps(mx, keep(j), mx, _mm512_loadu_ps(s + j * ld + v * LANES));
+    const __m512 m_old = _mm512_loadu_ps(m + v * LANES), m_new = _mm512_max_ps(m_old, mx);
+    for (int64_t j = 0; j < kn; ++j) {
+      float* sj = s + j * ld + v * LANES;
+      const __m512 e = _mm512_maskz_mov_ps(keep(j), exp16(_mm512_sub_ps(_mm512_loadu_ps(sj), m_new)));
+      _mm512_storeu_ps(sj, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const __m512 scale = exp16(_mm512_sub_ps(m_old, m_new));  // m_old = -inf: ~0, and nothing to scale yet
+    _mm512_storeu_ps(f + v * LANES, scale);
+    _mm512_storeu_ps(m + v * LANES, m_new);
+    _mm512_storeu_ps(l + v * LANES, _mm512_fmadd_ps(_mm512_loadu_ps(l + v * LANES), scale, sum));
   }
-  const float m_new = std::max(m, _mm512_reduce_max_ps(mx));
-  const float scale = m == -INFINITY ? 0.0f : (m == m_new ? 1.0f : _mm512_cvtss_f32(exp16(_mm512_set1_ps(m - m_new))));
-  __m512 sum = _mm512_setzero_ps();
-  for (int v = 0; v < KB / LANES; ++v) {
-    const __m512 p = _mm512_maskz_mov_ps(keep[v], exp16(_mm512_sub_ps(_mm512_loadu_ps(s + v * LANES), _mm512_set1_ps(m_new))));
-    _mm512_storeu_ps(s + v * LANES, p);
-    sum = _mm512_add_ps(sum, p);
-  }
-  m = m_new;
-  l = l * scale + _mm512_reduce_add_ps(sum);
-  return scale;
 }
 
 }  // namespace
 
-// q (B, nh, T, hd), kt (B, nkv, hd, S) contiguous (the keys transposed), v (B, nkv, S, hd), all float32, the
-// last dimension of q and v contiguous, hd a multiple of 16; query t sits at position S - T + t and sees keys
-// 0..S - T + t. -> (B, T, nh, hd), the heads side by side as the output projection reads them.
-torch::Tensor causal_attention(torch::Tensor q, torch::Tensor kt, torch::Tensor v) {
-  TORCH_CHECK(q.dim() == 4 && kt.dim() == 4 && v.dim() == 4 && q.scalar_type() == torch::kFloat &&
-              kt.scalar_type() == torch::kFloat && v.scalar_type() == torch::kFloat,
-              "causal_attention: q (B, nh, T, hd), kt (B, nkv, hd, S) and v (B, nkv, S, hd), float32");
-  const int64_t B = q.size(0), nh = q.size(1), T = q.size(2), hd = q.size(3), nkv = kt.size(1), S = kt.size(3);
-  TORCH_CHECK(kt.is_contiguous() && kt.size(0) == B && kt.size(2) == hd && v.size(0) == B && v.size(1) == nkv &&
-              v.size(2) == S && v.size(3) == hd && nh % nkv == 0 && hd % LANES == 0 && S >= T && q.stride(3) == 1 &&
-              v.stride(3) == 1, "causal_attention: shapes or strides do not match");
+// q (B, nh, T, hd), k and v (B, nkv, S, hd), all float32, the last dimension of each contiguous, hd a multiple
+// of 16; query t sits at position S - T + t and sees keys 0..S - T + t. -> (B, T, nh, hd), the heads side
+// by side as the output projection reads them.
+torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.scalar_type() == torch::kFloat &&
+              k.scalar_type() == torch::kFloat && v.scalar_type() == torch::kFloat,
+              "causal_attention: q (B, nh, T, hd), k and v (B, nkv, S, hd), float32");
+  const int64_t B = q.size(0), nh = q.size(1), T = q.size(2), hd = q.size(3), nkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == hd && nh % nkv == 0 && hd % LANES == 0 &&
+              S >= T && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "causal_attention: shapes or strides do not match");
   auto out = torch::empty({B, T, nh, hd}, q.options());
   const int64_t rep = nh / nkv, qb = std::max<int64_t>(1, TASK_ROWS / rep), blocks = (T + qb - 1) / qb;
-  const int64_t offset = S - T, vectors = hd / LANES;
+  const int64_t offset = S - T;
   const float scale = 1.0f / std::sqrt((float)hd);
-  const float *qp = q.data_ptr<float>(), *ktp = kt.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, B * nkv * blocks, 1, [&](int64_t a, int64_t b) {
-    std::vector<float> qs(rep * qb * hd), o(rep * qb * hd), s(rep * qb * KB), m(rep * qb), l(rep * qb);
+    const int64_t ld = ((rep * qb + LANES - 1) / LANES) * LANES;  // rows, padded to whole vectors
+    std::vector<float> qt(hd * ld), o(hd * ld), s(KB * ld), m(ld), l(ld), f(ld);
+    std::vector<int32_t> pos(ld);
     for (int64_t task = a; task < b; ++task) {
       const int64_t i = task % blocks, bg = task / blocks, batch = bg / nkv, g = bg % nkv;
       const int64_t block = i % 2 == 0 ? i / 2 : blocks - 1 - i / 2;  // light and heavy blocks alternate
       const int64_t t0 = block * qb, n = std::min(qb, T - t0), rows = rep * n;
+      const int vectors = (int)((rows + LANES - 1) / LANES);
+      std::fill(qt.begin(), qt.end(), 0.0f);  // padding rows: zero queries that see every key, never read out
+      std::fill(pos.begin(), pos.end(), INT_MAX);
       for (int64_t r = 0; r < rows; ++r) {  // row r: query head g * rep + r / n, query t0 + r % n
         const float* src = qp + batch * q.stride(0) + (g * rep + r / n) * q.stride(1) + (t0 + r % n) * q.stride(2);
-        for (int64_t d = 0; d < hd; ++d) qs[r * hd + d] = src[d] * scale;
+        for (int64_t d = 0; d < hd; ++d) qt[d * ld + r] = src[d] * scale;
+        pos[r] = (int32_t)(offset + t0 + r % n);
       }
-      std::fill(o.begin(), o.end(), 0.0f);
       std::fill(m.begin(), m.end(), -INFINITY);
       std::fill(l.begin(), l.end(), 0.0f);
-      const float* ktg = ktp + (batch * nkv + g) * hd * S;
+      const float* kg = kp + batch * k.stride(0) + g * k.stride(1);
       const float* vg = vp + batch * v.stride(0) + g * v.stride(1);
       const int64_t limit = offset + t0 + n;  // keys the block's last query sees
       for (int64_t j0 = 0; j0 < limit; j0 += KB) {
         const int64_t kn = std::min<int64_t>(KB, limit - j0);
-        product<false>(qs.data(), hd, ktg + j0, S, hd, s.data(), KB, rows, KB / LANES, kn);
-        for (int64_t r = 0; r < rows; ++r) {
-          const float f = softmax_block(s.data() + r * KB, offset + t0 + r % n - j0, m[r], l[r]);
-          if (f != 1.0f)
-            for (int64_t d = 0; d < hd; ++d) o[r * hd + d] *= f;
-        }
-        product<true>(s.data(), KB, vg + j0 * v.stride(2), v.stride(2), kn, o.data(), hd, rows, vectors, hd);
+        product<false>(kg + j0 * k.stride(2), k.stride(2), 1, qt.data(), ld, hd, s.data(), ld, nullptr, kn, vectors);
+        softmax_block(s.data(), ld, kn, j0, pos.data(), j0 + kn - 1 > offset + t0, m.data(), l.data(), f.data(),
+                      vectors);
+        if (j0 == 0)
+          product<false>(vg, 1, v.stride(2), s.data(), ld, kn, o.data(), ld, nullptr, hd, vectors);
+        else
+          product<true>(vg + j0 * v.stride(2), 1, v.stride(2), s.data(), ld, kn, o.data(), ld, f.data(), hd, vectors);
       }
       for (int64_t r = 0; r < rows; ++r) {
         float* dst = op + ((batch * T + t0 + r % n) * nh + g * rep + r / n) * hd;
         const float inv = 1.0f / l[r];
-        for (int64_t d = 0; d < hd; ++d) dst[d] = o[r * hd + d] * inv;
+        for (int64_t d = 0; d < hd; ++d) dst[d] = o[d * ld + r] * inv;
       }
     }
   });
   return out;
 }
 
-TORCH_LIBRARY_FRAGMENT(minillm, m) { m.def("causal_attention(Tensor q, Tensor kt, Tensor v) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(minillm, m) { m.def("causal_attention(Tensor q, Tensor k, Tensor v) -> Tensor"); }
 TORCH_LIBRARY_IMPL(minillm, CPU, m) { m.impl("causal_attention", &causal_attention); }
