@@ -16,6 +16,8 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
   oneDNN pays a per-call cost, by the look of it reordering W, that smaller ones do not repay);
   `prepack(model)` keeps W reordered for it once, at the price of a second copy. few_row_route
   decides once per process; MINILLM_FEW_ROWS=own|onednn|linear overrides it. CPU, no grad only.
+  A layer's float q, k, v and its gate, up run as one matrix each (StackedLinear, the layers' weights
+  views of it): one call instead of three or two, the few-row kernel's numbers bit for bit.
 * GQADecodeAttention: at decode (one query token, grouped-query attention, SDPA), the n_head/n_kv_head
   query heads that share a K/V head become that many query rows of it, so the cached K/V are read
   once instead of being expanded per query head. A prompt's attention (more than 16 queries, fp32)
@@ -111,6 +113,52 @@ class FewRowLinear(nn.Linear):
         return lin
 
 
+class StackedLinear:
+    """Float FewRowLinear layers that read the same x (q, k, v; gate, up) multiplied as one matrix: their
+    weights (and biases) stacked once, each layer's own now a view of the stack (no memory added). One
+    call instead of three or two: for a prompt PyTorch's GEMM runs wider matrices faster (SmolLM2's q|k|v
+    ~9% and gate|up ~4% in bench/README.md), for a few rows our kernel pays its per-call costs once and
+    sums each output exactly as the separate layer's call does. Eager calls without grad only (a compiled
+    step, training and the exact mode multiply the layers one by one); stale once a layer holds other
+    numbers than its view (.to(), a new Parameter), and the layers are then multiplied one by one."""
+
+    def __init__(self, parts: list[FewRowLinear]):
+        self.parts, self.sizes = parts, [p.out_features for p in parts]
+        weight = torch.cat([p.weight.detach() for p in parts])
+        bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
+        self.linear = FewRowLinear.wrap(weight, bias)
+        for i, p in enumerate(parts):
+            p.weight.data = weight.split(self.sizes)[i]
+            if bias is not None:
+                p.bias.data = bias.split(self.sizes)[i]
+        self.views = self.pointers()
+
+    @classmethod
+    def of(cls, parts: list[nn.Module]) -> StackedLinear | None:
+        """The stack of `parts`, or None where they cannot share a call (not all plain float FewRowLinear
+        layers on the CPU, different input widths or dtypes, bias on some only, oneDNN-prepacked)."""
+        if not all(type(p) is FewRowLinear and p.weight.device.type == "cpu" and p.weight.is_contiguous()
+                   and p.packed is None for p in parts) or len(
+                {(p.in_features, p.weight.dtype, p.bias is None) for p in parts}) != 1 \
+                or parts[0].weight.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        return cls(parts)
+
+    def pointers(self) -> list[tuple[int, int]]:
+        return [(p.weight.data_ptr(), 0 if p.bias is None else p.bias.data_ptr()) for p in self.parts]
+
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether this call goes through the stack: eager (not being compiled), no grad, x as the weights'
+        dtype, the layers plain FewRowLinear (not the exact mode's) still holding their views."""
+        return not torch.compiler.is_compiling() and not torch.is_grad_enabled() and \
+            x.dtype == self.linear.weight.dtype and all(type(p) is FewRowLinear for p in self.parts) and \
+            self.pointers() == self.views
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (..., K) -> each layer's output (..., its out_features), views of one product."""
+        return self.linear(x).split(self.sizes, dim=-1)
+
+
 ROUTES = ("own", "onednn", "linear")
 
 
@@ -176,7 +224,7 @@ class FusedRMSNorm(RMSNorm):
 
 
 class GQADecodeAttention(Attention):
-    int4_qkv: StackedInt4 | None = None  # speed_up: q, k and v as one matrix, where our int4 kernel runs them
+    qkv_stack: StackedInt4 | StackedLinear | None = None  # speed_up: q, k and v as one matrix where it can
 
     def project(self, x, rope_tables):
         if rope_tables is None or not takes_float32_kernels(x):
@@ -185,9 +233,9 @@ class GQADecodeAttention(Attention):
         return rope(q, *rope_tables), rope(k, *rope_tables), v
 
     def qkv(self, x):
-        if self.int4_qkv is None or not self.int4_qkv.valid:
+        if self.qkv_stack is None or not self.qkv_stack.takes(x):
             return super().qkv(x)
-        return self.int4_qkv(x)
+        return self.qkv_stack(x)
 
     def attend(self, q, k, v, mask):
         cfg = self.cfg
@@ -209,16 +257,17 @@ class GQADecodeAttention(Attention):
 
 
 class SwiGLUMLP(MLP):
-    """SwiGLU with gate and up as one int4 matrix where our int4 kernel runs them (gate_up, made by speed_up),
-    and silu(gate) * up in one pass in float32 (kernels/pointwise.cpp)."""
-    gate_up: StackedInt4 | None = None
+    """SwiGLU with gate and up as one matrix where it can (gate_up, made by speed_up: StackedInt4 where our
+    int4 kernel runs them, StackedLinear for floats), and silu(gate) * up in one pass in float32
+    (kernels/pointwise.cpp)."""
+    gate_up: StackedInt4 | StackedLinear | None = None
 
     def forward(self, x):
-        if self.gate_up is not None and self.gate_up.valid:
+        if self.gate_up is not None and self.gate_up.takes(x):
             gate, up = self.gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        if takes_float32_kernels(gate) and gate.is_contiguous() and up.is_contiguous():
+        if takes_float32_kernels(gate) and gate.stride(-1) == 1 and up.stride(-1) == 1:
             return self.dropout(self.down_proj(swiglu(gate, up)))
         return self.dropout(self.down_proj(F.silu(gate) * up))
 
@@ -261,8 +310,9 @@ class CompiledDecode(Transformer):
 def speed_up(model: Transformer) -> Transformer:
     """Give every plain nn.Linear the few-row route, every attention the GQA decode and prompt routes, every
     RMSNorm and SwiGLU the one-pass route and every CPU Int4Linear and Int8Linear our kernel where this
-    CPU has it (kernels/), in place; where that kernel runs int4 q, k, v or gate, up, multiply them as
-    one matrix each (StackedInt4). And for the whole process: freed memory kept for reuse
+    CPU has it (kernels/), in place; a layer's q, k, v and its gate, up multiplied as one matrix each
+    (StackedInt4 where our int4 kernel runs them, StackedLinear for float32 and bf16). And for the
+    whole process: freed memory kept for reuse
     (host_memory.reuse_freed_memory)."""
     for module in model.modules():
         if type(module) is nn.Linear:
@@ -275,10 +325,12 @@ def speed_up(model: Transformer) -> Transformer:
             use_kernel(module)
     forget_torch_layouts()
     for module in model.modules():
-        if isinstance(module, GQADecodeAttention) and module.int4_qkv is None:
-            module.int4_qkv = StackedInt4.of([module.q_proj, module.k_proj, module.v_proj])
+        if isinstance(module, GQADecodeAttention) and module.qkv_stack is None:
+            parts = [module.q_proj, module.k_proj, module.v_proj]
+            module.qkv_stack = StackedInt4.of(parts) or StackedLinear.of(parts)
         elif type(module) is MLP and module.family == "llama":
-            module.__class__, module.gate_up = SwiGLUMLP, StackedInt4.of([module.gate_proj, module.up_proj])
+            parts = [module.gate_proj, module.up_proj]
+            module.__class__, module.gate_up = SwiGLUMLP, StackedInt4.of(parts) or StackedLinear.of(parts)
     release_freed_memory()  # the layers' own buffers, now replaced by views of the stacks
     reuse_freed_memory()  # from now on: a prefill's activations are not mapped afresh at every use
     return model

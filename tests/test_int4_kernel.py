@@ -140,11 +140,11 @@ def test_stacked_q_k_v_and_gate_up_give_each_layer_its_own_numbers():
                 b.normal_()  # the converted biases are zero: make them count
     fast = speed_up(copy.deepcopy(reference))
     attn, mlp = fast.blocks[0].attn, fast.blocks[0].mlp
-    assert attn.int4_qkv is not None and type(mlp) is SwiGLUMLP and mlp.gate_up is not None
+    assert attn.qkv_stack is not None and type(mlp) is SwiGLUMLP and mlp.gate_up is not None
     x = torch.randn(2, 5, 64).bfloat16()  # what an int4 model's layers get
     tokens = torch.randint(0, reference.config.vocab_size, (2, 24))
     with torch.inference_mode():
-        for stack, parts in ((attn.int4_qkv, (attn.q_proj, attn.k_proj, attn.v_proj)), (mlp.gate_up, (mlp.gate_proj, mlp.up_proj))):
+        for stack, parts in ((attn.qkv_stack, (attn.q_proj, attn.k_proj, attn.v_proj)), (mlp.gate_up, (mlp.gate_proj, mlp.up_proj))):
             for together, alone in zip(stack(x), [p(x) for p in parts], strict=True):
                 assert torch.equal(together, alone)
         graphs = []
@@ -156,10 +156,10 @@ def test_stacked_q_k_v_and_gate_up_give_each_layer_its_own_numbers():
         assert {k: v.shape for k, v in fast.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
         assert all(torch.equal(v, reference.state_dict()[k]) for k, v in fast.state_dict().items())
         attn.q_proj.set_codes(*codes(attn.q_proj.out_features, 64, 32, seed=5))
-        assert not attn.int4_qkv.valid
+        assert not attn.qkv_stack.valid
         assert torch.equal(attn.qkv(x)[0], attn.q_proj(x))
         for block in fast.blocks:
-            block.attn.int4_qkv, block.mlp.__class__ = None, type(reference.blocks[0].mlp)
+            block.attn.qkv_stack, block.mlp.__class__ = None, type(reference.blocks[0].mlp)
         fast.blocks[0].attn.q_proj.set_codes(*reference.blocks[0].attn.q_proj.codes())
         assert torch.equal(fast(tokens), stacked)
 

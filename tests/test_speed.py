@@ -283,10 +283,80 @@ def test_speed_up_gives_rmsnorm_and_swiglu_their_one_pass_routes_and_grad_the_re
     model = speed_up(make("llama-gqa"))
     norms = [m for m in model.modules() if isinstance(m, FusedRMSNorm)]
     assert len(norms) == 2 * 2 + 1  # two per block, the final one
-    assert all(type(block.mlp) is SwiGLUMLP and block.mlp.gate_up is None for block in model.blocks)
+    assert all(type(block.mlp) is SwiGLUMLP for block in model.blocks)
     x = torch.randn(2, 5, 32, requires_grad=True)
     norms[0](x).sum().backward()  # with grad: the reference's operations, gradients as usual
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_stacks_give_the_separate_layers_numbers_and_stand_aside_when_stale(dtype, monkeypatch):
+    """speed_up multiplies float q|k|v (with Qwen's biases) and gate|up as one matrix each (StackedLinear),
+    the layers' weights views of the stack. Few rows: the separate layers' numbers bit for bit (our kernel's
+    sums per output do not depend on the matrix around them); a prompt: PyTorch's GEMM, within rounding.
+    A layer given other weights makes the stack stale, and the layers run one by one."""
+    from minillm.speed import StackedLinear, SwiGLUMLP
+    model = make("llama-gqa", qkv_bias=True).to(dtype)
+    reference = make("llama-gqa", qkv_bias=True).to(dtype)
+    speed_up(model)
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    assert type(attn.qkv_stack) is StackedLinear and type(mlp) is SwiGLUMLP and type(mlp.gate_up) is StackedLinear
+    stack = attn.qkv_stack.linear.weight
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr()  # views: no copy
+    assert attn.q_proj.bias is not None and attn.v_proj.bias.untyped_storage().data_ptr() == \
+        attn.qkv_stack.linear.bias.untyped_storage().data_ptr()
+    x = torch.randn(2, 20, 32).to(dtype)
+    with torch.no_grad():
+        for rows in (1, 3, 20):  # 1 and 3 rows a batch row: our kernel where it runs; 20: the prompt route
+            calls = []
+            for s in (attn.qkv_stack, mlp.gate_up):
+                s.linear.register_forward_hook(lambda m, i, o: calls.append(1))
+            got = model.blocks[0](x[:, :rows], *block_inputs(model, rows))
+            assert len(calls) == 2  # each stack took the call
+            with monkeypatch.context() as m:
+                m.setattr(StackedLinear, "takes", lambda self, x: False)  # the layers one by one
+                separate = model.blocks[0](x[:, :rows], *block_inputs(model, rows))
+            assert len(calls) == 2
+            for s in (attn.qkv_stack, mlp.gate_up):
+                s.linear._forward_hooks.clear()
+            if rows <= 3 and has_vnni():
+                assert torch.equal(got, separate)
+            else:
+                torch.testing.assert_close(got, separate)
+            want = reference.blocks[0](x[:, :rows], *block_inputs(reference, rows))
+            torch.testing.assert_close(got, want, **({} if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)))
+        attn.k_proj.weight = nn.Parameter(attn.k_proj.weight.detach() * 2)  # new numbers for one layer
+        reference.blocks[0].attn.k_proj.weight.mul_(2)
+        assert not attn.qkv_stack.takes(x)
+        torch.testing.assert_close(model.blocks[0](x, *block_inputs(model, 20)),
+                                   reference.blocks[0](x, *block_inputs(reference, 20)))
+
+
+def block_inputs(model, T):
+    """A block's arguments for T tokens at positions 0..T-1 without a cache: rope tables, causal mask, no cache."""
+    rope = (model.rope_cos[:T], model.rope_sin[:T])
+    return rope, torch.ones(T, T, dtype=torch.bool).tril(), None, 0
+
+
+def test_a_sped_up_model_trains_and_saves_as_the_plain_one(tmp_path):
+    """With grad the layers run one by one, their gradients as usual, and the optimizer's steps reach the
+    stack (the weights are views of it); a sped-up model saves (the views copied apart) and loads back."""
+    from minillm.checkpoint import load_model, save_model
+    from minillm.tokenizer import CharTokenizer
+    model, reference = speed_up(make("llama-gqa").train()), make("llama-gqa").train()
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    for m in (model, reference):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        m(tokens).logsumexp(-1).mean().backward()
+        opt.step()
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), reference(tokens))
+        assert model.blocks[0].attn.qkv_stack.takes(torch.zeros(1))
+    save_model(tmp_path / "m.safetensors", model, CharTokenizer("".join(chr(65 + i) for i in range(97))))
+    loaded = load_model(tmp_path / "m.safetensors").model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), reference(tokens))
 
 
 @pytest.mark.slow

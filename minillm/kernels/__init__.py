@@ -258,6 +258,10 @@ class StackedInt4:
         y = multiply(x.reshape(-1, shape[-1]), self.packed, self.scale_zero, self.group_size, 4).to(self.scale_zero.dtype)
         return [finish(p, part, shape) for p, part in zip(self.parts, y.split([TILE * t for t in self.tiles], dim=1))]
 
+    def takes(self, x: torch.Tensor) -> bool:
+        """Whether this call goes through the stack (speed.StackedLinear's question): while it is valid."""
+        return self.valid
+
 
 def use_kernel(module: Int4Linear | Int8Linear) -> None:
     """Give a CPU Int4Linear or Int8Linear our kernel's route in place, where the kernel is available

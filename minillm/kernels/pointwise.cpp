@@ -86,21 +86,27 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return out.transpose(1, 2);
 }
 
-// gate and up (..., H) float32, the same shape and contiguous -> silu(gate) * up = gate / (1 + e^-gate) * up.
+// gate and up (..., H) float32 of one shape, each a view of rows H wide (its last dimension contiguous; the
+// halves of a stacked gate|up product are) -> silu(gate) * up = gate / (1 + e^-gate) * up, contiguous.
 torch::Tensor swiglu(torch::Tensor gate, torch::Tensor up) {
   TORCH_CHECK(gate.scalar_type() == torch::kFloat && up.scalar_type() == torch::kFloat && gate.sizes() == up.sizes() &&
-              gate.is_contiguous() && up.is_contiguous(), "swiglu: float32 gate and up of one shape, contiguous");
-  auto out = torch::empty_like(gate);
-  const float *gp = gate.data_ptr<float>(), *up_ = up.data_ptr<float>();
+              gate.dim() >= 1 && gate.stride(-1) == 1 && up.stride(-1) == 1,
+              "swiglu: float32 gate and up of one shape, the last dimension contiguous");
+  const int64_t H = gate.size(-1);
+  const auto g2 = gate.view({-1, H}), u2 = up.view({-1, H});  // rows: fails where they are not evenly spaced
+  auto out = torch::empty(gate.sizes(), gate.options());
+  const int64_t rows = g2.size(0), gs = g2.stride(0), us = u2.stride(0);
+  const float *gp = g2.data_ptr<float>(), *up_ = u2.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const __m512 one = _mm512_set1_ps(1.0f);
-  at::parallel_for(0, (gate.numel() + LANES - 1) / LANES, 1024, [&](int64_t a, int64_t b) {
-    for (int64_t i = a * LANES; i < std::min(b * LANES, gate.numel()); i += LANES) {
-      const __mmask16 m = first(gate.numel() - i);
-      const __m512 g = _mm512_maskz_loadu_ps(m, gp + i);
-      const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-      _mm512_mask_storeu_ps(op + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up_ + i)));
-    }
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / H), [&](int64_t a, int64_t b) {
+    for (int64_t r = a; r < b; ++r)
+      for (int64_t i = 0; i < H; i += LANES) {
+        const __mmask16 m = first(H - i);
+        const __m512 g = _mm512_maskz_loadu_ps(m, gp + r * gs + i);
+        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        _mm512_mask_storeu_ps(op + r * H + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up_ + r * us + i)));
+      }
   });
   return out;
 }
