@@ -5,6 +5,8 @@
     reuse_freed_memory()    keep freed memory for reuse from now on: while running, a tensor of a few MB
                             (a prefill's activations) is otherwise often mapped fresh from the OS and
                             zero-filled page by page at first touch, at every use (speed.speed_up)
+    drop_file_pages(t)      for a tensor read from a memory-mapped file that is no longer used: its pages
+                            out of the process's resident memory (speed.StackedLinear's copied weights)
 
 Why the second: glibc serves blocks from 128 KB up by mapping memory (its threshold then adapts to
 the sizes freed), and hands the heap's free top back to the OS past twice that threshold; a 512-token
@@ -18,6 +20,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
+
+import torch
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (glibc's malloc.h)
 MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks below it come from the heap
@@ -52,3 +57,52 @@ def reuse_freed_memory() -> bool:
     libc = glibc()
     return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) \
         and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+MADV_DONTNEED = 4  # Linux's madvise advice: drop the pages (a file's are read again if touched)
+
+
+def drop_file_pages(t: torch.Tensor) -> int:
+    """Drop from this process's resident memory the whole pages of t's bytes where they are a mapped file's
+    pages as read (a safetensors checkpoint is read memory-mapped, copy-on-write), for weights copied
+    elsewhere and no longer read: otherwise they stay counted as resident while the file stays mapped for
+    the other weights. Pages written since (anonymous copies now) or outside a file's mapping are left
+    alone: dropped, they would read back as the file's bytes or as zeros. A dropped page, if read again,
+    comes back from the file, the same bytes. -> bytes dropped (0 off Linux)."""
+    libc = glibc()
+    if libc is None or t.device.type != "cpu" or t.nbytes == 0:
+        return 0
+    page = mmap.PAGESIZE
+    first, last = -(-t.data_ptr() // page) * page, (t.data_ptr() + t.nbytes) // page * page  # whole pages
+    if first >= last or not _in_file_mapping(first, last) or not _unwritten(first, last, page):
+        return 0
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return last - first if libc.madvise(first, last - first, MADV_DONTNEED) == 0 else 0
+
+
+def _in_file_mapping(start: int, end: int) -> bool:
+    """Whether [start, end) lies in one mapping of a regular file (/proc/self/maps)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                low, high = (int(a, 16) for a in fields[0].split("-"))
+                if low <= start and end <= high:
+                    return len(fields) >= 6 and fields[5].startswith("/")
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def _unwritten(start: int, end: int, page: int) -> bool:
+    """Whether every page of [start, end) is absent or still the file's own (/proc/self/pagemap: bit 63
+    present, bit 61 a file page; a page written to in a private mapping becomes anonymous)."""
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(start // page * 8)
+            entries = f.read((end - start) // page * 8)
+    except OSError:
+        return False
+    flags = torch.frombuffer(bytearray(entries), dtype=torch.int64)
+    present, file_page = (flags >> 63) & 1, (flags >> 61) & 1
+    return len(entries) == (end - start) // page * 8 and bool(((present == 0) | (file_page == 1)).all())

@@ -67,7 +67,7 @@ from .kernels import (ROWS_MAX, StackedInt4, causal_attention, forget_torch_layo
                       use_kernel, vnni)
 from .kv_cache import KVCache
 from .model import MLP, Attention, RMSNorm, Transformer
-from .host_memory import release_freed_memory, reuse_freed_memory
+from .host_memory import drop_file_pages, release_freed_memory, reuse_freed_memory
 from .quantized import Int4Linear, Int8Linear
 
 
@@ -128,6 +128,7 @@ class StackedLinear:
         bias = None if parts[0].bias is None else torch.cat([p.bias.detach() for p in parts])
         self.linear = FewRowLinear.wrap(weight, bias)
         for i, p in enumerate(parts):
+            drop_file_pages(p.weight)  # read from a mapped checkpoint: its pages no longer count as resident
             p.weight.data = weight.split(self.sizes)[i]
             if bias is not None:
                 p.bias.data = bias.split(self.sizes)[i]

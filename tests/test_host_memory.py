@@ -6,6 +6,7 @@ each prefill (transformers' process ~99,000, ours 0). A unit test counting the f
 tests hold what is deterministic: the release still releases, and off glibc both say they did nothing."""
 
 import resource
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,3 +40,23 @@ def test_off_glibc_both_say_they_did_nothing(monkeypatch):
         assert glibc() is None and release_freed_memory() is False and reuse_freed_memory() is False
     finally:
         glibc.cache_clear()
+
+
+@pytest.mark.skipif(glibc() is None or not Path("/proc/self/pagemap").exists(), reason="Linux with glibc only")
+def test_drop_file_pages_drops_only_a_files_unwritten_pages(tmp_path):
+    """A checkpoint's tensor (memory-mapped, copy-on-write): its whole pages dropped, the bytes unchanged
+    when read again; a tensor written to after loading, or one in anonymous memory: nothing dropped, the
+    numbers kept."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from minillm.host_memory import drop_file_pages
+    save_file({"a": torch.arange(1 << 20, dtype=torch.float32), "b": torch.ones(1 << 20)}, str(tmp_path / "t.safetensors"))
+    with safe_open(str(tmp_path / "t.safetensors"), framework="pt", device="cpu") as f:
+        a, b = f.get_tensor("a"), f.get_tensor("b")
+    a.sum(), b.sum()  # every page read in
+    assert drop_file_pages(a) >= a.nbytes - 2 * 4096  # all but the partial pages at its ends
+    assert torch.equal(a, torch.arange(1 << 20, dtype=torch.float32))  # read back from the file
+    b[::1024] = 2.0  # written: every page of b is the process's own copy now
+    assert drop_file_pages(b) == 0 and (b[::1024] == 2.0).all()
+    anonymous = torch.arange(1 << 20, dtype=torch.float32)
+    assert drop_file_pages(anonymous) == 0 and torch.equal(anonymous, torch.arange(1 << 20, dtype=torch.float32))
