@@ -239,6 +239,11 @@ def float_ways(shapes: list[tuple[int, int]], dtype: torch.dtype) -> dict[str, C
             "oneDNN, W prepacked": lambda xs: [onednn(xs[w.shape[1]], p) for w, p in zip(ws, reordered)]}
     if vnni() is not None:
         ways["ours (kernels/rows.cpp)"] = lambda xs: [vnni().rows_mm(xs[w.shape[1]], w) for w in ws]
+        stacked = [torch.cat(ws[i:i + 3]) for i in range(0, len(ws) - 1, 7)] + [ws[i + 3] for i in range(0, len(ws) - 1, 7)] \
+            + [torch.cat(ws[i + 4:i + 6]) for i in range(0, len(ws) - 1, 7)] + [ws[i + 6] for i in range(0, len(ws) - 1, 7)] \
+            + ws[-1:]  # q|k|v, o, gate|up, down of each layer (in another order: the same work), the head
+        ways["ours, q|k|v and gate|up stacked (speed.StackedLinear)"] = \
+            lambda xs: [vnni().rows_mm(xs[w.shape[1]], w) for w in stacked]
     return ways
 
 
