@@ -150,10 +150,11 @@ class StackedLinear:
 
     def takes(self, x: torch.Tensor) -> bool:
         """Whether this call goes through the stack: eager (not being compiled), no grad, x as the weights'
-        dtype, the layers plain FewRowLinear (not the exact mode's) still holding their views."""
+        dtype, the layers plain FewRowLinear (not the exact mode's, not prepacked: their own copies for
+        oneDNN serve few rows better than the stack's W as it is) still holding their views."""
         return not torch.compiler.is_compiling() and not torch.is_grad_enabled() and \
-            x.dtype == self.linear.weight.dtype and all(type(p) is FewRowLinear for p in self.parts) and \
-            self.pointers() == self.views
+            x.dtype == self.linear.weight.dtype and all(type(p) is FewRowLinear and p.packed is None
+                                                        for p in self.parts) and self.pointers() == self.views
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (..., K) -> each layer's output (..., its out_features), views of one product."""

@@ -332,6 +332,17 @@ def test_float_stacks_give_the_separate_layers_numbers_and_stand_aside_when_stal
                                    reference.blocks[0](x, *block_inputs(reference, 20)))
 
 
+def test_prepacked_layers_keep_their_own_route_instead_of_the_stack(few_row_route_forced):
+    """prepack gives the layers oneDNN's copies of W where that is the route; the stack then stands aside."""
+    from minillm.speed import StackedLinear
+    model = speed_up(make("llama-gqa"))
+    prepack(model)
+    stack = model.blocks[0].attn.qkv_stack
+    assert type(stack) is StackedLinear
+    with torch.no_grad():
+        assert stack.takes(torch.zeros(1, 32)) == (few_row_route_forced != "onednn")
+
+
 def block_inputs(model, T):
     """A block's arguments for T tokens at positions 0..T-1 without a cache: rope tables, causal mask, no cache."""
     rope = (model.rope_cos[:T], model.rope_sin[:T])
