@@ -68,7 +68,8 @@ def drop_file_pages(t: torch.Tensor) -> int:
     elsewhere and no longer read: otherwise they stay counted as resident while the file stays mapped for
     the other weights. Pages written since (anonymous copies now) or outside a file's mapping are left
     alone: dropped, they would read back as the file's bytes or as zeros. A dropped page, if read again,
-    comes back from the file, the same bytes. -> bytes dropped (0 off Linux)."""
+    comes back from the file, the same bytes. Nothing may write t meanwhile (a write between the check
+    and the drop would be lost). -> bytes dropped (0 off glibc or Linux's /proc)."""
     libc = glibc()
     if libc is None or t.device.type != "cpu" or t.nbytes == 0:
         return 0
@@ -95,8 +96,9 @@ def _in_file_mapping(start: int, end: int) -> bool:
 
 
 def _unwritten(start: int, end: int, page: int) -> bool:
-    """Whether every page of [start, end) is absent or still the file's own (/proc/self/pagemap: bit 63
-    present, bit 61 a file page; a page written to in a private mapping becomes anonymous)."""
+    """Whether every page of [start, end) is the file's own or was never read in (/proc/self/pagemap: bit
+    63 present, 62 swapped, 61 a file page; a page written to in a private mapping becomes anonymous,
+    and may be swapped out)."""
     try:
         with open("/proc/self/pagemap", "rb") as f:
             f.seek(start // page * 8)
@@ -104,5 +106,6 @@ def _unwritten(start: int, end: int, page: int) -> bool:
     except OSError:
         return False
     flags = torch.frombuffer(bytearray(entries), dtype=torch.int64)
-    present, file_page = (flags >> 63) & 1, (flags >> 61) & 1
-    return len(entries) == (end - start) // page * 8 and bool(((present == 0) | (file_page == 1)).all())
+    present, swapped, file_page = (flags >> 63) & 1, (flags >> 62) & 1, (flags >> 61) & 1
+    return len(entries) == (end - start) // page * 8 and bool(
+        ((file_page == 1) | ((present == 0) & (swapped == 0))).all())

@@ -63,7 +63,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import (ROWS_MAX, StackedInt4, causal_attention, forget_torch_layouts, rms_norm, rope, rows_mm, swiglu,
+from .kernels import (ATTENTION_GROUP, ROWS_MAX, StackedInt4, causal_attention, forget_torch_layouts, rms_norm, rope, rows_mm, swiglu,
                       use_kernel, vnni)
 from .kv_cache import KVCache
 from .model import MLP, Attention, RMSNorm, Transformer
@@ -119,8 +119,9 @@ class StackedLinear:
     call instead of three or two: for a prompt PyTorch's GEMM runs wider matrices faster (SmolLM2's q|k|v
     ~9% and gate|up ~4% in bench/README.md), for a few rows our kernel pays its per-call costs once and
     sums each output exactly as the separate layer's call does. Eager calls without grad only (a compiled
-    step, training and the exact mode multiply the layers one by one); stale once a layer holds other
-    numbers than its view (.to(), a new Parameter), and the layers are then multiplied one by one."""
+    step, training and the exact mode multiply the layers one by one); stale for good once a layer holds
+    other numbers than its view (.to(), a new Parameter) or the module holds another layer (LoRA, a
+    swap), and the layers are then multiplied one by one (the stack's copy let go)."""
 
     def __init__(self, parts: list[FewRowLinear]):
         self.parts, self.sizes = parts, [p.out_features for p in parts]
@@ -148,13 +149,18 @@ class StackedLinear:
     def pointers(self) -> list[tuple[int, int]]:
         return [(p.weight.data_ptr(), 0 if p.bias is None else p.bias.data_ptr()) for p in self.parts]
 
-    def takes(self, x: torch.Tensor) -> bool:
+    def takes(self, x: torch.Tensor, layers: list[nn.Module]) -> bool:
         """Whether this call goes through the stack: eager (not being compiled), no grad, x as the weights'
-        dtype, the layers plain FewRowLinear (not the exact mode's, not prepacked: their own copies for
-        oneDNN serve few rows better than the stack's W as it is) still holding their views."""
-        return not torch.compiler.is_compiling() and not torch.is_grad_enabled() and \
-            x.dtype == self.linear.weight.dtype and all(type(p) is FewRowLinear and p.packed is None
-                                                        for p in self.parts) and self.pointers() == self.views
+        dtype, `layers` (the module's now) the stacked ones, plain FewRowLinear (not the exact mode's, not
+        prepacked: their own copies for oneDNN serve few rows better than the stack's W as it is), still
+        holding their views (else stale for good)."""
+        if torch.compiler.is_compiling() or self.linear is None:
+            return False
+        if not all(a is b for a, b in zip(self.parts, layers)) or self.pointers() != self.views:
+            self.linear = None  # stale: the layers run one by one from now on
+            return False
+        return not torch.is_grad_enabled() and x.dtype == self.linear.weight.dtype and all(
+            type(p) is FewRowLinear and p.packed is None for p in self.parts)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (..., K) -> each layer's output (..., its out_features), views of one product."""
@@ -235,7 +241,7 @@ class GQADecodeAttention(Attention):
         return rope(q, *rope_tables), rope(k, *rope_tables), v
 
     def qkv(self, x):
-        if self.qkv_stack is None or not self.qkv_stack.takes(x):
+        if self.qkv_stack is None or not self.qkv_stack.takes(x, [self.q_proj, self.k_proj, self.v_proj]):
             return super().qkv(x)
         return self.qkv_stack(x)
 
@@ -253,9 +259,9 @@ class GQADecodeAttention(Attention):
 
     def takes_prompt_kernel(self, q, k, v) -> bool:
         """Whether a prompt's attention goes to our kernel (kernels/attention.cpp) here: CPU, float32, no
-        grad, no dropout, a head_dim multiple of 16, and the kernel built."""
+        grad, no dropout, a head_dim multiple of 16, at most 96 query heads a K/V head, the kernel built."""
         return takes_float32_kernels(q) and k.dtype == v.dtype == torch.float32 and \
-            not (self.training and self.dropout) and q.shape[-1] % 16 == 0
+            not (self.training and self.dropout) and q.shape[-1] % 16 == 0 and q.shape[1] <= ATTENTION_GROUP * k.shape[1]
 
 
 class SwiGLUMLP(MLP):
@@ -265,7 +271,7 @@ class SwiGLUMLP(MLP):
     gate_up: StackedInt4 | StackedLinear | None = None
 
     def forward(self, x):
-        if self.gate_up is not None and self.gate_up.takes(x):
+        if self.gate_up is not None and self.gate_up.takes(x, [self.gate_proj, self.up_proj]):
             gate, up = self.gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)

@@ -210,7 +210,8 @@ def test_prompt_attention_kernel_matches_float64(B, nh, nkv, T, S, hd):
     from minillm.kernels import causal_attention
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, T, nh, hd, generator=g).transpose(1, 2) * 2  # the layout Attention.project makes
-    k, v = torch.randn(B, nkv, S, hd, generator=g) * 2, torch.randn(B, nkv, S, hd, generator=g)
+    k, v = torch.randn(B, nkv, S + 9, hd, generator=g) * 2, torch.randn(B, nkv, S + 9, hd, generator=g)
+    k, v = k[:, :, :S], v[:, :, :S]  # as a cache holds them: the first S of more positions
     mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
     attn = make("llama-gqa").blocks[0].attn
     attn.cfg = preset("nano", family="llama", n_head=nh, n_kv_head=nkv, n_embd=nh * hd, attn_impl="manual")
@@ -234,6 +235,12 @@ def test_prompt_attention_route_is_taken_for_prompts_only(monkeypatch):
         model(x[:, :16], KVCache.for_model(model, 1), 0)  # 16: a verify's size
         model.bfloat16()(x[:, :20], KVCache.for_model(model, 1), 0)  # bf16
     assert calls == [17, 17]  # one call per layer, the first prompt only
+    q, k = torch.zeros(1, 97, 17, 16), torch.zeros(1, 1, 17, 16)  # 97 query heads on one K/V head: too many
+    with torch.no_grad():
+        takes = model.float().blocks[0].attn.takes_prompt_kernel
+        assert takes(q[:, :96], k, k) and not takes(q, k, k)
+    with pytest.raises(RuntimeError, match="at most 96 query heads"):
+        kernels.causal_attention(q, k, k)
 
 
 @needs_our_kernel
@@ -314,7 +321,7 @@ def test_float_stacks_give_the_separate_layers_numbers_and_stand_aside_when_stal
             got = model.blocks[0](x[:, :rows], *block_inputs(model, rows))
             assert len(calls) == 2  # each stack took the call
             with monkeypatch.context() as m:
-                m.setattr(StackedLinear, "takes", lambda self, x: False)  # the layers one by one
+                m.setattr(StackedLinear, "takes", lambda self, x, layers: False)  # the layers one by one
                 separate = model.blocks[0](x[:, :rows], *block_inputs(model, rows))
             assert len(calls) == 2
             for s in (attn.qkv_stack, mlp.gate_up):
@@ -327,9 +334,18 @@ def test_float_stacks_give_the_separate_layers_numbers_and_stand_aside_when_stal
             torch.testing.assert_close(got, want, **({} if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)))
         attn.k_proj.weight = nn.Parameter(attn.k_proj.weight.detach() * 2)  # new numbers for one layer
         reference.blocks[0].attn.k_proj.weight.mul_(2)
-        assert not attn.qkv_stack.takes(x)
+        assert not attn.qkv_stack.takes(x, [attn.q_proj, attn.k_proj, attn.v_proj])
+        assert attn.qkv_stack.linear is None  # stale for good: its copy let go
+        mlp.up_proj = FewRowLinear.wrap(mlp.up_proj.weight.detach() * 3)  # another layer in the module
+        reference.blocks[0].mlp.up_proj.weight.mul_(3)
         torch.testing.assert_close(model.blocks[0](x, *block_inputs(model, 20)),
                                    reference.blocks[0](x, *block_inputs(reference, 20)))
+        assert mlp.gate_up.linear is None
+        model.blocks[1].to(torch.float64)  # .to(): every weight new
+        reference.blocks[1].to(torch.float64)
+        torch.testing.assert_close(model.blocks[1](x.double(), *block_inputs(model, 20)),
+                                   reference.blocks[1](x.double(), *block_inputs(reference, 20)))
+        assert model.blocks[1].attn.qkv_stack.linear is None and model.blocks[1].mlp.gate_up.linear is None
 
 
 def test_prepacked_layers_keep_their_own_route_instead_of_the_stack(few_row_route_forced):
@@ -340,7 +356,8 @@ def test_prepacked_layers_keep_their_own_route_instead_of_the_stack(few_row_rout
     stack = model.blocks[0].attn.qkv_stack
     assert type(stack) is StackedLinear
     with torch.no_grad():
-        assert stack.takes(torch.zeros(1, 32)) == (few_row_route_forced != "onednn")
+        attn = model.blocks[0].attn
+        assert stack.takes(torch.zeros(1, 32), [attn.q_proj, attn.k_proj, attn.v_proj]) == (few_row_route_forced != "onednn")
 
 
 def block_inputs(model, T):
@@ -363,7 +380,8 @@ def test_a_sped_up_model_trains_and_saves_as_the_plain_one(tmp_path):
     model.eval(), reference.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), reference(tokens))
-        assert model.blocks[0].attn.qkv_stack.takes(torch.zeros(1))
+        attn = model.blocks[0].attn
+        assert attn.qkv_stack.takes(torch.zeros(1), [attn.q_proj, attn.k_proj, attn.v_proj])
     save_model(tmp_path / "m.safetensors", model, CharTokenizer("".join(chr(65 + i) for i in range(97))))
     loaded = load_model(tmp_path / "m.safetensors").model.eval()
     with torch.no_grad():

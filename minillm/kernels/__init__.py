@@ -55,6 +55,7 @@ SOURCES = [Path(__file__).with_name(name) for name in ("vnni.cpp", "rows.cpp", "
 CHOICES = ("own", "aten")
 TILE = 16  # output rows per tile of the kernel's layout
 ROWS_MAX = 16  # rows.cpp's MAX_ROWS: the most rows of x one rows_mm call takes
+ATTENTION_GROUP = 96  # attention.cpp's TASK_ROWS: the most query heads a K/V head may serve there
 FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
 
 
@@ -258,9 +259,10 @@ class StackedInt4:
         y = multiply(x.reshape(-1, shape[-1]), self.packed, self.scale_zero, self.group_size, 4).to(self.scale_zero.dtype)
         return [finish(p, part, shape) for p, part in zip(self.parts, y.split([TILE * t for t in self.tiles], dim=1))]
 
-    def takes(self, x: torch.Tensor) -> bool:
-        """Whether this call goes through the stack (speed.StackedLinear's question): while it is valid."""
-        return self.valid
+    def takes(self, x: torch.Tensor, layers: list) -> bool:
+        """Whether this call goes through the stack (speed.StackedLinear's question): while it is valid and
+        `layers` (the module's now) are the stacked ones."""
+        return self.valid and all(a is b for a, b in zip(self.parts, layers))
 
 
 def use_kernel(module: Int4Linear | Int8Linear) -> None:

@@ -1,7 +1,7 @@
 // Causal attention of a prompt: softmax(q k^T / sqrt(hd), causal) v in float32, for the many queries of a
 // prefill (speed.GQADecodeAttention takes it for more than 16 queries). PyTorch's CPU kernel (flash
 // attention, blocks of 512 keys) computes every score of a 512-token prompt and masks half of them; this one
-// visits only the keys each query can see, so a prompt's attention costs about half.
+// visits only the keys each block of queries can see, so a prompt's attention costs about half.
 //
 // The work is split into tasks of (batch row, K/V head, block of queries). A task takes the query heads that
 // share its K/V head (grouped-query attention) together, QB queries of each: up to 96 rows that reuse every
@@ -66,7 +66,10 @@ void product(const float* a, int64_t ar, int64_t ai, const float* b, int64_t ldb
   case (R) * 8 + (NV): kernel<R, NV, ADD>(aa, ar, ai, b, ldb, n, cc, ldc, f); break;
 #define MINILLM_ROWS(R) \
   MINILLM_CASE(R, 1) MINILLM_CASE(R, 2) MINILLM_CASE(R, 3) MINILLM_CASE(R, 4) MINILLM_CASE(R, 5) MINILLM_CASE(R, 6)
-    switch (nr * 8 + vectors) { MINILLM_ROWS(1) MINILLM_ROWS(2) MINILLM_ROWS(3) MINILLM_ROWS(4) }
+    switch (nr * 8 + vectors) {
+      MINILLM_ROWS(1) MINILLM_ROWS(2) MINILLM_ROWS(3) MINILLM_ROWS(4)
+      default: TORCH_CHECK(false, "causal_attention: ", vectors, " vectors of rows (at most ", VMAX, ")");
+    }
 #undef MINILLM_ROWS
 #undef MINILLM_CASE
   }
@@ -110,6 +113,8 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == hd && nh % nkv == 0 && hd % LANES == 0 &&
               S >= T && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "causal_attention: shapes or strides do not match");
+  TORCH_CHECK(nh / nkv <= TASK_ROWS && S < INT_MAX, "causal_attention: at most ", TASK_ROWS,
+              " query heads a K/V head and 2^31 positions (got ", nh / nkv, ", ", S, ")");
   auto out = torch::empty({B, T, nh, hd}, q.options());
   const int64_t rep = nh / nkv, qb = std::max<int64_t>(1, TASK_ROWS / rep), blocks = (T + qb - 1) / qb;
   const int64_t offset = S - T;
