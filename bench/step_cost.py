@@ -21,8 +21,10 @@ ceiling on tokens/s for that format on this machine:
 
 `prefill`: the floor under a prompt read, fp32: the 210 layer matrices of SmolLM2-135M times
 --tokens rows (512) and the head times the last row (what a prefill with last_only multiplies),
-nothing else; ms and the GEMM's GFLOP/s; the same with q|k|v and gate|up stacked; and one large square
-product, the GEMM library's best rate on this machine. A prefill can be no faster than the matmuls with
+nothing else; ms and the GEMM's GFLOP/s; the same with q|k|v and gate|up stacked (what the speed
+layer runs), stacked and stored transposed (x @ Wt with Wt = W^T contiguous: MKL's product without the
+transposed operand), stacked through oneDNN on W prepacked for that many rows (speed.prepack's reorder);
+and one large square product, the GEMM library's best rate on this machine. A prefill can be no faster than the matmuls with
 fp32 weights and PyTorch's CPU GEMM (transformers uses the same one). Then the rest of a layer (where
 our kernels build): causal attention, RMSNorm, RoPE and silu(gate) * up, model.py's operations against
 the speed layer's kernels.
@@ -163,17 +165,26 @@ def prefill(args) -> None:
     x = {k: torch.randn(args.tokens, k) for k in (576, 1536)}
     square = [torch.randn(3072, 3072) for _ in range(2)]
 
-    def matmuls(shapes):
-        ws = [torch.randn(n, k) for n, k in shapes * 30]
+    def matmuls(shapes, layout="as it is"):
+        shapes = shapes * 30
+        ws = [torch.randn(n, k) for n, k in shapes]
+        product = F.linear
+        if layout == "transposed":
+            ws, product = [w.t().contiguous() for w in ws], torch.matmul
+        elif layout == "oneDNN prepacked":
+            ws = [torch.ops.mkldnn._reorder_linear_weight(w, args.tokens) for w in ws]
+            product = lambda x, p: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
 
         def run():
-            for w in ws:
-                F.linear(x[w.shape[1]], w)
+            for (_, k), w in zip(shapes, ws):
+                product(x[k], w)
             F.linear(last, head)
-        return run, 2 * (args.tokens * sum(w.numel() for w in ws) + head.numel())
+        return run, 2 * (args.tokens * sum(n * k for n, k in shapes) + head.numel())
 
     ways = {"as the model calls them (7 per layer)": matmuls(LAYER),
             "q, k, v and gate, up stacked (4 per layer)": matmuls(FUSED),
+            "stacked, W stored transposed (x @ Wt)": matmuls(FUSED, "transposed"),
+            "stacked, oneDNN on W prepacked": matmuls(FUSED, "oneDNN prepacked"),
             "one 3072 x 3072 x 3072 product (the library's best case here)":
                 (lambda: square[0] @ square[1], 2 * 3072 ** 3)}
     ms = medians({name: run for name, (run, _) in ways.items()}, args.repeats, warmups=1)
