@@ -139,12 +139,16 @@ class StackedLinear:
     def of(cls, parts: list[nn.Module]) -> StackedLinear | None:
         """The stack of `parts`, or None where they cannot share a call (not all plain float FewRowLinear
         layers on the CPU, different input widths or dtypes, bias on some only, oneDNN-prepacked)."""
-        if not all(type(p) is FewRowLinear and p.weight.device.type == "cpu" and p.weight.is_contiguous()
-                   and p.packed is None for p in parts) or len(
+        if not all(cls.plain(p) and p.weight.device.type == "cpu" and p.weight.is_contiguous() for p in parts) or len(
                 {(p.in_features, p.weight.dtype, p.bias is None) for p in parts}) != 1 \
                 or parts[0].weight.dtype not in (torch.float32, torch.bfloat16):
             return None
         return cls(parts)
+
+    @staticmethod
+    def plain(layer: nn.Module) -> bool:
+        """A FewRowLinear of the default route: not the exact mode's BlockedLinear, not oneDNN-prepacked."""
+        return type(layer) is FewRowLinear and layer.packed is None
 
     def pointers(self) -> list[tuple[int, int]]:
         return [(p.weight.data_ptr(), 0 if p.bias is None else p.bias.data_ptr()) for p in self.parts]
@@ -159,8 +163,7 @@ class StackedLinear:
         if not all(a is b for a, b in zip(self.parts, layers)) or self.pointers() != self.views:
             self.linear = None  # stale: the layers run one by one from now on
             return False
-        return not torch.is_grad_enabled() and x.dtype == self.linear.weight.dtype and all(
-            type(p) is FewRowLinear and p.packed is None for p in self.parts)
+        return not torch.is_grad_enabled() and x.dtype == self.linear.weight.dtype and all(map(self.plain, self.parts))
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (..., K) -> each layer's output (..., its out_features), views of one product."""

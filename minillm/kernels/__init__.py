@@ -224,7 +224,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """pointwise.cpp: silu(gate) * up for float32 gate and up of one shape, contiguous, in one pass."""
+    """pointwise.cpp: silu(gate) * up for float32 gate and up of one shape, each rows H wide with the last
+    dimension contiguous (the two halves of a stacked gate|up product are), in one pass -> contiguous."""
     return kernel("swiglu")(gate, up)
 
 
