@@ -50,14 +50,17 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
   touch at every use): a 512-token SmolLM2 prefill went from ~50,000 page faults to almost none.
 * compile_decode: one-token cached calls without grad run through torch.compile (the many small ops
   between the matmuls fused); every other call stays eager. The first such call compiles (needs a
-  C++ compiler; minutes for a 135M model on two CPU cores).
+  C++ compiler; minutes for a 135M model on two CPU cores). Dynamo's thousands of checks on the
+  modules before each call are replaced by a check of our own of what can change (CompiledStep).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import time
+import types
 
 import torch
 import torch.nn as nn
@@ -311,11 +314,79 @@ class OneQueryAttention(GQADecodeAttention):
 
 
 class CompiledDecode(Transformer):
+    compiled_step: CompiledStep
+
     def forward(self, tokens, cache=None, start_pos=0, last_only=False):
         if tokens.shape[1] == 1 and cache is not None and not torch.is_grad_enabled():
             # fresh strides: a column sliced from the loop's token buffer would recompile the step
             return self.compiled_step(tokens.clone(memory_format=torch.contiguous_format), cache, start_pos, last_only)
         return super().forward(tokens, cache, start_pos, last_only)
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), .cpu(), ...: the tensors' dtype or device may change
+        self.compiled_step.seen = None
+        return super()._apply(fn, recurse)
+
+
+class CompiledStep:
+    """compile_decode's one-token step: Transformer.forward of one model through torch.compile, with
+    dynamo's guards on the model's modules left out and a check of our own in their place.
+
+    Before each call of a compiled graph dynamo checks what it assumed of every module attribute the
+    step read: 5,941 checks on SmolLM2 (each module's hooks, type and constants, each tensor's dtype and
+    shape), 1.4 ms of a 7.4 ms int4 step (bench/README.md, "Guards"). What can change in a loaded model
+    between two steps is checked here instead, in ~40 us (`state`): each module's type (speed_up,
+    batch_invariant, a swapped-in layer), train/eval mode and hooks (the inspector's), the config's
+    values, whether each int4 stack still holds its layers' codes, and a count of the parameters,
+    buffers and modules assigned anywhere since (PyTorch's registration hooks); a `.to()` of the model
+    marks the step stale too. A call whose state differs compiles again, from a copy of forward's code
+    of its own (dynamo still checks which code the step runs: no earlier graph, this model's or another
+    model's, can be taken for it). The code is given to torch.compile as functools.partial(code, model),
+    as before: bound as a method instead, the model is the frame's own `self` and the int4 step's logits
+    moved off the eager step's (tests/test_speed.py, test_compiled_decode_gives_the_eager_greedy_tokens). Not seen: a tensor of one layer swapped in place for one of another
+    dtype or shape (`layer.weight.data = ...`, `layer.half()`): call compile_decode again after such a change."""
+
+    def __init__(self, model: Transformer):
+        self.model, self.step, self.seen = model, None, None
+        self.modules = self.types = self.holders = self.assigned = None  # state()'s list of the model's modules
+        _count_assignments()
+
+    def state(self) -> tuple:
+        hooks = torch.nn.modules.module
+        types = [type(m) for m in self.modules] if self.modules else None
+        if self.modules is None or self.assigned != _assigned or types != self.types:  # the tree or its classes moved
+            self.assigned, self.modules = _assigned, list(self.model.modules())
+            self.types = types = [type(m) for m in self.modules]
+            self.holders = [m for m in self.modules if isinstance(m, (GQADecodeAttention, SwiGLUMLP))]
+        return (_assigned, tuple(vars(self.model.config).values()), types, [m.training for m in self.modules],
+                any(m._forward_hooks or m._forward_pre_hooks for m in self.modules) or bool(
+                    hooks._global_forward_hooks or hooks._global_forward_pre_hooks),
+                [(s, getattr(s, "valid", None)) for m in self.holders for s in (m.__dict__.get("qkv_stack"), m.__dict__.get("gate_up")) if s])
+
+    def __call__(self, *args):
+        state = self.state()
+        if state != self.seen:
+            forward = Transformer.forward
+            code = forward.__code__.replace(co_name=f"compiled_step_{next(_steps)}")
+            fn = functools.partial(types.FunctionType(code, forward.__globals__, code.co_name, forward.__defaults__), self.model)
+            self.step = torch.compile(fn, dynamic=True, options={
+                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            self.seen = state
+        return self.step(*args)
+
+
+_steps = itertools.count()
+_assigned = 0  # parameters, buffers and modules assigned to any module since _count_assignments
+
+
+@functools.cache
+def _count_assignments() -> None:
+    def count(*_):
+        global _assigned
+        _assigned += 1
+    hooks = torch.nn.modules.module
+    for register in (hooks.register_module_parameter_registration_hook, hooks.register_module_buffer_registration_hook,
+                     hooks.register_module_module_registration_hook):
+        register(count)
 
 
 def speed_up(model: Transformer) -> Transformer:
@@ -431,18 +502,24 @@ def prepack(model: Transformer) -> int:
 def compile_decode(model: Transformer) -> Transformer:
     """From now on run one-token cached calls without grad through torch.compile, in place (see above).
     The compile itself happens at the first such call: warm_up(model) makes that call now."""
-    model.compiled_step = torch.compile(functools.partial(Transformer.forward, model), dynamic=True)
+    model.compiled_step = CompiledStep(model)
     model.__class__ = CompiledDecode
     return model
 
 
 def warm_up(model: Transformer) -> float:
     """Compile a compile_decode model's one-token step now, on a short throwaway cache, instead of in
-    the middle of the first decode (where it was counted as decoding time) -> the seconds it took."""
+    the middle of the first decode (where it was counted as decoding time) -> the seconds it took. Two
+    graphs: a step with room left in the cache, and the step that fills it (a loop's last)."""
     t0 = time.perf_counter()
     with torch.inference_mode():  # as the decode loops call it (generate.next_logits): no guard differs
         device = model.tok_emb.weight.device
         cache = KVCache.for_model(model, 1, min(8, model.config.block_size))
         model(torch.zeros(1, 2, dtype=torch.long, device=device), cache, 0, last_only=True)  # eager prefill
         model(torch.zeros(1, 1, dtype=torch.long, device=device), cache, 2, last_only=True)  # compiles
+        # and the step that fills a cache's last position, which the first graph does not take (the cache
+        # then a whole tensor: dynamo specializes on it); decoding loops size caches to end there (for_run)
+        if cache.max_len > 3:
+            model(torch.zeros(1, cache.max_len - 3, dtype=torch.long, device=device), cache, 3, last_only=True)
+            model(torch.zeros(1, 1, dtype=torch.long, device=device), cache, cache.max_len - 1, last_only=True)
     return time.perf_counter() - t0

@@ -416,6 +416,70 @@ def test_compiled_decode_gives_the_eager_greedy_tokens(name):
     torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_compiled_step_checks_what_can_change_and_compiles_again():
+    """compile_decode leaves out dynamo's checks on the modules (speed.CompiledStep): its own check must
+    see what they saw. After each change the compiled one-token step gives the eager step's logits, and
+    while nothing changes it keeps its graph. A second model of the same architecture gets its own.
+    (int4: the compiled step rounds x to int8 after its own fused sums, which can move a step of the
+    rounding; hence a tolerance of 2% of the largest logit there, each change moving them far more.)"""
+    from minillm.quantize import quantize_int4, quantize_model
+
+    def step_and_eager(model, tol=1e-4):
+        with torch.inference_mode():
+            cache = KVCache.for_model(model, 1, 8)
+            model(torch.tensor([[3, 14, 15]]), cache, 0)
+            compiled = model(torch.tensor([[7]]), cache, 3, last_only=True)
+            cache.crop(3)
+            eager = Transformer.forward(model, torch.tensor([[7]]), cache, 3, last_only=True)
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=tol * eager.abs().max().item())
+        return compiled
+
+    def apart(a, b):
+        return (a - b).abs().max() > 0.05 * b.abs().max()
+
+    model = compile_decode(speed_up(make("llama-gqa")))
+    first = step_and_eager(model)
+    graph = model.compiled_step.step
+    assert torch.equal(step_and_eager(model), first) and model.compiled_step.step is graph  # nothing changed
+
+    hook = model.blocks[1].register_forward_hook(lambda m, i, o: o + 1.0)  # a hook (the inspector's kind)
+    assert apart(step_and_eager(model), first) and model.compiled_step.step is not graph
+    hook.remove()
+    assert torch.equal(step_and_eager(model), first)
+
+    norm = model.blocks[1].mlp_norm  # a new Parameter assigned
+    norm.weight = nn.Parameter(torch.full_like(norm.weight, 3.0))
+    changed = step_and_eager(model)
+    assert apart(changed, first)
+
+    other = compile_decode(speed_up(make("llama-gqa")))  # the same code, other weights now
+    assert torch.equal(step_and_eager(other), first) and torch.equal(step_and_eager(model), changed)
+
+    assert other.to(torch.bfloat16) is other and step_and_eager(other, 2e-2).dtype == torch.bfloat16  # a .to()
+
+    int4 = compile_decode(speed_up(quantize_model(make("llama-gqa"), 4, 32)))
+    before = step_and_eager(int4, 2e-2)
+    attn = int4.blocks[0].attn  # new codes for q: the q|k|v stack no longer holds them
+    attn.q_proj.set_codes(*quantize_int4(torch.randn(attn.q_proj.out_features, attn.q_proj.in_features) * 3, 32))
+    assert (attn.qkv_stack is None or not attn.qkv_stack.valid) and apart(step_and_eager(int4, 2e-2), before)
+
+
+@pytest.mark.slow
+def test_warm_up_compiles_every_step_a_decoding_loop_takes():
+    """A loop's cache ends at its last fed position (KVCache.for_run), and the step that fills it takes
+    another graph (dynamo specializes on a cache the whole tensor): warm_up compiles both, so a decode
+    after it compiles nothing (it did compile again there, ~10 s on SmolLM2, counted as decoding)."""
+    from minillm.generate import stream_tokens
+    from minillm.sampling import SamplingParams
+    from minillm.speed import warm_up
+    model = compile_decode(speed_up(make("llama-gqa")))
+    warm_up(model)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (3, 12):
+            assert len(list(stream_tokens(model, [3, 14, 15, 92, 65], n, SamplingParams(temperature=0.0)))) == n
+
+
 @needs_our_kernel
 def test_compiled_step_of_a_float_model_is_one_graph_through_our_kernel():
     """The route is decided outside the graph (speed.ours_for): a compiled one-token step calls our
