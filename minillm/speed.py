@@ -323,7 +323,7 @@ class CompiledDecode(Transformer):
         return super().forward(tokens, cache, start_pos, last_only)
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), .cpu(), ...: the tensors' dtype or device may change
-        self.compiled_step.seen = None
+        self.compiled_step.forget()
         return super()._apply(fn, recurse)
 
 
@@ -333,56 +333,69 @@ class CompiledStep:
 
     Before each call of a compiled graph dynamo checks what it assumed of every module attribute the
     step read: 5,941 checks on SmolLM2 (each module's hooks, type and constants, each tensor's dtype and
-    shape), 1.4 ms of a 7.4 ms int4 step (bench/README.md, "Guards"). What can change in a loaded model
-    between two steps is checked here instead, in ~40 us (`state`): each module's type (speed_up,
+    shape), 1.3 ms of a 7.4 ms int4 step (bench/README.md, "The compiled step's own check"). What can
+    change in a loaded model between two steps is checked here instead, in ~0.1 ms (`state`): each module's type (speed_up,
     batch_invariant, a swapped-in layer), train/eval mode and hooks (the inspector's), the config's
-    values, whether each int4 stack still holds its layers' codes, and a count of the parameters,
-    buffers and modules assigned anywhere since (PyTorch's registration hooks); a `.to()` of the model
-    marks the step stale too. A call whose state differs compiles again, from a copy of forward's code
-    of its own (dynamo still checks which code the step runs: no earlier graph, this model's or another
-    model's, can be taken for it). The code is given to torch.compile as functools.partial(code, model),
-    as before: bound as a method instead, the model is the frame's own `self` and the int4 step's logits
-    moved off the eager step's (tests/test_speed.py, test_compiled_decode_gives_the_eager_greedy_tokens). Not seen: a tensor of one layer swapped in place for one of another
-    dtype or shape (`layer.weight.data = ...`, `layer.half()`): call compile_decode again after such a change."""
+    values, whether each int4 stack still holds its layers' codes, and a count on each module of the
+    parameters, buffers and modules assigned to it (PyTorch's registration hooks); a `.to()` of the model
+    marks the step stale too. A call whose state differs takes the graph compiled for that state before,
+    if any (a hook added and removed again), else compiles again from a copy of forward's code of its own
+    (dynamo still checks which code the step runs: no earlier graph, this model's or another model's,
+    can be taken for it). The code is given to torch.compile as functools.partial(code, model), as
+    before: bound as a method instead, the model is the frame's own `self` and the int4 step's logits
+    moved off the eager step's (tests/test_speed.py, test_compiled_decode_gives_the_eager_greedy_tokens).
+    Not seen: a tensor of one layer swapped in place for one of another dtype or shape
+    (`layer.weight.data = ...`, `layer.half()`): call compile_decode again after such a change."""
 
     def __init__(self, model: Transformer):
-        self.model, self.step, self.seen = model, None, None
-        self.modules = self.types = self.holders = self.assigned = None  # state()'s list of the model's modules
+        self.model, self.step, self.seen, self.steps = model, None, None, []
+        self.modules = self.types = self.holders = self.counts = None  # state()'s view of the model's modules
         _count_assignments()
 
     def state(self) -> tuple:
         hooks = torch.nn.modules.module
-        types = [type(m) for m in self.modules] if self.modules else None
-        if self.modules is None or self.assigned != _assigned or types != self.types:  # the tree or its classes moved
-            self.assigned, self.modules = _assigned, list(self.model.modules())
+        if self.modules is not None:
+            types, counts = [type(m) for m in self.modules], [m.__dict__.get(ASSIGNED, 0) for m in self.modules]
+        if self.modules is None or types != self.types or counts != self.counts:  # the tree or its classes moved
+            self.modules = list(self.model.modules())
             self.types = types = [type(m) for m in self.modules]
+            self.counts = counts = [m.__dict__.get(ASSIGNED, 0) for m in self.modules]
             self.holders = [m for m in self.modules if isinstance(m, (GQADecodeAttention, SwiGLUMLP))]
-        return (_assigned, tuple(vars(self.model.config).values()), types, [m.training for m in self.modules],
+        return (counts, tuple(vars(self.model.config).values()), types, [m.training for m in self.modules],
                 any(m._forward_hooks or m._forward_pre_hooks for m in self.modules) or bool(
                     hooks._global_forward_hooks or hooks._global_forward_pre_hooks),
                 [(s, getattr(s, "valid", None)) for m in self.holders for s in (m.__dict__.get("qkv_stack"), m.__dict__.get("gate_up")) if s])
 
+    def forget(self) -> None:
+        """Drop every compiled graph (the model's tensors changed dtype or device): the next call compiles."""
+        self.step, self.seen, self.steps = None, None, []
+
     def __call__(self, *args):
         state = self.state()
         if state != self.seen:
-            forward = Transformer.forward
-            code = forward.__code__.replace(co_name=f"compiled_step_{next(_steps)}")
-            fn = functools.partial(types.FunctionType(code, forward.__globals__, code.co_name, forward.__defaults__), self.model)
-            self.step = torch.compile(fn, dynamic=True, options={
-                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            self.step = next((step for seen, step in self.steps if seen == state), None)
+            if self.step is None:
+                forward = Transformer.forward
+                code = forward.__code__.replace(co_name=f"compiled_step_{next(_steps)}")
+                fn = functools.partial(types.FunctionType(code, forward.__globals__, code.co_name, forward.__defaults__),
+                                       self.model)
+                self.step = torch.compile(fn, dynamic=True, options={
+                    "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+                self.steps.append((state, self.step))
             self.seen = state
         return self.step(*args)
 
 
 _steps = itertools.count()
-_assigned = 0  # parameters, buffers and modules assigned to any module since _count_assignments
+ASSIGNED = "_minillm_assigned"  # in a module's __dict__: how many parameters, buffers and modules were assigned to it
 
 
 @functools.cache
 def _count_assignments() -> None:
-    def count(*_):
-        global _assigned
-        _assigned += 1
+    """From now on count, on each module, the parameters, buffers and submodules assigned to it (PyTorch's
+    global registration hooks), for CompiledStep.state: a model's count moves only with its own modules."""
+    def count(module, *_):
+        module.__dict__[ASSIGNED] = module.__dict__.get(ASSIGNED, 0) + 1
     hooks = torch.nn.modules.module
     for register in (hooks.register_module_parameter_registration_hook, hooks.register_module_buffer_registration_hook,
                      hooks.register_module_module_registration_hook):
