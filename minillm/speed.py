@@ -334,14 +334,14 @@ class CompiledStep:
     Before each call of a compiled graph dynamo checks what it assumed of every module attribute the
     step read: 5,941 checks on SmolLM2 (each module's hooks, type and constants, each tensor's dtype and
     shape), 1.3 ms of a 7.4 ms int4 step (bench/README.md, "The compiled step's own check"). What can
-    change in a loaded model between two steps is checked here instead, in ~0.1 ms (`state`): each module's type (speed_up,
-    batch_invariant, a swapped-in layer), train/eval mode and hooks (the inspector's), the config's
-    values, whether each int4 stack still holds its layers' codes, and a count on each module of the
-    parameters, buffers and modules assigned to it (PyTorch's registration hooks); a `.to()` of the model
-    marks the step stale too. A call whose state differs takes the graph compiled for that state before,
-    if any (a hook added and removed again), else compiles again from a copy of forward's code of its own
-    (dynamo still checks which code the step runs: no earlier graph, this model's or another model's,
-    can be taken for it). The code is given to torch.compile as functools.partial(code, model), as
+    change in a loaded model between two steps is checked here instead, in ~0.1 ms (`state`): each
+    module's type (speed_up, batch_invariant, a swapped-in layer), train/eval mode and hooks (the
+    inspector's), the config's values, whether each int4 stack still holds its layers' codes, and a
+    count on each module of the parameters, buffers and modules assigned to it (PyTorch's registration
+    hooks); a `.to()` of the model drops its graphs. A call whose state differs takes the graph compiled
+    for that state before, if any (a hook added and removed again), else compiles again from a copy of
+    forward's code of its own (dynamo still checks which code the step runs: no earlier graph, this
+    model's or another model's, can be taken for it). The code is given to torch.compile as functools.partial(code, model), as
     before: bound as a method instead, the model is the frame's own `self` and the int4 step's logits
     moved off the eager step's (tests/test_speed.py, test_compiled_decode_gives_the_eager_greedy_tokens).
     Not seen: a tensor of one layer swapped in place for one of another dtype or shape
@@ -349,22 +349,24 @@ class CompiledStep:
 
     def __init__(self, model: Transformer):
         self.model, self.step, self.seen, self.steps = model, None, None, []
-        self.modules = self.types = self.holders = self.counts = None  # state()'s view of the model's modules
+        self.modules = self.holders = self.view = None  # state()'s list of the model's modules, as last seen
         _count_assignments()
 
+    def _view(self) -> tuple[list, list]:
+        """Each listed module's type and assignment count: when they move, the module tree may have too."""
+        return [type(m) for m in self.modules], [m.__dict__.get(ASSIGNED, 0) for m in self.modules]
+
     def state(self) -> tuple:
-        hooks = torch.nn.modules.module
-        if self.modules is not None:
-            types, counts = [type(m) for m in self.modules], [m.__dict__.get(ASSIGNED, 0) for m in self.modules]
-        if self.modules is None or types != self.types or counts != self.counts:  # the tree or its classes moved
+        if self.modules is None or self._view() != self.view:
             self.modules = list(self.model.modules())
-            self.types = types = [type(m) for m in self.modules]
-            self.counts = counts = [m.__dict__.get(ASSIGNED, 0) for m in self.modules]
             self.holders = [m for m in self.modules if isinstance(m, (GQADecodeAttention, SwiGLUMLP))]
-        return (counts, tuple(vars(self.model.config).values()), types, [m.training for m in self.modules],
+            self.view = self._view()
+        hooks = torch.nn.modules.module
+        return (self.view, tuple(vars(self.model.config).values()), [m.training for m in self.modules],
                 any(m._forward_hooks or m._forward_pre_hooks for m in self.modules) or bool(
                     hooks._global_forward_hooks or hooks._global_forward_pre_hooks),
-                [(s, getattr(s, "valid", None)) for m in self.holders for s in (m.__dict__.get("qkv_stack"), m.__dict__.get("gate_up")) if s])
+                [(s, getattr(s, "valid", None)) for m in self.holders
+                 for s in (m.__dict__.get("qkv_stack"), m.__dict__.get("gate_up")) if s])
 
     def forget(self) -> None:
         """Drop every compiled graph (the model's tensors changed dtype or device): the next call compiles."""
