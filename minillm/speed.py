@@ -18,11 +18,14 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
   decides once per process; MINILLM_FEW_ROWS=own|onednn|linear overrides it. CPU, no grad only.
   A layer's float q, k, v and its gate, up run as one matrix each (StackedLinear, the layers' weights
   views of it): one call instead of three or two, the few-row kernel's numbers bit for bit.
-* GQADecodeAttention: at decode (one query token, grouped-query attention, SDPA), the n_head/n_kv_head
-  query heads that share a K/V head become that many query rows of it, so the cached K/V are read
-  once instead of being expanded per query head. A prompt's attention (more than 16 queries, fp32)
-  goes to our kernel (kernels/attention.cpp), which visits only the keys each block of queries sees:
-  PyTorch's CPU kernel computes every score of a 512-token prompt and masks half (~0.55x its time).
+* GQADecodeAttention: attention through our kernels (kernels/attention.cpp) where they run. A prompt's
+  (more than 16 queries, fp32) visits only the keys each block of queries sees: PyTorch's CPU kernel
+  computes every score of a 512-token prompt and masks half (~0.55x its time). 1..16 queries (a
+  decode step, a verification; fp32 or bf16) go to the few-query kernel, one query row at a time:
+  ~10 us a SmolLM2 layer where PyTorch's SDPA call took ~30 in a compiled step, and a row's numbers
+  do not depend on the others in its call. Elsewhere (no kernel, grad) at decode with grouped-query
+  attention the n_head/n_kv_head query heads that share a K/V head become that many query rows of
+  one SDPA call, so the cached K/V are read once instead of being expanded per query head.
 * FusedRMSNorm, GQADecodeAttention.project, SwiGLUMLP: RMSNorm, RoPE and silu(gate) * up in float32
   through our one-pass kernels (kernels/pointwise.cpp; RoPE the reference's numbers bit for bit).
 * VNNIInt4Linear, VNNIInt8Linear (kernels/): int4 and int8 layers on CPUs with AVX-512 VNNI run our
@@ -39,9 +42,10 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
   output in bf16 and int4 as in fp32. Why blocks: a GEMM's reduction order depends on its shape
   (M = 1 and M = 5 round differently, measured); within one shape a row's place in the block
   mostly changes nothing, and where it does (bf16 at 5 rows here) a probe at setup picks the next
-  block size that is place-invariant (steady_block). Our kernels (int4, int8, and float rows.cpp)
-  already give each row the same numbers whatever the row count (tests/test_speed.py holds them):
-  where FewRowLinear takes ours, blocks are of up to 16 rows, unpadded. Its cost: attention one query
+  block size that is place-invariant (steady_block). Our kernels (int4, int8, float rows.cpp, the
+  few-query attention) already give each row the same numbers whatever the row count
+  (tests/test_speed.py holds them): where FewRowLinear takes ours, blocks are of up to 16 rows,
+  unpadded, and up to 16 queries share an attention call. Its cost: elsewhere attention one query
   at a time, and, off our float kernel, a one-token step pays for a `rows`-row call (`python -m
   bench.speculative speed --batch-invariant ROWS` measures it). Call prepack, if at all, before it:
   the probe tries the route the matmuls will take.
@@ -66,8 +70,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import (ATTENTION_GROUP, ROWS_MAX, StackedInt4, causal_attention, forget_torch_layouts, rms_norm, rope, rows_mm, swiglu,
-                      use_kernel, vnni)
+from .kernels import (ATTENTION_GROUP, ROWS_MAX, StackedInt4, causal_attention, few_query_attention, forget_torch_layouts,
+                      rms_norm, rope, rows_mm, swiglu, use_kernel, vnni)
 from .kv_cache import KVCache
 from .model import MLP, Attention, RMSNorm, Transformer
 from .host_memory import drop_file_pages, release_freed_memory, reuse_freed_memory
@@ -220,7 +224,7 @@ def ours_for(dtype: torch.dtype) -> bool:
 
 def takes_float32_kernels(x: torch.Tensor) -> bool:
     """Whether our float32 kernels (kernels/pointwise.cpp's RMSNorm, RoPE and SwiGLU; attention.cpp with the
-    checks of takes_prompt_kernel) take x here: CPU, float32, no grad, the kernels built (a compiled step
+    checks of GQADecodeAttention.takes_our_kernel) take x here: CPU, float32, no grad, the kernels built (a compiled step
     calls them too, and rounds as the eager one)."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and kernels_built()
 
@@ -254,8 +258,8 @@ class GQADecodeAttention(Attention):
     def attend(self, q, k, v, mask):
         cfg = self.cfg
         B, nh, T, hd = q.shape
-        if T > ROWS_MAX and self.takes_prompt_kernel(q, k, v):  # mask: the causal one Transformer.forward made
-            return causal_attention(q, k, v)
+        if self.takes_our_kernel(q, k, v):  # mask: the causal one Transformer.forward made (None for one query)
+            return causal_attention(q, k, v) if T > ROWS_MAX else few_query_attention(q, k, v)
         if cfg.attn_impl != "sdpa" or cfg.n_kv_head == nh or T != 1 or mask is not None:
             return super().attend(q, k, v, mask)
         p_drop = self.dropout if self.training else 0.0
@@ -263,11 +267,14 @@ class GQADecodeAttention(Attention):
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop)  # (B, nkv, rep, hd)
         return y.reshape(B, nh, 1, hd)
 
-    def takes_prompt_kernel(self, q, k, v) -> bool:
-        """Whether a prompt's attention goes to our kernel (kernels/attention.cpp) here: CPU, float32, no
-        grad, no dropout, a head_dim multiple of 16, at most 96 query heads a K/V head, the kernel built."""
-        return takes_float32_kernels(q) and k.dtype == v.dtype == torch.float32 and \
-            not (self.training and self.dropout) and q.shape[-1] % 16 == 0 and q.shape[1] <= ATTENTION_GROUP * k.shape[1]
+    def takes_our_kernel(self, q, k, v) -> bool:
+        """Whether this attention goes to our kernels (kernels/attention.cpp) here: CPU, no grad, no dropout,
+        float32 (bf16 too for 16 queries or fewer), a head_dim multiple of 16 (at most 256), at most 96 query
+        heads a K/V head, the kernels built."""
+        hd, dtypes = q.shape[-1], (torch.float32, torch.bfloat16) if q.shape[2] <= ROWS_MAX else (torch.float32,)
+        return q.device.type == "cpu" and q.dtype in dtypes and k.dtype == v.dtype == q.dtype and not (
+            torch.is_grad_enabled() or self.training and self.dropout) and hd % 16 == 0 and hd <= 256 and \
+            q.shape[1] <= ATTENTION_GROUP * k.shape[1] and kernels_built()
 
 
 class SwiGLUMLP(MLP):
@@ -305,8 +312,8 @@ class BlockedLinear(FewRowLinear):
 class OneQueryAttention(GQADecodeAttention):
     def attend(self, q, k, v, mask):
         T, S = q.shape[2], k.shape[2]
-        if T == 1 or torch.is_grad_enabled():
-            return super().attend(q, k, v, mask)
+        if T == 1 or torch.is_grad_enabled() or T <= ROWS_MAX and self.takes_our_kernel(q, k, v):
+            return super().attend(q, k, v, mask)  # our few-query kernel: each query's row on its own already
         # query i sits at position S - T + i and sees keys 0..S - T + i: the call a one-token step makes there
         one = super(OneQueryAttention, self).attend
         return torch.cat([one(q[:, :, i:i + 1].contiguous(), k[:, :, :S - T + i + 1], v[:, :, :S - T + i + 1], None)

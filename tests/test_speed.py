@@ -223,24 +223,71 @@ def test_prompt_attention_kernel_matches_float64(B, nh, nkv, T, S, hd):
 
 
 @needs_our_kernel
-def test_prompt_attention_route_is_taken_for_prompts_only(monkeypatch):
-    """GQADecodeAttention gives our kernel more than 16 fp32 queries without grad; SDPA the rest."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, nh, nkv, T, S, hd", [
+    (1, 9, 3, 1, 220, 64),  # SmolLM2's heads, a decode step after 219 positions
+    (1, 12, 2, 5, 300, 128),  # Qwen2.5-1.5B's, a verification of 5
+    (1, 14, 2, 16, 40, 64),  # Qwen2.5-0.5B's, 16 queries (the most), 24 cached positions
+    (2, 4, 4, 3, 3, 16),  # no grouping, two rows, no cache (S == T)
+    (1, 2, 1, 2, 70, 256),  # the widest head (16 vectors), an odd count of keys for the first query
+    (1, 6, 1, 1, 1, 48),  # one key
+])
+def test_few_query_attention_kernel_matches_float64_and_each_row_is_its_own(B, nh, nkv, T, S, hd, dtype):
+    """kernels/attention.cpp's few-query kernel (decode steps, verifications) against the reference's
+    written-out attention in float64 on the same (rounded) inputs: float32 within 2e-5 or 1.5x SDPA's error,
+    bf16 within a rounding of the output (2^-8 relative). Each query's row is bit for bit what a call with
+    that query alone gives (a verification's positions get a one-token step's numbers)."""
+    from minillm.kernels import few_query_attention
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(B, T, nh, hd, generator=g).transpose(1, 2) * 2).to(dtype)  # the layout Attention.project makes
+    k, v = torch.randn(B, nkv, S + 9, hd, generator=g) * 2, torch.randn(B, nkv, S + 9, hd, generator=g)
+    k, v = k[:, :, :S].to(dtype), v[:, :, :S].to(dtype)  # as a cache holds them: the first S of more positions
+    mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    attn = make("llama-gqa").blocks[0].attn
+    attn.cfg = preset("nano", family="llama", n_head=nh, n_kv_head=nkv, n_embd=nh * hd, attn_impl="manual")
+    want = attn.attend(q.double(), k.double(), v.double(), mask)
+    got = few_query_attention(q, k, v)
+    assert got.shape == want.shape and got.dtype == dtype
+    if dtype == torch.float32:
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        assert (got.double() - want).abs().max() <= max(2e-5, 1.5 * (sdpa.double() - want).abs().max())
+    else:
+        assert ((got.double() - want).abs() <= want.abs() * 2 ** -8 + 1e-6).all()
+    alone = [few_query_attention(q[:, :, t:t + 1], k[:, :, :S - T + t + 1], v[:, :, :S - T + t + 1]) for t in range(T)]
+    assert torch.equal(torch.cat(alone, 2), got)
+
+
+@needs_our_kernel
+def test_our_attention_routes_are_taken_by_query_count_and_dtype(monkeypatch):
+    """GQADecodeAttention gives more than 16 fp32 queries without grad to the prompt kernel, 1..16 fp32 or
+    bf16 queries to the few-query kernel; SDPA the rest."""
     from minillm import kernels, speed
     calls = []
-    monkeypatch.setattr(speed, "causal_attention", lambda *a: calls.append(a[0].shape[2]) or kernels.causal_attention(*a))
-    model = speed_up(make("llama-gqa", n_embd=64))  # head_dim 16
+    for name in ("causal_attention", "few_query_attention"):
+        monkeypatch.setattr(speed, name, lambda *a, _f=getattr(kernels, name), _n=name: calls.append(
+            (_n[0], a[0].shape[2], a[0].dtype)) or _f(*a))
+    model = speed_up(make("llama-gqa", n_embd=64))  # head_dim 16, 2 layers
     x = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         model(x[:, :17], KVCache.for_model(model, 1), 0)  # a prompt of 17
-        model(x[:, :16], KVCache.for_model(model, 1), 0)  # 16: a verify's size
-        model.bfloat16()(x[:, :20], KVCache.for_model(model, 1), 0)  # bf16
-    assert calls == [17, 17]  # one call per layer, the first prompt only
+        cache = KVCache.for_model(model, 1)
+        model(x[:, :16], cache, 0)  # 16: a verification's size
+        model(x[:, 16:17], cache, 16)  # a decode step
+        cache = KVCache.for_model(model.bfloat16(), 1)
+        model(x[:, :20], cache, 0)  # a bf16 prompt: SDPA
+        model(x[:, 20:21], cache, 20)  # a bf16 step
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert calls == [("c", 17, f32)] * 2 + [("f", 16, f32)] * 2 + [("f", 1, f32)] * 2 + [("f", 1, bf16)] * 2
     q, k = torch.zeros(1, 97, 17, 16), torch.zeros(1, 1, 17, 16)  # 97 query heads on one K/V head: too many
     with torch.no_grad():
-        takes = model.float().blocks[0].attn.takes_prompt_kernel
+        takes = model.float().blocks[0].attn.takes_our_kernel
         assert takes(q[:, :96], k, k) and not takes(q, k, k)
+        assert takes(q[:, :96, :1], k, k) and not takes(torch.zeros(1, 1, 1, 272), *[torch.zeros(1, 1, 2, 272)] * 2)
+    assert not takes(q[:, :96, :1], k, k)  # with grad: the reference
     with pytest.raises(RuntimeError, match="at most 96 query heads"):
         kernels.causal_attention(q, k, k)
+    with pytest.raises(RuntimeError, match="all float32 or all bf16"):
+        kernels.few_query_attention(q[:, :, :1], k.bfloat16(), k)
 
 
 @needs_our_kernel

@@ -30,7 +30,9 @@ call it is in. speed.FewRowLinear takes it (MINILLM_FEW_ROWS=own, the default wh
 attention.cpp computes a prompt's causal attention in float32, visiting only the keys each block of
 queries may see (flash attention's blocks, the query heads of a K/V head together); PyTorch's CPU
 kernel computes all the scores of a prompt up to 512 tokens and masks half of them.
-speed.GQADecodeAttention takes it for more than 16 queries.
+speed.GQADecodeAttention takes it for more than 16 queries, and its few-query kernel for 1..16 (a
+decode step, a verification: one query row at a time, a few microseconds where PyTorch's SDPA call
+costs tens).
 
 pointwise.cpp does RMSNorm, RoPE and SwiGLU's silu(gate) * up in float32 in one pass over the activations
 each (PyTorch: two to seven kernels); RoPE bit for bit the reference's numbers. speed.FusedRMSNorm,
@@ -90,8 +92,9 @@ def vnni():
     torch.library.register_fake("minillm::swiglu", lambda gate, up: gate.new_empty(gate.shape))
     torch.library.register_fake("minillm::rope", lambda x, cos, sin: x.new_empty(
         x.shape[0], x.shape[2], x.shape[1], x.shape[3]).transpose(1, 2))
-    torch.library.register_fake("minillm::causal_attention", lambda q, k, v: q.new_empty(
-        q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
+    for name in ("causal_attention", "few_query_attention"):
+        torch.library.register_fake(f"minillm::{name}", lambda q, k, v: q.new_empty(
+            q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
     return module
 
 
@@ -210,6 +213,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     float32, query t at position S - T + t (it sees keys 0..S - T + t), hd a multiple of 16 -> (B, nh, T, hd),
     a view of the (B, T, nh, hd) result (the output projection's layout: no copy to get there)."""
     return kernel("causal_attention")(q, k, v).transpose(1, 2)
+
+
+def few_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """attention.cpp's kernel for a few queries (a decode step, a verification): causal_attention's arguments
+    and result, hd at most 256, each query row computed on its own (its numbers do not depend on the call's
+    other rows: a verification's row is a one-token step's, bit for bit)."""
+    return kernel("few_query_attention")(q, k, v).transpose(1, 2)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

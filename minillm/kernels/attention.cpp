@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #include <climits>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -100,6 +101,77 @@ void softmax_block(float* s, int64_t ld, int64_t kn, int64_t j0, const int32_t* 
   }
 }
 
+// One query row of a few (few_query_attention): its n visible keys' scores into s, their softmax, and the
+// weighted sum of their values into out. hd = 16 * NV numbers lie across NV vectors: a score is NV
+// multiply-adds and one sum across lanes; a value is added to NV accumulators (two sets, even and odd keys,
+// so that consecutive keys' additions do not wait on each other). float32 (E = float) or bf16 (its bits:
+// E = uint16_t, widened exactly), the sums in float32, out rounded once. Every row runs the same operations
+// in the same order whatever the other rows of its call: its numbers do not depend on them.
+template <typename E, int NV>
+void query_row(const E* q, const E* k, int64_t ks, const E* v, int64_t vs, int64_t n, float scale, float* s, E* out) {
+  __m512 qv[NV], o0[NV], o1[NV];
+  for (int i = 0; i < NV; ++i) qv[i] = _mm512_mul_ps(load16(q + i * LANES), _mm512_set1_ps(scale));
+  for (int64_t j = 0; j < n; ++j) {  // scores: two sums of products a key (even and odd vectors), then their lanes'
+    const E* kj = k + j * ks;
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int i = 0; i < NV; ++i) acc[i & 1] = _mm512_fmadd_ps(qv[i], load16(kj + i * LANES), acc[i & 1]);
+    s[j] = sum16(_mm512_add_ps(acc[0], acc[1]));
+  }
+  __m512 mx = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += LANES) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, first(n - j), s + j));
+  mx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  for (int64_t j = 0; j < n; j += LANES) {  // probabilities (unnormalized), in place
+    const __mmask16 in = first(n - j);
+    const __m512 e = _mm512_maskz_mov_ps(in, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, s + j), mx)));
+    _mm512_mask_storeu_ps(s + j, in, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  for (int i = 0; i < NV; ++i) o0[i] = o1[i] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 1 < n; j += 2) {  // values: even keys into o0, odd into o1
+    const __m512 p0 = _mm512_set1_ps(s[j]), p1 = _mm512_set1_ps(s[j + 1]);
+    for (int i = 0; i < NV; ++i) {
+      o0[i] = _mm512_fmadd_ps(p0, load16(v + j * vs + i * LANES), o0[i]);
+      o1[i] = _mm512_fmadd_ps(p1, load16(v + (j + 1) * vs + i * LANES), o1[i]);
+    }
+  }
+  if (j < n)
+    for (int i = 0; i < NV; ++i) o0[i] = _mm512_fmadd_ps(_mm512_set1_ps(s[j]), load16(v + j * vs + i * LANES), o0[i]);
+  const __m512 inv = _mm512_set1_ps(1.0f / sum16(sum));
+  for (int i = 0; i < NV; ++i) {
+    const __m512 y = _mm512_mul_ps(_mm512_add_ps(o0[i], o1[i]), inv);
+    if constexpr (std::is_same_v<E, float>) _mm512_storeu_ps(out + i * LANES, y);
+    else _mm256_storeu_si256((__m256i*)(out + i * LANES), to_bf16(y));
+  }
+}
+
+// Rows a..b-1 of a few-query call (row r: batch row, query head, query, in the output's order) of q, k and v's
+// elements E.
+template <typename E>
+void query_rows(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
+                int64_t a, int64_t b) {
+  const int64_t nh = q.size(1), T = q.size(2), hd = q.size(3), S = k.size(2), rep = nh / k.size(1);
+  const float scale = 1.0f / std::sqrt((float)hd);
+  const E *qp = (const E*)q.data_ptr(), *kp = (const E*)k.data_ptr(), *vp = (const E*)v.data_ptr();
+  std::vector<float> s(S);
+  for (int64_t r = a; r < b; ++r) {
+    const int64_t t = (r / nh) % T, batch = r / (nh * T), h = r % nh, g = h / rep;
+    const E* qr = qp + batch * q.stride(0) + h * q.stride(1) + t * q.stride(2);
+    const E* kg = kp + batch * k.stride(0) + g * k.stride(1);
+    const E* vg = vp + batch * v.stride(0) + g * v.stride(1);
+    const int64_t n = S - T + t + 1;  // the keys query t sees
+    E* dst = (E*)out.data_ptr() + r * hd;
+#define MINILLM_CASE(NV) \
+  case NV: query_row<E, NV>(qr, kg, k.stride(2), vg, v.stride(2), n, scale, s.data(), dst); break;
+    switch (hd / LANES) {
+      MINILLM_CASE(1) MINILLM_CASE(2) MINILLM_CASE(3) MINILLM_CASE(4) MINILLM_CASE(5) MINILLM_CASE(6)
+      MINILLM_CASE(7) MINILLM_CASE(8) MINILLM_CASE(9) MINILLM_CASE(10) MINILLM_CASE(11) MINILLM_CASE(12)
+      MINILLM_CASE(13) MINILLM_CASE(14) MINILLM_CASE(15) MINILLM_CASE(16)
+    }
+#undef MINILLM_CASE
+  }
+}
+
 }  // namespace
 
 // q (B, nh, T, hd), k and v (B, nkv, S, hd), all float32, the last dimension of each contiguous, hd a multiple
@@ -162,5 +234,32 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return out;
 }
 
-TORCH_LIBRARY_FRAGMENT(minillm, m) { m.def("causal_attention(Tensor q, Tensor k, Tensor v) -> Tensor"); }
-TORCH_LIBRARY_IMPL(minillm, CPU, m) { m.impl("causal_attention", &causal_attention); }
+// The same attention for a few queries (a decode step's one; a speculative verification's k + 1), where the
+// prompt kernel's 16 rows a vector would lie mostly empty: each query row on its own (query_row), the rows
+// of a call shared among the threads when there is enough work for two. Same arguments and result, float32
+// or bf16.
+torch::Tensor few_query_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v) {
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && (dtype == torch::kFloat || dtype == torch::kBFloat16) &&
+              k.scalar_type() == dtype && v.scalar_type() == dtype,
+              "few_query_attention: q (B, nh, T, hd), k and v (B, nkv, S, hd), all float32 or all bf16");
+  const int64_t B = q.size(0), nh = q.size(1), T = q.size(2), hd = q.size(3), nkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == hd && nh % nkv == 0 && hd % LANES == 0 &&
+              hd <= 16 * LANES && S >= T && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "few_query_attention: shapes or strides do not match (head_dim a multiple of 16, at most 256)");
+  auto out = torch::empty({B, T, nh, hd}, q.options());
+  at::parallel_for(0, B * nh * T, std::max<int64_t>(1, (1 << 16) / (S * hd)), [&](int64_t a, int64_t b) {
+    if (dtype == torch::kFloat) query_rows<float>(q, k, v, out, a, b);
+    else query_rows<uint16_t>(q, k, v, out, a, b);
+  });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(minillm, m) {
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v) -> Tensor");
+  m.def("few_query_attention(Tensor q, Tensor k, Tensor v) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(minillm, CPU, m) {
+  m.impl("causal_attention", &causal_attention);
+  m.impl("few_query_attention", &few_query_attention);
+}

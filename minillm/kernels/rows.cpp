@@ -13,30 +13,12 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <type_traits>
+
+#include "simd.h"
 
 namespace {
 
 constexpr int MAX_ROWS = 16, LANES = 16, GROUP = 24, X_CHUNK = 4096;  // X_CHUNK floats of x: 16 KB
-
-// 16 weights from k on (mask: which of them exist), as floats.
-template <typename W>
-inline __m512 load(const W* w, __mmask16 mask) {
-  if constexpr (std::is_same_v<W, float>) {
-    return _mm512_maskz_loadu_ps(mask, w);
-  } else {
-    const __m256i h = _mm256_maskz_loadu_epi16(mask, w);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-}
-
-inline float sum16(__m512 v) {  // one fixed order of the 16 lanes' sum
-  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  q = _mm_add_ss(q, _mm_movehdup_ps(q));
-  return _mm_cvtss_f32(q);
-}
 
 // Inputs k0..k1-1 of outputs n0..n0+R-1, rows 0..M-1 of xf (float32, (M, K)). The lanes' sums carry from
 // chunk to chunk in `lanes` (R * M vectors); after the last chunk each (n, m) adds its lanes into y[m, n].
@@ -55,7 +37,7 @@ void chunk(const W* w, const float* xf, float* y, __m512* lanes, int64_t N, int6
     for (int r = 0; r < R; ++r) {
       const W* row = w + (n0 + r) * K + k;
       __builtin_prefetch(row + AHEAD * K);
-      wr[r] = load(row, mask);
+      wr[r] = load16(row, mask);
     }
 #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) {

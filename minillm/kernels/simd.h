@@ -1,4 +1,5 @@
-// Vector helpers shared by attention.cpp and pointwise.cpp: the mask of a vector's first lanes, and e^x.
+// Vector helpers shared by our kernels: the mask of a vector's first lanes, 16 float32 or bf16 numbers as
+// floats and floats rounded to bf16, a vector's sum, and e^x.
 #pragma once
 #include <immintrin.h>
 #include <cstdint>
@@ -7,6 +8,32 @@ namespace {
 
 // The first n of a vector's 16 lanes (n may be <= 0 or >= 16: none or all).
 inline __mmask16 first(int64_t n) { return n >= 16 ? 0xFFFF : (n <= 0 ? 0 : (__mmask16)((1u << n) - 1)); }
+
+// 16 numbers from p as float32 (mask: which of them exist; the others 0): float32 as they are, bf16 (its bits
+// as uint16_t) widened exactly, a shift.
+inline __m512 load16(const float* p, __mmask16 mask = 0xFFFF) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 mask = 0xFFFF) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+// 16 floats rounded to bf16, to nearest even as PyTorch rounds (NaN -> 0x7FC0): what y.to(bfloat16) gives.
+inline __m256i to_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7FFF));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// The sum of a vector's 16 lanes, in one fixed order.
+inline float sum16(__m512 v) {
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
 
 // e^x to about one unit in the last place (infinity past 88.7; below -87, e^-87): x = n ln 2 + r with
 // |r| <= ln 2 / 2, e^r by its Taylor polynomial to r^7 (remainder below 2^-26), times 2^n by scalef.

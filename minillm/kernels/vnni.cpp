@@ -20,21 +20,18 @@
 #include <cstring>
 #include <vector>
 
+#include "simd.h"
+
 constexpr int TILE = 16, BLOCK = 32, MAX_ROWS = 16;
 
-// Where results go: float32, or bf16 rounded to nearest even as PyTorch rounds (NaN -> 0x7FC0), so that
+// Where results go: float32, or bf16 rounded as PyTorch rounds (simd.h's to_bf16), so that
 // a bf16 caller gets what y.to(bf16) would give without a float32 copy of y.
 struct Out {
   void* p;
   bool bf16;
   void store(int64_t i, __m512 v) const {
     if (!bf16) return _mm512_storeu_ps((float*)p + i, v);
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
-                                          _mm512_set1_epi32(0x7FFF));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    _mm256_storeu_si256((__m256i*)((uint16_t*)p + i), _mm512_cvtepi32_epi16(r));
+    _mm256_storeu_si256((__m256i*)((uint16_t*)p + i), to_bf16(v));
   }
 };
 
@@ -207,6 +204,7 @@ TORCH_LIBRARY_IMPL(minillm, CPU, m) { m.impl("vnni_mm", &mm); }
 
 torch::Tensor rows_mm(torch::Tensor x, torch::Tensor w);  // rows.cpp, built into the same module
 torch::Tensor causal_attention(torch::Tensor q, torch::Tensor kt, torch::Tensor v);  // attention.cpp, likewise
+torch::Tensor few_query_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);  // pointwise.cpp, likewise
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor swiglu(torch::Tensor gate, torch::Tensor up);
@@ -217,6 +215,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpack", &unpack, "this file's layouts -> unsigned codes (N, K) and scale_zero (K/g, N, 2)");
   m.def("rows_mm", &rows_mm, "x @ W^T for up to 16 rows of float32 or bf16 x and W (rows.cpp)");
   m.def("causal_attention", &causal_attention, "a prompt's causal attention, float32 (attention.cpp)");
+  m.def("few_query_attention", &few_query_attention, "causal attention of 1..16 queries, float32 (attention.cpp)");
   m.def("rms_norm", &rms_norm, "RMSNorm in one pass, float32 (pointwise.cpp)");
   m.def("rope", &rope, "RoPE in one pass, float32, the reference's numbers (pointwise.cpp)");
   m.def("swiglu", &swiglu, "silu(gate) * up in one pass, float32 (pointwise.cpp)");
