@@ -54,8 +54,9 @@ per 32 inputs, int8 dot products, up to 16 rows per pass.
     repeat   k, v repeated to every query head (repeat_interleave), then SDPA: copies the whole
              cache, every layer, every token (what model.py did before it used enable_gqa)
     gqa      model.py's Attention.attend, the reference: SDPA with enable_gqa=True
-    fold     the speed layer's (minillm.speed.GQADecodeAttention, installed by speed_up): the 3 query
-             heads sharing a K/V head become 3 query rows of that head (when T == 1 and there is no mask)
+    ours     the speed layer's (minillm.speed.GQADecodeAttention, installed by speed_up): our few-query
+             kernel (kernels/attention.cpp) where it builds; elsewhere the 3 query heads sharing a K/V
+             head become 3 query rows of one SDPA call of that head (when T == 1 and there is no mask)
 
     python -m bench.step_cost bound
     python -m bench.step_cost prefill
@@ -301,19 +302,19 @@ def gqa(args) -> None:
     cfg = ModelConfig(family="llama", n_head=nh, n_kv_head=nkv, n_embd=nh * hd, attn_impl="sdpa")
     ref, fast = Attention(cfg, 0).eval(), speed_up(Attention(cfg, 0).eval())  # fast: a GQADecodeAttention
     print(f"threads {torch.get_num_threads()}, load average {open('/proc/loadavg').read().split()[0]}\n")
-    print("| dtype | S | repeat us | gqa us | fold us | repeat/gqa | repeat/fold | max diff |\n|---|---|---|---|---|---|---|---|")
+    print("| dtype | S | repeat us | gqa us | ours us | repeat/gqa | repeat/ours | max diff |\n|---|---|---|---|---|---|---|---|")
     for dt in (torch.float32, torch.bfloat16):
         for S in (int(s) for s in args.lengths.split(",")):
             q, k, v = torch.randn(1, nh, 1, hd, dtype=dt), torch.randn(1, nkv, S, hd, dtype=dt), torch.randn(1, nkv, S, hd, dtype=dt)
             ways = {
                 "repeat": lambda: F.scaled_dot_product_attention(q, k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)),
                 "gqa": lambda: ref.attend(q, k, v, None),
-                "fold": lambda: fast.attend(q, k, v, None),
+                "ours": lambda: fast.attend(q, k, v, None),
             }
             us = {name: t * 1000 for name, t in medians(ways, args.repeats, warmups=10).items()}
-            diff = max((ways["repeat"]() - ways[w]()).abs().max().item() for w in ("gqa", "fold"))
-            print(f"| {str(dt).removeprefix('torch.')} | {S} | {us['repeat']:.0f} | {us['gqa']:.0f} | {us['fold']:.0f} "
-                  f"| {us['repeat'] / us['gqa']:.2f}x | {us['repeat'] / us['fold']:.2f}x | {diff:.1e} |")
+            diff = max((ways["repeat"]() - ways[w]()).abs().max().item() for w in ("gqa", "ours"))
+            print(f"| {str(dt).removeprefix('torch.')} | {S} | {us['repeat']:.0f} | {us['gqa']:.0f} | {us['ours']:.0f} "
+                  f"| {us['repeat'] / us['gqa']:.2f}x | {us['repeat'] / us['ours']:.2f}x | {diff:.1e} |")
 
 
 def main(argv=None) -> None:

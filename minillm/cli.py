@@ -19,12 +19,12 @@ def unescape(s: str) -> str:
 def add_batch_invariant(p: argparse.ArgumentParser) -> None:
     """--batch-invariant ROWS: the exact mode of the speed layer (speed.batch_invariant) for the model."""
     p.add_argument("--batch-invariant", type=integer(1, MAX_K + 1), default=None, metavar="ROWS",
-                   help="the model computes every matmul in blocks of ROWS rows and attention one query at a time, "
+                   help="the model computes every matmul in blocks of ROWS rows and attention one query row at a time, "
                         "so a token's logits do not depend on how many tokens share a call: greedy speculative "
                         "output is then the model's own greedy output bit for bit, in bf16 and int4 too (give the "
-                        "plain run the same ROWS; ROWS = --k + 1 verifies in one block). Its cost: attention one query "
-                        "at a time, and, where a matmul does not run on our kernels (minillm/kernels), a one-token "
-                        "step costs a ROWS-row call")
+                        "plain run the same ROWS; ROWS = --k + 1 verifies in one block). Its cost, where a matmul or "
+                        "attention does not run on our kernels (minillm/kernels): attention one query a call, and a "
+                        "one-token step that costs a ROWS-row call")
 
 
 def check_batch_invariant(args: argparse.Namespace) -> None:

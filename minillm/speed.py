@@ -36,7 +36,7 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
   SwiGLUMLP): two calls instead of five, the same numbers.
 * batch_invariant (an exact mode, not a faster one): every float matmul of a call without grad runs
   in blocks of exactly `rows` rows (BlockedLinear; the last block padded with zeros) and attention
-  takes one query at a time (OneQueryAttention), so a token's numbers do not depend on how many
+  computes each query alone (OneQueryAttention), so a token's numbers do not depend on how many
   tokens share the call. A (k+1)-row speculative verification then gives each position the logits
   a one-row step gives it, bit for bit, and greedy speculative output is the target's own greedy
   output in bf16 and int4 as in fp32. Why blocks: a GEMM's reduction order depends on its shape
@@ -312,8 +312,10 @@ class BlockedLinear(FewRowLinear):
 class OneQueryAttention(GQADecodeAttention):
     def attend(self, q, k, v, mask):
         T, S = q.shape[2], k.shape[2]
-        if T == 1 or torch.is_grad_enabled() or T <= ROWS_MAX and self.takes_our_kernel(q, k, v):
-            return super().attend(q, k, v, mask)  # our few-query kernel: each query's row on its own already
+        if T == 1 or torch.is_grad_enabled():
+            return super().attend(q, k, v, mask)
+        if self.takes_our_kernel(q[:, :, :1], k, v):  # our few-query kernel computes each query alone, for any count
+            return few_query_attention(q, k, v)
         # query i sits at position S - T + i and sees keys 0..S - T + i: the call a one-token step makes there
         one = super(OneQueryAttention, self).attend
         return torch.cat([one(q[:, :, i:i + 1].contiguous(), k[:, :, :S - T + i + 1], v[:, :, :S - T + i + 1], None)
@@ -443,7 +445,7 @@ def speed_up(model: Transformer) -> Transformer:
 def batch_invariant(model: Transformer, rows: int | None) -> Transformer:
     """Make each token's logits independent of how many tokens share a call, in place (see the top):
     float matmuls in blocks of `rows` rows (of up to 16, unpadded, where they take our kernel), attention
-    one query at a time; calls with grad unchanged. rows = k + 1 verifies k drafts in one block; off
+    one query row at a time; calls with grad unchanged. rows = k + 1 verifies k drafts in one block; off
     our kernel a one-token step then costs a `rows`-row call. A
     matrix whose kernel rounds a row by its place in a block of `rows` (bf16 on some shapes and
     CPUs: steady_block) gets the next block size that does not. rows=None turns the mode off."""

@@ -260,7 +260,8 @@ def test_few_query_attention_kernel_matches_float64_and_each_row_is_its_own(B, n
 @needs_our_kernel
 def test_our_attention_routes_are_taken_by_query_count_and_dtype(monkeypatch):
     """GQADecodeAttention gives more than 16 fp32 queries without grad to the prompt kernel, 1..16 fp32 or
-    bf16 queries to the few-query kernel; SDPA the rest."""
+    bf16 queries to the few-query kernel; SDPA the rest. The exact mode (OneQueryAttention) gives any number
+    to the few-query kernel, which computes each query alone."""
     from minillm import kernels, speed
     calls = []
     for name in ("causal_attention", "few_query_attention"):
@@ -288,6 +289,10 @@ def test_our_attention_routes_are_taken_by_query_count_and_dtype(monkeypatch):
         kernels.causal_attention(q, k, k)
     with pytest.raises(RuntimeError, match="all float32 or all bf16"):
         kernels.few_query_attention(q[:, :, :1], k.bfloat16(), k)
+    calls.clear()
+    with torch.no_grad():  # the exact mode: each query alone, any number of them in one few-query call
+        batch_invariant(model, 4)(x[:, :20], KVCache.for_model(model, 1), 0)
+    assert calls == [("f", 20, f32)] * 2
 
 
 @needs_our_kernel
@@ -436,19 +441,25 @@ def test_a_sped_up_model_trains_and_saves_as_the_plain_one(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-gqa-int4"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-gqa-int4", "llama-gqa-sped-up"])
 def test_compiled_decode_gives_the_eager_greedy_tokens(name):
-    """int4: through the speed layer's route (our kernel and its q|k|v, gate|up stacks where it runs)."""
+    """int4: through the speed layer's route (our kernel and its q|k|v, gate|up stacks where it runs).
+    sped-up: a float model with head_dim 16 through speed_up: our kernels where they build (the few-query
+    attention, RMSNorm, RoPE, SwiGLU, the few-row matmuls) inside the compiled graph."""
     from minillm.generate import stream_tokens
     from minillm.quantize import quantize_model
     from minillm.sampling import SamplingParams
-    model = make(name.removesuffix("-int4"))
+    model = make(name.removesuffix("-int4").removesuffix("-sped-up"), **({"n_embd": 64} if "sped-up" in name else {}))
     with torch.no_grad():  # louder blocks: a random model's argmax then moves instead of echoing its input
         for n, p in model.named_parameters():
             if n.endswith(("o_proj.weight", "down_proj.weight")):
                 p.mul_(30)
+            if "sped-up" in name and n.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(20)  # sharper attention, which then decides the tokens (else this one repeats one token)
     if name.endswith("int4"):
         model = speed_up(quantize_model(model, 4, 32))
+    elif name.endswith("sped-up"):
+        model = speed_up(model)
     prompt, greedy = [3, 14, 15, 92, 65], SamplingParams(temperature=0.0)
     eager = list(stream_tokens(model, prompt, 12, greedy))
     compile_decode(model)

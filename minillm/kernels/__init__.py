@@ -1,5 +1,5 @@
 """Our own CPU kernels, speed-layer routes for CPUs with AVX-512 VNNI: int4 and int8 matmuls (vnni.cpp),
-float32 / bf16 matmuls of 1..16 rows (rows.cpp) and a prompt's attention (attention.cpp), the last sections below.
+float32 / bf16 matmuls of 1..16 rows (rows.cpp) and attention (attention.cpp), the last sections below.
 
 It multiplies as llama.cpp does: each row of x rounded to int8 per block of 32 inputs, the products
 with the 4-bit or 8-bit codes summed exactly in int32 by the CPU's int8 dot-product instruction
@@ -217,7 +217,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 def few_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """attention.cpp's kernel for a few queries (a decode step, a verification): causal_attention's arguments
-    and result, hd at most 256, each query row computed on its own (its numbers do not depend on the call's
+    and result, float32 or bf16 (all three alike; the sums in float32), hd at most 256, each query row computed on its own (its numbers do not depend on the call's
     other rows: a verification's row is a one-token step's, bit for bit)."""
     return kernel("few_query_attention")(q, k, v).transpose(1, 2)
 

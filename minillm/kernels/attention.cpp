@@ -1,8 +1,9 @@
-// Causal attention of a prompt: softmax(q k^T / sqrt(hd), causal) v in float32, for the many queries of a
-// prefill (speed.GQADecodeAttention takes it for more than 16 queries). PyTorch's CPU kernel (flash
-// attention, blocks of 512 keys) computes every score of a 512-token prompt and masks half of them; this one
-// visits only the keys each block of queries can see, so a prompt's attention costs about half.
+// Causal attention, softmax(q k^T / sqrt(hd), causal) v, two ways.
 //
+// A prompt's (causal_attention), in float32, for the many queries of a prefill (speed.GQADecodeAttention takes
+// it for more than 16 queries). PyTorch's CPU kernel (flash attention, blocks of 512 keys) computes every
+// score of a 512-token prompt and masks half of them; this one visits only the keys each block of queries
+// can see, so a prompt's attention costs about half.
 // The work is split into tasks of (batch row, K/V head, block of queries). A task takes the query heads that
 // share its K/V head (grouped-query attention) together, QB queries of each: up to 96 rows that reuse every
 // key and value they load. Keys come in blocks of 64, as flash attention does: the block's scores, each
@@ -12,6 +13,10 @@
 // the softmax of 16 rows is a few vector operations per key, with no sums across lanes. Both products are
 // one small kernel shape, R rows x NV vectors of 16 rows' sums in registers, each multiply-add a broadcast
 // of a key's (or a value's) number times a vector of 16 rows' numbers.
+//
+// A few queries' (few_query_attention: a decode step's one, a verification's k + 1; float32 or bf16), where
+// 16 rows a vector would lie mostly empty: one query row at a time, its head_dim across the vectors' lanes
+// (query_row below). A row's numbers then do not depend on the other rows of its call.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -103,10 +108,10 @@ void softmax_block(float* s, int64_t ld, int64_t kn, int64_t j0, const int32_t* 
 
 // One query row of a few (few_query_attention): its n visible keys' scores into s, their softmax, and the
 // weighted sum of their values into out. hd = 16 * NV numbers lie across NV vectors: a score is NV
-// multiply-adds and one sum across lanes; a value is added to NV accumulators (two sets, even and odd keys,
-// so that consecutive keys' additions do not wait on each other). float32 (E = float) or bf16 (its bits:
-// E = uint16_t, widened exactly), the sums in float32, out rounded once. Every row runs the same operations
-// in the same order whatever the other rows of its call: its numbers do not depend on them.
+// multiply-adds and one sum across lanes; a value is added to NV accumulators (for hd up to 128 two sets,
+// even and odd keys, so that consecutive keys' additions do not wait on each other). float32 (E = float)
+// or bf16 (its bits: E = uint16_t, widened exactly), the sums in float32, out rounded once. Every row runs
+// the same operations in the same order whatever the other rows of its call: its numbers do not depend on them.
 template <typename E, int NV>
 void query_row(const E* q, const E* k, int64_t ks, const E* v, int64_t vs, int64_t n, float scale, float* s, E* out) {
   __m512 qv[NV], o0[NV], o1[NV];
@@ -132,7 +137,8 @@ void query_row(const E* q, const E* k, int64_t ks, const E* v, int64_t vs, int64
     const __m512 p0 = _mm512_set1_ps(s[j]), p1 = _mm512_set1_ps(s[j + 1]);
     for (int i = 0; i < NV; ++i) {
       o0[i] = _mm512_fmadd_ps(p0, load16(v + j * vs + i * LANES), o0[i]);
-      o1[i] = _mm512_fmadd_ps(p1, load16(v + (j + 1) * vs + i * LANES), o1[i]);
+      if constexpr (NV <= 8) o1[i] = _mm512_fmadd_ps(p1, load16(v + (j + 1) * vs + i * LANES), o1[i]);
+      else o0[i] = _mm512_fmadd_ps(p1, load16(v + (j + 1) * vs + i * LANES), o0[i]);  // wide heads: one set (registers)
     }
   }
   if (j < n)
@@ -234,10 +240,8 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return out;
 }
 
-// The same attention for a few queries (a decode step's one; a speculative verification's k + 1), where the
-// prompt kernel's 16 rows a vector would lie mostly empty: each query row on its own (query_row), the rows
-// of a call shared among the threads when there is enough work for two. Same arguments and result, float32
-// or bf16.
+// The same attention for a few queries (see the top): each query row on its own (query_row), the rows of a call
+// shared among the threads when there is enough work for two. Same arguments and result, float32 or bf16.
 torch::Tensor few_query_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v) {
   const auto dtype = q.scalar_type();
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && (dtype == torch::kFloat || dtype == torch::kBFloat16) &&
@@ -248,6 +252,7 @@ torch::Tensor few_query_attention(torch::Tensor q, torch::Tensor k, torch::Tenso
               hd <= 16 * LANES && S >= T && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "few_query_attention: shapes or strides do not match (head_dim a multiple of 16, at most 256)");
   auto out = torch::empty({B, T, nh, hd}, q.options());
+  if (out.numel() == 0) return out;
   at::parallel_for(0, B * nh * T, std::max<int64_t>(1, (1 << 16) / (S * hd)), [&](int64_t a, int64_t b) {
     if (dtype == torch::kFloat) query_rows<float>(q, k, v, out, a, b);
     else query_rows<uint16_t>(q, k, v, out, a, b);

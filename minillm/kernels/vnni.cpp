@@ -215,7 +215,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpack", &unpack, "this file's layouts -> unsigned codes (N, K) and scale_zero (K/g, N, 2)");
   m.def("rows_mm", &rows_mm, "x @ W^T for up to 16 rows of float32 or bf16 x and W (rows.cpp)");
   m.def("causal_attention", &causal_attention, "a prompt's causal attention, float32 (attention.cpp)");
-  m.def("few_query_attention", &few_query_attention, "causal attention of 1..16 queries, float32 (attention.cpp)");
+  m.def("few_query_attention", &few_query_attention, "causal attention of a few queries, float32 or bf16 (attention.cpp)");
   m.def("rms_norm", &rms_norm, "RMSNorm in one pass, float32 (pointwise.cpp)");
   m.def("rope", &rope, "RoPE in one pass, float32, the reference's numbers (pointwise.cpp)");
   m.def("swiglu", &swiglu, "silu(gate) * up in one pass, float32 (pointwise.cpp)");
