@@ -14,7 +14,8 @@ One decode measurement: greedy, the prompt "Once upon a time" (4 tokens), 128 ne
 ignored. Time to first token = prefill of the prompt + choosing the first token; decode tok/s =
 127 / (time of token 128 - time of token 1). Ours runs through generate.stream_tokens (the loop users
 get) on the model as sample.py runs it: speed.speed_up after loading, and speed.compile_decode for
-the "-compiled" configs; transformers runs its best case, a bare loop of model(token,
+the "-compiled" configs (ours-int4-compiled-cpp: with inductor's wrapper in C++, as
+TORCHINDUCTOR_CPP_WRAPPER=1 sets it); transformers runs its best case, a bare loop of model(token,
 past_key_values) + argmax with a DynamicCache and logits for the last position only (generate()
 adds nothing measurable to it).
 Prefill: one forward over the first 512 tokens of tinyshakespeare into an empty cache. speed_up also
@@ -50,7 +51,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT = ["hf-fp32", "hf-bf16", "ours-fp32", "ours-bf16", "ours-int8", "ours-int4"]
-CONFIGS = DEFAULT + ["ours-fp32-compiled", "ours-bf16-compiled", "ours-int8-compiled", "ours-int4-compiled", "llamacpp-q4_1",
+CONFIGS = DEFAULT + ["ours-fp32-compiled", "ours-bf16-compiled", "ours-int8-compiled", "ours-int4-compiled",
+                     "ours-int4-compiled-cpp", "llamacpp-q4_1",
                      "llamacpp-q4_1-no-repack", "llamacpp-q4_1-one-token-calls", "hf-fp32-reuse", "hf-bf16-reuse"]
 if importlib.util.find_spec("llama_cpp"):  # llama-cpp-python installed: llama.cpp joins the default run
     DEFAULT.append("llamacpp-q4_1")
@@ -71,6 +73,9 @@ def load(config: str, model_path: str, hf_dir: str):
     loaded = load_model(model_path)
     prompt, text_ids = loaded.tokenizer.encode(PROMPT), loaded.tokenizer.encode(prefill_text())[:512]
     kind, dtype, *extra = config.split("-")  # "-compiled": one-token steps through torch.compile
+    if "cpp" in extra:  # inductor's wrapper in C++, what TORCHINDUCTOR_CPP_WRAPPER=1 gives any run: no Python
+        import torch._inductor.config  # between a graph's kernels, at about twice the compile time
+        torch._inductor.config.cpp_wrapper = True
     if kind == "ours":
         return load_ours(loaded.model, dtype, "compiled" in extra, prompt, text_ids, model_path)
     del loaded  # transformers loads the exported copy
