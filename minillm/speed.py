@@ -45,10 +45,10 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
   block size that is place-invariant (steady_block). Our kernels (int4, int8, float rows.cpp, the
   few-query attention) already give each row the same numbers whatever the row count
   (tests/test_speed.py holds them): where FewRowLinear takes ours, blocks are of up to 16 rows,
-  unpadded, and up to 16 queries share an attention call. Its cost: elsewhere attention one query
-  at a time, and, off our float kernel, a one-token step pays for a `rows`-row call (`python -m
-  bench.speculative speed --batch-invariant ROWS` measures it). Call prepack, if at all, before it:
-  the probe tries the route the matmuls will take.
+  unpadded, and all of a call's queries go to the few-query kernel at once. Its cost: elsewhere
+  attention one query at a time, and, off our float kernel, a one-token step pays for a `rows`-row
+  call (`python -m bench.speculative speed --batch-invariant ROWS` measures it). Call prepack, if at
+  all, before it: the probe tries the route the matmuls will take.
 * reuse_freed_memory (host_memory.py), for the whole process: glibc's malloc keeps freed blocks under
   32 MB for reuse instead of mapping each big activation afresh from the OS (page faults on first
   touch at every use): a 512-token SmolLM2 prefill went from ~50,000 page faults to almost none.
@@ -223,9 +223,9 @@ def ours_for(dtype: torch.dtype) -> bool:
 
 
 def takes_float32_kernels(x: torch.Tensor) -> bool:
-    """Whether our float32 kernels (kernels/pointwise.cpp's RMSNorm, RoPE and SwiGLU; attention.cpp with the
-    checks of GQADecodeAttention.takes_our_kernel) take x here: CPU, float32, no grad, the kernels built (a compiled step
-    calls them too, and rounds as the eager one)."""
+    """Whether our float32 kernels (kernels/pointwise.cpp's RMSNorm, RoPE and SwiGLU; attention.cpp has its
+    own checks, GQADecodeAttention.takes_our_kernel) take x here: CPU, float32, no grad, the kernels built
+    (a compiled step calls them too, and rounds as the eager one)."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and kernels_built()
 
 

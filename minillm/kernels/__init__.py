@@ -217,8 +217,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 def few_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """attention.cpp's kernel for a few queries (a decode step, a verification): causal_attention's arguments
-    and result, float32 or bf16 (all three alike; the sums in float32), hd at most 256, each query row computed on its own (its numbers do not depend on the call's
-    other rows: a verification's row is a one-token step's, bit for bit)."""
+    and result, float32 or bf16 (all three alike; the sums in float32), hd at most 256, each query row
+    computed on its own (its numbers do not depend on the call's other rows: a verification's row is a
+    one-token step's, bit for bit)."""
     return kernel("few_query_attention")(q, k, v).transpose(1, 2)
 
 
