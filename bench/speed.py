@@ -14,8 +14,9 @@ One decode measurement: greedy, the prompt "Once upon a time" (4 tokens), 128 ne
 ignored. Time to first token = prefill of the prompt + choosing the first token; decode tok/s =
 127 / (time of token 128 - time of token 1). Ours runs through generate.stream_tokens (the loop users
 get) on the model as sample.py runs it: speed.speed_up after loading, and speed.compile_decode for
-the "-compiled" configs (ours-int4-compiled-cpp: with inductor's wrapper in C++, as
-TORCHINDUCTOR_CPP_WRAPPER=1 sets it); transformers runs its best case, a bare loop of model(token,
+the "-compiled" configs (an int4 LLaMA-family model: speed.Int4Step, every block in one C++ call;
+ours-int4-compiled-graph: torch.compile's graph instead, as before Int4Step; ours-int4-compiled-cpp: that
+graph with inductor's wrapper in C++, as TORCHINDUCTOR_CPP_WRAPPER=1 sets it); transformers runs its best case, a bare loop of model(token,
 past_key_values) + argmax with a DynamicCache and logits for the last position only (generate()
 adds nothing measurable to it).
 Prefill: one forward over the first 512 tokens of tinyshakespeare into an empty cache. speed_up also
@@ -52,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT = ["hf-fp32", "hf-bf16", "ours-fp32", "ours-bf16", "ours-int8", "ours-int4"]
 CONFIGS = DEFAULT + ["ours-fp32-compiled", "ours-bf16-compiled", "ours-int8-compiled", "ours-int4-compiled",
-                     "ours-int4-compiled-cpp", "llamacpp-q4_1",
+                     "ours-int4-compiled-cpp", "ours-int4-compiled-graph", "llamacpp-q4_1",
                      "llamacpp-q4_1-no-repack", "llamacpp-q4_1-one-token-calls", "hf-fp32-reuse", "hf-bf16-reuse"]
 if importlib.util.find_spec("llama_cpp"):  # llama-cpp-python installed: llama.cpp joins the default run
     DEFAULT.append("llamacpp-q4_1")
@@ -77,7 +78,8 @@ def load(config: str, model_path: str, hf_dir: str):
         import torch._inductor.config  # between a graph's kernels, at about twice the compile time
         torch._inductor.config.cpp_wrapper = True
     if kind == "ours":
-        return load_ours(loaded.model, dtype, "compiled" in extra, prompt, text_ids, model_path)
+        compiled = "compiled" in extra and ("graph" if {"graph", "cpp"} & set(extra) else "int4-step")
+        return load_ours(loaded.model, dtype, compiled, prompt, text_ids, model_path)
     del loaded  # transformers loads the exported copy
     if "reuse" in extra:  # the allocator setting speed_up makes for ours, given to transformers too
         from minillm.host_memory import reuse_freed_memory
@@ -85,8 +87,9 @@ def load(config: str, model_path: str, hf_dir: str):
     return load_hf(hf_dir, dtype, prompt, text_ids)
 
 
-def load_ours(model, dtype: str, compiled: bool, prompt: list[int], text_ids: list[int], model_path: str):
-    """Ours as sample.py runs it: the speed layer on (speed.speed_up), compile_decode for "-compiled"."""
+def load_ours(model, dtype: str, compiled: str | bool, prompt: list[int], text_ids: list[int], model_path: str):
+    """Ours as sample.py runs it: the speed layer on (speed.speed_up), compile_decode for "-compiled"
+    (compiled "graph": torch.compile's graph even where Int4Step would take the model)."""
     import torch
     from minillm.generate import next_logits, stream_tokens
     from minillm.kv_cache import KVCache
@@ -97,8 +100,8 @@ def load_ours(model, dtype: str, compiled: bool, prompt: list[int], text_ids: li
     elif dtype in ("int8", "int4"):  # the parent quantized the file already (see main)
         assert getattr(model, "quantization", None), f"{model_path} is not quantized"
     speed_up(model)
-    if compiled:
-        compile_decode(model)  # compiles during the worker's warm-up decode, before any timing
+    if compiled:  # compiles during the worker's warm-up decode, before any timing
+        compile_decode(model, int4_step=compiled != "graph")
     greedy = SamplingParams(temperature=0.0)
 
     def decode():

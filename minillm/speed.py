@@ -56,6 +56,10 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
   between the matmuls fused); every other call stays eager. The first such call compiles (needs a
   C++ compiler; minutes for a 135M model on two CPU cores). Dynamo's thousands of checks on the
   modules before each call are replaced by a check of our own of what can change (CompiledStep).
+  An int4 LLaMA-family model on our kernel (what speed_up makes of SmolLM2's and Qwen's int4
+  checkpoints) needs no graph: Int4Step runs all its blocks for one token in one C++ call
+  (kernels/step.cpp), the eager step's operations and roundings, ~1.5x the graph's speed on
+  SmolLM2 (bench/README.md, "Every block in one call").
 """
 
 from __future__ import annotations
@@ -70,8 +74,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels import (ATTENTION_GROUP, ROWS_MAX, StackedInt4, causal_attention, few_query_attention, forget_torch_layouts,
-                      rms_norm, rope, rows_mm, swiglu, use_kernel, vnni)
+from .kernels import (ATTENTION_GROUP, ROWS_MAX, StackedInt4, VNNIInt4Linear, causal_attention, few_query_attention,
+                      forget_torch_layouts, rms_norm, rope, rows_mm, swiglu, use_kernel, vnni)
 from .kv_cache import KVCache
 from .model import MLP, Attention, RMSNorm, Transformer
 from .host_memory import drop_file_pages, release_freed_memory, reuse_freed_memory
@@ -356,8 +360,9 @@ class CompiledStep:
     Not seen: a tensor of one layer swapped in place for one of another dtype or shape
     (`layer.weight.data = ...`, `layer.half()`): call compile_decode again after such a change."""
 
-    def __init__(self, model: Transformer):
-        self.model, self.step, self.seen, self.steps = model, None, None, []
+    def __init__(self, model: Transformer, int4_route: bool = True):
+        self.model, self.step, self.seen, self.steps, self.int4 = model, None, None, [], None
+        self.int4_route = int4_route  # Int4Step for the models it takes
         self.modules = self.holders = self.view = None  # state()'s list of the model's modules, as last seen
         _count_assignments()
 
@@ -379,22 +384,95 @@ class CompiledStep:
 
     def forget(self) -> None:
         """Drop every compiled graph (the model's tensors changed dtype or device): the next call compiles."""
-        self.step, self.seen, self.steps = None, None, []
+        self.step, self.seen, self.steps, self.int4 = None, None, [], None
 
-    def __call__(self, *args):
+    def __call__(self, tokens, cache, start_pos, last_only):
         state = self.state()
         if state != self.seen:
             self.step = next((step for seen, step in self.steps if seen == state), None)
-            if self.step is None:
-                forward = Transformer.forward
-                code = forward.__code__.replace(co_name=f"compiled_step_{next(_steps)}")
-                fn = functools.partial(types.FunctionType(code, forward.__globals__, code.co_name, forward.__defaults__),
-                                       self.model)
-                self.step = torch.compile(fn, dynamic=True, options={
-                    "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-                self.steps.append((state, self.step))
+            hooked = state[3]  # the inspector's hooks see every block run as Python
+            self.int4 = Int4Step.of(self.model) if self.int4_route and not hooked else None
             self.seen = state
-        return self.step(*args)
+        if self.int4 is not None:
+            logits = self.int4(tokens, cache, start_pos)
+            if logits is not None:
+                return logits
+        if self.step is None:  # compiled at its first call
+            forward = Transformer.forward
+            code = forward.__code__.replace(co_name=f"compiled_step_{next(_steps)}")
+            fn = functools.partial(types.FunctionType(code, forward.__globals__, code.co_name, forward.__defaults__),
+                                   self.model)
+            self.step = torch.compile(fn, dynamic=True, options={
+                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+            self.steps.append((state, self.step))
+        return self.step(tokens, cache, start_pos, last_only)
+
+
+class Int4Step:
+    """compile_decode's one-token step of a LLaMA-family model whose linear layers all run our int4 kernel:
+    every block in one C++ call (kernels/step.cpp: RMSNorm, the q|k|v stack, RoPE, the cache's write,
+    the few-query attention, o, the gate|up stack, SwiGLU, down, the residual adds), where the
+    torch.compile'd step spent as long again as its matmuls on its graph's code and dynamo's checks; and
+    nothing to compile. The embedding, the final norm and the head run as forward runs them. Its logits
+    are the eager step's within a bf16 rounding here and there (step.cpp says where; tests/test_speed.py).
+    `of` takes a model only as speed_up leaves an int4 checkpoint of that family (the layers' classes,
+    their q|k|v and gate|up stacks valid, bf16 norms, head_dim a multiple of 16 up to 256, no q/k norm,
+    eval mode); a call only for batch 1 and a bf16 cache on the CPU, else None: CompiledStep compiles."""
+
+    def __init__(self, model: Transformer, step):
+        self.model, self.step = model, step
+
+    @classmethod
+    def of(cls, model: Transformer) -> Int4Step | None:
+        cfg = model.config
+        if cfg.family != "llama" or cfg.qk_norm or cfg.head_dim % 16 or cfg.head_dim > 256 or not kernels_built() \
+                or any(m.training for m in model.modules()):
+            return None
+        norms, packed, scale_zero, groups, bits, biases = [], [], [], [], [], []
+        for block in model.blocks:
+            attn, mlp = block.attn, block.mlp
+            if type(attn) is not GQADecodeAttention or type(mlp) is not SwiGLUMLP:
+                return None
+            qkv, gate_up = attn.qkv_stack, mlp.gate_up
+            layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+            if not (isinstance(qkv, StackedInt4) and qkv.takes(None, layers) and isinstance(gate_up, StackedInt4)
+                    and gate_up.takes(None, [mlp.gate_proj, mlp.up_proj])):
+                return None
+            if not all(type(m) is VNNIInt4Linear and m.packed.dim() == 1 and m.bias is None
+                       for m in (attn.o_proj, mlp.down_proj)):
+                return None
+            if not all(isinstance(n, RMSNorm) and n.weight.dtype == torch.bfloat16 and n.weight.is_contiguous()
+                       and n.eps == cfg.norm_eps for n in (block.attn_norm, block.mlp_norm)):
+                return None
+            norms += [block.attn_norm.weight.detach(), block.mlp_norm.weight.detach()]
+            for m in (qkv, attn.o_proj, gate_up, mlp.down_proj):
+                packed.append(m.packed)
+                scale_zero.append(m.scale_zero)
+                groups.append(m.group_size)
+                bits.append(4)
+            bias = [p.bias for p in layers]
+            if any(b is not None for b in bias):
+                if any(b is None or b.dtype != torch.bfloat16 for b in bias):
+                    return None
+                biases.append(torch.cat([b.detach() for b in bias]))
+        if biases and len(biases) != len(model.blocks):
+            return None
+        return cls(model, vnni().DecodeStep(norms, packed, scale_zero, groups, bits, biases, cfg.n_head,
+                                            cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden, cfg.norm_eps))
+
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor | None:
+        """Logits (1, 1, vocab) of one token at start_pos, its K/V written to the cache; None where this call
+        is not for this step (forward's route then also raises what forward raises: a context overflow)."""
+        model = self.model
+        if tokens.shape[0] != 1 or tokens.device.type != "cpu" or cache.k[0].dtype != torch.bfloat16 \
+                or start_pos >= model.config.block_size:
+            return None
+        x = model.drop(model.tok_emb(tokens))  # (1, 1, C)
+        if x.dtype != torch.bfloat16:
+            return None
+        cache.reserve(1, start_pos, 1)
+        x = self.step(x.view(1, -1), model.rope_cos[start_pos], model.rope_sin[start_pos], start_pos, cache.k, cache.v)
+        return model.lm_head(model.norm(x.view(1, 1, -1)))
 
 
 _steps = itertools.count()
@@ -523,10 +601,11 @@ def prepack(model: Transformer) -> int:
     return added
 
 
-def compile_decode(model: Transformer) -> Transformer:
-    """From now on run one-token cached calls without grad through torch.compile, in place (see above).
-    The compile itself happens at the first such call: warm_up(model) makes that call now."""
-    model.compiled_step = CompiledStep(model)
+def compile_decode(model: Transformer, int4_step: bool = True) -> Transformer:
+    """From now on run one-token cached calls without grad through torch.compile, in place (see above),
+    or, for an int4 LLaMA-family model on our kernel (unless int4_step is False), through Int4Step's one
+    C++ call. The compile itself happens at the first call that needs it: warm_up(model) makes that call now."""
+    model.compiled_step = CompiledStep(model, int4_step)
     model.__class__ = CompiledDecode
     return model
 

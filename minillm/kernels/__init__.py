@@ -37,6 +37,10 @@ costs tens).
 pointwise.cpp does RMSNorm, RoPE and SwiGLU's silu(gate) * up in float32 in one pass over the activations
 each (PyTorch: two to seven kernels); RoPE bit for bit the reference's numbers. speed.FusedRMSNorm,
 GQADecodeAttention.project and SwiGLUMLP take them (a compiled step too: it then rounds as the eager one).
+
+step.cpp runs one token through every block of an int4 LLaMA-family model in one call (DecodeStep, made once
+per model by speed.Int4Step): the kernels above called from C++, RMSNorm, RoPE, SwiGLU and the residual adds
+in bf16 as the eager step rounds them.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from torch.utils.cpp_extension import load
 
 from ..quantized import Int4Linear, Int8Linear, unpack_nibbles
 
-SOURCES = [Path(__file__).with_name(name) for name in ("vnni.cpp", "rows.cpp", "attention.cpp", "pointwise.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("vnni.cpp", "rows.cpp", "attention.cpp", "pointwise.cpp", "step.cpp")]
 CHOICES = ("own", "aten")
 TILE = 16  # output rows per tile of the kernel's layout
 ROWS_MAX = 16  # rows.cpp's MAX_ROWS: the most rows of x one rows_mm call takes

@@ -11,20 +11,7 @@
 
 #include "simd.h"
 
-namespace {
-
 constexpr int LANES = 16;
-
-// a * b + sign * c * d with each product rounded before the sum, as separate tensor operations round them (the
-// empty asm keeps the compiler from fusing a product into the sum).
-template <bool ADD>
-inline __m512 products(__m512 a, __m512 b, __m512 c, __m512 d) {
-  __m512 ab = _mm512_mul_ps(a, b), cd = _mm512_mul_ps(c, d);
-  __asm__("" : "+v"(ab), "+v"(cd));
-  return ADD ? _mm512_add_ps(ab, cd) : _mm512_sub_ps(ab, cd);
-}
-
-}  // namespace
 
 // x (..., C) float32, contiguous rows, and weight (C) -> x / sqrt(mean(x^2) + eps) * weight, as model.RMSNorm.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {

@@ -1,5 +1,6 @@
 // Vector helpers shared by our kernels: the mask of a vector's first lanes, 16 float32 or bf16 numbers as
-// floats and floats rounded to bf16, a vector's sum, and e^x.
+// floats and floats rounded to bf16, two products summed as separate operations round them, a vector's sum,
+// and e^x.
 #pragma once
 #include <immintrin.h>
 #include <cstdint>
@@ -24,6 +25,15 @@ inline __m256i to_bf16(__m512 v) {
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
   return _mm512_cvtepi32_epi16(r);
+}
+
+// a * b + sign * c * d with each product rounded before the sum, as separate tensor operations round them (the
+// empty asm keeps the compiler from fusing a product into the sum).
+template <bool ADD>
+inline __m512 products(__m512 a, __m512 b, __m512 c, __m512 d) {
+  __m512 ab = _mm512_mul_ps(a, b), cd = _mm512_mul_ps(c, d);
+  __asm__("" : "+v"(ab), "+v"(cd));
+  return ADD ? _mm512_add_ps(ab, cd) : _mm512_sub_ps(ab, cd);
 }
 
 // The sum of a vector's 16 lanes, in one fixed order.

@@ -208,6 +208,7 @@ torch::Tensor few_query_attention(torch::Tensor q, torch::Tensor k, torch::Tenso
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);  // pointwise.cpp, likewise
 torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor swiglu(torch::Tensor gate, torch::Tensor up);
+void bind_step(pybind11::module& m);  // step.cpp, likewise
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mm", &mm, "x @ W^T for int4 or int8 W in this file's layout, x rounded to int8 per 32 inputs");
@@ -219,4 +220,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm in one pass, float32 (pointwise.cpp)");
   m.def("rope", &rope, "RoPE in one pass, float32, the reference's numbers (pointwise.cpp)");
   m.def("swiglu", &swiglu, "silu(gate) * up in one pass, float32 (pointwise.cpp)");
+  bind_step(m);
 }

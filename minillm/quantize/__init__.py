@@ -91,7 +91,7 @@ def quantize_model(model, bits: int, group_size: int | None = None, embedding_bi
     checkpoint.save_model writes it to the file's metadata."""
     spec = make_spec(bits, group_size, embedding_bits)
     g = spec["group_size"]
-    model.eval()
     swap_in(model, spec, lambda lin, name, b: int8_linear(lin) if b == 8 else int4_linear(lin, g, name + ".weight"),
             lambda emb, b: quant_embedding(emb, b, g), tie_now=True)
-    return model.to(COMPUTE_DTYPE)  # norms, position embedding, biases (integer codes are untouched)
+    # eval mode after the swap: the new modules start in training mode
+    return model.to(COMPUTE_DTYPE).eval()  # norms, position embedding, biases (integer codes are untouched)

@@ -1,0 +1,182 @@
+// One decode step of a LLaMA-family model whose linear layers all run our int4 kernel (vnni.cpp), every
+// block of it in one call: a torch.compile'd step spends as long again as its matmuls around them (the
+// graph's own code, dynamo's checks, a Python call per operator: bench/README.md), where this loop spends
+// microseconds. What it computes is model.py's Block.forward for one token of batch 1, operation by
+// operation, with the activations and the KV cache in bf16 (an int4 model's dtype) and rounded to bf16
+// where each of the reference's operations rounds its result:
+//   h = RMSNorm(x)                      float32 inside, rounded once
+//   q|k|v = h W_qkv (+ bias)            our kernel (the layers' stack); the bias added and rounded
+//   q, k = RoPE(q), RoPE(k)             products rounded one by one, as the reference's separate operations
+//   cache[pos] = k, v; y = attention    attention.cpp's few-query kernel, as the eager step calls it
+//   x = x + y W_o
+//   h = RMSNorm(x); g|u = h W_gate|up
+//   x = x + (silu(g) * u) W_down        silu rounded, then the product
+// RMSNorm sums its squares in another order than PyTorch's and e^x is ours (simd.h): a result can land
+// one bf16 step away from the eager one's (tests/test_speed.py holds the logits and greedy tokens to it).
+// The embedding, the final norm and the output head stay in Python (speed.Int4Step).
+#include <torch/extension.h>
+#include <immintrin.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "simd.h"
+
+torch::Tensor mm(torch::Tensor x, torch::Tensor packed, torch::Tensor scale_zero, int64_t g, int64_t bits);  // vnni.cpp
+torch::Tensor few_query_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v);  // attention.cpp
+
+namespace {
+
+using bf16 = uint16_t;  // a bf16 number's bits
+constexpr int LANES = 16, TILE = 16;
+
+inline bf16* bits(const torch::Tensor& t) { return (bf16*)t.data_ptr(); }
+inline void store16(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, to_bf16(v)); }
+
+// out = x * (1 / sqrt(mean(x^2) + eps)) * w over C numbers: model.RMSNorm in float32, rounded once.
+void rms_norm(const bf16* x, const bf16* w, int64_t C, float eps, bf16* out) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C; c += LANES) {
+    const __m512 v = load16(x + c, first(C - c));
+    ss = _mm512_add_ps(ss, _mm512_mul_ps(v, v));
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(sum16(ss) / C + eps));
+  for (int64_t c = 0; c < C; c += LANES) {
+    const __mmask16 m = first(C - c);
+    store16(out + c, _mm512_mul_ps(_mm512_mul_ps(load16(x + c, m), inv), load16(w + c, m)), m);
+  }
+}
+
+// out = a + b over n numbers, rounded (a bf16 tensor sum); out may be a.
+void add(const bf16* a, const bf16* b, int64_t n, bf16* out) {
+  for (int64_t i = 0; i < n; i += LANES) {
+    const __mmask16 m = first(n - i);
+    store16(out + i, _mm512_add_ps(load16(a + i, m), load16(b + i, m)), m);
+  }
+}
+
+// One head of hd numbers rotated as model.apply_rope rotates it (channel i with i + hd/2), cos and sin its
+// position's hd/2 angles, into out.
+void rope(const bf16* x, const float* cos, const float* sin, int64_t hd, bf16* out) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; i += LANES) {
+    const __mmask16 m = first(half - i);
+    const __m512 x1 = load16(x + i, m), x2 = load16(x + half + i, m);
+    const __m512 c = load16(cos + i, m), s = load16(sin + i, m);
+    store16(out + i, products<false>(x1, c, x2, s), m);  // x1 cos - x2 sin
+    store16(out + half + i, products<true>(x2, c, x1, s), m);  // x2 cos + x1 sin
+  }
+}
+
+// v rounded to bf16 and widened again: the number a bf16 tensor holds for it.
+inline __m512 rounded(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16)); }
+
+// out = silu(g) * u over n numbers, silu(g) = g / (1 + e^-g) rounded first, as F.silu(gate) * up rounds.
+void swiglu(const bf16* g, const bf16* u, int64_t n, bf16* out) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += LANES) {
+    const __mmask16 m = first(n - i);
+    const __m512 x = load16(g + i, m);
+    const __m512 silu = rounded(_mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x)))));
+    store16(out + i, _mm512_mul_ps(silu, load16(u + i, m)), m);
+  }
+}
+
+// One int4 (or int8) matrix as our kernel holds it: codes, scale_zero, group size, bits.
+struct Matrix {
+  torch::Tensor packed, scale_zero;
+  int64_t group, bits;
+  torch::Tensor operator()(const torch::Tensor& x) const { return mm(x, packed, scale_zero, group, bits); }
+};
+
+}  // namespace
+
+// The blocks of one model, given once (speed.Int4Step makes it from the model's modules and makes it again
+// when they change); then each call is one token's step through all of them.
+struct DecodeStep {
+  struct Block {
+    torch::Tensor attn_norm, mlp_norm, bias;  // bias: q|k|v's, bf16, or undefined (no bias)
+    Matrix qkv, o, gate_up, down;
+  };
+  std::vector<Block> blocks;
+  int64_t n_head, n_kv_head, head_dim, hidden;
+  float eps;
+
+  // Per block, in order: norms (attention's, MLP's), matrices (q|k|v, o, gate|up, down: packed codes and
+  // scale_zero each), their group sizes and bits, and q|k|v's bias (none: an empty list).
+  DecodeStep(std::vector<torch::Tensor> norms, std::vector<torch::Tensor> packed, std::vector<torch::Tensor> scale_zero,
+             std::vector<int64_t> groups, std::vector<int64_t> bits, std::vector<torch::Tensor> biases,
+             int64_t n_head, int64_t n_kv_head, int64_t head_dim, int64_t hidden, double eps)
+      : n_head(n_head), n_kv_head(n_kv_head), head_dim(head_dim), hidden(hidden), eps((float)eps) {
+    const size_t L = norms.size() / 2;
+    TORCH_CHECK(packed.size() == 4 * L && scale_zero.size() == 4 * L && groups.size() == 4 * L && bits.size() == 4 * L &&
+                (biases.empty() || biases.size() == L) && head_dim % LANES == 0 && head_dim <= 16 * LANES,
+                "DecodeStep: per block 2 norms, 4 matrices, head_dim a multiple of 16 up to 256");
+    for (size_t l = 0; l < L; ++l) {
+      Block b{norms[2 * l], norms[2 * l + 1], biases.empty() ? torch::Tensor() : biases[l]};
+      Matrix* m[4] = {&b.qkv, &b.o, &b.gate_up, &b.down};
+      for (int i = 0; i < 4; ++i) *m[i] = {packed[4 * l + i], scale_zero[4 * l + i], groups[4 * l + i], bits[4 * l + i]};
+      const int64_t C = b.attn_norm.numel(), nq = n_head * head_dim, nkv = n_kv_head * head_dim;
+      const auto outputs = [](const Matrix& m) { return m.scale_zero.size(0) * TILE; };  // padded to whole tiles
+      TORCH_CHECK(b.attn_norm.scalar_type() == torch::kBFloat16 && b.mlp_norm.scalar_type() == torch::kBFloat16 &&
+                  b.mlp_norm.numel() == C && outputs(b.qkv) >= nq + 2 * nkv && outputs(b.o) >= C &&
+                  outputs(b.gate_up) >= (hidden + TILE - 1) / TILE * TILE + hidden && outputs(b.down) >= C &&
+                  (!b.bias.defined() || (b.bias.scalar_type() == torch::kBFloat16 && b.bias.numel() == nq + 2 * nkv)),
+                  "DecodeStep: block ", l, "'s norms, matrices or bias do not fit its heads and widths");
+      blocks.push_back(b);
+    }
+  }
+
+  // x (1, C) bf16, the token's embedding, at position pos, cos and sin (hd/2) float32 its angles, k_cache and
+  // v_cache each block's (1, n_kv_head, max_len, hd) bf16, max_len > pos -> x after the last block (1, C) bf16;
+  // each block's k, v written at pos.
+  torch::Tensor operator()(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t pos,
+                           std::vector<torch::Tensor> k_cache, std::vector<torch::Tensor> v_cache) {
+    const int64_t C = x.size(1), hd = head_dim, nq = n_head * hd, nkv = n_kv_head * hd;
+    TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.dim() == 2 && x.size(0) == 1 && pos >= 0 && !blocks.empty() &&
+                x.size(1) == blocks[0].attn_norm.numel() &&
+                cos.scalar_type() == torch::kFloat && cos.numel() == hd / 2 && sin.scalar_type() == torch::kFloat &&
+                sin.numel() == hd / 2 && k_cache.size() == blocks.size() && v_cache.size() == blocks.size(),
+                "DecodeStep: x (1, C) bf16, cos and sin (head_dim/2) float32, a K and a V cache per block");
+    for (size_t l = 0; l < blocks.size(); ++l)
+      TORCH_CHECK(k_cache[l].scalar_type() == torch::kBFloat16 && k_cache[l].dim() == 4 && k_cache[l].size(0) == 1 &&
+                  k_cache[l].size(1) == n_kv_head && k_cache[l].size(2) > pos && k_cache[l].size(3) == hd &&
+                  k_cache[l].is_contiguous() && v_cache[l].sizes() == k_cache[l].sizes() &&
+                  v_cache[l].scalar_type() == torch::kBFloat16 && v_cache[l].is_contiguous(),
+                  "DecodeStep: caches (1, n_kv_head, max_len > pos, head_dim) bf16, contiguous");
+    x = x.clone();  // the residual stream, added to in place
+    auto h = torch::empty({1, C}, x.options()), q = torch::empty({1, n_head, 1, hd}, x.options());
+    auto a = torch::empty({1, hidden}, x.options());
+    cos = cos.contiguous(), sin = sin.contiguous();
+    const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+    const int64_t up = (hidden + TILE - 1) / TILE * TILE;  // where up's outputs start in gate|up's
+    for (size_t l = 0; l < blocks.size(); ++l) {
+      const Block& b = blocks[l];
+      const int64_t row = pos * hd, head = k_cache[l].size(2) * hd;  // a position's, a K/V head's numbers
+      rms_norm(bits(x), bits(b.attn_norm), C, eps, bits(h));
+      auto qkv = b.qkv(h);
+      bf16* y = bits(qkv);
+      if (b.bias.defined()) add(y, bits(b.bias), nq + 2 * nkv, y);
+      for (int64_t i = 0; i < n_head; ++i) rope(y + i * hd, cp, sp, hd, bits(q) + i * hd);
+      for (int64_t g = 0; g < n_kv_head; ++g) {
+        rope(y + nq + g * hd, cp, sp, hd, bits(k_cache[l]) + g * head + row);
+        std::memcpy(bits(v_cache[l]) + g * head + row, y + nq + nkv + g * hd, hd * sizeof(bf16));
+      }
+      auto att = few_query_attention(q, k_cache[l].narrow(2, 0, pos + 1), v_cache[l].narrow(2, 0, pos + 1));
+      add(bits(x), bits(b.o(att.view({1, nq}))), C, bits(x));
+      rms_norm(bits(x), bits(b.mlp_norm), C, eps, bits(h));
+      auto gu = b.gate_up(h);
+      swiglu(bits(gu), bits(gu) + up, hidden, bits(a));
+      add(bits(x), bits(b.down(a)), C, bits(x));
+    }
+    return x;
+  }
+};
+
+void bind_step(pybind11::module& m) {
+  pybind11::class_<DecodeStep>(m, "DecodeStep", "one token's step through every block of an int4 LLaMA-family model (step.cpp)")
+      .def(pybind11::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
+                          std::vector<int64_t>, std::vector<int64_t>, std::vector<torch::Tensor>, int64_t, int64_t,
+                          int64_t, int64_t, double>())
+      .def("__call__", &DecodeStep::operator());
+}

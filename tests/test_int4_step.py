@@ -1,0 +1,118 @@
+"""speed.Int4Step: a one-token step of an int4 LLaMA-family model, every block in one C++ call
+(kernels/step.cpp), held to the eager step on real models: SmolLM2-135M (no biases) and Qwen2.5-Coder-0.5B
+(q, k, v biases), both quantized to int4 here; and the calls and models it must leave to the other route."""
+
+import copy
+
+import pytest
+import torch
+
+from minillm.checkpoint import load_model
+from minillm.generate import stream_tokens
+from minillm.kv_cache import KVCache
+from minillm.model import Transformer
+from minillm.quantize import quantize_model
+from minillm.sampling import SamplingParams
+from minillm.speed import FewRowLinear, Int4Step, batch_invariant, compile_decode, speed_up
+from test_speed import needs_our_kernel
+
+pytestmark = needs_our_kernel
+GREEDY = SamplingParams(temperature=0.0)
+PROMPT = "def fibonacci(n):"
+
+
+@pytest.fixture(scope="module")
+def smollm2_int4(smollm2_converted):
+    loaded = load_model(smollm2_converted)
+    return speed_up(quantize_model(loaded.model, 4, 32)), loaded.tokenizer
+
+
+def check_against_eager(model, tokenizer, n: int) -> int:
+    """Along n greedy tokens, each position's step through Int4Step against the eager step on the same cache:
+    the K/V it writes and its logits within a bf16 step or two of the eager ones (RMSNorm's sum order and
+    e^x are step.cpp's own), the argmax the same wherever the eager top two are further apart than that.
+    -> the number of positions whose logits were bit for bit the eager ones."""
+    step = Int4Step.of(model)
+    assert step is not None
+    prompt = tokenizer.encode(PROMPT)
+    ids = list(stream_tokens(model, prompt, n, GREEDY))
+    same = 0
+    with torch.inference_mode():
+        cache = KVCache.for_model(model, 1, len(prompt) + n)
+        model(torch.tensor([prompt]), cache, 0)
+        for pos, t in enumerate(ids[:-1], start=len(prompt)):
+            eager = Transformer.forward(model, torch.tensor([[t]]), cache, pos)[0, -1].float()
+            k, v = cache.k[7][:, :, pos].clone(), cache.v[7][:, :, pos].clone()
+            cache.crop(pos)
+            ours = step(torch.tensor([[t]]), cache, pos)[0, -1].float()
+            assert cache.length == pos + 1
+            torch.testing.assert_close(cache.k[7][:, :, pos], k, rtol=0.02, atol=0.02 * k.abs().max().item())
+            torch.testing.assert_close(cache.v[7][:, :, pos], v, rtol=0.02, atol=0.02 * v.abs().max().item())
+            diff = (ours - eager).abs().max().item()
+            assert diff <= 0.02 * eager.abs().max().item(), (pos, diff)
+            top2 = eager.topk(2).values
+            if top2[0] - top2[1] > 2 * diff:
+                assert ours.argmax() == eager.argmax(), pos
+            same += diff == 0
+    return same
+
+
+def test_int4_step_is_the_eager_step_on_smollm2(smollm2_int4):
+    model, tokenizer = smollm2_int4
+    same = check_against_eager(model, tokenizer, 24)
+    assert same >= 12  # most positions bit for bit (all 23 here; a differing sum order moves a few elsewhere)
+
+
+@pytest.mark.slow
+def test_int4_step_is_the_eager_step_on_qwen_with_biases(qwen05_ours):
+    model = speed_up(quantize_model(copy.deepcopy(qwen05_ours.model), 4, 32))
+    assert model.blocks[0].attn.q_proj.bias is not None
+    check_against_eager(model, qwen05_ours.tokenizer, 16)
+
+
+def test_compile_decode_runs_int4_steps_in_one_call_and_compiles_nothing(smollm2_int4, monkeypatch):
+    """compile_decode takes Int4Step for such a model: the greedy tokens are the eager ones, and no graph was
+    compiled (torch.compile, replaced here, is never called); a hook (the inspector's) sends the steps to
+    the graph, which runs the hook; without it Int4Step again."""
+    model, tokenizer = smollm2_int4
+    prompt = tokenizer.encode(PROMPT)
+    eager = list(stream_tokens(model, prompt, 16, GREEDY))
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)  # the graph: eager forward
+    model = compile_decode(copy.copy(model))  # a shallow copy: the fixture's model keeps its class
+    assert list(stream_tokens(model, prompt, 16, GREEDY)) == eager and compiled == []
+    assert model.compiled_step.int4 is not None
+    seen = []
+    hook = model.blocks[3].register_forward_hook(lambda m, i, o: seen.append(1))
+    assert list(stream_tokens(model, prompt, 4, GREEDY)) == eager[:4]
+    hook.remove()
+    assert len(compiled) == 1 and len(seen) == 4 and model.compiled_step.int4 is None  # prefill + 3 steps
+    assert list(stream_tokens(model, prompt, 4, GREEDY)) == eager[:4] and len(seen) == 4
+    assert model.compiled_step.int4 is not None
+
+
+def test_int4_step_leaves_other_models_and_calls_to_the_other_route(smollm2_int4, smollm2_converted):
+    model, _ = smollm2_int4
+    step = Int4Step.of(model)
+    with torch.inference_mode():
+        cache = KVCache.for_model(model, 2, 8)
+        assert step(torch.tensor([[1], [2]]), cache, 0) is None  # batch 2
+        cache = KVCache(model.config.n_layer, 1, model.config.n_kv_head, 8, model.config.head_dim)  # float32
+        assert step(torch.tensor([[1]]), cache, 0) is None
+        cache = KVCache.for_model(model, 1, 8)
+        model(torch.tensor([[1] * 6]), cache, 0)
+        with pytest.raises(ValueError, match="past the cached length"):  # the cache's own checks, before any write
+            step(torch.tensor([[1]]), cache, 7)
+        model(torch.tensor([[1] * 2]), cache, 6)
+        with pytest.raises(ValueError, match="overflow"):
+            step(torch.tensor([[1]]), cache, 8)
+        assert cache.length == 8
+    assert Int4Step.of(speed_up(load_model(smollm2_converted).model)) is None  # float layers
+    other = copy.deepcopy(model)
+    attn = other.blocks[5].attn
+    attn.o_proj = FewRowLinear.wrap(torch.zeros(attn.o_proj.out_features, attn.o_proj.in_features, dtype=torch.bfloat16))
+    assert Int4Step.of(other) is None  # one float layer among int4 ones
+    assert Int4Step.of(batch_invariant(copy.deepcopy(model), 5)) is None  # the exact mode's attention
+    assert Int4Step.of(copy.deepcopy(model).train()) is None
+    with pytest.raises(RuntimeError, match="DecodeStep"):  # the C++ side checks its arguments too
+        step.step(torch.zeros(1, model.config.n_embd), model.rope_cos[0], model.rope_sin[0], 0, [], [])
