@@ -50,15 +50,15 @@ class KVCache:
         Writing at start_pos < length overwrites (an implicit crop); start_pos > length would leave
         a gap of unwritten positions and is an error."""
         B, _, T, _ = k.shape
-        end = self.reserve(B, start_pos, T)
+        end = self.check_write(B, start_pos, T)
         self.k[layer][:, :, start_pos:end] = k
         self.v[layer][:, :, start_pos:end] = v
+        self.length = end  # every layer writes the same positions, so each sets the same length
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def reserve(self, B: int, start_pos: int, T: int) -> int:
-        """Check that a batch of B rows may write T positions from start_pos, and make them the cached
-        length -> its end (start_pos + T). Every layer writes the same positions, so each call of a
-        step sets the same length. (update calls it; so does a step that writes the buffers itself.)"""
+    def check_write(self, B: int, start_pos: int, T: int) -> int:
+        """The rules for writing T positions of a batch of B rows from start_pos (update's, and a step's
+        that writes the buffers itself) -> the end, start_pos + T, the length after the write."""
         end = start_pos + T
         if B != self.batch_size:
             raise ValueError(f"KVCache was built for batch {self.batch_size}, got a batch of {B}")
@@ -67,7 +67,6 @@ class KVCache:
         if end > self.max_len:
             raise ValueError(f"KVCache overflow: {end} positions needed, the cache holds {self.max_len} "
                              f"(context full; ask generate() for a sliding window, or use a shorter prompt)")
-        self.length = end
         return end
 
     def crop(self, n: int) -> None:

@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from .kernels import (ATTENTION_GROUP, ROWS_MAX, StackedInt4, VNNIInt4Linear, causal_attention, few_query_attention,
                       forget_torch_layouts, rms_norm, rope, rows_mm, swiglu, use_kernel, vnni)
 from .kv_cache import KVCache
-from .model import MLP, Attention, RMSNorm, Transformer
+from .model import MLP, Attention, Block, RMSNorm, Transformer
 from .host_memory import drop_file_pages, release_freed_memory, reuse_freed_memory
 from .quantized import Int4Linear, Int8Linear
 
@@ -414,7 +414,7 @@ class Int4Step:
     the few-query attention, o, the gate|up stack, SwiGLU, down, the residual adds), where the
     torch.compile'd step spent as long again as its matmuls on its graph's code and dynamo's checks; and
     nothing to compile. The embedding, the final norm and the head run as forward runs them. Its logits
-    are the eager step's within a bf16 rounding here and there (step.cpp says where; tests/test_speed.py).
+    are the eager step's within a bf16 rounding here and there (step.cpp says where; tests/test_int4_step.py).
     `of` takes a model only as speed_up leaves an int4 checkpoint of that family (the layers' classes,
     their q|k|v and gate|up stacks valid, bf16 norms, head_dim a multiple of 16 up to 256, no q/k norm,
     eval mode); a call only for batch 1 and a bf16 cache on the CPU, else None: CompiledStep compiles."""
@@ -426,7 +426,7 @@ class Int4Step:
     def of(cls, model: Transformer) -> Int4Step | None:
         cfg = model.config
         if cfg.family != "llama" or cfg.qk_norm or cfg.head_dim % 16 or cfg.head_dim > 256 or not kernels_built() \
-                or any(m.training for m in model.modules()):
+                or cfg.n_head > ATTENTION_GROUP * cfg.n_kv_head or any(m.training for m in model.modules()):
             return None
         norms, packed, scale_zero, groups, bits, biases = [], [], [], [], [], []
         for block in model.blocks:
@@ -441,10 +441,13 @@ class Int4Step:
             if not all(type(m) is VNNIInt4Linear and m.packed.dim() == 1 and m.bias is None
                        for m in (attn.o_proj, mlp.down_proj)):
                 return None
-            if not all(isinstance(n, RMSNorm) and n.weight.dtype == torch.bfloat16 and n.weight.is_contiguous()
-                       and n.eps == cfg.norm_eps for n in (block.attn_norm, block.mlp_norm)):
+            if not all(type(n) in (RMSNorm, FusedRMSNorm) and n.weight.dtype == torch.bfloat16 and
+                       n.weight.is_contiguous() and n.eps == cfg.norm_eps for n in (block.attn_norm, block.mlp_norm)):
                 return None
-            norms += [block.attn_norm.weight.detach(), block.mlp_norm.weight.detach()]
+            if type(block) is not Block or mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
+                return None
+            # the tensors themselves, not copies: a weight's `.data = ...` of the same shape is read at the next step
+            norms += [block.attn_norm.weight, block.mlp_norm.weight]
             for m in (qkv, attn.o_proj, gate_up, mlp.down_proj):
                 packed.append(m.packed)
                 scale_zero.append(m.scale_zero)
@@ -452,10 +455,10 @@ class Int4Step:
                 bits.append(4)
             bias = [p.bias for p in layers]
             if any(b is not None for b in bias):
-                if any(b is None or b.dtype != torch.bfloat16 for b in bias):
+                if any(b is None or b.dtype != torch.bfloat16 or not b.is_contiguous() for b in bias):
                     return None
-                biases.append(torch.cat([b.detach() for b in bias]))
-        if biases and len(biases) != len(model.blocks):
+                biases += bias
+        if biases and len(biases) != 3 * len(model.blocks):
             return None
         return cls(model, vnni().DecodeStep(norms, packed, scale_zero, groups, bits, biases, cfg.n_head,
                                             cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden, cfg.norm_eps))
@@ -465,13 +468,14 @@ class Int4Step:
         is not for this step (forward's route then also raises what forward raises: a context overflow)."""
         model = self.model
         if tokens.shape[0] != 1 or tokens.device.type != "cpu" or cache.k[0].dtype != torch.bfloat16 \
-                or start_pos >= model.config.block_size:
+                or cache.k[0].device.type != "cpu" or start_pos >= model.config.block_size:
             return None
         x = model.drop(model.tok_emb(tokens))  # (1, 1, C)
         if x.dtype != torch.bfloat16:
             return None
-        cache.reserve(1, start_pos, 1)
+        end = cache.check_write(1, start_pos, 1)
         x = self.step(x.view(1, -1), model.rope_cos[start_pos], model.rope_sin[start_pos], start_pos, cache.k, cache.v)
+        cache.length = end
         return model.lm_head(model.norm(x.view(1, 1, -1)))
 
 

@@ -29,8 +29,9 @@ def smollm2_int4(smollm2_converted):
 
 def check_against_eager(model, tokenizer, n: int) -> int:
     """Along n greedy tokens, each position's step through Int4Step against the eager step on the same cache:
-    the K/V it writes and its logits within a bf16 step or two of the eager ones (RMSNorm's sum order and
-    e^x are step.cpp's own), the argmax the same wherever the eager top two are further apart than that.
+    the K/V it writes (every layer's) and its logits within a few bf16 steps of the eager ones (RMSNorm's
+    sum order and e^x are step.cpp's own), the argmax the same wherever the eager top two are further
+    apart than that.
     -> the number of positions whose logits were bit for bit the eager ones."""
     step = Int4Step.of(model)
     assert step is not None
@@ -42,14 +43,16 @@ def check_against_eager(model, tokenizer, n: int) -> int:
         model(torch.tensor([prompt]), cache, 0)
         for pos, t in enumerate(ids[:-1], start=len(prompt)):
             eager = Transformer.forward(model, torch.tensor([[t]]), cache, pos)[0, -1].float()
-            k, v = cache.k[7][:, :, pos].clone(), cache.v[7][:, :, pos].clone()
+            k, v = [c[:, :, pos].clone() for c in cache.k], [c[:, :, pos].clone() for c in cache.v]
             cache.crop(pos)
+            for c in cache.k + cache.v:  # what the eager step wrote there: gone, so that only Int4Step's write counts
+                c[:, :, pos:] = float("nan")
             ours = step(torch.tensor([[t]]), cache, pos)[0, -1].float()
             assert cache.length == pos + 1
-            torch.testing.assert_close(cache.k[7][:, :, pos], k, rtol=0.02, atol=0.02 * k.abs().max().item())
-            torch.testing.assert_close(cache.v[7][:, :, pos], v, rtol=0.02, atol=0.02 * v.abs().max().item())
+            for written, want in zip(cache.k + cache.v, k + v):
+                torch.testing.assert_close(written[:, :, pos], want, rtol=0.02, atol=0.02 * want.abs().max().item())
             diff = (ours - eager).abs().max().item()
-            assert diff <= 0.02 * eager.abs().max().item(), (pos, diff)
+            assert diff <= 0.05 * eager.abs().max().item(), (pos, diff)  # seen: up to 0.02 along 128 tokens
             top2 = eager.topk(2).values
             if top2[0] - top2[1] > 2 * diff:
                 assert ours.argmax() == eager.argmax(), pos
@@ -84,8 +87,10 @@ def test_compile_decode_runs_int4_steps_in_one_call_and_compiles_nothing(smollm2
     assert model.compiled_step.int4 is not None
     seen = []
     hook = model.blocks[3].register_forward_hook(lambda m, i, o: seen.append(1))
-    assert list(stream_tokens(model, prompt, 4, GREEDY)) == eager[:4]
-    hook.remove()
+    try:
+        assert list(stream_tokens(model, prompt, 4, GREEDY)) == eager[:4]
+    finally:
+        hook.remove()  # the fixture's blocks are shared
     assert len(compiled) == 1 and len(seen) == 4 and model.compiled_step.int4 is None  # prefill + 3 steps
     assert list(stream_tokens(model, prompt, 4, GREEDY)) == eager[:4] and len(seen) == 4
     assert model.compiled_step.int4 is not None
@@ -110,7 +115,8 @@ def test_int4_step_leaves_other_models_and_calls_to_the_other_route(smollm2_int4
     assert Int4Step.of(speed_up(load_model(smollm2_converted).model)) is None  # float layers
     other = copy.deepcopy(model)
     attn = other.blocks[5].attn
-    attn.o_proj = FewRowLinear.wrap(torch.zeros(attn.o_proj.out_features, attn.o_proj.in_features, dtype=torch.bfloat16))
+    attn.o_proj = FewRowLinear.wrap(torch.zeros(attn.o_proj.out_features, attn.o_proj.in_features,
+                                                dtype=torch.bfloat16)).eval()
     assert Int4Step.of(other) is None  # one float layer among int4 ones
     assert Int4Step.of(batch_invariant(copy.deepcopy(model), 5)) is None  # the exact mode's attention
     assert Int4Step.of(copy.deepcopy(model).train()) is None

@@ -12,7 +12,7 @@
 //   h = RMSNorm(x); g|u = h W_gate|up
 //   x = x + (silu(g) * u) W_down        silu rounded, then the product
 // RMSNorm sums its squares in another order than PyTorch's and e^x is ours (simd.h): a result can land
-// one bf16 step away from the eager one's (tests/test_speed.py holds the logits and greedy tokens to it).
+// one bf16 step away from the eager one's (tests/test_int4_step.py holds the logits and greedy tokens to it).
 // The embedding, the final norm and the output head stay in Python (speed.Int4Step).
 #include <torch/extension.h>
 #include <immintrin.h>
@@ -95,7 +95,7 @@ struct Matrix {
 // when they change); then each call is one token's step through all of them.
 struct DecodeStep {
   struct Block {
-    torch::Tensor attn_norm, mlp_norm, bias;  // bias: q|k|v's, bf16, or undefined (no bias)
+    torch::Tensor attn_norm, mlp_norm, bias[3];  // bias: q's, k's, v's, bf16, or undefined (no bias)
     Matrix qkv, o, gate_up, down;
   };
   std::vector<Block> blocks;
@@ -103,26 +103,31 @@ struct DecodeStep {
   float eps;
 
   // Per block, in order: norms (attention's, MLP's), matrices (q|k|v, o, gate|up, down: packed codes and
-  // scale_zero each), their group sizes and bits, and q|k|v's bias (none: an empty list).
+  // scale_zero each), their group sizes and bits, and q's, k's and v's biases (none: an empty list). The
+  // tensors are held, not copied: a change to their numbers is read at the next call.
   DecodeStep(std::vector<torch::Tensor> norms, std::vector<torch::Tensor> packed, std::vector<torch::Tensor> scale_zero,
              std::vector<int64_t> groups, std::vector<int64_t> bits, std::vector<torch::Tensor> biases,
              int64_t n_head, int64_t n_kv_head, int64_t head_dim, int64_t hidden, double eps)
       : n_head(n_head), n_kv_head(n_kv_head), head_dim(head_dim), hidden(hidden), eps((float)eps) {
     const size_t L = norms.size() / 2;
     TORCH_CHECK(packed.size() == 4 * L && scale_zero.size() == 4 * L && groups.size() == 4 * L && bits.size() == 4 * L &&
-                (biases.empty() || biases.size() == L) && head_dim % LANES == 0 && head_dim <= 16 * LANES,
+                (biases.empty() || biases.size() == 3 * L) && head_dim % LANES == 0 && head_dim <= 16 * LANES,
                 "DecodeStep: per block 2 norms, 4 matrices, head_dim a multiple of 16 up to 256");
     for (size_t l = 0; l < L; ++l) {
-      Block b{norms[2 * l], norms[2 * l + 1], biases.empty() ? torch::Tensor() : biases[l]};
+      Block b{norms[2 * l], norms[2 * l + 1]};
+      if (!biases.empty()) for (int i = 0; i < 3; ++i) b.bias[i] = biases[3 * l + i];
       Matrix* m[4] = {&b.qkv, &b.o, &b.gate_up, &b.down};
       for (int i = 0; i < 4; ++i) *m[i] = {packed[4 * l + i], scale_zero[4 * l + i], groups[4 * l + i], bits[4 * l + i]};
       const int64_t C = b.attn_norm.numel(), nq = n_head * head_dim, nkv = n_kv_head * head_dim;
       const auto outputs = [](const Matrix& m) { return m.scale_zero.size(0) * TILE; };  // padded to whole tiles
-      TORCH_CHECK(b.attn_norm.scalar_type() == torch::kBFloat16 && b.mlp_norm.scalar_type() == torch::kBFloat16 &&
-                  b.mlp_norm.numel() == C && outputs(b.qkv) >= nq + 2 * nkv && outputs(b.o) >= C &&
-                  outputs(b.gate_up) >= (hidden + TILE - 1) / TILE * TILE + hidden && outputs(b.down) >= C &&
-                  (!b.bias.defined() || (b.bias.scalar_type() == torch::kBFloat16 && b.bias.numel() == nq + 2 * nkv)),
-                  "DecodeStep: block ", l, "'s norms, matrices or bias do not fit its heads and widths");
+      const auto bf16_of = [](const torch::Tensor& t, int64_t n) {
+        return t.scalar_type() == torch::kBFloat16 && t.numel() == n && t.is_contiguous();
+      };
+      TORCH_CHECK(bf16_of(b.attn_norm, C) && bf16_of(b.mlp_norm, C) && outputs(b.qkv) >= nq + 2 * nkv &&
+                  outputs(b.o) >= C && outputs(b.gate_up) >= (hidden + TILE - 1) / TILE * TILE + hidden &&
+                  outputs(b.down) >= C && (!b.bias[0].defined() || (bf16_of(b.bias[0], nq) &&
+                  bf16_of(b.bias[1], nkv) && bf16_of(b.bias[2], nkv))),
+                  "DecodeStep: block ", l, "'s norms, matrices or biases do not fit its heads and widths");
       blocks.push_back(b);
     }
   }
@@ -133,13 +138,14 @@ struct DecodeStep {
   torch::Tensor operator()(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t pos,
                            std::vector<torch::Tensor> k_cache, std::vector<torch::Tensor> v_cache) {
     const int64_t C = x.size(1), hd = head_dim, nq = n_head * hd, nkv = n_kv_head * hd;
-    TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.dim() == 2 && x.size(0) == 1 && pos >= 0 && !blocks.empty() &&
+    TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.device().is_cpu() && x.dim() == 2 && x.size(0) == 1 && pos >= 0 && !blocks.empty() &&
                 x.size(1) == blocks[0].attn_norm.numel() &&
                 cos.scalar_type() == torch::kFloat && cos.numel() == hd / 2 && sin.scalar_type() == torch::kFloat &&
                 sin.numel() == hd / 2 && k_cache.size() == blocks.size() && v_cache.size() == blocks.size(),
                 "DecodeStep: x (1, C) bf16, cos and sin (head_dim/2) float32, a K and a V cache per block");
     for (size_t l = 0; l < blocks.size(); ++l)
-      TORCH_CHECK(k_cache[l].scalar_type() == torch::kBFloat16 && k_cache[l].dim() == 4 && k_cache[l].size(0) == 1 &&
+      TORCH_CHECK(k_cache[l].scalar_type() == torch::kBFloat16 && k_cache[l].device().is_cpu() && v_cache[l].device().is_cpu() &&
+                  k_cache[l].dim() == 4 && k_cache[l].size(0) == 1 &&
                   k_cache[l].size(1) == n_kv_head && k_cache[l].size(2) > pos && k_cache[l].size(3) == hd &&
                   k_cache[l].is_contiguous() && v_cache[l].sizes() == k_cache[l].sizes() &&
                   v_cache[l].scalar_type() == torch::kBFloat16 && v_cache[l].is_contiguous(),
@@ -156,7 +162,10 @@ struct DecodeStep {
       rms_norm(bits(x), bits(b.attn_norm), C, eps, bits(h));
       auto qkv = b.qkv(h);
       bf16* y = bits(qkv);
-      if (b.bias.defined()) add(y, bits(b.bias), nq + 2 * nkv, y);
+      if (b.bias[0].defined()) {  // q's, k's and v's, each at its place in q|k|v's outputs
+        const int64_t at[3] = {0, nq, nq + nkv}, n[3] = {nq, nkv, nkv};
+        for (int i = 0; i < 3; ++i) add(y + at[i], bits(b.bias[i]), n[i], y + at[i]);
+      }
       for (int64_t i = 0; i < n_head; ++i) rope(y + i * hd, cp, sp, hd, bits(q) + i * hd);
       for (int64_t g = 0; g < n_kv_head; ++g) {
         rope(y + nq + g * hd, cp, sp, hd, bits(k_cache[l]) + g * head + row);
@@ -178,5 +187,5 @@ void bind_step(pybind11::module& m) {
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                           std::vector<int64_t>, std::vector<int64_t>, std::vector<torch::Tensor>, int64_t, int64_t,
                           int64_t, int64_t, double>())
-      .def("__call__", &DecodeStep::operator());
+      .def("__call__", &DecodeStep::operator(), pybind11::call_guard<pybind11::gil_scoped_release>());
 }
