@@ -330,9 +330,14 @@ class CompiledDecode(Transformer):
     compiled_step: CompiledStep
 
     def forward(self, tokens, cache=None, start_pos=0, last_only=False):
-        if tokens.shape[1] == 1 and cache is not None and not torch.is_grad_enabled():
-            # fresh strides: a column sliced from the loop's token buffer would recompile the step
-            return self.compiled_step(tokens.clone(memory_format=torch.contiguous_format), cache, start_pos, last_only)
+        if cache is not None and not torch.is_grad_enabled():
+            if tokens.shape[1] == 1:
+                # fresh strides: a column sliced from the loop's token buffer would recompile the step
+                return self.compiled_step(tokens.clone(memory_format=torch.contiguous_format), cache, start_pos, last_only)
+            if tokens.shape[1] <= ROWS_MAX:  # a verification: Int4Step's where it takes the model, else eager
+                logits = self.compiled_step.int4_call(tokens, cache, start_pos, last_only)
+                if logits is not None:
+                    return logits
         return super().forward(tokens, cache, start_pos, last_only)
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), .cpu(), ...: the tensors' dtype or device may change
@@ -386,17 +391,24 @@ class CompiledStep:
         """Drop every compiled graph (the model's tensors changed dtype or device): the next call compiles."""
         self.step, self.seen, self.steps, self.int4 = None, None, [], None
 
-    def __call__(self, tokens, cache, start_pos, last_only):
+    def refresh(self) -> None:
+        """Take the graph compiled for the model's state now, if any, and Int4Step's plan for it."""
         state = self.state()
         if state != self.seen:
             self.step = next((step for seen, step in self.steps if seen == state), None)
             hooked = state[3]  # the inspector's hooks see every block run as Python
             self.int4 = Int4Step.of(self.model) if self.int4_route and not hooked else None
             self.seen = state
-        if self.int4 is not None:
-            logits = self.int4(tokens, cache, start_pos)
-            if logits is not None:
-                return logits
+
+    def int4_call(self, tokens, cache, start_pos, last_only):
+        """Int4Step's logits for these tokens, or None where it does not take the model or the call."""
+        self.refresh()
+        return None if self.int4 is None else self.int4(tokens, cache, start_pos, last_only)
+
+    def __call__(self, tokens, cache, start_pos, last_only):
+        logits = self.int4_call(tokens, cache, start_pos, last_only)
+        if logits is not None:
+            return logits
         if self.step is None:  # compiled at its first call
             forward = Transformer.forward
             code = forward.__code__.replace(co_name=f"compiled_step_{next(_steps)}")
@@ -404,20 +416,23 @@ class CompiledStep:
                                    self.model)
             self.step = torch.compile(fn, dynamic=True, options={
                 "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-            self.steps.append((state, self.step))
+            self.steps.append((self.seen, self.step))
         return self.step(tokens, cache, start_pos, last_only)
 
 
 class Int4Step:
-    """compile_decode's one-token step of a LLaMA-family model whose linear layers all run our int4 kernel:
-    every block in one C++ call (kernels/step.cpp: RMSNorm, the q|k|v stack, RoPE, the cache's write,
+    """compile_decode's one-token step (and verification of up to 16 tokens) of a LLaMA-family model whose
+    linear layers all run our int4 kernel: every block in one C++ call (kernels/step.cpp: RMSNorm, the q|k|v stack, RoPE, the cache's write,
     the few-query attention, o, the gate|up stack, SwiGLU, down, the residual adds), where the
     torch.compile'd step spent as long again as its matmuls on its graph's code and dynamo's checks; and
     nothing to compile. The embedding, the final norm and the head run as forward runs them. Its logits
     are the eager step's within a bf16 rounding here and there (step.cpp says where; tests/test_int4_step.py).
     `of` takes a model only as speed_up leaves an int4 checkpoint of that family (the layers' classes,
     their q|k|v and gate|up stacks valid, bf16 norms, head_dim a multiple of 16 up to 256, no q/k norm,
-    eval mode); a call only for batch 1 and a bf16 cache on the CPU, else None: CompiledStep compiles."""
+    eval mode); a call only for batch 1 and a bf16 cache on the CPU, else None: CompiledStep compiles
+    (a verification: runs eager). A token's numbers do not depend on how many share its call (every
+    kernel on the way computes a row as it would alone), so greedy speculative decoding with such a
+    target gives its plain greedy output, as the exact mode (batch_invariant) makes the eager route do."""
 
     def __init__(self, model: Transformer, step):
         self.model, self.step = model, step
@@ -463,20 +478,24 @@ class Int4Step:
         return cls(model, vnni().DecodeStep(norms, packed, scale_zero, groups, bits, biases, cfg.n_head,
                                             cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden, cfg.norm_eps))
 
-    def __call__(self, tokens: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor | None:
-        """Logits (1, 1, vocab) of one token at start_pos, its K/V written to the cache; None where this call
-        is not for this step (forward's route then also raises what forward raises: a context overflow)."""
-        model = self.model
-        if tokens.shape[0] != 1 or tokens.device.type != "cpu" or cache.k[0].dtype != torch.bfloat16 \
-                or cache.k[0].device.type != "cpu" or start_pos >= model.config.block_size:
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, start_pos: int, last_only: bool = False) -> torch.Tensor | None:
+        """forward's logits for tokens (1, T <= 16) at start_pos.., their K/V written to the cache; None where
+        this call is not for this step (forward's route then also raises what forward raises: a context
+        overflow). Each token's numbers are those of a one-token call at its position."""
+        model, T = self.model, tokens.shape[1]
+        if tokens.shape[0] != 1 or not 1 <= T <= ROWS_MAX or tokens.device.type != "cpu" \
+                or cache.k[0].dtype != torch.bfloat16 or cache.k[0].device.type != "cpu" \
+                or start_pos + T > model.config.block_size:
             return None
-        x = model.drop(model.tok_emb(tokens))  # (1, 1, C)
+        x = model.drop(model.tok_emb(tokens))  # (1, T, C)
         if x.dtype != torch.bfloat16:
             return None
-        end = cache.check_write(1, start_pos, 1)
-        x = self.step(x.view(1, -1), model.rope_cos[start_pos], model.rope_sin[start_pos], start_pos, cache.k, cache.v)
+        end = cache.check_write(1, start_pos, T)
+        x = self.step(x.view(T, -1), model.rope_cos[start_pos:end], model.rope_sin[start_pos:end], start_pos,
+                      cache.k, cache.v)
         cache.length = end
-        return model.lm_head(model.norm(x.view(1, 1, -1)))
+        x = x.view(1, T, -1)
+        return model.lm_head(model.norm(x[:, -1:] if last_only else x))
 
 
 _steps = itertools.count()

@@ -7,8 +7,10 @@ import copy
 import pytest
 import torch
 
+from bench.prompts import OUR_PROMPTS
 from minillm.checkpoint import load_model
 from minillm.generate import stream_tokens
+from minillm.methods import Method
 from minillm.kv_cache import KVCache
 from minillm.model import Transformer
 from minillm.quantize import quantize_model
@@ -122,3 +124,48 @@ def test_int4_step_leaves_other_models_and_calls_to_the_other_route(smollm2_int4
     assert Int4Step.of(copy.deepcopy(model).train()) is None
     with pytest.raises(RuntimeError, match="DecodeStep"):  # the C++ side checks its arguments too
         step.step(torch.zeros(1, model.config.n_embd), model.rope_cos[0], model.rope_sin[0], 0, [], [])
+
+
+@pytest.mark.slow
+def test_greedy_speculative_with_an_int4_step_target_is_its_plain_greedy_over_20_prompts(smollm2_int4, smollm2_converted,
+                                                                                          monkeypatch):
+    """A verification of k + 1 tokens goes through Int4Step too, and each token's numbers there are those of a
+    one-token step (every kernel on the way computes a row alone): greedy speculative output is the
+    target's plain greedy output, token for token, without the exact mode; nothing compiled."""
+    model, tokenizer = smollm2_int4
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: pytest.fail("a graph was compiled"))
+    calls, call = [], Int4Step.__call__
+    monkeypatch.setattr(Int4Step, "__call__", lambda self, tokens, *a: calls.append(tokens.shape[1]) or call(self, tokens, *a))
+    model = compile_decode(copy.copy(model))
+    draft = speed_up(quantize_model(load_model(smollm2_converted).model, 4, 64))  # another grouping: rejections too
+    spec, plain = Method("speculative", GREEDY, k=4), Method("greedy", GREEDY)
+    stats = spec.new_stats()
+    differ = []
+    for text in OUR_PROMPTS:
+        ids = tokenizer.encode(text)
+        want = list(plain.stream(model, ids, 12))
+        got = list(spec.stream(model, ids, 12, draft, stats=stats))
+        if got != want:
+            differ.append((text, tokenizer.decode(want), tokenizer.decode(got)))
+    assert len(OUR_PROMPTS) == 20 and not differ, differ
+    assert 0 < stats.drafts_accepted < stats.drafts_proposed  # both acceptances and rejections were checked
+    assert calls.count(5) >= stats.calls["target"] // 2  # the verifications went through Int4Step (the spy saw them)
+
+
+def test_a_verification_through_int4_step_gives_each_token_its_one_token_step(smollm2_int4):
+    """Five tokens in one Int4Step call: each position's logits and K/V bit for bit those of five one-token calls."""
+    model, tokenizer = smollm2_int4
+    step = Int4Step.of(model)
+    prompt, tokens = tokenizer.encode(PROMPT), [11, 400, 7, 9000, 42]
+    with torch.inference_mode():
+        cache = KVCache.for_model(model, 1, len(prompt) + 5)
+        model(torch.tensor([prompt]), cache, 0)
+        n = len(prompt)
+        together = step(torch.tensor([tokens]), cache, n)[0]
+        k, v = [c[:, :, n:].clone() for c in cache.k], [c[:, :, n:].clone() for c in cache.v]
+        cache.crop(n)
+        alone = torch.cat([step(torch.tensor([[t]]), cache, n + i)[0] for i, t in enumerate(tokens)])
+        assert torch.equal(together, alone) and cache.length == n + 5
+        assert all(torch.equal(a[:, :, n:], b) for a, b in zip(cache.k + cache.v, k + v))
+        cache.crop(n)
+        assert torch.equal(step(torch.tensor([tokens]), cache, n, last_only=True)[0], together[-1:])

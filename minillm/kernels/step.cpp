@@ -1,9 +1,9 @@
-// One decode step of a LLaMA-family model whose linear layers all run our int4 kernel (vnni.cpp), every
-// block of it in one call: a torch.compile'd step spends as long again as its matmuls around them (the
-// graph's own code, dynamo's checks, a Python call per operator: bench/README.md), where this loop spends
-// microseconds. What it computes is model.py's Block.forward for one token of batch 1, operation by
-// operation, with the activations and the KV cache in bf16 (an int4 model's dtype) and rounded to bf16
-// where each of the reference's operations rounds its result:
+// One decode step (or the verification of a few tokens) of a LLaMA-family model whose linear layers all run
+// our int4 kernel (vnni.cpp), every block of it in one call: a torch.compile'd step spends as long again as
+// its matmuls around them (the graph's own code, dynamo's checks, a Python call per operator:
+// bench/README.md), where this loop spends microseconds. What it computes is model.py's Block.forward for
+// 1..16 tokens of batch 1, operation by operation, with the activations and the KV cache in bf16 (an int4
+// model's dtype) and rounded to bf16 where each of the reference's operations rounds its result:
 //   h = RMSNorm(x)                      float32 inside, rounded once
 //   q|k|v = h W_qkv (+ bias)            our kernel (the layers' stack); the bias added and rounded
 //   q, k = RoPE(q), RoPE(k)             products rounded one by one, as the reference's separate operations
@@ -132,58 +132,69 @@ struct DecodeStep {
     }
   }
 
-  // x (1, C) bf16, the token's embedding, at position pos, cos and sin (hd/2) float32 its angles, k_cache and
-  // v_cache each block's (1, n_kv_head, max_len, hd) bf16, max_len > pos -> x after the last block (1, C) bf16;
-  // each block's k, v written at pos.
+  // x (T, C) bf16, the embeddings of T <= 16 tokens at positions pos..pos+T-1 (a decode step: one; a
+  // verification: a few), cos and sin (T, hd/2) float32 their angles, k_cache and v_cache each block's
+  // (1, n_kv_head, max_len, hd) bf16 with max_len >= pos + T -> x after the last block (T, C) bf16; each block's
+  // k, v written at pos..pos+T-1. Every kernel here computes a row as it would alone (our int4 kernel, the
+  // few-query attention, the row-wise pointwise work): a token's numbers do not depend on T.
   torch::Tensor operator()(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t pos,
                            std::vector<torch::Tensor> k_cache, std::vector<torch::Tensor> v_cache) {
-    const int64_t C = x.size(1), hd = head_dim, nq = n_head * hd, nkv = n_kv_head * hd;
-    TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.device().is_cpu() && x.dim() == 2 && x.size(0) == 1 && pos >= 0 && !blocks.empty() &&
-                x.size(1) == blocks[0].attn_norm.numel() &&
-                cos.scalar_type() == torch::kFloat && cos.numel() == hd / 2 && sin.scalar_type() == torch::kFloat &&
-                sin.numel() == hd / 2 && k_cache.size() == blocks.size() && v_cache.size() == blocks.size(),
-                "DecodeStep: x (1, C) bf16, cos and sin (head_dim/2) float32, a K and a V cache per block");
+    const int64_t T = x.size(0), C = x.size(1), hd = head_dim, nq = n_head * hd, nkv = n_kv_head * hd;
+    TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.device().is_cpu() && x.dim() == 2 && T >= 1 && T <= 16 &&
+                pos >= 0 && !blocks.empty() && x.size(1) == blocks[0].attn_norm.numel() &&
+                cos.scalar_type() == torch::kFloat && cos.numel() == T * hd / 2 && sin.scalar_type() == torch::kFloat &&
+                sin.numel() == T * hd / 2 && k_cache.size() == blocks.size() && v_cache.size() == blocks.size(),
+                "DecodeStep: x (T <= 16, C) bf16, cos and sin (T, head_dim/2) float32, a K and a V cache per block");
     for (size_t l = 0; l < blocks.size(); ++l)
       TORCH_CHECK(k_cache[l].scalar_type() == torch::kBFloat16 && k_cache[l].device().is_cpu() && v_cache[l].device().is_cpu() &&
                   k_cache[l].dim() == 4 && k_cache[l].size(0) == 1 &&
-                  k_cache[l].size(1) == n_kv_head && k_cache[l].size(2) > pos && k_cache[l].size(3) == hd &&
+                  k_cache[l].size(1) == n_kv_head && k_cache[l].size(2) >= pos + T && k_cache[l].size(3) == hd &&
                   k_cache[l].is_contiguous() && v_cache[l].sizes() == k_cache[l].sizes() &&
                   v_cache[l].scalar_type() == torch::kBFloat16 && v_cache[l].is_contiguous(),
-                  "DecodeStep: caches (1, n_kv_head, max_len > pos, head_dim) bf16, contiguous");
-    x = x.clone();  // the residual stream, added to in place
-    auto h = torch::empty({1, C}, x.options()), q = torch::empty({1, n_head, 1, hd}, x.options());
-    auto a = torch::empty({1, hidden}, x.options());
+                  "DecodeStep: caches (1, n_kv_head, max_len >= pos + T, head_dim) bf16, contiguous");
+    x = x.contiguous().clone();  // the residual stream, added to in place
+    auto h = torch::empty({T, C}, x.options()), q = torch::empty({1, n_head, T, hd}, x.options());
+    auto a = torch::empty({T, hidden}, x.options());
     cos = cos.contiguous(), sin = sin.contiguous();
     const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
     const int64_t up = (hidden + TILE - 1) / TILE * TILE;  // where up's outputs start in gate|up's
     for (size_t l = 0; l < blocks.size(); ++l) {
       const Block& b = blocks[l];
-      const int64_t row = pos * hd, head = k_cache[l].size(2) * hd;  // a position's, a K/V head's numbers
-      rms_norm(bits(x), bits(b.attn_norm), C, eps, bits(h));
-      auto qkv = b.qkv(h);
-      bf16* y = bits(qkv);
-      if (b.bias[0].defined()) {  // q's, k's and v's, each at its place in q|k|v's outputs
-        const int64_t at[3] = {0, nq, nq + nkv}, n[3] = {nq, nkv, nkv};
-        for (int i = 0; i < 3; ++i) add(y + at[i], bits(b.bias[i]), n[i], y + at[i]);
+      const int64_t head = k_cache[l].size(2) * hd;  // a K/V head's numbers in the cache
+      for (int64_t t = 0; t < T; ++t) rms_norm(bits(x) + t * C, bits(b.attn_norm), C, eps, bits(h) + t * C);
+      auto qkv = b.qkv(h);  // (T, outputs)
+      for (int64_t t = 0; t < T; ++t) {
+        bf16* y = bits(qkv) + t * qkv.size(1);
+        const float *ct = cp + t * hd / 2, *st = sp + t * hd / 2;
+        const int64_t row = (pos + t) * hd;  // position pos + t's numbers in a K/V head
+        if (b.bias[0].defined()) {  // q's, k's and v's, each at its place in q|k|v's outputs
+          const int64_t at[3] = {0, nq, nq + nkv}, n[3] = {nq, nkv, nkv};
+          for (int i = 0; i < 3; ++i) add(y + at[i], bits(b.bias[i]), n[i], y + at[i]);
+        }
+        for (int64_t i = 0; i < n_head; ++i) rope(y + i * hd, ct, st, hd, bits(q) + (i * T + t) * hd);
+        for (int64_t g = 0; g < n_kv_head; ++g) {
+          rope(y + nq + g * hd, ct, st, hd, bits(k_cache[l]) + g * head + row);
+          std::memcpy(bits(v_cache[l]) + g * head + row, y + nq + nkv + g * hd, hd * sizeof(bf16));
+        }
       }
-      for (int64_t i = 0; i < n_head; ++i) rope(y + i * hd, cp, sp, hd, bits(q) + i * hd);
-      for (int64_t g = 0; g < n_kv_head; ++g) {
-        rope(y + nq + g * hd, cp, sp, hd, bits(k_cache[l]) + g * head + row);
-        std::memcpy(bits(v_cache[l]) + g * head + row, y + nq + nkv + g * hd, hd * sizeof(bf16));
-      }
-      auto att = few_query_attention(q, k_cache[l].narrow(2, 0, pos + 1), v_cache[l].narrow(2, 0, pos + 1));
-      add(bits(x), bits(b.o(att.view({1, nq}))), C, bits(x));
-      rms_norm(bits(x), bits(b.mlp_norm), C, eps, bits(h));
+      auto att = few_query_attention(q, k_cache[l].narrow(2, 0, pos + T), v_cache[l].narrow(2, 0, pos + T));
+      auto o = b.o(att.view({T, nq}));
+      for (int64_t t = 0; t < T; ++t) add(bits(x) + t * C, bits(o) + t * o.size(1), C, bits(x) + t * C);
+      for (int64_t t = 0; t < T; ++t) rms_norm(bits(x) + t * C, bits(b.mlp_norm), C, eps, bits(h) + t * C);
       auto gu = b.gate_up(h);
-      swiglu(bits(gu), bits(gu) + up, hidden, bits(a));
-      add(bits(x), bits(b.down(a)), C, bits(x));
+      for (int64_t t = 0; t < T; ++t) {
+        const bf16* g = bits(gu) + t * gu.size(1);
+        swiglu(g, g + up, hidden, bits(a) + t * hidden);
+      }
+      auto d = b.down(a);
+      for (int64_t t = 0; t < T; ++t) add(bits(x) + t * C, bits(d) + t * d.size(1), C, bits(x) + t * C);
     }
     return x;
   }
 };
 
 void bind_step(pybind11::module& m) {
-  pybind11::class_<DecodeStep>(m, "DecodeStep", "one token's step through every block of an int4 LLaMA-family model (step.cpp)")
+  pybind11::class_<DecodeStep>(m, "DecodeStep", "1..16 tokens through every block of an int4 LLaMA-family model (step.cpp)")
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                           std::vector<int64_t>, std::vector<int64_t>, std::vector<torch::Tensor>, int64_t, int64_t,
                           int64_t, int64_t, double>())
