@@ -59,7 +59,8 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
   An int4 LLaMA-family model on our kernel (what speed_up makes of SmolLM2's and Qwen's int4
   checkpoints) needs no graph: Int4Step runs all its blocks for one token in one C++ call
   (kernels/step.cpp), the eager step's operations and roundings, ~1.5x the graph's speed on
-  SmolLM2 (bench/README.md, "Every block in one call").
+  SmolLM2 (bench/README.md, "Every block in one call"); a verification of up to 16 tokens too, each
+  token's numbers those of its one-token step (greedy speculative output = plain greedy output).
 """
 
 from __future__ import annotations
