@@ -423,11 +423,12 @@ class CompiledStep:
 
 class Int4Step:
     """compile_decode's one-token step (and verification of up to 16 tokens) of a LLaMA-family model whose
-    linear layers all run our int4 kernel: every block in one C++ call (kernels/step.cpp: RMSNorm, the q|k|v stack, RoPE, the cache's write,
-    the few-query attention, o, the gate|up stack, SwiGLU, down, the residual adds), where the
-    torch.compile'd step spent as long again as its matmuls on its graph's code and dynamo's checks; and
-    nothing to compile. The embedding, the final norm and the head run as forward runs them. Its logits
-    are the eager step's within a bf16 rounding here and there (step.cpp says where; tests/test_int4_step.py).
+    linear layers all run our int4 kernel: every block in one C++ call (kernels/step.cpp: RMSNorm, the
+    q|k|v stack, RoPE, the cache's write, the few-query attention, o, the gate|up stack, SwiGLU, down,
+    the residual adds), where the torch.compile'd step spent as long again as its matmuls on its graph's
+    code and dynamo's checks; and nothing to compile. The embedding, the final norm and the head run as
+    forward runs them. Its logits are the eager step's within a bf16 rounding here and there (step.cpp
+    says where; tests/test_int4_step.py).
     `of` takes a model only as speed_up leaves an int4 checkpoint of that family (the layers' classes,
     their q|k|v and gate|up stacks valid, bf16 norms, head_dim a multiple of 16 up to 256, no q/k norm,
     eval mode); a call only for batch 1 and a bf16 cache on the CPU, else None: CompiledStep compiles
@@ -479,7 +480,8 @@ class Int4Step:
         return cls(model, vnni().DecodeStep(norms, packed, scale_zero, groups, bits, biases, cfg.n_head,
                                             cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden, cfg.norm_eps))
 
-    def __call__(self, tokens: torch.Tensor, cache: KVCache, start_pos: int, last_only: bool = False) -> torch.Tensor | None:
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, start_pos: int,
+                 last_only: bool = False) -> torch.Tensor | None:
         """forward's logits for tokens (1, T <= 16) at start_pos.., their K/V written to the cache; None where
         this call is not for this step (forward's route then also raises what forward raises: a context
         overflow). Each token's numbers are those of a one-token call at its position."""

@@ -146,8 +146,8 @@ struct DecodeStep {
                 sin.numel() == T * hd / 2 && k_cache.size() == blocks.size() && v_cache.size() == blocks.size(),
                 "DecodeStep: x (T <= 16, C) bf16, cos and sin (T, head_dim/2) float32, a K and a V cache per block");
     for (size_t l = 0; l < blocks.size(); ++l)
-      TORCH_CHECK(k_cache[l].scalar_type() == torch::kBFloat16 && k_cache[l].device().is_cpu() && v_cache[l].device().is_cpu() &&
-                  k_cache[l].dim() == 4 && k_cache[l].size(0) == 1 &&
+      TORCH_CHECK(k_cache[l].scalar_type() == torch::kBFloat16 && k_cache[l].device().is_cpu() &&
+                  v_cache[l].device().is_cpu() && k_cache[l].dim() == 4 && k_cache[l].size(0) == 1 &&
                   k_cache[l].size(1) == n_kv_head && k_cache[l].size(2) >= pos + T && k_cache[l].size(3) == hd &&
                   k_cache[l].is_contiguous() && v_cache[l].sizes() == k_cache[l].sizes() &&
                   v_cache[l].scalar_type() == torch::kBFloat16 && v_cache[l].is_contiguous(),
@@ -194,7 +194,8 @@ struct DecodeStep {
 };
 
 void bind_step(pybind11::module& m) {
-  pybind11::class_<DecodeStep>(m, "DecodeStep", "1..16 tokens through every block of an int4 LLaMA-family model (step.cpp)")
+  pybind11::class_<DecodeStep>(m, "DecodeStep",
+                               "1..16 tokens through every block of an int4 LLaMA-family model (step.cpp)")
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
                           std::vector<int64_t>, std::vector<int64_t>, std::vector<torch::Tensor>, int64_t, int64_t,
                           int64_t, int64_t, double>())
