@@ -16,7 +16,8 @@ ignored. Time to first token = prefill of the prompt + choosing the first token;
 get) on the model as sample.py runs it: speed.speed_up after loading, and speed.compile_decode for
 the "-compiled" configs (an int4 LLaMA-family model: speed.Int4Step, every block in one C++ call;
 ours-int4-compiled-graph: torch.compile's graph instead, as before Int4Step; ours-int4-compiled-cpp: that
-graph with inductor's wrapper in C++, as TORCHINDUCTOR_CPP_WRAPPER=1 sets it); transformers runs its best case, a bare loop of model(token,
+graph with inductor's wrapper in C++, as TORCHINDUCTOR_CPP_WRAPPER=1 sets it); transformers runs its
+best case, a bare loop of model(token,
 past_key_values) + argmax with a DynamicCache and logits for the last position only (generate()
 adds nothing measurable to it).
 Prefill: one forward over the first 512 tokens of tinyshakespeare into an empty cache. speed_up also
@@ -78,8 +79,8 @@ def load(config: str, model_path: str, hf_dir: str):
         import torch._inductor.config  # between a graph's kernels, at about twice the compile time
         torch._inductor.config.cpp_wrapper = True
     if kind == "ours":
-        compiled = "compiled" in extra and ("graph" if {"graph", "cpp"} & set(extra) else "int4-step")
-        return load_ours(loaded.model, dtype, compiled, prompt, text_ids, model_path)
+        graph = bool({"graph", "cpp"} & set(extra))  # torch.compile's graph even where Int4Step would run
+        return load_ours(loaded.model, dtype, "compiled" in extra, not graph, prompt, text_ids, model_path)
     del loaded  # transformers loads the exported copy
     if "reuse" in extra:  # the allocator setting speed_up makes for ours, given to transformers too
         from minillm.host_memory import reuse_freed_memory
@@ -87,9 +88,10 @@ def load(config: str, model_path: str, hf_dir: str):
     return load_hf(hf_dir, dtype, prompt, text_ids)
 
 
-def load_ours(model, dtype: str, compiled: str | bool, prompt: list[int], text_ids: list[int], model_path: str):
+def load_ours(model, dtype: str, compiled: bool, int4_step: bool, prompt: list[int], text_ids: list[int],
+              model_path: str):
     """Ours as sample.py runs it: the speed layer on (speed.speed_up), compile_decode for "-compiled"
-    (compiled "graph": torch.compile's graph even where Int4Step would take the model)."""
+    (with int4_step False: torch.compile's graph even where Int4Step would take the model)."""
     import torch
     from minillm.generate import next_logits, stream_tokens
     from minillm.kv_cache import KVCache
@@ -101,7 +103,7 @@ def load_ours(model, dtype: str, compiled: str | bool, prompt: list[int], text_i
         assert getattr(model, "quantization", None), f"{model_path} is not quantized"
     speed_up(model)
     if compiled:  # compiles during the worker's warm-up decode, before any timing
-        compile_decode(model, int4_step=compiled != "graph")
+        compile_decode(model, int4_step=int4_step)
     greedy = SamplingParams(temperature=0.0)
 
     def decode():

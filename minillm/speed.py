@@ -445,7 +445,7 @@ class Int4Step:
         if cfg.family != "llama" or cfg.qk_norm or cfg.head_dim % 16 or cfg.head_dim > 256 or not kernels_built() \
                 or cfg.n_head > ATTENTION_GROUP * cfg.n_kv_head or any(m.training for m in model.modules()):
             return None
-        norms, packed, scale_zero, groups, bits, biases = [], [], [], [], [], []
+        norms, packed, scale_zero, groups, biases = [], [], [], [], []
         for block in model.blocks:
             attn, mlp = block.attn, block.mlp
             if type(attn) is not GQADecodeAttention or type(mlp) is not SwiGLUMLP:
@@ -469,7 +469,6 @@ class Int4Step:
                 packed.append(m.packed)
                 scale_zero.append(m.scale_zero)
                 groups.append(m.group_size)
-                bits.append(4)
             bias = [p.bias for p in layers]
             if any(b is not None for b in bias):
                 if any(b is None or b.dtype != torch.bfloat16 or not b.is_contiguous() for b in bias):
@@ -477,7 +476,7 @@ class Int4Step:
                 biases += bias
         if biases and len(biases) != 3 * len(model.blocks):
             return None
-        return cls(model, vnni().DecodeStep(norms, packed, scale_zero, groups, bits, biases, cfg.n_head,
+        return cls(model, vnni().DecodeStep(norms, packed, scale_zero, groups, biases, cfg.n_head,
                                             cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden, cfg.norm_eps))
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, start_pos: int,

@@ -146,8 +146,7 @@ void query_row(const E* q, const E* k, int64_t ks, const E* v, int64_t vs, int64
   const __m512 inv = _mm512_set1_ps(1.0f / sum16(sum));
   for (int i = 0; i < NV; ++i) {
     const __m512 y = _mm512_mul_ps(_mm512_add_ps(o0[i], o1[i]), inv);
-    if constexpr (std::is_same_v<E, float>) _mm512_storeu_ps(out + i * LANES, y);
-    else _mm256_storeu_si256((__m256i*)(out + i * LANES), to_bf16(y));
+    store16(out + i * LANES, y);
   }
 }
 

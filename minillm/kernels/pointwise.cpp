@@ -11,7 +11,11 @@
 
 #include "simd.h"
 
+namespace {
+
 constexpr int LANES = 16;
+
+}  // namespace
 
 // x (..., C) float32, contiguous rows, and weight (C) -> x / sqrt(mean(x^2) + eps) * weight, as model.RMSNorm.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
@@ -57,17 +61,9 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   at::parallel_for(0, B * T, std::max<int64_t>(1, 8192 / (H * hd)), [&](int64_t a, int64_t b) {
     for (int64_t bt = a; bt < b; ++bt) {
       const int64_t batch = bt / T, t = bt % T;
-      for (int64_t h = 0; h < H; ++h) {
-        const float* xr = xp + batch * x.stride(0) + h * x.stride(1) + t * x.stride(2);
-        float* o = op + (bt * H + h) * hd;
-        for (int64_t i = 0; i < half; i += LANES) {
-          const __mmask16 m = first(half - i);
-          const __m512 x1 = _mm512_maskz_loadu_ps(m, xr + i), x2 = _mm512_maskz_loadu_ps(m, xr + half + i);
-          const __m512 c = _mm512_maskz_loadu_ps(m, cp + t * half + i), s = _mm512_maskz_loadu_ps(m, sp + t * half + i);
-          _mm512_mask_storeu_ps(o + i, m, products<false>(x1, c, x2, s));  // x1 cos - x2 sin
-          _mm512_mask_storeu_ps(o + half + i, m, products<true>(x2, c, x1, s));  // x2 cos + x1 sin
-        }
-      }
+      for (int64_t h = 0; h < H; ++h)
+        rope_head(xp + batch * x.stride(0) + h * x.stride(1) + t * x.stride(2), cp + t * half, sp + t * half, half,
+                  op + (bt * H + h) * hd);
     }
   });
   return out.transpose(1, 2);

@@ -1,6 +1,6 @@
 // Vector helpers shared by our kernels: the mask of a vector's first lanes, 16 float32 or bf16 numbers as
-// floats and floats rounded to bf16, two products summed as separate operations round them, a vector's sum,
-// and e^x.
+// floats and floats rounded to bf16 (loaded, stored), two products summed as separate operations round them,
+// RoPE of one head, a vector's sum, and e^x.
 #pragma once
 #include <immintrin.h>
 #include <cstdint>
@@ -34,6 +34,24 @@ inline __m512 products(__m512 a, __m512 b, __m512 c, __m512 d) {
   __m512 ab = _mm512_mul_ps(a, b), cd = _mm512_mul_ps(c, d);
   __asm__("" : "+v"(ab), "+v"(cd));
   return ADD ? _mm512_add_ps(ab, cd) : _mm512_sub_ps(ab, cd);
+}
+
+// 16 floats stored to p's first lanes (mask): float32 as they are, bf16 (its bits as uint16_t) rounded by to_bf16.
+inline void store16(float* p, __m512 v, __mmask16 mask = 0xFFFF) { _mm512_mask_storeu_ps(p, mask, v); }
+inline void store16(uint16_t* p, __m512 v, __mmask16 mask = 0xFFFF) { _mm256_mask_storeu_epi16(p, mask, to_bf16(v)); }
+
+// One head of 2 * half numbers x (float32, or bf16 as uint16_t) rotated as model.apply_rope rotates it (channel
+// i with channel i + half) by its position's angles cos and sin (half float32 each), into out: the reference's
+// operations in its order, each product rounded before the sum (products), then rounded once to E.
+template <typename E>
+inline void rope_head(const E* x, const float* cos, const float* sin, int64_t half, E* out) {
+  for (int64_t i = 0; i < half; i += 16) {
+    const __mmask16 m = first(half - i);
+    const __m512 x1 = load16(x + i, m), x2 = load16(x + half + i, m);
+    const __m512 c = load16(cos + i, m), s = load16(sin + i, m);
+    store16(out + i, products<false>(x1, c, x2, s), m);  // x1 cos - x2 sin
+    store16(out + half + i, products<true>(x2, c, x1, s), m);  // x2 cos + x1 sin
+  }
 }
 
 // The sum of a vector's 16 lanes, in one fixed order.

@@ -31,7 +31,6 @@ using bf16 = uint16_t;  // a bf16 number's bits
 constexpr int LANES = 16, TILE = 16;
 
 inline bf16* bits(const torch::Tensor& t) { return (bf16*)t.data_ptr(); }
-inline void store16(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, to_bf16(v)); }
 
 // out = x * (1 / sqrt(mean(x^2) + eps)) * w over C numbers: model.RMSNorm in float32, rounded once.
 void rms_norm(const bf16* x, const bf16* w, int64_t C, float eps, bf16* out) {
@@ -55,19 +54,6 @@ void add(const bf16* a, const bf16* b, int64_t n, bf16* out) {
   }
 }
 
-// One head of hd numbers rotated as model.apply_rope rotates it (channel i with i + hd/2), cos and sin its
-// position's hd/2 angles, into out.
-void rope(const bf16* x, const float* cos, const float* sin, int64_t hd, bf16* out) {
-  const int64_t half = hd / 2;
-  for (int64_t i = 0; i < half; i += LANES) {
-    const __mmask16 m = first(half - i);
-    const __m512 x1 = load16(x + i, m), x2 = load16(x + half + i, m);
-    const __m512 c = load16(cos + i, m), s = load16(sin + i, m);
-    store16(out + i, products<false>(x1, c, x2, s), m);  // x1 cos - x2 sin
-    store16(out + half + i, products<true>(x2, c, x1, s), m);  // x2 cos + x1 sin
-  }
-}
-
 // v rounded to bf16 and widened again: the number a bf16 tensor holds for it.
 inline __m512 rounded(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16)); }
 
@@ -82,11 +68,11 @@ void swiglu(const bf16* g, const bf16* u, int64_t n, bf16* out) {
   }
 }
 
-// One int4 (or int8) matrix as our kernel holds it: codes, scale_zero, group size, bits.
+// One int4 matrix as our kernel holds it: codes, scale_zero, group size.
 struct Matrix {
   torch::Tensor packed, scale_zero;
-  int64_t group, bits;
-  torch::Tensor operator()(const torch::Tensor& x) const { return mm(x, packed, scale_zero, group, bits); }
+  int64_t group;
+  torch::Tensor operator()(const torch::Tensor& x) const { return mm(x, packed, scale_zero, group, 4); }
 };
 
 }  // namespace
@@ -103,21 +89,21 @@ struct DecodeStep {
   float eps;
 
   // Per block, in order: norms (attention's, MLP's), matrices (q|k|v, o, gate|up, down: packed codes and
-  // scale_zero each), their group sizes and bits, and q's, k's and v's biases (none: an empty list). The
+  // scale_zero each), their group sizes, and q's, k's and v's biases (none: an empty list). The
   // tensors are held, not copied: a change to their numbers is read at the next call.
   DecodeStep(std::vector<torch::Tensor> norms, std::vector<torch::Tensor> packed, std::vector<torch::Tensor> scale_zero,
-             std::vector<int64_t> groups, std::vector<int64_t> bits, std::vector<torch::Tensor> biases,
+             std::vector<int64_t> groups, std::vector<torch::Tensor> biases,
              int64_t n_head, int64_t n_kv_head, int64_t head_dim, int64_t hidden, double eps)
       : n_head(n_head), n_kv_head(n_kv_head), head_dim(head_dim), hidden(hidden), eps((float)eps) {
     const size_t L = norms.size() / 2;
-    TORCH_CHECK(packed.size() == 4 * L && scale_zero.size() == 4 * L && groups.size() == 4 * L && bits.size() == 4 * L &&
+    TORCH_CHECK(packed.size() == 4 * L && scale_zero.size() == 4 * L && groups.size() == 4 * L &&
                 (biases.empty() || biases.size() == 3 * L) && head_dim % LANES == 0 && head_dim <= 16 * LANES,
                 "DecodeStep: per block 2 norms, 4 matrices, head_dim a multiple of 16 up to 256");
     for (size_t l = 0; l < L; ++l) {
       Block b{norms[2 * l], norms[2 * l + 1]};
       if (!biases.empty()) for (int i = 0; i < 3; ++i) b.bias[i] = biases[3 * l + i];
       Matrix* m[4] = {&b.qkv, &b.o, &b.gate_up, &b.down};
-      for (int i = 0; i < 4; ++i) *m[i] = {packed[4 * l + i], scale_zero[4 * l + i], groups[4 * l + i], bits[4 * l + i]};
+      for (int i = 0; i < 4; ++i) *m[i] = {packed[4 * l + i], scale_zero[4 * l + i], groups[4 * l + i]};
       const int64_t C = b.attn_norm.numel(), nq = n_head * head_dim, nkv = n_kv_head * head_dim;
       const auto outputs = [](const Matrix& m) { return m.scale_zero.size(0) * TILE; };  // padded to whole tiles
       const auto bf16_of = [](const torch::Tensor& t, int64_t n) {
@@ -171,9 +157,9 @@ struct DecodeStep {
           const int64_t at[3] = {0, nq, nq + nkv}, n[3] = {nq, nkv, nkv};
           for (int i = 0; i < 3; ++i) add(y + at[i], bits(b.bias[i]), n[i], y + at[i]);
         }
-        for (int64_t i = 0; i < n_head; ++i) rope(y + i * hd, ct, st, hd, bits(q) + (i * T + t) * hd);
+        for (int64_t i = 0; i < n_head; ++i) rope_head(y + i * hd, ct, st, hd / 2, bits(q) + (i * T + t) * hd);
         for (int64_t g = 0; g < n_kv_head; ++g) {
-          rope(y + nq + g * hd, ct, st, hd, bits(k_cache[l]) + g * head + row);
+          rope_head(y + nq + g * hd, ct, st, hd / 2, bits(k_cache[l]) + g * head + row);
           std::memcpy(bits(v_cache[l]) + g * head + row, y + nq + nkv + g * hd, hd * sizeof(bf16));
         }
       }
@@ -197,7 +183,7 @@ void bind_step(pybind11::module& m) {
   pybind11::class_<DecodeStep>(m, "DecodeStep",
                                "1..16 tokens through every block of an int4 LLaMA-family model (step.cpp)")
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
-                          std::vector<int64_t>, std::vector<int64_t>, std::vector<torch::Tensor>, int64_t, int64_t,
+                          std::vector<int64_t>, std::vector<torch::Tensor>, int64_t, int64_t,
                           int64_t, int64_t, double>())
       .def("__call__", &DecodeStep::operator(), pybind11::call_guard<pybind11::gil_scoped_release>());
 }
