@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 import os
 import time
 import types
@@ -80,7 +81,7 @@ from .kernels import (ATTENTION_GROUP, ROWS_MAX, StackedInt4, VNNIInt4Linear, ca
 from .kv_cache import KVCache
 from .model import MLP, Attention, Block, RMSNorm, Transformer
 from .host_memory import drop_file_pages, release_freed_memory, reuse_freed_memory
-from .quantized import Int4Linear, Int8Linear
+from .quantized import Int4Linear, Int8Linear, QuantEmbedding
 
 
 class FewRowLinear(nn.Linear):
@@ -369,24 +370,39 @@ class CompiledStep:
     def __init__(self, model: Transformer, int4_route: bool = True):
         self.model, self.step, self.seen, self.steps, self.int4 = model, None, None, [], None
         self.int4_route = int4_route  # Int4Step for the models it takes
-        self.modules = self.holders = self.view = None  # state()'s list of the model's modules, as last seen
+        self.modules = self.dicts = self.holders = self.view = self.hooked = None  # state()'s view, as last seen
         _count_assignments()
 
     def _view(self) -> tuple[list, list]:
         """Each listed module's type and assignment count: when they move, the module tree may have too."""
-        return [type(m) for m in self.modules], [m.__dict__.get(ASSIGNED, 0) for m in self.modules]
+        return list(map(type, self.modules)), list(map(_ASSIGNED_COUNT, self.dicts))
 
     def state(self) -> tuple:
+        # Each module's attributes are read straight from its __dict__, a C loop per attribute (map): between
+        # two steps the weights' reads have pushed these objects out of the CPU's caches, and a Python loop
+        # over the ~400 modules of SmolLM2 took 0.26 ms a step where this takes 0.09 (bench/README.md).
         if self.modules is None or self._view() != self.view:
             self.modules = list(self.model.modules())
-            self.holders = [m for m in self.modules if isinstance(m, (GQADecodeAttention, SwiGLUMLP))]
+            self.dicts = [m.__dict__ for m in self.modules]
+            self.holders = ([m.__dict__ for m in self.modules if isinstance(m, GQADecodeAttention)],
+                            [m.__dict__ for m in self.modules if isinstance(m, SwiGLUMLP)])
             self.view = self._view()
+            self.hooked = None
         hooks = torch.nn.modules.module
-        return (self.view, tuple(vars(self.model.config).values()), [m.training for m in self.modules],
-                any(m._forward_hooks or m._forward_pre_hooks for m in self.modules) or bool(
-                    hooks._global_forward_hooks or hooks._global_forward_pre_hooks),
-                [(s, getattr(s, "valid", None)) for m in self.holders
-                 for s in (m.__dict__.get("qkv_stack"), m.__dict__.get("gate_up")) if s])
+        stacks = [*map(_QKV_STACK, self.holders[0]), *map(_GATE_UP, self.holders[1])]
+        return (self.view, tuple(vars(self.model.config).values()), list(map(_TRAINING, self.dicts)),
+                self._hooked() or bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks),
+                stacks, [getattr(s, "valid", None) for s in stacks])
+
+    def _hooked(self) -> bool:
+        """Whether any module has a forward hook. Each hook is registered with a RemovableHandle, whose class
+        numbers them all: with none registered since the last look, which found none, there is none now.
+        A look at each module's two hook dicts otherwise (0.1 ms a step while they are in use)."""
+        handles = torch.utils.hooks.RemovableHandle.next_id
+        if self.hooked is None or self.hooked[1] or self.hooked[0] != handles:
+            dicts = self.dicts
+            self.hooked = handles, any(map(len, map(_FORWARD_HOOKS, dicts))) or any(map(len, map(_PRE_HOOKS, dicts)))
+        return self.hooked[1]
 
     def forget(self) -> None:
         """Drop every compiled graph (the model's tensors changed dtype or device): the next call compiles."""
@@ -426,12 +442,12 @@ class Int4Step:
     linear layers all run our int4 kernel: every block in one C++ call (kernels/step.cpp: RMSNorm, the
     q|k|v stack, RoPE, the cache's write, the few-query attention, o, the gate|up stack, SwiGLU, down,
     the residual adds), where the torch.compile'd step spent as long again as its matmuls on its graph's
-    code and dynamo's checks; and nothing to compile. The embedding, the final norm and the head run as
-    forward runs them. Its logits are the eager step's within a bf16 rounding here and there (step.cpp
+    code and dynamo's checks; and nothing to compile. The call starts at the token ids and ends after the
+    final norm; the head runs as forward runs it. Its logits are the eager step's within a bf16 rounding here and there (step.cpp
     says where; tests/test_int4_step.py).
     `of` takes a model only as speed_up leaves an int4 checkpoint of that family (the layers' classes,
     their q|k|v and gate|up stacks valid, bf16 norms, head_dim a multiple of 16 up to 256, no q/k norm,
-    eval mode); a call only for batch 1 and a bf16 cache on the CPU, else None: CompiledStep compiles
+    an int8 or bf16 embedding, eval mode); a call only for batch 1 and a bf16 cache on the CPU, else None: CompiledStep compiles
     (a verification: runs eager). A token's numbers do not depend on how many share its call (every
     kernel on the way computes a row as it would alone), so greedy speculative decoding with such a
     target gives its plain greedy output, as the exact mode (batch_invariant) makes the eager route do."""
@@ -474,10 +490,27 @@ class Int4Step:
                 if any(b is None or b.dtype != torch.bfloat16 or not b.is_contiguous() for b in bias):
                     return None
                 biases += bias
-        if biases and len(biases) != 3 * len(model.blocks):
+        ends = cls._ends(model)
+        if biases and len(biases) != 3 * len(model.blocks) or ends is None:
             return None
-        return cls(model, vnni().DecodeStep(norms, packed, scale_zero, groups, biases, cfg.n_head,
-                                            cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden, cfg.norm_eps))
+        return cls(model, vnni().DecodeStep(norms + [model.norm.weight], packed, scale_zero, groups, biases, *ends,
+                                            cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden, cfg.norm_eps))
+
+    @staticmethod
+    def _ends(model: Transformer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The embedding's rows and scales for step.cpp (bf16 rows: no scales; int8 codes: their bf16 scales),
+        where it computes them as the model's own embedding does and the final norm is an RMSNorm it can
+        take; else None."""
+        emb, norm = model.tok_emb, model.norm
+        if not (type(norm) in (RMSNorm, FusedRMSNorm) and norm.weight.dtype == torch.bfloat16
+                and norm.weight.is_contiguous() and norm.eps == model.config.norm_eps and type(model.drop) is nn.Dropout):
+            return None
+        if type(emb) is nn.Embedding and emb.weight.dtype == torch.bfloat16 and emb.weight.is_contiguous():
+            return emb.weight, None
+        if type(emb) is QuantEmbedding and emb.bits == 8 and emb.scales.dtype == torch.bfloat16 \
+                and emb.weight.is_contiguous() and emb.scales.is_contiguous():
+            return emb.weight, emb.scales
+        return None
 
     def __call__(self, tokens: torch.Tensor, cache: KVCache, start_pos: int,
                  last_only: bool = False) -> torch.Tensor | None:
@@ -485,23 +518,22 @@ class Int4Step:
         this call is not for this step (forward's route then also raises what forward raises: a context
         overflow). Each token's numbers are those of a one-token call at its position."""
         model, T = self.model, tokens.shape[1]
-        if tokens.shape[0] != 1 or not 1 <= T <= ROWS_MAX or tokens.device.type != "cpu" \
+        if tokens.shape[0] != 1 or not 1 <= T <= ROWS_MAX or tokens.dtype != torch.long or tokens.device.type != "cpu" \
                 or cache.k[0].dtype != torch.bfloat16 or cache.k[0].device.type != "cpu" \
                 or start_pos + T > model.config.block_size:
             return None
-        x = model.drop(model.tok_emb(tokens))  # (1, T, C)
-        if x.dtype != torch.bfloat16:
-            return None
         end = cache.check_write(1, start_pos, T)
-        x = self.step(x.view(T, -1), model.rope_cos[start_pos:end], model.rope_sin[start_pos:end], start_pos,
-                      cache.k, cache.v)
+        x = self.step(tokens, start_pos, model.rope_cos, model.rope_sin, cache.k, cache.v, last_only)  # normed
         cache.length = end
-        x = x.view(1, T, -1)
-        return model.lm_head(model.norm(x[:, -1:] if last_only else x))
+        return model.lm_head(x[None])
 
 
 _steps = itertools.count()
 ASSIGNED = "_minillm_assigned"  # in a module's __dict__: how many parameters, buffers and modules were assigned to it
+# CompiledStep.state's readers of a module's __dict__
+_ASSIGNED_COUNT = operator.methodcaller("get", ASSIGNED, 0)
+_QKV_STACK, _GATE_UP = operator.methodcaller("get", "qkv_stack"), operator.methodcaller("get", "gate_up")
+_TRAINING, _FORWARD_HOOKS, _PRE_HOOKS = map(operator.itemgetter, ("training", "_forward_hooks", "_forward_pre_hooks"))
 
 
 @functools.cache

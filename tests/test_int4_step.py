@@ -14,6 +14,7 @@ from minillm.methods import Method
 from minillm.kv_cache import KVCache
 from minillm.model import Transformer
 from minillm.quantize import quantize_model
+from minillm.quantized import QuantEmbedding
 from minillm.sampling import SamplingParams
 from minillm.speed import FewRowLinear, Int4Step, batch_invariant, compile_decode, speed_up
 from test_speed import needs_our_kernel
@@ -123,7 +124,27 @@ def test_int4_step_leaves_other_models_and_calls_to_the_other_route(smollm2_int4
     assert Int4Step.of(batch_invariant(copy.deepcopy(model), 5)) is None  # the exact mode's attention
     assert Int4Step.of(copy.deepcopy(model).train()) is None
     with pytest.raises(RuntimeError, match="DecodeStep"):  # the C++ side checks its arguments too
-        step.step(torch.zeros(1, model.config.n_embd), model.rope_cos[0], model.rope_sin[0], 0, [], [])
+        step.step(torch.zeros(1, 1, dtype=torch.long), 0, model.rope_cos, model.rope_sin, [], [], False)
+    cache = KVCache.for_model(model, 1, 8)
+    with pytest.raises(RuntimeError, match="token id 49152 is outside the vocabulary of 49152"), torch.inference_mode():
+        step.step(torch.tensor([[49152]]), 0, model.rope_cos, model.rope_sin, cache.k, cache.v, False)
+
+
+def test_int4_step_embeds_int8_codes_times_their_scales_as_quant_embedding_does(smollm2_int4):
+    """step.cpp's embedding both ways: the checkpoint's int8 codes times their bf16 scales, and a plain bf16
+    nn.Embedding holding what QuantEmbedding returns for each row: the same logits, bit for bit, so the
+    int8 rows are QuantEmbedding's to the bit; an embedding it cannot compute (int4 rows) goes to the other route."""
+    model, _ = smollm2_int4
+    assert type(model.tok_emb) is QuantEmbedding and model.tok_emb.bits == 8
+    plain = copy.deepcopy(model)  # not copy.copy: a shallow copy shares the fixture's modules
+    plain.tok_emb = torch.nn.Embedding.from_pretrained(model.tok_emb(torch.arange(model.config.vocab_size))).eval()
+    tokens = torch.tensor([[17, 4031, 49151, 0]])
+    with torch.inference_mode():
+        int8, bf16 = (Int4Step.of(m)(tokens, KVCache.for_model(m, 1, 8), 0) for m in (model, plain))
+    assert torch.equal(int8, bf16)
+    plain.tok_emb = copy.deepcopy(model.tok_emb)
+    plain.tok_emb.bits = 4
+    assert Int4Step.of(plain) is None
 
 
 @pytest.mark.slow

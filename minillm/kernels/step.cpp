@@ -13,7 +13,8 @@
 //   x = x + (silu(g) * u) W_down        silu rounded, then the product
 // RMSNorm sums its squares in another order than PyTorch's and e^x is ours (simd.h): a result can land
 // one bf16 step away from the eager one's (tests/test_int4_step.py holds the logits and greedy tokens to it).
-// The embedding, the final norm and the output head stay in Python (speed.Int4Step).
+// A call starts at the token ids (the embedding: a bf16 row, or an int8 row times its bf16 scale, rounded) and
+// ends after the final norm; the output head stays in Python (speed.Int4Step), on the same kernel.
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <cmath>
@@ -85,26 +86,37 @@ struct DecodeStep {
     Matrix qkv, o, gate_up, down;
   };
   std::vector<Block> blocks;
+  torch::Tensor final_norm, embedding, scales;  // embedding (V, C): bf16 rows, or int8 codes times scales (V,) bf16
   int64_t n_head, n_kv_head, head_dim, hidden;
   float eps;
 
-  // Per block, in order: norms (attention's, MLP's), matrices (q|k|v, o, gate|up, down: packed codes and
-  // scale_zero each), their group sizes, and q's, k's and v's biases (none: an empty list). The
-  // tensors are held, not copied: a change to their numbers is read at the next call.
+  // Per block, in order: norms (attention's, MLP's; the final norm's last), matrices (q|k|v, o, gate|up, down:
+  // packed codes and scale_zero each), their group sizes, and q's, k's and v's biases (none: an empty list);
+  // the embedding and its scales (none for bf16 rows). The tensors are held, not copied: a change to their
+  // numbers is read at the next call.
   DecodeStep(std::vector<torch::Tensor> norms, std::vector<torch::Tensor> packed, std::vector<torch::Tensor> scale_zero,
-             std::vector<int64_t> groups, std::vector<torch::Tensor> biases,
-             int64_t n_head, int64_t n_kv_head, int64_t head_dim, int64_t hidden, double eps)
-      : n_head(n_head), n_kv_head(n_kv_head), head_dim(head_dim), hidden(hidden), eps((float)eps) {
+             std::vector<int64_t> groups, std::vector<torch::Tensor> biases, torch::Tensor embedding,
+             std::optional<torch::Tensor> scales, int64_t n_head, int64_t n_kv_head, int64_t head_dim, int64_t hidden,
+             double eps)
+      : final_norm(norms.empty() ? torch::Tensor() : norms.back()), embedding(embedding), scales(scales.value_or(torch::Tensor())), n_head(n_head),
+        n_kv_head(n_kv_head), head_dim(head_dim), hidden(hidden), eps((float)eps) {
     const size_t L = norms.size() / 2;
-    TORCH_CHECK(packed.size() == 4 * L && scale_zero.size() == 4 * L && groups.size() == 4 * L &&
+    TORCH_CHECK(norms.size() % 2 == 1 && final_norm.scalar_type() == torch::kBFloat16 && final_norm.is_contiguous() &&
+                packed.size() == 4 * L && scale_zero.size() == 4 * L && groups.size() == 4 * L &&
                 (biases.empty() || biases.size() == 3 * L) && head_dim % LANES == 0 && head_dim <= 16 * LANES,
-                "DecodeStep: per block 2 norms, 4 matrices, head_dim a multiple of 16 up to 256");
+                "DecodeStep: per block 2 norms and 4 matrices, then the final norm (bf16); head_dim a multiple of 16 up to 256");
+    const int64_t C = final_norm.numel();
+    TORCH_CHECK(embedding.dim() == 2 && embedding.size(1) == C && embedding.is_contiguous() && embedding.device().is_cpu() &&
+                (this->scales.defined() ? embedding.scalar_type() == torch::kChar &&
+                 this->scales.scalar_type() == torch::kBFloat16 && this->scales.numel() == embedding.size(0) &&
+                 this->scales.is_contiguous() : embedding.scalar_type() == torch::kBFloat16),
+                "DecodeStep: the embedding (V, C) bf16, or int8 with (V,) bf16 scales");
     for (size_t l = 0; l < L; ++l) {
       Block b{norms[2 * l], norms[2 * l + 1]};
       if (!biases.empty()) for (int i = 0; i < 3; ++i) b.bias[i] = biases[3 * l + i];
       Matrix* m[4] = {&b.qkv, &b.o, &b.gate_up, &b.down};
       for (int i = 0; i < 4; ++i) *m[i] = {packed[4 * l + i], scale_zero[4 * l + i], groups[4 * l + i]};
-      const int64_t C = b.attn_norm.numel(), nq = n_head * head_dim, nkv = n_kv_head * head_dim;
+      const int64_t nq = n_head * head_dim, nkv = n_kv_head * head_dim;
       const auto outputs = [](const Matrix& m) { return m.scale_zero.size(0) * TILE; };  // padded to whole tiles
       const auto bf16_of = [](const torch::Tensor& t, int64_t n) {
         return t.scalar_type() == torch::kBFloat16 && t.numel() == n && t.is_contiguous();
@@ -118,19 +130,22 @@ struct DecodeStep {
     }
   }
 
-  // x (T, C) bf16, the embeddings of T <= 16 tokens at positions pos..pos+T-1 (a decode step: one; a
-  // verification: a few), cos and sin (T, hd/2) float32 their angles, k_cache and v_cache each block's
-  // (1, n_kv_head, max_len, hd) bf16 with max_len >= pos + T -> x after the last block (T, C) bf16; each block's
-  // k, v written at pos..pos+T-1. Every kernel here computes a row as it would alone (our int4 kernel, the
-  // few-query attention, the row-wise pointwise work): a token's numbers do not depend on T.
-  torch::Tensor operator()(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t pos,
-                           std::vector<torch::Tensor> k_cache, std::vector<torch::Tensor> v_cache) {
-    const int64_t T = x.size(0), C = x.size(1), hd = head_dim, nq = n_head * hd, nkv = n_kv_head * hd;
-    TORCH_CHECK(x.scalar_type() == torch::kBFloat16 && x.device().is_cpu() && x.dim() == 2 && T >= 1 && T <= 16 &&
-                pos >= 0 && !blocks.empty() && x.size(1) == blocks[0].attn_norm.numel() &&
-                cos.scalar_type() == torch::kFloat && cos.numel() == T * hd / 2 && sin.scalar_type() == torch::kFloat &&
-                sin.numel() == T * hd / 2 && k_cache.size() == blocks.size() && v_cache.size() == blocks.size(),
-                "DecodeStep: x (T <= 16, C) bf16, cos and sin (T, head_dim/2) float32, a K and a V cache per block");
+  // tokens (1, T <= 16) int64, the ids of T tokens at positions pos..pos+T-1 (a decode step: one; a
+  // verification: a few), cos and sin (>= pos + T, hd/2) float32 the model's RoPE tables, k_cache and v_cache each
+  // block's (1, n_kv_head, max_len, hd) bf16 with max_len >= pos + T -> the final norm of what the last block
+  // leaves, (T, C) bf16, or only the last token's (1, C) with last_only; each block's k, v written at
+  // pos..pos+T-1. Every kernel here computes a row as it would alone (our int4 kernel, the few-query
+  // attention, the row-wise pointwise work): a token's numbers do not depend on T.
+  torch::Tensor operator()(torch::Tensor tokens, int64_t pos, torch::Tensor cos, torch::Tensor sin,
+                           std::vector<torch::Tensor> k_cache, std::vector<torch::Tensor> v_cache, bool last_only) {
+    const int64_t T = tokens.size(-1), C = final_norm.numel(), hd = head_dim, nq = n_head * hd, nkv = n_kv_head * hd;
+    TORCH_CHECK(tokens.scalar_type() == torch::kLong && tokens.device().is_cpu() && tokens.dim() == 2 &&
+                tokens.size(0) == 1 && T >= 1 && T <= 16 && pos >= 0 && !blocks.empty() &&
+                cos.scalar_type() == torch::kFloat && cos.dim() == 2 && cos.size(0) >= pos + T && cos.size(1) == hd / 2 &&
+                sin.sizes() == cos.sizes() && sin.scalar_type() == torch::kFloat && k_cache.size() == blocks.size() &&
+                v_cache.size() == blocks.size(),
+                "DecodeStep: tokens (1, T <= 16) int64, RoPE tables (>= pos + T, head_dim/2) float32, a K and a V "
+                "cache per block");
     for (size_t l = 0; l < blocks.size(); ++l)
       TORCH_CHECK(k_cache[l].scalar_type() == torch::kBFloat16 && k_cache[l].device().is_cpu() &&
                   v_cache[l].device().is_cpu() && k_cache[l].dim() == 4 && k_cache[l].size(0) == 1 &&
@@ -138,11 +153,29 @@ struct DecodeStep {
                   k_cache[l].is_contiguous() && v_cache[l].sizes() == k_cache[l].sizes() &&
                   v_cache[l].scalar_type() == torch::kBFloat16 && v_cache[l].is_contiguous(),
                   "DecodeStep: caches (1, n_kv_head, max_len >= pos + T, head_dim) bf16, contiguous");
-    x = x.contiguous().clone();  // the residual stream, added to in place
+    auto x = torch::empty({T, C}, final_norm.options());  // the residual stream, added to in place
+    for (int64_t t = 0; t < T; ++t) {  // the embedding, as model.tok_emb (QuantEmbedding: q.to(bf16) * scale) rounds
+      const int64_t id = tokens.data_ptr<int64_t>()[t * tokens.stride(1)];
+      TORCH_CHECK(id >= 0 && id < embedding.size(0), "DecodeStep: token id ", id, " is outside the vocabulary of ",
+                  embedding.size(0));
+      if (!scales.defined()) {
+        std::memcpy(bits(x) + t * C, bits(embedding) + id * C, C * sizeof(bf16));
+        continue;
+      }
+      const int8_t* q = embedding.data_ptr<int8_t>() + id * C;
+      const uint32_t scale_bits = (uint32_t)bits(scales)[id] << 16;  // the bf16 scale as a float, exactly
+      float scale;
+      std::memcpy(&scale, &scale_bits, 4);
+      for (int64_t c = 0; c < C; c += LANES) {  // the product is exact in float32 (8 bits times 8), then rounded
+        const __mmask16 m = first(C - c);
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + c)));
+        store16(bits(x) + t * C + c, _mm512_mul_ps(v, _mm512_set1_ps(scale)), m);
+      }
+    }
     auto h = torch::empty({T, C}, x.options()), q = torch::empty({1, n_head, T, hd}, x.options());
     auto a = torch::empty({T, hidden}, x.options());
     cos = cos.contiguous(), sin = sin.contiguous();
-    const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+    const float *cp = cos.data_ptr<float>() + pos * hd / 2, *sp = sin.data_ptr<float>() + pos * hd / 2;
     const int64_t up = (hidden + TILE - 1) / TILE * TILE;  // where up's outputs start in gate|up's
     for (size_t l = 0; l < blocks.size(); ++l) {
       const Block& b = blocks[l];
@@ -175,6 +208,8 @@ struct DecodeStep {
       auto d = b.down(a);
       for (int64_t t = 0; t < T; ++t) add(bits(x) + t * C, bits(d) + t * d.size(1), C, bits(x) + t * C);
     }
+    if (last_only) x = x.narrow(0, T - 1, 1);
+    for (int64_t t = 0; t < x.size(0); ++t) rms_norm(bits(x) + t * C, bits(final_norm), C, eps, bits(x) + t * C);
     return x;
   }
 };
@@ -183,7 +218,7 @@ void bind_step(pybind11::module& m) {
   pybind11::class_<DecodeStep>(m, "DecodeStep",
                                "1..16 tokens through every block of an int4 LLaMA-family model (step.cpp)")
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
-                          std::vector<int64_t>, std::vector<torch::Tensor>, int64_t, int64_t,
-                          int64_t, int64_t, double>())
+                          std::vector<int64_t>, std::vector<torch::Tensor>, torch::Tensor, std::optional<torch::Tensor>,
+                          int64_t, int64_t, int64_t, int64_t, double>())
       .def("__call__", &DecodeStep::operator(), pybind11::call_guard<pybind11::gil_scoped_release>());
 }
