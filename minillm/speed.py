@@ -354,7 +354,7 @@ class CompiledStep:
     Before each call of a compiled graph dynamo checks what it assumed of every module attribute the
     step read: 5,941 checks on SmolLM2 (each module's hooks, type and constants, each tensor's dtype and
     shape), 1.3 ms of a 7.4 ms int4 step (bench/README.md, "The compiled step's own check"). What can
-    change in a loaded model between two steps is checked here instead, in ~0.1 ms (`state`): each
+    change in a loaded model between two steps is checked here instead, in ~0.1 ms a step (`state`): each
     module's type (speed_up, batch_invariant, a swapped-in layer), train/eval mode and hooks (the
     inspector's), the config's values, whether each int4 stack still holds its layers' codes, and a
     count on each module of the parameters, buffers and modules assigned to it (PyTorch's registration
@@ -379,8 +379,8 @@ class CompiledStep:
 
     def state(self) -> tuple:
         # Each module's attributes are read straight from its __dict__, a C loop per attribute (map): between
-        # two steps the weights' reads have pushed these objects out of the CPU's caches, and a Python loop
-        # over the ~400 modules of SmolLM2 took 0.26 ms a step where this takes 0.09 (bench/README.md).
+        # two steps the weights' reads push these objects out of the CPU's caches, and Python loops over
+        # SmolLM2's 396 modules took 0.26 ms of a 4 ms step, 0.12 now (bench/README.md, "Python around the call").
         if self.modules is None or self._view() != self.view:
             self.modules = list(self.model.modules())
             self.dicts = [m.__dict__ for m in self.modules]
