@@ -365,7 +365,8 @@ class CompiledStep:
     before: bound as a method instead, the model is the frame's own `self` and the int4 step's logits
     moved off the eager step's (tests/test_speed.py, test_compiled_decode_gives_the_eager_greedy_tokens).
     Not seen: a tensor of one layer swapped in place for one of another dtype or shape
-    (`layer.weight.data = ...`, `layer.half()`): call compile_decode again after such a change."""
+    (`layer.weight.data = ...`, `layer.half()`): call compile_decode again after such a change (Int4Step's
+    C++ call refuses to run on a final norm or an embedding changed so)."""
 
     def __init__(self, model: Transformer, int4_route: bool = True):
         self.model, self.step, self.seen, self.steps, self.int4 = model, None, None, [], None
@@ -395,9 +396,10 @@ class CompiledStep:
                 stacks, [getattr(s, "valid", None) for s in stacks])
 
     def _hooked(self) -> bool:
-        """Whether any module has a forward hook. Each hook is registered with a RemovableHandle, whose class
-        numbers them all: with none registered since the last look, which found none, there is none now.
-        A look at each module's two hook dicts otherwise (0.1 ms a step while they are in use)."""
+        """Whether any module has a forward hook or pre-hook. PyTorch's register_forward(_pre)_hook gives each
+        hook a RemovableHandle, whose class numbers them all: with none numbered since the last look, which
+        found none, there is none now (a hook written into a module's hook dict by hand, not through
+        them, goes unseen). A look at each module's two hook dicts otherwise (0.1 ms a step while in use)."""
         handles = torch.utils.hooks.RemovableHandle.next_id
         if self.hooked is None or self.hooked[1] or self.hooked[0] != handles:
             dicts = self.dicts
@@ -505,7 +507,8 @@ class Int4Step:
         if not (type(norm) in (RMSNorm, FusedRMSNorm) and norm.weight.dtype == torch.bfloat16
                 and norm.weight.is_contiguous() and norm.eps == model.config.norm_eps and type(model.drop) is nn.Dropout):
             return None
-        if type(emb) is nn.Embedding and emb.weight.dtype == torch.bfloat16 and emb.weight.is_contiguous():
+        if type(emb) is nn.Embedding and emb.weight.dtype == torch.bfloat16 and emb.weight.is_contiguous() \
+                and emb.max_norm is None:  # max_norm: forward rescales rows
             return emb.weight, None
         if type(emb) is QuantEmbedding and emb.bits == 8 and emb.scales.dtype == torch.bfloat16 \
                 and emb.weight.is_contiguous() and emb.scales.is_contiguous():
@@ -516,7 +519,9 @@ class Int4Step:
                  last_only: bool = False) -> torch.Tensor | None:
         """forward's logits for tokens (1, T <= 16) at start_pos.., their K/V written to the cache; None where
         this call is not for this step (forward's route then also raises what forward raises: a context
-        overflow). Each token's numbers are those of a one-token call at its position."""
+        overflow). A token id outside the vocabulary raises before anything is written (a negative one
+        too, which the eager QuantEmbedding would take from the end). Each token's numbers are those of a
+        one-token call at its position."""
         model, T = self.model, tokens.shape[1]
         if tokens.shape[0] != 1 or not 1 <= T <= ROWS_MAX or tokens.dtype != torch.long or tokens.device.type != "cpu" \
                 or cache.k[0].dtype != torch.bfloat16 or cache.k[0].device.type != "cpu" \
@@ -533,7 +538,8 @@ ASSIGNED = "_minillm_assigned"  # in a module's __dict__: how many parameters, b
 # CompiledStep.state's readers of a module's __dict__
 _ASSIGNED_COUNT = operator.methodcaller("get", ASSIGNED, 0)
 _QKV_STACK, _GATE_UP = operator.methodcaller("get", "qkv_stack"), operator.methodcaller("get", "gate_up")
-_TRAINING, _FORWARD_HOOKS, _PRE_HOOKS = map(operator.itemgetter, ("training", "_forward_hooks", "_forward_pre_hooks"))
+_TRAINING = operator.methodcaller("get", "training")  # None for a scripted module, which keeps it elsewhere
+_FORWARD_HOOKS, _PRE_HOOKS = operator.itemgetter("_forward_hooks"), operator.itemgetter("_forward_pre_hooks")
 
 
 @functools.cache

@@ -133,16 +133,26 @@ def test_int4_step_leaves_other_models_and_calls_to_the_other_route(smollm2_int4
 def test_int4_step_embeds_int8_codes_times_their_scales_as_quant_embedding_does(smollm2_int4):
     """step.cpp's embedding both ways: the checkpoint's int8 codes times their bf16 scales, and a plain bf16
     nn.Embedding holding what QuantEmbedding returns for each row: the same logits, bit for bit, so the
-    int8 rows are QuantEmbedding's to the bit; an embedding it cannot compute (int4 rows) goes to the other route."""
+    int8 rows are QuantEmbedding's to the bit; ids read at any stride; a final norm made float32 in place
+    refused; an embedding it cannot compute (int4 rows) goes to the other route."""
     model, _ = smollm2_int4
     assert type(model.tok_emb) is QuantEmbedding and model.tok_emb.bits == 8
     plain = copy.deepcopy(model)  # not copy.copy: a shallow copy shares the fixture's modules
     plain.tok_emb = torch.nn.Embedding.from_pretrained(model.tok_emb(torch.arange(model.config.vocab_size))).eval()
     tokens = torch.tensor([[17, 4031, 49151, 0]])
+    every_other = torch.tensor([[17, 5, 4031, 5, 49151, 5, 0, 5]])[:, ::2]  # the same ids, 2 apart in memory
     with torch.inference_mode():
-        int8, bf16 = (Int4Step.of(m)(tokens, KVCache.for_model(m, 1, 8), 0) for m in (model, plain))
-    assert torch.equal(int8, bf16)
+        steps = [Int4Step.of(m) for m in (model, plain)]
+        int8, bf16 = (step(tokens, KVCache.for_model(m, 1, 8), 0) for step, m in zip(steps, (model, plain)))
+        strided = steps[0](every_other, KVCache.for_model(model, 1, 8), 0)
+        assert steps[0](tokens.int(), KVCache.for_model(model, 1, 8), 0) is None  # int32 ids: the other route
+        plain.norm.float()  # in place: the step made for a bf16 norm refuses to run on it
+        with pytest.raises(RuntimeError, match="changed dtype"):
+            steps[1](tokens, KVCache.for_model(plain, 1, 8), 0)
+    assert torch.equal(int8, bf16) and torch.equal(strided, int8)
+    plain.norm.bfloat16()
     plain.tok_emb = copy.deepcopy(model.tok_emb)
+    assert Int4Step.of(plain) is not None
     plain.tok_emb.bits = 4
     assert Int4Step.of(plain) is None
 

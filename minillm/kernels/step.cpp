@@ -90,6 +90,15 @@ struct DecodeStep {
   int64_t n_head, n_kv_head, head_dim, hidden;
   float eps;
 
+  static bool held(const torch::Tensor& t, c10::ScalarType dtype) {
+    return t.defined() && t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu();
+  }
+  // The final norm and the embedding as the step was made for them (a model's .float() changes them in place).
+  bool ends_held() const {
+    return held(final_norm, torch::kBFloat16) && (scales.defined() ? held(embedding, torch::kChar) &&
+           held(scales, torch::kBFloat16) : held(embedding, torch::kBFloat16));
+  }
+
   // Per block, in order: norms (attention's, MLP's; the final norm's last), matrices (q|k|v, o, gate|up, down:
   // packed codes and scale_zero each), their group sizes, and q's, k's and v's biases (none: an empty list);
   // the embedding and its scales (none for bf16 rows). The tensors are held, not copied: a change to their
@@ -101,15 +110,13 @@ struct DecodeStep {
       : final_norm(norms.empty() ? torch::Tensor() : norms.back()), embedding(embedding), scales(scales.value_or(torch::Tensor())), n_head(n_head),
         n_kv_head(n_kv_head), head_dim(head_dim), hidden(hidden), eps((float)eps) {
     const size_t L = norms.size() / 2;
-    TORCH_CHECK(norms.size() % 2 == 1 && final_norm.scalar_type() == torch::kBFloat16 && final_norm.is_contiguous() &&
+    TORCH_CHECK(norms.size() % 2 == 1 && held(final_norm, torch::kBFloat16) &&
                 packed.size() == 4 * L && scale_zero.size() == 4 * L && groups.size() == 4 * L &&
                 (biases.empty() || biases.size() == 3 * L) && head_dim % LANES == 0 && head_dim <= 16 * LANES,
                 "DecodeStep: per block 2 norms and 4 matrices, then the final norm (bf16); head_dim a multiple of 16 up to 256");
     const int64_t C = final_norm.numel();
-    TORCH_CHECK(embedding.dim() == 2 && embedding.size(1) == C && embedding.is_contiguous() && embedding.device().is_cpu() &&
-                (this->scales.defined() ? embedding.scalar_type() == torch::kChar &&
-                 this->scales.scalar_type() == torch::kBFloat16 && this->scales.numel() == embedding.size(0) &&
-                 this->scales.is_contiguous() : embedding.scalar_type() == torch::kBFloat16),
+    TORCH_CHECK(embedding.dim() == 2 && embedding.size(1) == C && ends_held() &&
+                (!this->scales.defined() || this->scales.numel() == embedding.size(0)),
                 "DecodeStep: the embedding (V, C) bf16, or int8 with (V,) bf16 scales");
     for (size_t l = 0; l < L; ++l) {
       Block b{norms[2 * l], norms[2 * l + 1]};
@@ -142,10 +149,12 @@ struct DecodeStep {
     TORCH_CHECK(tokens.scalar_type() == torch::kLong && tokens.device().is_cpu() && tokens.dim() == 2 &&
                 tokens.size(0) == 1 && T >= 1 && T <= 16 && pos >= 0 && !blocks.empty() &&
                 cos.scalar_type() == torch::kFloat && cos.dim() == 2 && cos.size(0) >= pos + T && cos.size(1) == hd / 2 &&
-                sin.sizes() == cos.sizes() && sin.scalar_type() == torch::kFloat && k_cache.size() == blocks.size() &&
-                v_cache.size() == blocks.size(),
+                sin.sizes() == cos.sizes() && sin.scalar_type() == torch::kFloat && cos.device().is_cpu() &&
+                sin.device().is_cpu() && k_cache.size() == blocks.size() && v_cache.size() == blocks.size(),
                 "DecodeStep: tokens (1, T <= 16) int64, RoPE tables (>= pos + T, head_dim/2) float32, a K and a V "
                 "cache per block");
+    TORCH_CHECK(ends_held(), "DecodeStep: the final norm's weight or the embedding changed dtype, layout or device "
+                "since the step was made (call compile_decode again)");
     for (size_t l = 0; l < blocks.size(); ++l)
       TORCH_CHECK(k_cache[l].scalar_type() == torch::kBFloat16 && k_cache[l].device().is_cpu() &&
                   v_cache[l].device().is_cpu() && k_cache[l].dim() == 4 && k_cache[l].size(0) == 1 &&
