@@ -445,14 +445,14 @@ class Int4Step:
     q|k|v stack, RoPE, the cache's write, the few-query attention, o, the gate|up stack, SwiGLU, down,
     the residual adds), where the torch.compile'd step spent as long again as its matmuls on its graph's
     code and dynamo's checks; and nothing to compile. The call starts at the token ids and ends after the
-    final norm; the head runs as forward runs it. Its logits are the eager step's within a bf16 rounding here and there (step.cpp
-    says where; tests/test_int4_step.py).
-    `of` takes a model only as speed_up leaves an int4 checkpoint of that family (the layers' classes,
-    their q|k|v and gate|up stacks valid, bf16 norms, head_dim a multiple of 16 up to 256, no q/k norm,
-    an int8 or bf16 embedding, eval mode); a call only for batch 1 and a bf16 cache on the CPU, else None: CompiledStep compiles
-    (a verification: runs eager). A token's numbers do not depend on how many share its call (every
-    kernel on the way computes a row as it would alone), so greedy speculative decoding with such a
-    target gives its plain greedy output, as the exact mode (batch_invariant) makes the eager route do."""
+    final norm; the head runs as forward runs it. Its logits are the eager step's within a bf16 rounding
+    here and there (step.cpp says where; tests/test_int4_step.py).
+    `of` takes a model only as speed_up leaves an int4 checkpoint of that family (the layers' classes, their
+    q|k|v and gate|up stacks valid, bf16 norms, head_dim a multiple of 16 up to 256, no q/k norm, an int8 or
+    bf16 embedding, eval mode); a call only for batch 1 and a bf16 cache on the CPU, else None: CompiledStep
+    compiles (a verification: runs eager). A token's numbers do not depend on how many share its call (every
+    kernel on the way computes a row as it would alone), so greedy speculative decoding with such a target gives
+    its plain greedy output, as the exact mode (batch_invariant) makes the eager route do."""
 
     def __init__(self, model: Transformer, step):
         self.model, self.step = model, step
@@ -493,7 +493,7 @@ class Int4Step:
                     return None
                 biases += bias
         ends = cls._ends(model)
-        if biases and len(biases) != 3 * len(model.blocks) or ends is None:
+        if (biases and len(biases) != 3 * len(model.blocks)) or ends is None:
             return None
         return cls(model, vnni().DecodeStep(norms + [model.norm.weight], packed, scale_zero, groups, biases, *ends,
                                             cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden, cfg.norm_eps))
@@ -505,7 +505,8 @@ class Int4Step:
         take; else None."""
         emb, norm = model.tok_emb, model.norm
         if not (type(norm) in (RMSNorm, FusedRMSNorm) and norm.weight.dtype == torch.bfloat16
-                and norm.weight.is_contiguous() and norm.eps == model.config.norm_eps and type(model.drop) is nn.Dropout):
+                and norm.weight.is_contiguous() and norm.eps == model.config.norm_eps
+                and type(model.drop) is nn.Dropout):
             return None
         if type(emb) is nn.Embedding and emb.weight.dtype == torch.bfloat16 and emb.weight.is_contiguous() \
                 and emb.max_norm is None:  # max_norm: forward rescales rows
@@ -523,8 +524,8 @@ class Int4Step:
         too, which the eager QuantEmbedding would take from the end). Each token's numbers are those of a
         one-token call at its position."""
         model, T = self.model, tokens.shape[1]
-        if tokens.shape[0] != 1 or not 1 <= T <= ROWS_MAX or tokens.dtype != torch.long or tokens.device.type != "cpu" \
-                or cache.k[0].dtype != torch.bfloat16 or cache.k[0].device.type != "cpu" \
+        if tokens.shape[0] != 1 or not 1 <= T <= ROWS_MAX or tokens.dtype != torch.long \
+                or tokens.device.type != "cpu" or cache.k[0].dtype != torch.bfloat16 or cache.k[0].device.type != "cpu" \
                 or start_pos + T > model.config.block_size:
             return None
         end = cache.check_write(1, start_pos, T)

@@ -107,13 +107,15 @@ struct DecodeStep {
              std::vector<int64_t> groups, std::vector<torch::Tensor> biases, torch::Tensor embedding,
              std::optional<torch::Tensor> scales, int64_t n_head, int64_t n_kv_head, int64_t head_dim, int64_t hidden,
              double eps)
-      : final_norm(norms.empty() ? torch::Tensor() : norms.back()), embedding(embedding), scales(scales.value_or(torch::Tensor())), n_head(n_head),
-        n_kv_head(n_kv_head), head_dim(head_dim), hidden(hidden), eps((float)eps) {
+      : final_norm(norms.empty() ? torch::Tensor() : norms.back()), embedding(embedding),
+        scales(scales.value_or(torch::Tensor())), n_head(n_head), n_kv_head(n_kv_head), head_dim(head_dim),
+        hidden(hidden), eps((float)eps) {
     const size_t L = norms.size() / 2;
     TORCH_CHECK(norms.size() % 2 == 1 && held(final_norm, torch::kBFloat16) &&
                 packed.size() == 4 * L && scale_zero.size() == 4 * L && groups.size() == 4 * L &&
                 (biases.empty() || biases.size() == 3 * L) && head_dim % LANES == 0 && head_dim <= 16 * LANES,
-                "DecodeStep: per block 2 norms and 4 matrices, then the final norm (bf16); head_dim a multiple of 16 up to 256");
+                "DecodeStep: per block 2 norms and 4 matrices, then the final norm (bf16); head_dim a multiple of 16 "
+                "up to 256");
     const int64_t C = final_norm.numel();
     TORCH_CHECK(embedding.dim() == 2 && embedding.size(1) == C && ends_held() &&
                 (!this->scales.defined() || this->scales.numel() == embedding.size(0)),
@@ -148,9 +150,10 @@ struct DecodeStep {
     const int64_t T = tokens.size(-1), C = final_norm.numel(), hd = head_dim, nq = n_head * hd, nkv = n_kv_head * hd;
     TORCH_CHECK(tokens.scalar_type() == torch::kLong && tokens.device().is_cpu() && tokens.dim() == 2 &&
                 tokens.size(0) == 1 && T >= 1 && T <= 16 && pos >= 0 && !blocks.empty() &&
-                cos.scalar_type() == torch::kFloat && cos.dim() == 2 && cos.size(0) >= pos + T && cos.size(1) == hd / 2 &&
-                sin.sizes() == cos.sizes() && sin.scalar_type() == torch::kFloat && cos.device().is_cpu() &&
-                sin.device().is_cpu() && k_cache.size() == blocks.size() && v_cache.size() == blocks.size(),
+                cos.scalar_type() == torch::kFloat && cos.dim() == 2 && cos.size(0) >= pos + T &&
+                cos.size(1) == hd / 2 && sin.sizes() == cos.sizes() && sin.scalar_type() == torch::kFloat &&
+                cos.device().is_cpu() && sin.device().is_cpu() && k_cache.size() == blocks.size() &&
+                v_cache.size() == blocks.size(),
                 "DecodeStep: tokens (1, T <= 16) int64, RoPE tables (>= pos + T, head_dim/2) float32, a K and a V "
                 "cache per block");
     TORCH_CHECK(ends_held(), "DecodeStep: the final norm's weight or the embedding changed dtype, layout or device "
