@@ -334,8 +334,7 @@ class CompiledDecode(Transformer):
     def forward(self, tokens, cache=None, start_pos=0, last_only=False):
         if cache is not None and not torch.is_grad_enabled():
             if tokens.shape[1] == 1:
-                # fresh strides: a column sliced from the loop's token buffer would recompile the step
-                return self.compiled_step(tokens.clone(memory_format=torch.contiguous_format), cache, start_pos, last_only)
+                return self.compiled_step(tokens, cache, start_pos, last_only)
             if tokens.shape[1] <= ROWS_MAX:  # a verification: Int4Step's where it takes the model, else eager
                 logits = self.compiled_step.int4_call(tokens, cache, start_pos, last_only)
                 if logits is not None:
@@ -436,7 +435,8 @@ class CompiledStep:
             self.step = torch.compile(fn, dynamic=True, options={
                 "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
             self.steps.append((self.seen, self.step))
-        return self.step(tokens, cache, start_pos, last_only)
+        # fresh strides: a column sliced from the loop's token buffer would recompile the step
+        return self.step(tokens.clone(memory_format=torch.contiguous_format), cache, start_pos, last_only)
 
 
 class Int4Step:
@@ -476,8 +476,7 @@ class Int4Step:
             if not all(type(m) is VNNIInt4Linear and m.packed.dim() == 1 and m.bias is None
                        for m in (attn.o_proj, mlp.down_proj)):
                 return None
-            if not all(type(n) in (RMSNorm, FusedRMSNorm) and n.weight.dtype == torch.bfloat16 and
-                       n.weight.is_contiguous() and n.eps == cfg.norm_eps for n in (block.attn_norm, block.mlp_norm)):
+            if not (cls._takes_norm(block.attn_norm, cfg) and cls._takes_norm(block.mlp_norm, cfg)):
                 return None
             if type(block) is not Block or mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
                 return None
@@ -499,14 +498,18 @@ class Int4Step:
                                             cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden, cfg.norm_eps))
 
     @staticmethod
+    def _takes_norm(norm: nn.Module, cfg) -> bool:
+        """Whether step.cpp's RMSNorm computes this norm: an RMSNorm with a bf16 weight and the model's eps."""
+        return type(norm) in (RMSNorm, FusedRMSNorm) and norm.weight.dtype == torch.bfloat16 \
+            and norm.weight.is_contiguous() and norm.eps == cfg.norm_eps
+
+    @staticmethod
     def _ends(model: Transformer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The embedding's rows and scales for step.cpp (bf16 rows: no scales; int8 codes: their bf16 scales),
         where it computes them as the model's own embedding does and the final norm is an RMSNorm it can
         take; else None."""
-        emb, norm = model.tok_emb, model.norm
-        if not (type(norm) in (RMSNorm, FusedRMSNorm) and norm.weight.dtype == torch.bfloat16
-                and norm.weight.is_contiguous() and norm.eps == model.config.norm_eps
-                and type(model.drop) is nn.Dropout):
+        emb = model.tok_emb
+        if not (Int4Step._takes_norm(model.norm, model.config) and type(model.drop) is nn.Dropout):
             return None
         if type(emb) is nn.Embedding and emb.weight.dtype == torch.bfloat16 and emb.weight.is_contiguous() \
                 and emb.max_norm is None:  # max_norm: forward rescales rows

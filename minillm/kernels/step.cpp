@@ -128,7 +128,7 @@ struct DecodeStep {
       const int64_t nq = n_head * head_dim, nkv = n_kv_head * head_dim;
       const auto outputs = [](const Matrix& m) { return m.scale_zero.size(0) * TILE; };  // padded to whole tiles
       const auto bf16_of = [](const torch::Tensor& t, int64_t n) {
-        return t.scalar_type() == torch::kBFloat16 && t.numel() == n && t.is_contiguous();
+        return held(t, torch::kBFloat16) && t.numel() == n;
       };
       TORCH_CHECK(bf16_of(b.attn_norm, C) && bf16_of(b.mlp_norm, C) && outputs(b.qkv) >= nq + 2 * nkv &&
                   outputs(b.o) >= C && outputs(b.gate_up) >= (hidden + TILE - 1) / TILE * TILE + hidden &&
@@ -137,6 +137,31 @@ struct DecodeStep {
                   "DecodeStep: block ", l, "'s norms, matrices or biases do not fit its heads and widths");
       blocks.push_back(b);
     }
+  }
+
+  // The embeddings (T, C) bf16 of tokens (1, T), as model.tok_emb computes them (QuantEmbedding: q.to(bf16) * scale).
+  torch::Tensor embed(const torch::Tensor& tokens) const {
+    const int64_t T = tokens.size(1), C = final_norm.numel();
+    auto x = torch::empty({T, C}, final_norm.options());
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t id = tokens.data_ptr<int64_t>()[t * tokens.stride(1)];
+      TORCH_CHECK(id >= 0 && id < embedding.size(0), "DecodeStep: token id ", id, " is outside the vocabulary of ",
+                  embedding.size(0));
+      if (!scales.defined()) {
+        std::memcpy(bits(x) + t * C, bits(embedding) + id * C, C * sizeof(bf16));
+        continue;
+      }
+      const int8_t* q = embedding.data_ptr<int8_t>() + id * C;
+      const uint32_t scale_bits = (uint32_t)bits(scales)[id] << 16;  // the bf16 scale as a float, exactly
+      float scale;
+      std::memcpy(&scale, &scale_bits, 4);
+      for (int64_t c = 0; c < C; c += LANES) {  // the product is exact in float32 (8 bits times 8), then rounded
+        const __mmask16 m = first(C - c);
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + c)));
+        store16(bits(x) + t * C + c, _mm512_mul_ps(v, _mm512_set1_ps(scale)), m);
+      }
+    }
+    return x;
   }
 
   // tokens (1, T <= 16) int64, the ids of T tokens at positions pos..pos+T-1 (a decode step: one; a
@@ -165,25 +190,7 @@ struct DecodeStep {
                   k_cache[l].is_contiguous() && v_cache[l].sizes() == k_cache[l].sizes() &&
                   v_cache[l].scalar_type() == torch::kBFloat16 && v_cache[l].is_contiguous(),
                   "DecodeStep: caches (1, n_kv_head, max_len >= pos + T, head_dim) bf16, contiguous");
-    auto x = torch::empty({T, C}, final_norm.options());  // the residual stream, added to in place
-    for (int64_t t = 0; t < T; ++t) {  // the embedding, as model.tok_emb (QuantEmbedding: q.to(bf16) * scale) rounds
-      const int64_t id = tokens.data_ptr<int64_t>()[t * tokens.stride(1)];
-      TORCH_CHECK(id >= 0 && id < embedding.size(0), "DecodeStep: token id ", id, " is outside the vocabulary of ",
-                  embedding.size(0));
-      if (!scales.defined()) {
-        std::memcpy(bits(x) + t * C, bits(embedding) + id * C, C * sizeof(bf16));
-        continue;
-      }
-      const int8_t* q = embedding.data_ptr<int8_t>() + id * C;
-      const uint32_t scale_bits = (uint32_t)bits(scales)[id] << 16;  // the bf16 scale as a float, exactly
-      float scale;
-      std::memcpy(&scale, &scale_bits, 4);
-      for (int64_t c = 0; c < C; c += LANES) {  // the product is exact in float32 (8 bits times 8), then rounded
-        const __mmask16 m = first(C - c);
-        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + c)));
-        store16(bits(x) + t * C + c, _mm512_mul_ps(v, _mm512_set1_ps(scale)), m);
-      }
-    }
+    auto x = embed(tokens);  // the residual stream, added to in place
     auto h = torch::empty({T, C}, x.options()), q = torch::empty({1, n_head, T, hd}, x.options());
     auto a = torch::empty({T, hidden}, x.options());
     cos = cos.contiguous(), sin = sin.contiguous();
