@@ -18,6 +18,7 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -102,22 +103,20 @@ static void rows(const uint8_t* w, const uint32_t* sz, const int8_t* x8, const f
 }
 
 // x (M, K) float or bf16 -> x8 (M, K) int8, d (M, K/32) and xsum (M, K/g) = sum of d * x8 over each group.
+// Each block: d = max|x| / 127, x8 = x * (127 / max|x|) rounded to nearest even (the CPU's default rounding).
 template <typename X>
 static void quantize_rows(const X* x, int8_t* x8, float* d, float* xsum, int64_t M, int64_t K, int64_t g) {
+  using E = std::conditional_t<std::is_same_v<X, float>, float, uint16_t>;  // bf16 as its bits, for load16
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < K / BLOCK; ++b) {
-      float xb[BLOCK], amax = 0.f;
-      for (int i = 0; i < BLOCK; ++i) {
-        xb[i] = static_cast<float>(x[m * K + b * BLOCK + i]);
-        amax = std::max(amax, std::fabs(xb[i]));
-      }
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      int sum = 0;
-      for (int i = 0; i < BLOCK; ++i) {
-        const int q = (int)std::nearbyint(xb[i] * inv);
-        x8[m * K + b * BLOCK + i] = (int8_t)q;
-        sum += q;
-      }
+      const E* p = (const E*)x + m * K + b * BLOCK;
+      const __m512 lo = load16(p), hi = load16(p + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+      const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+      const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+      _mm_storeu_si128((__m128i*)(x8 + m * K + b * BLOCK), _mm512_cvtepi32_epi8(qlo));
+      _mm_storeu_si128((__m128i*)(x8 + m * K + b * BLOCK + 16), _mm512_cvtepi32_epi8(qhi));
+      const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
       d[m * (K / BLOCK) + b] = amax / 127.f;
       if (b * BLOCK % g == 0) xsum[m * (K / g) + b * BLOCK / g] = 0.f;
       xsum[m * (K / g) + b * BLOCK / g] += amax / 127.f * (float)sum;
