@@ -291,7 +291,8 @@ def few_rows_table(name: str, fmt: str, args) -> None:
 def few_rows(args) -> None:
     print(f"{torch.get_num_threads()} threads, load average {open('/proc/loadavg').read().split()[0]}, "
           f"median of {args.repeats}; the speed layer's few-row route (probed here): "
-          f"fp32 {few_row_route(torch.float32)}, bf16 {few_row_route(torch.bfloat16)}")
+          f"fp32 {few_row_route(torch.float32)}, bf16 {few_row_route(torch.bfloat16)}"
+          + ("; ours multiplies bf16 on the AMX tile unit" if vnni() is not None and vnni().amx_bf16() else ""))
     for name in args.models.split(","):
         for fmt in args.formats.split(","):
             few_rows_table(name, fmt, args)

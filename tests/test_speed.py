@@ -1,5 +1,7 @@
 """The speed layer computes what the reference model computes: each route against model.py's own."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -133,7 +135,9 @@ def test_few_row_probe_picks_a_route(monkeypatch):
 def test_own_few_row_kernel_gives_a_row_the_same_numbers_in_any_call(dtype, out_in):
     """kernels/rows.cpp: a row's outputs are bit for bit the same whatever the call's other rows and
     their number (1..16, the row at every place), for widths that are not multiples of its 16 lanes
-    or 512-input chunks and counts of outputs that are not multiples of its tiles or groups."""
+    or 512-input chunks and counts of outputs that are not multiples of its tiles or groups (bf16 on
+    a CPU with AMX: the tile unit's route for widths that are multiples of 32, 100 outputs a last
+    tile of 4)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(*out_in, generator=g).to(dtype)
     x = torch.randn(16, out_in[1], generator=g).to(dtype)
@@ -144,6 +148,13 @@ def test_own_few_row_kernel_gives_a_row_the_same_numbers_in_any_call(dtype, out_
         assert torch.equal(vnni().rows_mm(x[16 - m:], w), alone[16 - m:])
     want = x.double() @ w.double().t()  # and it is the product: float32 sums (see the two tests above)
     assert (alone.double() - want).abs().max() <= want.abs().max() * (2 ** -8 if dtype == torch.bfloat16 else 1e-6)
+
+
+@needs_our_kernel
+def test_own_few_row_kernel_takes_the_tile_unit_where_the_cpu_has_one():
+    """bf16 goes through AMX exactly where Linux reports the CPU's AMX-BF16 (and grants the tiles)."""
+    flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
+    assert vnni().amx_bf16() == ({"amx_bf16", "amx_tile"} <= flags)
 
 
 @needs_our_kernel

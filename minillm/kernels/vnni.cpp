@@ -202,6 +202,7 @@ TORCH_LIBRARY(minillm, m) { m.def("vnni_mm(Tensor x, Tensor packed, Tensor scale
 TORCH_LIBRARY_IMPL(minillm, CPU, m) { m.impl("vnni_mm", &mm); }
 
 torch::Tensor rows_mm(torch::Tensor x, torch::Tensor w);  // rows.cpp, built into the same module
+bool amx_bf16();
 torch::Tensor causal_attention(torch::Tensor q, torch::Tensor kt, torch::Tensor v);  // attention.cpp, likewise
 torch::Tensor few_query_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);  // pointwise.cpp, likewise
@@ -214,6 +215,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "unsigned codes and scale_zero -> this file's layouts");
   m.def("unpack", &unpack, "this file's layouts -> unsigned codes (N, K) and scale_zero (K/g, N, 2)");
   m.def("rows_mm", &rows_mm, "x @ W^T for up to 16 rows of float32 or bf16 x and W (rows.cpp)");
+  m.def("amx_bf16", &amx_bf16, "whether rows_mm multiplies bf16 on the AMX tile unit here (rows.cpp)");
   m.def("causal_attention", &causal_attention, "a prompt's causal attention, float32 (attention.cpp)");
   m.def("few_query_attention", &few_query_attention, "causal attention of a few queries, float32 or bf16 (attention.cpp)");
   m.def("rms_norm", &rms_norm, "RMSNorm in one pass, float32 (pointwise.cpp)");
