@@ -1,5 +1,6 @@
 """The speed layer computes what the reference model computes: each route against model.py's own."""
 
+import ctypes
 from pathlib import Path
 
 import pytest
@@ -131,13 +132,13 @@ def test_few_row_probe_picks_a_route(monkeypatch):
 
 @needs_our_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("out_in", [(100, 37), (7, 16), *REAL_WIDTHS, (1536, 8960)])
+@pytest.mark.parametrize("out_in", [(100, 37), (7, 16), (100, 64), (17, 96), *REAL_WIDTHS, (1536, 8960)])
 def test_own_few_row_kernel_gives_a_row_the_same_numbers_in_any_call(dtype, out_in):
     """kernels/rows.cpp: a row's outputs are bit for bit the same whatever the call's other rows and
     their number (1..16, the row at every place), for widths that are not multiples of its 16 lanes
     or 512-input chunks and counts of outputs that are not multiples of its tiles or groups (bf16 on
-    a CPU with AMX: the tile unit's route for widths that are multiples of 32, 100 outputs a last
-    tile of 4)."""
+    a CPU with AMX: the tile unit's route for widths that are multiples of 32; 100 and 17 outputs end
+    in a tile of 4 and of 1)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(*out_in, generator=g).to(dtype)
     x = torch.randn(16, out_in[1], generator=g).to(dtype)
@@ -152,9 +153,12 @@ def test_own_few_row_kernel_gives_a_row_the_same_numbers_in_any_call(dtype, out_
 
 @needs_our_kernel
 def test_own_few_row_kernel_takes_the_tile_unit_where_the_cpu_has_one():
-    """bf16 goes through AMX exactly where Linux reports the CPU's AMX-BF16 (and grants the tiles)."""
+    """bf16 goes through AMX exactly where Linux reports the CPU's AMX-BF16 and grants this process the
+    tiles (asked here as rows.cpp asks: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA))."""
     flags = set(Path("/proc/cpuinfo").read_text().split()) if Path("/proc/cpuinfo").exists() else set()
-    assert vnni().amx_bf16() == ({"amx_bf16", "amx_tile"} <= flags)
+    has = {"amx_bf16", "amx_tile"} <= flags
+    granted = has and ctypes.CDLL(None).syscall(158, 0x1023, 18) == 0  # 158: arch_prctl on x86-64
+    assert vnni().amx_bf16() == granted
 
 
 @needs_our_kernel

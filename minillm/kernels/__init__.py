@@ -25,7 +25,7 @@ used for all the rows while in a register, the sums in float32 (bf16 W and x wid
 row costs the read of the weights, as PyTorch's GEMV does (bf16: half its time on an AVX-512 Xeon
 without bf16 instructions), and 9 rows ~1.2x of one in fp32 (PyTorch's GEMM: 2-3x). Each output
 is summed in one fixed order whatever the number of rows, so a row's numbers do not depend on the
-call it is in. On CPUs with AMX-BF16 (Intel's tile unit), bf16 goes through the tile unit instead
+call it is in. On CPUs with AMX-BF16 (Intel's tile unit), bf16 with K a multiple of 32 goes through it
 (16 outputs x 32 inputs against every row per instruction): 9 rows cost one row's time, each output
 summed by the instruction's own order, again the same for any call. speed.FewRowLinear takes it
 (MINILLM_FEW_ROWS=own, the default where it builds).

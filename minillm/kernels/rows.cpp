@@ -167,12 +167,12 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_tiles(const uint16_t* w, c
 void amx_rows(const uint16_t* w, const uint16_t* x, uint16_t* y, int64_t M, int64_t N, int64_t K) {
   thread_local std::vector<uint32_t> xp;  // x's inputs 2r, 2r + 1 of row m at xp[r * M + m]
   xp.resize(K / 2 * M);
-  const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+  const __m512i row_starts = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                           _mm512_set1_epi32((int)(K / 2)));
   for (int64_t r = 0; r < K / 2; ++r)
     _mm512_mask_storeu_epi32(xp.data() + r * M, first(M), _mm512_mask_i32gather_epi32(
-        _mm512_setzero_si512(), first(M), _mm512_add_epi32(rows, _mm512_set1_epi32((int)r)), x, 4));
-  const uint32_t* xd = xp.data();  // (the lambda's threads have xp's of their own)
+        _mm512_setzero_si512(), first(M), _mm512_add_epi32(row_starts, _mm512_set1_epi32((int)r)), x, 4));
+  const uint32_t* xd = xp.data();  // xp is thread_local: the workers below read the caller's through xd
   constexpr int T = 3;
   const int64_t tiles = N / 16;
   at::parallel_for(0, (tiles + T - 1) / T, 1, [&](int64_t a, int64_t b) {

@@ -103,7 +103,8 @@ static void rows(const uint8_t* w, const uint32_t* sz, const int8_t* x8, const f
 }
 
 // x (M, K) float or bf16 -> x8 (M, K) int8, d (M, K/32) and xsum (M, K/g) = sum of d * x8 over each group.
-// Each block: d = max|x| / 127, x8 = x * (127 / max|x|) rounded to nearest even (the CPU's default rounding).
+// Each block: d = max|x| / 127, x8 = x * (127 / max|x|) rounded to nearest even (the CPU's default rounding);
+// x finite (a NaN gives a garbage block, as it did in the scalar loop before).
 template <typename X>
 static void quantize_rows(const X* x, int8_t* x8, float* d, float* xsum, int64_t M, int64_t K, int64_t g) {
   using E = std::conditional_t<std::is_same_v<X, float>, float, uint16_t>;  // bf16 as its bits, for load16
