@@ -134,7 +134,8 @@ inline void to_rows(const float* c, uint16_t* y, int64_t M, int64_t N, int64_t n
   const __m512i outputs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                              _mm512_set1_epi32(16));
   for (int64_t m = 0; m < M; ++m) {
-    const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), first(R), _mm512_add_epi32(outputs, _mm512_set1_epi32(m)), c, 4);
+    const __m512i at = _mm512_add_epi32(outputs, _mm512_set1_epi32((int)m));  // row m's sums, one per output
+    const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), first(R), at, c, 4);
     store16(y + m * N + n0, v, first(R));
   }
 }
