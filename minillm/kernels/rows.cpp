@@ -29,6 +29,10 @@
 
 #include "simd.h"
 
+#if __has_include(<amxbf16intrin.h>)  // the compiler knows AMX (gcc 11 on); without it the lanes serve bf16 too
+#define MINILLM_AMX 1
+#endif
+
 namespace {
 
 constexpr int MAX_ROWS = 16, LANES = 16, GROUP = 24, X_CHUNK = 4096;  // X_CHUNK floats of x: 16 KB
@@ -116,6 +120,7 @@ void row_block(int64_t M, const W* w, const float* xf, float* y, int64_t N, int6
   }
 }
 
+#ifdef MINILLM_AMX
 // Tiles 0..2: 16 (or R) outputs' next 32 inputs of W; 3: the same 32 inputs of the M rows of x, in pairs;
 // 4..6: the outputs' float32 sums for the M rows.
 __attribute__((target("amx-tile,amx-bf16"))) void amx_configure(int64_t M, int R) {
@@ -191,11 +196,15 @@ void amx_rows(const uint16_t* w, const uint16_t* x, uint16_t* y, int64_t M, int6
     amx_release();
   }
 }
+#endif
 
 }  // namespace
 
 // Whether this CPU has AMX-BF16 and Linux lets this process use the tiles (asked once).
 bool amx_bf16() {
+#ifndef MINILLM_AMX
+  return false;
+#endif
   static const bool ok = [] {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
@@ -212,6 +221,7 @@ torch::Tensor rows_mm(torch::Tensor x, torch::Tensor w) {
               (w.scalar_type() == torch::kFloat || w.scalar_type() == torch::kBFloat16) && w.is_contiguous(),
               "rows_mm: x (M <= 16, K) and contiguous w (N, K), both float32 or both bfloat16");
   const bool bf16 = w.scalar_type() == torch::kBFloat16;
+#ifdef MINILLM_AMX
   if (bf16 && K % 32 == 0 && amx_bf16()) {
     auto xc = x.contiguous();
     auto y = torch::empty({M, N}, x.options());  // the float32 sums rounded once, to nearest even
@@ -219,6 +229,7 @@ torch::Tensor rows_mm(torch::Tensor x, torch::Tensor w) {
              (uint16_t*)y.data_ptr<at::BFloat16>(), M, N, K);
     return y;
   }
+#endif
   auto xf = x.to(torch::kFloat).contiguous();  // bf16 -> float32 is exact
   auto y = torch::empty({M, N}, xf.options());
   if (bf16) row_block(M, (const uint16_t*)w.data_ptr<at::BFloat16>(), xf.data_ptr<float>(), y.data_ptr<float>(), N, K);
