@@ -134,10 +134,14 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_configure(int64_t M, int R
 
 __attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
 
+// Lane i holds i * stride (a gather's indices).
+inline __m512i strided(int stride) {
+  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(stride));
+}
+
 // Tile sums (16 outputs x M rows, stored a row of 16 floats per output) into y's rows m, columns n0..n0+R-1, bf16.
 inline void to_rows(const float* c, uint16_t* y, int64_t M, int64_t N, int64_t n0, int R) {
-  const __m512i outputs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32(16));
+  const __m512i outputs = strided(16);
   for (int64_t m = 0; m < M; ++m) {
     const __m512i at = _mm512_add_epi32(outputs, _mm512_set1_epi32((int)m));  // row m's sums, one per output
     const __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), first(R), at, c, 4);
@@ -173,8 +177,7 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_tiles(const uint16_t* w, c
 void amx_rows(const uint16_t* w, const uint16_t* x, uint16_t* y, int64_t M, int64_t N, int64_t K) {
   thread_local std::vector<uint32_t> xp;  // x's inputs 2r, 2r + 1 of row m at xp[r * M + m]
   xp.resize(K / 2 * M);
-  const __m512i row_starts = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                          _mm512_set1_epi32((int)(K / 2)));
+  const __m512i row_starts = strided((int)(K / 2));
   for (int64_t r = 0; r < K / 2; ++r)
     _mm512_mask_storeu_epi32(xp.data() + r * M, first(M), _mm512_mask_i32gather_epi32(
         _mm512_setzero_si512(), first(M), _mm512_add_epi32(row_starts, _mm512_set1_epi32((int)r)), x, 4));
