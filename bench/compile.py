@@ -53,17 +53,19 @@ def measure(path: str, tokens: int, threads: int, guards: str = "ours") -> dict:
 
 class DynamoGuards:
     """In CompiledStep's place: Transformer.forward through torch.compile as it comes (dynamo's own checks
-    on every module before each step), and no Int4Step."""
+    on every module before each step), and no OneCallStep."""
 
     def __init__(self, model):
         import torch
         from minillm.model import Transformer
         self.graph = torch.compile(functools.partial(Transformer.forward, model), dynamic=True)
+        # fresh strides, as CompiledStep gives them: a column sliced from the loop's buffer recompiles the graph
+        self.fresh = functools.partial(torch.clone, memory_format=torch.contiguous_format)
 
-    def __call__(self, *args):
-        return self.graph(*args)
+    def __call__(self, tokens, *args):
+        return self.graph(self.fresh(tokens), *args)
 
-    def int4_call(self, *args):
+    def one_call_logits(self, *args):
         return None
 
 

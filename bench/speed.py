@@ -14,8 +14,9 @@ One decode measurement: greedy, the prompt "Once upon a time" (4 tokens), 128 ne
 ignored. Time to first token = prefill of the prompt + choosing the first token; decode tok/s =
 127 / (time of token 128 - time of token 1). Ours runs through generate.stream_tokens (the loop users
 get) on the model as sample.py runs it: speed.speed_up after loading, and speed.compile_decode for
-the "-compiled" configs (an int4 LLaMA-family model: speed.Int4Step, every block in one C++ call;
-ours-int4-compiled-graph: torch.compile's graph instead, as before Int4Step; ours-int4-compiled-cpp: that
+the "-compiled" configs (an int4 or bf16 LLaMA-family model: speed.OneCallStep, every block in one C++ call;
+ours-int4-compiled-graph, ours-bf16-compiled-graph: torch.compile's graph instead, as before OneCallStep took
+such models; ours-int4-compiled-cpp: that
 graph with inductor's wrapper in C++, as TORCHINDUCTOR_CPP_WRAPPER=1 sets it); transformers runs its
 best case, a bare loop of model(token,
 past_key_values) + argmax with a DynamicCache and logits for the last position only (generate()
@@ -54,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT = ["hf-fp32", "hf-bf16", "ours-fp32", "ours-bf16", "ours-int8", "ours-int4"]
 CONFIGS = DEFAULT + ["ours-fp32-compiled", "ours-bf16-compiled", "ours-int8-compiled", "ours-int4-compiled",
-                     "ours-int4-compiled-cpp", "ours-int4-compiled-graph", "llamacpp-q4_1",
+                     "ours-int4-compiled-cpp", "ours-int4-compiled-graph", "ours-bf16-compiled-graph", "llamacpp-q4_1",
                      "llamacpp-q4_1-no-repack", "llamacpp-q4_1-one-token-calls", "hf-fp32-reuse", "hf-bf16-reuse"]
 if importlib.util.find_spec("llama_cpp"):  # llama-cpp-python installed: llama.cpp joins the default run
     DEFAULT.append("llamacpp-q4_1")
@@ -79,7 +80,7 @@ def load(config: str, model_path: str, hf_dir: str):
         import torch._inductor.config  # between a graph's kernels, at about twice the compile time
         torch._inductor.config.cpp_wrapper = True
     if kind == "ours":
-        graph = bool({"graph", "cpp"} & set(extra))  # torch.compile's graph even where Int4Step would run
+        graph = bool({"graph", "cpp"} & set(extra))  # torch.compile's graph even where OneCallStep would run
         return load_ours(loaded.model, dtype, "compiled" in extra, not graph, prompt, text_ids, model_path)
     del loaded  # transformers loads the exported copy
     if "reuse" in extra:  # the allocator setting speed_up makes for ours, given to transformers too
@@ -88,10 +89,10 @@ def load(config: str, model_path: str, hf_dir: str):
     return load_hf(hf_dir, dtype, prompt, text_ids)
 
 
-def load_ours(model, dtype: str, compiled: bool, int4_step: bool, prompt: list[int], text_ids: list[int],
+def load_ours(model, dtype: str, compiled: bool, one_call: bool, prompt: list[int], text_ids: list[int],
               model_path: str):
     """Ours as sample.py runs it: the speed layer on (speed.speed_up), compile_decode for "-compiled"
-    (with int4_step False: torch.compile's graph even where Int4Step would take the model)."""
+    (with one_call False: torch.compile's graph even where OneCallStep would take the model)."""
     import torch
     from minillm.generate import next_logits, stream_tokens
     from minillm.kv_cache import KVCache
@@ -103,7 +104,7 @@ def load_ours(model, dtype: str, compiled: bool, int4_step: bool, prompt: list[i
         assert getattr(model, "quantization", None), f"{model_path} is not quantized"
     speed_up(model)
     if compiled:  # compiles during the worker's warm-up decode, before any timing
-        compile_decode(model, int4_step=int4_step)
+        compile_decode(model, one_call=one_call)
     greedy = SamplingParams(temperature=0.0)
 
     def decode():

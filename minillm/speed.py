@@ -56,11 +56,12 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
   between the matmuls fused); every other call stays eager. The first such call compiles (needs a
   C++ compiler; minutes for a 135M model on two CPU cores). Dynamo's thousands of checks on the
   modules before each call are replaced by a check of our own of what can change (CompiledStep).
-  An int4 LLaMA-family model on our kernel (what speed_up makes of SmolLM2's and Qwen's int4
-  checkpoints) needs no graph: Int4Step runs all its blocks for one token in one C++ call
-  (kernels/step.cpp), the eager step's operations and roundings, ~1.5x the graph's speed on
-  SmolLM2 (bench/README.md, "Every block in one call"); a verification of up to 16 tokens too, each
-  token's numbers those of its one-token step (greedy speculative output = plain greedy output).
+  An int4 or bf16 LLaMA-family model on our kernels (what speed_up makes of SmolLM2's and Qwen's
+  int4 and bf16 checkpoints) needs no graph: OneCallStep runs all its blocks for one token in one C++
+  call (kernels/step.cpp), the eager step's operations and roundings, ~1.5x the graph's speed on
+  SmolLM2 in int4 (bench/README.md, "Every block in one call"); a verification of up to 16 tokens
+  too, each token's numbers those of its one-token step (greedy speculative output = plain greedy
+  output).
 """
 
 from __future__ import annotations
@@ -168,15 +169,25 @@ class StackedLinear:
 
     def takes(self, x: torch.Tensor, layers: list[nn.Module]) -> bool:
         """Whether this call goes through the stack: eager (not being compiled), no grad, x as the weights'
-        dtype, `layers` (the module's now) the stacked ones, plain FewRowLinear (not the exact mode's, not
-        prepacked: their own copies for oneDNN serve few rows better than the stack's W as it is), still
-        holding their views (else stale for good)."""
-        if torch.compiler.is_compiling() or self.linear is None:
+        dtype, and the stack holds `layers`."""
+        if torch.compiler.is_compiling():
             return False
-        if not all(a is b for a, b in zip(self.parts, layers)) or self.pointers() != self.views:
+        return not torch.is_grad_enabled() and self.holds(layers) and x.dtype == self.linear.weight.dtype
+
+    def holds(self, layers: list[nn.Module]) -> bool:
+        """Whether the stack multiplies `layers` (the module's now) as they are: the stacked ones, plain
+        FewRowLinear (not the exact mode's, not prepacked: their own copies for oneDNN serve few rows
+        better than the stack's W as it is), still holding their views (else stale for good)."""
+        if not (self.valid and all(a is b for a, b in zip(self.parts, layers))):
             self.linear = None  # stale: the layers run one by one from now on
             return False
-        return not torch.is_grad_enabled() and x.dtype == self.linear.weight.dtype and all(map(self.plain, self.parts))
+        return all(map(self.plain, self.parts))
+
+    @property
+    def valid(self) -> bool:
+        """Whether each layer still holds its view of the stack (CompiledStep.state asks before each step:
+        OneCallStep multiplies the stack)."""
+        return self.linear is not None and self.pointers() == self.views
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (..., K) -> each layer's output (..., its out_features), views of one product."""
@@ -335,8 +346,8 @@ class CompiledDecode(Transformer):
         if cache is not None and not torch.is_grad_enabled():
             if tokens.shape[1] == 1:
                 return self.compiled_step(tokens, cache, start_pos, last_only)
-            if tokens.shape[1] <= ROWS_MAX:  # a verification: Int4Step's where it takes the model, else eager
-                logits = self.compiled_step.int4_call(tokens, cache, start_pos, last_only)
+            if tokens.shape[1] <= ROWS_MAX:  # a verification: OneCallStep's where it takes the model, else eager
+                logits = self.compiled_step.one_call_logits(tokens, cache, start_pos, last_only)
                 if logits is not None:
                     return logits
         return super().forward(tokens, cache, start_pos, last_only)
@@ -355,7 +366,7 @@ class CompiledStep:
     shape), 1.3 ms of a 7.4 ms int4 step (bench/README.md, "The compiled step's own check"). What can
     change in a loaded model between two steps is checked here instead, in ~0.1 ms a step (`state`): each
     module's type (speed_up, batch_invariant, a swapped-in layer), train/eval mode and hooks (the
-    inspector's), the config's values, whether each int4 stack still holds its layers' codes, and a
+    inspector's), the config's values, whether each stack still holds its layers' numbers, and a
     count on each module of the parameters, buffers and modules assigned to it (PyTorch's registration
     hooks); a `.to()` of the model drops its graphs. A call whose state differs takes the graph compiled
     for that state before, if any (a hook added and removed again), else compiles again from a copy of
@@ -364,12 +375,12 @@ class CompiledStep:
     before: bound as a method instead, the model is the frame's own `self` and the int4 step's logits
     moved off the eager step's (tests/test_speed.py, test_compiled_decode_gives_the_eager_greedy_tokens).
     Not seen: a tensor of one layer swapped in place for one of another dtype or shape
-    (`layer.weight.data = ...`, `layer.half()`): call compile_decode again after such a change (Int4Step's
+    (`layer.weight.data = ...`, `layer.half()`): call compile_decode again after such a change (OneCallStep's
     C++ call refuses to run on a final norm or an embedding changed so)."""
 
-    def __init__(self, model: Transformer, int4_route: bool = True):
-        self.model, self.step, self.seen, self.steps, self.int4 = model, None, None, [], None
-        self.int4_route = int4_route  # Int4Step for the models it takes
+    def __init__(self, model: Transformer, one_call: bool = True):
+        self.model, self.step, self.seen, self.steps, self.one_call = model, None, None, [], None
+        self.one_call_route = one_call  # OneCallStep for the models it takes
         self.modules = self.dicts = self.holders = self.view = self.hooked = None  # state()'s view, as last seen
         _count_assignments()
 
@@ -407,24 +418,24 @@ class CompiledStep:
 
     def forget(self) -> None:
         """Drop every compiled graph (the model's tensors changed dtype or device): the next call compiles."""
-        self.step, self.seen, self.steps, self.int4 = None, None, [], None
+        self.step, self.seen, self.steps, self.one_call = None, None, [], None
 
     def refresh(self) -> None:
-        """Take the graph compiled for the model's state now, if any, and Int4Step's plan for it."""
+        """Take the graph compiled for the model's state now, if any, and OneCallStep's plan for it."""
         state = self.state()
         if state != self.seen:
             self.step = next((step for seen, step in self.steps if seen == state), None)
             hooked = state[3]  # the inspector's hooks see every block run as Python
-            self.int4 = Int4Step.of(self.model) if self.int4_route and not hooked else None
+            self.one_call = OneCallStep.of(self.model) if self.one_call_route and not hooked else None
             self.seen = state
 
-    def int4_call(self, tokens, cache, start_pos, last_only):
-        """Int4Step's logits for these tokens, or None where it does not take the model or the call."""
+    def one_call_logits(self, tokens, cache, start_pos, last_only):
+        """OneCallStep's logits for these tokens, or None where it does not take the model or the call."""
         self.refresh()
-        return None if self.int4 is None else self.int4(tokens, cache, start_pos, last_only)
+        return None if self.one_call is None else self.one_call(tokens, cache, start_pos, last_only)
 
     def __call__(self, tokens, cache, start_pos, last_only):
-        logits = self.int4_call(tokens, cache, start_pos, last_only)
+        logits = self.one_call_logits(tokens, cache, start_pos, last_only)
         if logits is not None:
             return logits
         if self.step is None:  # compiled at its first call
@@ -439,53 +450,52 @@ class CompiledStep:
         return self.step(tokens.clone(memory_format=torch.contiguous_format), cache, start_pos, last_only)
 
 
-class Int4Step:
+class OneCallStep:
     """compile_decode's one-token step (and verification of up to 16 tokens) of a LLaMA-family model whose
-    linear layers all run our int4 kernel: every block in one C++ call (kernels/step.cpp: RMSNorm, the
-    q|k|v stack, RoPE, the cache's write, the few-query attention, o, the gate|up stack, SwiGLU, down,
-    the residual adds), where the torch.compile'd step spent as long again as its matmuls on its graph's
-    code and dynamo's checks; and nothing to compile. The call starts at the token ids and ends after the
-    final norm; the head runs as forward runs it. Its logits are the eager step's within a bf16 rounding
-    here and there (step.cpp says where; tests/test_int4_step.py).
-    `of` takes a model only as speed_up leaves an int4 checkpoint of that family (the layers' classes, their
-    q|k|v and gate|up stacks valid, bf16 norms, head_dim a multiple of 16 up to 256, no q/k norm, an int8 or
-    bf16 embedding, eval mode); a call only for batch 1 and a bf16 cache on the CPU, else None: CompiledStep
-    compiles (a verification: runs eager). A token's numbers do not depend on how many share its call (every
-    kernel on the way computes a row as it would alone), so greedy speculative decoding with such a target gives
-    its plain greedy output, as the exact mode (batch_invariant) makes the eager route do."""
+    linear layers all run our kernels, int4 (vnni.cpp) or bf16 (rows.cpp): every block in one C++ call
+    (kernels/step.cpp: RMSNorm, the q|k|v stack, RoPE, the cache's write, the few-query attention, o, the
+    gate|up stack, SwiGLU, down, the residual adds), where the torch.compile'd step spent as long again as
+    its matmuls on its graph's code and dynamo's checks, and the eager bf16 step nearly as long on PyTorch's
+    small operations; and nothing to compile. The call starts at the token ids and ends after the final norm; the
+    head runs as forward runs it. Its logits are the eager step's within a bf16 rounding here and there
+    (step.cpp says where; tests/test_one_call_step.py).
+    `of` takes a model only as speed_up leaves an int4 or bf16 checkpoint of that family (the layers' classes,
+    their q|k|v and gate|up stacks valid, bf16 norms, head_dim a multiple of 16 up to 256, no q/k norm, an
+    int8 or bf16 embedding, eval mode, bf16 layers on our few-row route); a call only for batch 1 and a bf16
+    cache on the CPU, else None: CompiledStep compiles (a verification: runs eager). A token's numbers do not
+    depend on how many share its call (every kernel on the way computes a row as it would alone), so greedy
+    speculative decoding with such a target gives its plain greedy output, as the exact mode
+    (batch_invariant) makes the eager route do."""
 
     def __init__(self, model: Transformer, step):
         self.model, self.step = model, step
 
     @classmethod
-    def of(cls, model: Transformer) -> Int4Step | None:
+    def of(cls, model: Transformer) -> OneCallStep | None:
         cfg = model.config
         if cfg.family != "llama" or cfg.qk_norm or cfg.head_dim % 16 or cfg.head_dim > 256 or not kernels_built() \
                 or cfg.n_head > ATTENTION_GROUP * cfg.n_kv_head or any(m.training for m in model.modules()):
             return None
-        norms, packed, scale_zero, groups, biases = [], [], [], [], []
+        norms, weights, scale_zero, groups, biases = [], [], [], [], []
         for block in model.blocks:
             attn, mlp = block.attn, block.mlp
-            if type(attn) is not GQADecodeAttention or type(mlp) is not SwiGLUMLP:
+            if type(attn) is not GQADecodeAttention or type(mlp) is not SwiGLUMLP or type(block) is not Block:
                 return None
-            qkv, gate_up = attn.qkv_stack, mlp.gate_up
             layers = [attn.q_proj, attn.k_proj, attn.v_proj]
-            if not (isinstance(qkv, StackedInt4) and qkv.takes(None, layers) and isinstance(gate_up, StackedInt4)
-                    and gate_up.takes(None, [mlp.gate_proj, mlp.up_proj])):
-                return None
-            if not all(type(m) is VNNIInt4Linear and m.packed.dim() == 1 and m.bias is None
-                       for m in (attn.o_proj, mlp.down_proj)):
+            matrices = [cls._matrix(attn.qkv_stack, layers), cls._matrix(attn.o_proj),
+                        cls._matrix(mlp.gate_up, [mlp.gate_proj, mlp.up_proj]), cls._matrix(mlp.down_proj)]
+            if None in matrices or attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
                 return None
             if not (cls._takes_norm(block.attn_norm, cfg) and cls._takes_norm(block.mlp_norm, cfg)):
                 return None
-            if type(block) is not Block or mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
+            if mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
                 return None
             # the tensors themselves, not copies: a weight's `.data = ...` of the same shape is read at the next step
             norms += [block.attn_norm.weight, block.mlp_norm.weight]
-            for m in (qkv, attn.o_proj, gate_up, mlp.down_proj):
-                packed.append(m.packed)
-                scale_zero.append(m.scale_zero)
-                groups.append(m.group_size)
+            for w, sz, g in matrices:
+                weights.append(w)
+                scale_zero.append(sz)
+                groups.append(g)
             bias = [p.bias for p in layers]
             if any(b is not None for b in bias):
                 if any(b is None or b.dtype != torch.bfloat16 or not b.is_contiguous() for b in bias):
@@ -494,8 +504,26 @@ class Int4Step:
         ends = cls._ends(model)
         if (biases and len(biases) != 3 * len(model.blocks)) or ends is None:
             return None
-        return cls(model, vnni().DecodeStep(norms + [model.norm.weight], packed, scale_zero, groups, biases, *ends,
+        return cls(model, vnni().DecodeStep(norms + [model.norm.weight], weights, scale_zero, groups, biases, *ends,
                                             cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden, cfg.norm_eps))
+
+    @staticmethod
+    def _matrix(layer, parts: list[nn.Module] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
+        """A layer (or, with parts, the stack of those layers) as step.cpp multiplies it, (weights, scale_zero,
+        group size): our int4 kernel's codes, or a bf16 W on our few-row route (no scale_zero, group 0, the
+        bias left to the caller); None where it is neither."""
+        if parts is not None:  # a stack: the layers' own, still valid
+            if isinstance(layer, StackedInt4) and layer.takes(None, parts):
+                return layer.packed, layer.scale_zero, layer.group_size
+            if not (isinstance(layer, StackedLinear) and layer.holds(parts)):
+                return None
+            layer = layer.linear
+        if type(layer) is VNNIInt4Linear and layer.packed.dim() == 1:
+            return layer.packed, layer.scale_zero, layer.group_size
+        if StackedLinear.plain(layer) and layer.weight.dtype == torch.bfloat16 and layer.weight.is_contiguous() \
+                and layer.weight.device.type == "cpu" and ours_for(torch.bfloat16):
+            return layer.weight, None, 0
+        return None
 
     @staticmethod
     def _takes_norm(norm: nn.Module, cfg) -> bool:
@@ -509,7 +537,7 @@ class Int4Step:
         where it computes them as the model's own embedding does and the final norm is an RMSNorm it can
         take; else None."""
         emb = model.tok_emb
-        if not (Int4Step._takes_norm(model.norm, model.config) and type(model.drop) is nn.Dropout):
+        if not (OneCallStep._takes_norm(model.norm, model.config) and type(model.drop) is nn.Dropout):
             return None
         if type(emb) is nn.Embedding and emb.weight.dtype == torch.bfloat16 and emb.weight.is_contiguous() \
                 and emb.max_norm is None:  # max_norm: forward rescales rows
@@ -668,11 +696,12 @@ def prepack(model: Transformer) -> int:
     return added
 
 
-def compile_decode(model: Transformer, int4_step: bool = True) -> Transformer:
+def compile_decode(model: Transformer, one_call: bool = True) -> Transformer:
     """From now on run one-token cached calls without grad through torch.compile, in place (see above),
-    or, for an int4 LLaMA-family model on our kernel (unless int4_step is False), through Int4Step's one
-    C++ call. The compile itself happens at the first call that needs it: warm_up(model) makes that call now."""
-    model.compiled_step = CompiledStep(model, int4_step)
+    or, for an int4 or bf16 LLaMA-family model on our kernels (unless one_call is False), through
+    OneCallStep's one C++ call. The compile itself happens at the first call that needs it: warm_up(model)
+    makes that call now."""
+    model.compiled_step = CompiledStep(model, one_call)
     model.__class__ = CompiledDecode
     return model
 

@@ -1,9 +1,10 @@
 // One decode step (or the verification of a few tokens) of a LLaMA-family model whose linear layers all run
-// our int4 kernel (vnni.cpp), every block of it in one call: a torch.compile'd step spends as long again as
-// its matmuls around them (the graph's own code, dynamo's checks, a Python call per operator:
-// bench/README.md), where this loop spends microseconds. What it computes is model.py's Block.forward for
-// 1..16 tokens of batch 1, operation by operation, with the activations and the KV cache in bf16 (an int4
-// model's dtype) and rounded to bf16 where each of the reference's operations rounds its result:
+// our kernels, int4 (vnni.cpp) or bf16 (rows.cpp), every block of it in one call: a torch.compile'd step
+// spends as long again as its matmuls around them (the graph's own code, dynamo's checks, a Python call
+// per operator: bench/README.md), and an eager bf16 step on hundreds of small PyTorch operations a token, where
+// this loop spends microseconds. What it computes is model.py's Block.forward for 1..16 tokens of batch 1,
+// operation by operation, with the activations and the KV cache in bf16 (an int4 model's dtype, a bf16
+// model's) and rounded to bf16 where each of the reference's operations rounds its result:
 //   h = RMSNorm(x)                      float32 inside, rounded once
 //   q|k|v = h W_qkv (+ bias)            our kernel (the layers' stack); the bias added and rounded
 //   q, k = RoPE(q), RoPE(k)             products rounded one by one, as the reference's separate operations
@@ -12,9 +13,10 @@
 //   h = RMSNorm(x); g|u = h W_gate|up
 //   x = x + (silu(g) * u) W_down        silu rounded, then the product
 // RMSNorm sums its squares in another order than PyTorch's and e^x is ours (simd.h): a result can land
-// one bf16 step away from the eager one's (tests/test_int4_step.py holds the logits and greedy tokens to it).
-// A call starts at the token ids (the embedding: a bf16 row, or an int8 row times its bf16 scale, rounded) and
-// ends after the final norm; the output head stays in Python (speed.Int4Step), on the same kernel.
+// one bf16 step away from the eager one's (tests/test_one_call_step.py holds the logits and greedy tokens
+// to it). A call starts at the token ids (the embedding: a bf16 row, or an int8 row times its bf16 scale,
+// rounded) and ends after the final norm; the output head stays in Python (speed.OneCallStep), on the
+// same kernel as the eager step's.
 #include <torch/extension.h>
 #include <immintrin.h>
 #include <cmath>
@@ -24,6 +26,7 @@
 #include "simd.h"
 
 torch::Tensor mm(torch::Tensor x, torch::Tensor packed, torch::Tensor scale_zero, int64_t g, int64_t bits);  // vnni.cpp
+torch::Tensor rows_mm(torch::Tensor x, torch::Tensor w);  // rows.cpp
 torch::Tensor few_query_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v);  // attention.cpp
 
 namespace {
@@ -69,16 +72,28 @@ void swiglu(const bf16* g, const bf16* u, int64_t n, bf16* out) {
   }
 }
 
-// One int4 matrix as our kernel holds it: codes, scale_zero, group size.
+// One matrix of the step: int4 codes as our kernel holds them (packed codes, scale_zero, group size; each
+// layer of a stack padded to whole tiles of outputs), or bf16 W (N, K) as it is (rows.cpp; no scale_zero).
 struct Matrix {
-  torch::Tensor packed, scale_zero;
-  int64_t group;
-  torch::Tensor operator()(const torch::Tensor& x) const { return mm(x, packed, scale_zero, group, 4); }
+  torch::Tensor weight, scale_zero;
+  int64_t group = 0;
+  bool int4() const { return scale_zero.defined(); }
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    return int4() ? mm(x, weight, scale_zero, group, 4) : rows_mm(x, weight);
+  }
+  int64_t outputs() const { return int4() ? scale_zero.size(0) * TILE : weight.size(0); }
+  // Where the second of two stacked layers of n outputs each starts (gate|up's up).
+  int64_t second(int64_t n) const { return int4() ? (n + TILE - 1) / TILE * TILE : n; }
+  // Whether it takes rows of `inputs` numbers (the int4 kernel checks its own at each call).
+  bool takes(int64_t inputs) const {
+    return int4() || (weight.scalar_type() == torch::kBFloat16 && weight.dim() == 2 && weight.size(1) == inputs &&
+                      weight.is_contiguous() && weight.device().is_cpu());
+  }
 };
 
 }  // namespace
 
-// The blocks of one model, given once (speed.Int4Step makes it from the model's modules and makes it again
+// The blocks of one model, given once (speed.OneCallStep makes it from the model's modules and makes it again
 // when they change); then each call is one token's step through all of them.
 struct DecodeStep {
   struct Block {
@@ -100,10 +115,12 @@ struct DecodeStep {
   }
 
   // Per block, in order: norms (attention's, MLP's; the final norm's last), matrices (q|k|v, o, gate|up, down:
-  // packed codes and scale_zero each), their group sizes, and q's, k's and v's biases (none: an empty list);
+  // int4 packed codes and scale_zero each, or bf16 W and no scale_zero), their group sizes (0 for bf16 W),
+  // and q's, k's and v's biases (none: an empty list);
   // the embedding and its scales (none for bf16 rows). The tensors are held, not copied: a change to their
   // numbers is read at the next call.
-  DecodeStep(std::vector<torch::Tensor> norms, std::vector<torch::Tensor> packed, std::vector<torch::Tensor> scale_zero,
+  DecodeStep(std::vector<torch::Tensor> norms, std::vector<torch::Tensor> weights,
+             std::vector<std::optional<torch::Tensor>> scale_zero,
              std::vector<int64_t> groups, std::vector<torch::Tensor> biases, torch::Tensor embedding,
              std::optional<torch::Tensor> scales, int64_t n_head, int64_t n_kv_head, int64_t head_dim, int64_t hidden,
              double eps)
@@ -112,7 +129,7 @@ struct DecodeStep {
         hidden(hidden), eps((float)eps) {
     const size_t L = norms.size() / 2;
     TORCH_CHECK(norms.size() % 2 == 1 && held(final_norm, torch::kBFloat16) &&
-                packed.size() == 4 * L && scale_zero.size() == 4 * L && groups.size() == 4 * L &&
+                weights.size() == 4 * L && scale_zero.size() == 4 * L && groups.size() == 4 * L &&
                 (biases.empty() || biases.size() == 3 * L) && head_dim % LANES == 0 && head_dim <= 16 * LANES,
                 "DecodeStep: per block 2 norms and 4 matrices, then the final norm (bf16); head_dim a multiple of 16 "
                 "up to 256");
@@ -124,15 +141,16 @@ struct DecodeStep {
       Block b{norms[2 * l], norms[2 * l + 1]};
       if (!biases.empty()) for (int i = 0; i < 3; ++i) b.bias[i] = biases[3 * l + i];
       Matrix* m[4] = {&b.qkv, &b.o, &b.gate_up, &b.down};
-      for (int i = 0; i < 4; ++i) *m[i] = {packed[4 * l + i], scale_zero[4 * l + i], groups[4 * l + i]};
+      for (int i = 0; i < 4; ++i)
+        *m[i] = {weights[4 * l + i], scale_zero[4 * l + i].value_or(torch::Tensor()), groups[4 * l + i]};
       const int64_t nq = n_head * head_dim, nkv = n_kv_head * head_dim;
-      const auto outputs = [](const Matrix& m) { return m.scale_zero.size(0) * TILE; };  // padded to whole tiles
       const auto bf16_of = [](const torch::Tensor& t, int64_t n) {
         return held(t, torch::kBFloat16) && t.numel() == n;
       };
-      TORCH_CHECK(bf16_of(b.attn_norm, C) && bf16_of(b.mlp_norm, C) && outputs(b.qkv) >= nq + 2 * nkv &&
-                  outputs(b.o) >= C && outputs(b.gate_up) >= (hidden + TILE - 1) / TILE * TILE + hidden &&
-                  outputs(b.down) >= C && (!b.bias[0].defined() || (bf16_of(b.bias[0], nq) &&
+      TORCH_CHECK(bf16_of(b.attn_norm, C) && bf16_of(b.mlp_norm, C) && b.qkv.outputs() >= nq + 2 * nkv &&
+                  b.o.outputs() >= C && b.gate_up.outputs() >= b.gate_up.second(hidden) + hidden &&
+                  b.down.outputs() >= C && b.qkv.takes(C) && b.o.takes(nq) && b.gate_up.takes(C) &&
+                  b.down.takes(hidden) && (!b.bias[0].defined() || (bf16_of(b.bias[0], nq) &&
                   bf16_of(b.bias[1], nkv) && bf16_of(b.bias[2], nkv))),
                   "DecodeStep: block ", l, "'s norms, matrices or biases do not fit its heads and widths");
       blocks.push_back(b);
@@ -195,9 +213,9 @@ struct DecodeStep {
     auto a = torch::empty({T, hidden}, x.options());
     cos = cos.contiguous(), sin = sin.contiguous();
     const float *cp = cos.data_ptr<float>() + pos * hd / 2, *sp = sin.data_ptr<float>() + pos * hd / 2;
-    const int64_t up = (hidden + TILE - 1) / TILE * TILE;  // where up's outputs start in gate|up's
     for (size_t l = 0; l < blocks.size(); ++l) {
       const Block& b = blocks[l];
+      const int64_t up = b.gate_up.second(hidden);  // where up's outputs start in gate|up's
       const int64_t head = k_cache[l].size(2) * hd;  // a K/V head's numbers in the cache
       for (int64_t t = 0; t < T; ++t) rms_norm(bits(x) + t * C, bits(b.attn_norm), C, eps, bits(h) + t * C);
       auto qkv = b.qkv(h);  // (T, outputs)
@@ -235,9 +253,9 @@ struct DecodeStep {
 
 void bind_step(pybind11::module& m) {
   pybind11::class_<DecodeStep>(m, "DecodeStep",
-                               "1..16 tokens through every block of an int4 LLaMA-family model (step.cpp)")
-      .def(pybind11::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, std::vector<torch::Tensor>,
-                          std::vector<int64_t>, std::vector<torch::Tensor>, torch::Tensor, std::optional<torch::Tensor>,
-                          int64_t, int64_t, int64_t, int64_t, double>())
+                               "1..16 tokens through every block of an int4 or bf16 LLaMA-family model (step.cpp)")
+      .def(pybind11::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>,
+                          std::vector<std::optional<torch::Tensor>>, std::vector<int64_t>, std::vector<torch::Tensor>,
+                          torch::Tensor, std::optional<torch::Tensor>, int64_t, int64_t, int64_t, int64_t, double>())
       .def("__call__", &DecodeStep::operator(), pybind11::call_guard<pybind11::gil_scoped_release>());
 }
