@@ -179,10 +179,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     sp.add_argument("--max-new-tokens", type=int, default=100)
     sp.add_argument("--plot", type=Path, help="default: bench/out/speculative-<target>-<draft>.png")
     sp.add_argument("--compile-draft", action="store_true", help="the draft's one-token steps through compile_decode "
-                    "(an int4 or bf16 LLaMA-family draft: speed.OneCallStep, nothing to compile)")
+                    "(an int4, bf16 or float32 LLaMA-family draft: speed.OneCallStep, nothing to compile)")
     sp.add_argument("--compile-target", action="store_true",
                     help="the target's one-token steps (all of plain decoding; verification stays eager, except "
-                         "for an int4 or bf16 LLaMA-family target, whose verifications OneCallStep runs too)")
+                         "for an int4, bf16 or float32 LLaMA-family target, whose verifications OneCallStep runs too)")
     ex = sub.add_parser("exactness", parents=[both], help="where greedy speculative parts from plain greedy")
     ex.add_argument("--k", type=int, default=4)
     ex.add_argument("--max-new-tokens", type=int, default=32)

@@ -14,10 +14,10 @@ One decode measurement: greedy, the prompt "Once upon a time" (4 tokens), 128 ne
 ignored. Time to first token = prefill of the prompt + choosing the first token; decode tok/s =
 127 / (time of token 128 - time of token 1). Ours runs through generate.stream_tokens (the loop users
 get) on the model as sample.py runs it: speed.speed_up after loading, and speed.compile_decode for
-the "-compiled" configs (an int4 or bf16 LLaMA-family model: speed.OneCallStep, every block in one C++ call;
-ours-int4-compiled-graph, ours-bf16-compiled-graph: torch.compile's graph instead, as before OneCallStep took
-such models; ours-int4-compiled-cpp: that
-graph with inductor's wrapper in C++, as TORCHINDUCTOR_CPP_WRAPPER=1 sets it); transformers runs its
+the "-compiled" configs (an int4, bf16 or float32 LLaMA-family model: speed.OneCallStep, every block in one
+C++ call; ours-int4-compiled-graph, ours-bf16-compiled-graph, ours-fp32-compiled-graph: torch.compile's graph
+instead, as before OneCallStep took such models; ours-int4-compiled-cpp: that graph with inductor's wrapper
+in C++, as TORCHINDUCTOR_CPP_WRAPPER=1 sets it); transformers runs its
 best case, a bare loop of model(token,
 past_key_values) + argmax with a DynamicCache and logits for the last position only (generate()
 adds nothing measurable to it).
@@ -55,7 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT = ["hf-fp32", "hf-bf16", "ours-fp32", "ours-bf16", "ours-int8", "ours-int4"]
 CONFIGS = DEFAULT + ["ours-fp32-compiled", "ours-bf16-compiled", "ours-int8-compiled", "ours-int4-compiled",
-                     "ours-int4-compiled-cpp", "ours-int4-compiled-graph", "ours-bf16-compiled-graph", "llamacpp-q4_1",
+                     "ours-int4-compiled-cpp", "ours-int4-compiled-graph", "ours-bf16-compiled-graph",
+                     "ours-fp32-compiled-graph", "llamacpp-q4_1",
                      "llamacpp-q4_1-no-repack", "llamacpp-q4_1-one-token-calls", "hf-fp32-reuse", "hf-bf16-reuse"]
 if importlib.util.find_spec("llama_cpp"):  # llama-cpp-python installed: llama.cpp joins the default run
     DEFAULT.append("llamacpp-q4_1")

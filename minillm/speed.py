@@ -56,12 +56,12 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
   between the matmuls fused); every other call stays eager. The first such call compiles (needs a
   C++ compiler; minutes for a 135M model on two CPU cores). Dynamo's thousands of checks on the
   modules before each call are replaced by a check of our own of what can change (CompiledStep).
-  An int4 or bf16 LLaMA-family model on our kernels (what speed_up makes of SmolLM2's and Qwen's
-  int4 and bf16 checkpoints) needs no graph: OneCallStep runs all its blocks for one token in one C++
-  call (kernels/step.cpp), the eager step's operations and roundings, ~1.5x the graph's speed on
-  SmolLM2 in int4 (bench/README.md, "Every block in one call"); a verification of up to 16 tokens
-  too, each token's numbers those of its one-token step (greedy speculative output = plain greedy
-  output).
+  A LLaMA-family model on our kernels in int4, bf16 or float32 (what speed_up makes of SmolLM2's and
+  Qwen's checkpoints on a CPU with AVX-512 VNNI) needs no graph: OneCallStep runs all its blocks for
+  one token in one C++ call (kernels/step.cpp), the eager step's operations and roundings (in float32
+  its numbers bit for bit), ~1.4-1.9x the graph's or the eager step's speed on SmolLM2 (bench/README.md,
+  "Every block in one call", "One call for float models too"); a verification of up to 16 tokens too,
+  each token's numbers those of its one-token step (greedy speculative output = plain greedy output).
 """
 
 from __future__ import annotations
@@ -452,29 +452,32 @@ class CompiledStep:
 
 class OneCallStep:
     """compile_decode's one-token step (and verification of up to 16 tokens) of a LLaMA-family model whose
-    linear layers all run our kernels, int4 (vnni.cpp) or bf16 (rows.cpp): every block in one C++ call
+    linear layers all run our kernels, int4 (vnni.cpp), bf16 or float32 (rows.cpp): every block in one C++ call
     (kernels/step.cpp: RMSNorm, the q|k|v stack, RoPE, the cache's write, the few-query attention, o, the
     gate|up stack, SwiGLU, down, the residual adds), where the torch.compile'd step spent as long again as
     its matmuls on its graph's code and dynamo's checks, and the eager bf16 step nearly as long on PyTorch's
     small operations; and nothing to compile. The call starts at the token ids and ends after the final norm; the
-    head runs as forward runs it. Its logits are the eager step's within a bf16 rounding here and there
-    (step.cpp says where; tests/test_one_call_step.py).
-    `of` takes a model only as speed_up leaves an int4 or bf16 checkpoint of that family (the layers' classes,
-    their q|k|v and gate|up stacks valid, bf16 norms, head_dim a multiple of 16 up to 256, no q/k norm, an
-    int8 or bf16 embedding, eval mode, bf16 layers on our few-row route); a call only for batch 1 and a bf16
-    cache on the CPU, else None: CompiledStep compiles (a verification: runs eager). A token's numbers do not
+    head runs as forward runs it. Its logits are the eager step's within a bf16 rounding here and there, and
+    in float32 the eager step's bit for bit (step.cpp says why; tests/test_one_call_step.py).
+    `of` takes a model only as speed_up leaves an int4, bf16 or float32 checkpoint of that family (the layers'
+    classes, their q|k|v and gate|up stacks valid, the norms in the model's dtype (bf16 for int4), head_dim a
+    multiple of 16 up to 256, no q/k norm, an embedding of rows in that dtype or int8 codes, eval mode, float
+    layers on our few-row route); a call only for batch 1 and a cache of that dtype on the CPU, else None:
+    CompiledStep compiles (a verification: runs eager). A token's numbers do not
     depend on how many share its call (every kernel on the way computes a row as it would alone), so greedy
     speculative decoding with such a target gives its plain greedy output, as the exact mode
     (batch_invariant) makes the eager route do."""
 
-    def __init__(self, model: Transformer, step):
-        self.model, self.step = model, step
+    def __init__(self, model: Transformer, dtype: torch.dtype, step):
+        self.model, self.dtype, self.step = model, dtype, step
 
     @classmethod
     def of(cls, model: Transformer) -> OneCallStep | None:
         cfg = model.config
+        dtype = getattr(model.norm, "weight", model.tok_emb.weight).dtype  # the step's: its activations' and cache's
         if cfg.family != "llama" or cfg.qk_norm or cfg.head_dim % 16 or cfg.head_dim > 256 or not kernels_built() \
-                or cfg.n_head > ATTENTION_GROUP * cfg.n_kv_head or any(m.training for m in model.modules()):
+                or cfg.n_head > ATTENTION_GROUP * cfg.n_kv_head or any(m.training for m in model.modules()) \
+                or dtype not in (torch.bfloat16, torch.float32):
             return None
         norms, weights, scale_zero, groups, biases = [], [], [], [], []
         for block in model.blocks:
@@ -482,11 +485,12 @@ class OneCallStep:
             if type(attn) is not GQADecodeAttention or type(mlp) is not SwiGLUMLP or type(block) is not Block:
                 return None
             layers = [attn.q_proj, attn.k_proj, attn.v_proj]
-            matrices = [cls._matrix(attn.qkv_stack, layers), cls._matrix(attn.o_proj),
-                        cls._matrix(mlp.gate_up, [mlp.gate_proj, mlp.up_proj]), cls._matrix(mlp.down_proj)]
+            matrices = [cls._matrix(dtype, attn.qkv_stack, layers), cls._matrix(dtype, attn.o_proj),
+                        cls._matrix(dtype, mlp.gate_up, [mlp.gate_proj, mlp.up_proj]),
+                        cls._matrix(dtype, mlp.down_proj)]
             if None in matrices or attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
                 return None
-            if not (cls._takes_norm(block.attn_norm, cfg) and cls._takes_norm(block.mlp_norm, cfg)):
+            if not (cls._takes_norm(block.attn_norm, cfg, dtype) and cls._takes_norm(block.mlp_norm, cfg, dtype)):
                 return None
             if mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
                 return None
@@ -498,20 +502,22 @@ class OneCallStep:
                 groups.append(g)
             bias = [p.bias for p in layers]
             if any(b is not None for b in bias):
-                if any(b is None or b.dtype != torch.bfloat16 or not b.is_contiguous() for b in bias):
+                if any(b is None or b.dtype != dtype or not b.is_contiguous() for b in bias):
                     return None
                 biases += bias
-        ends = cls._ends(model)
+        ends = cls._ends(model, dtype)
         if (biases and len(biases) != 3 * len(model.blocks)) or ends is None:
             return None
-        return cls(model, vnni().DecodeStep(norms + [model.norm.weight], weights, scale_zero, groups, biases, *ends,
-                                            cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden, cfg.norm_eps))
+        return cls(model, dtype, vnni().DecodeStep(norms + [model.norm.weight], weights, scale_zero, groups, biases,
+                                                   *ends, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.mlp_hidden,
+                                                   cfg.norm_eps))
 
     @staticmethod
-    def _matrix(layer, parts: list[nn.Module] | None = None) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
+    def _matrix(dtype: torch.dtype, layer, parts: list[nn.Module] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
         """A layer (or, with parts, the stack of those layers) as step.cpp multiplies it, (weights, scale_zero,
-        group size): our int4 kernel's codes, or a bf16 W on our few-row route (no scale_zero, group 0, the
-        bias left to the caller); None where it is neither."""
+        group size): our int4 kernel's codes, or a W of the step's dtype on our few-row route (no scale_zero,
+        group 0, the bias left to the caller); None where it is neither."""
         if parts is not None:  # a stack: the layers' own, still valid
             if isinstance(layer, StackedInt4) and layer.takes(None, parts):
                 return layer.packed, layer.scale_zero, layer.group_size
@@ -520,29 +526,30 @@ class OneCallStep:
             layer = layer.linear
         if type(layer) is VNNIInt4Linear and layer.packed.dim() == 1:
             return layer.packed, layer.scale_zero, layer.group_size
-        if StackedLinear.plain(layer) and layer.weight.dtype == torch.bfloat16 and layer.weight.is_contiguous() \
-                and layer.weight.device.type == "cpu" and ours_for(torch.bfloat16):
+        if StackedLinear.plain(layer) and layer.weight.dtype == dtype and layer.weight.is_contiguous() \
+                and layer.weight.device.type == "cpu" and ours_for(dtype):
             return layer.weight, None, 0
         return None
 
     @staticmethod
-    def _takes_norm(norm: nn.Module, cfg) -> bool:
-        """Whether step.cpp's RMSNorm computes this norm: an RMSNorm with a bf16 weight and the model's eps."""
-        return type(norm) in (RMSNorm, FusedRMSNorm) and norm.weight.dtype == torch.bfloat16 \
+    def _takes_norm(norm: nn.Module, cfg, dtype: torch.dtype) -> bool:
+        """Whether step.cpp's RMSNorm computes this norm: an RMSNorm with a weight of the step's dtype and the
+        model's eps."""
+        return type(norm) in (RMSNorm, FusedRMSNorm) and norm.weight.dtype == dtype \
             and norm.weight.is_contiguous() and norm.eps == cfg.norm_eps
 
     @staticmethod
-    def _ends(model: Transformer) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """The embedding's rows and scales for step.cpp (bf16 rows: no scales; int8 codes: their bf16 scales),
-        where it computes them as the model's own embedding does and the final norm is an RMSNorm it can
-        take; else None."""
+    def _ends(model: Transformer, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The embedding's rows and scales for step.cpp (rows of the step's dtype: no scales; int8 codes, for a
+        bf16 step: their bf16 scales), where it computes them as the model's own embedding does and the final
+        norm is an RMSNorm it can take; else None."""
         emb = model.tok_emb
-        if not (OneCallStep._takes_norm(model.norm, model.config) and type(model.drop) is nn.Dropout):
+        if not (OneCallStep._takes_norm(model.norm, model.config, dtype) and type(model.drop) is nn.Dropout):
             return None
-        if type(emb) is nn.Embedding and emb.weight.dtype == torch.bfloat16 and emb.weight.is_contiguous() \
+        if type(emb) is nn.Embedding and emb.weight.dtype == dtype and emb.weight.is_contiguous() \
                 and emb.max_norm is None:  # max_norm: forward rescales rows
             return emb.weight, None
-        if type(emb) is QuantEmbedding and emb.bits == 8 and emb.scales.dtype == torch.bfloat16 \
+        if type(emb) is QuantEmbedding and emb.bits == 8 and emb.scales.dtype == dtype == torch.bfloat16 \
                 and emb.weight.is_contiguous() and emb.scales.is_contiguous():
             return emb.weight, emb.scales
         return None
@@ -556,7 +563,7 @@ class OneCallStep:
         one-token call at its position."""
         model, T = self.model, tokens.shape[1]
         if tokens.shape[0] != 1 or not 1 <= T <= ROWS_MAX or tokens.dtype != torch.long \
-                or tokens.device.type != "cpu" or cache.k[0].dtype != torch.bfloat16 or cache.k[0].device.type != "cpu" \
+                or tokens.device.type != "cpu" or cache.k[0].dtype != self.dtype or cache.k[0].device.type != "cpu" \
                 or start_pos + T > model.config.block_size:
             return None
         end = cache.check_write(1, start_pos, T)
@@ -698,8 +705,8 @@ def prepack(model: Transformer) -> int:
 
 def compile_decode(model: Transformer, one_call: bool = True) -> Transformer:
     """From now on run one-token cached calls without grad through torch.compile, in place (see above),
-    or, for an int4 or bf16 LLaMA-family model on our kernels (unless one_call is False), through
-    OneCallStep's one C++ call. The compile itself happens at the first call that needs it: warm_up(model)
+    or, for a LLaMA-family model on our kernels (unless one_call is False), through OneCallStep's one C++
+    call. The compile itself happens at the first call that needs it: warm_up(model)
     makes that call now."""
     model.compiled_step = CompiledStep(model, one_call)
     model.__class__ = CompiledDecode

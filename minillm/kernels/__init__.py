@@ -41,9 +41,10 @@ pointwise.cpp does RMSNorm, RoPE and SwiGLU's silu(gate) * up in float32 in one 
 each (PyTorch: two to seven kernels); RoPE bit for bit the reference's numbers. speed.FusedRMSNorm,
 GQADecodeAttention.project and SwiGLUMLP take them (a compiled step too: it then rounds as the eager one).
 
-step.cpp runs one token through every block of an int4 or bf16 LLaMA-family model in one call (DecodeStep,
-made once per model by speed.OneCallStep): the kernels above called from C++, RMSNorm, RoPE, SwiGLU and the
-residual adds in bf16 as the eager step rounds them.
+step.cpp runs one token through every block of an int4, bf16 or float32 LLaMA-family model in one call
+(DecodeStep, made once per model by speed.OneCallStep): the kernels above called from C++, RMSNorm, RoPE,
+SwiGLU and the residual adds in the model's dtype as the eager step rounds them (in float32 with
+pointwise.cpp's own row functions: the eager step's numbers bit for bit).
 """
 
 from __future__ import annotations

@@ -1,21 +1,14 @@
 // RMSNorm, RoPE and SwiGLU's silu(gate) * up in one pass each, float32: PyTorch runs them as two to seven
 // separate kernels over the activations (x.pow(2), mean, rsqrt, two products; RoPE's chunks, four products,
 // a sum, a difference and a concatenation), each reading and writing all of them. Here each row is read
-// once and written once. RoPE computes exactly the reference's operations in its order, no fused
-// multiply-add (bit for bit the same); RMSNorm sums the squares in another order, and SwiGLU's exponential
-// is ours (simd.h): within a rounding step or two of the reference.
+// once and written once, by simd.h's row functions (step.cpp's one-call step uses the same). RoPE computes
+// exactly the reference's operations in its order, no fused multiply-add (bit for bit the same); RMSNorm
+// sums the squares in another order, and SwiGLU's exponential is ours (simd.h): within a rounding step or
+// two of the reference.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <cmath>
 
 #include "simd.h"
-
-namespace {
-
-constexpr int LANES = 16;
-
-}  // namespace
 
 // x (..., C) float32, contiguous rows, and weight (C) -> x / sqrt(mean(x^2) + eps) * weight, as model.RMSNorm.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
@@ -28,20 +21,7 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   const float *xp = xc.data_ptr<float>(), *wp = weight.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / C), [&](int64_t a, int64_t b) {
-    for (int64_t r = a; r < b; ++r) {
-      const float* xr = xp + r * C;
-      __m512 ss = _mm512_setzero_ps();
-      for (int64_t c = 0; c < C; c += LANES) {
-        const __m512 v = _mm512_maskz_loadu_ps(first(C - c), xr + c);
-        ss = _mm512_fmadd_ps(v, v, ss);
-      }
-      const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / C + (float)eps));
-      for (int64_t c = 0; c < C; c += LANES) {
-        const __mmask16 m = first(C - c);
-        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + c), inv);
-        _mm512_mask_storeu_ps(yp + r * C + c, m, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, wp + c)));
-      }
-    }
+    for (int64_t r = a; r < b; ++r) rms_norm_row(xp + r * C, wp, C, (float)eps, yp + r * C);
   });
   return y.view(x.sizes());
 }
@@ -81,15 +61,8 @@ torch::Tensor swiglu(torch::Tensor gate, torch::Tensor up) {
   const int64_t rows = g2.size(0), gs = g2.stride(0), us = u2.stride(0);
   const float *gp = g2.data_ptr<float>(), *up_ = u2.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const __m512 one = _mm512_set1_ps(1.0f);
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / H), [&](int64_t a, int64_t b) {
-    for (int64_t r = a; r < b; ++r)
-      for (int64_t i = 0; i < H; i += LANES) {
-        const __mmask16 m = first(H - i);
-        const __m512 g = _mm512_maskz_loadu_ps(m, gp + r * gs + i);
-        const __m512 silu = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        _mm512_mask_storeu_ps(op + r * H + i, m, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(m, up_ + r * us + i)));
-      }
+    for (int64_t r = a; r < b; ++r) swiglu_row(gp + r * gs, up_ + r * us, H, op + r * H);
   });
   return out;
 }

@@ -1,9 +1,12 @@
 // Vector helpers shared by our kernels: the mask of a vector's first lanes, 16 float32 or bf16 numbers as
 // floats and floats rounded to bf16 (loaded, stored), two products summed as separate operations round them,
-// RoPE of one head, a vector's sum, and e^x.
+// RoPE of one head, a vector's sum, e^x, and one row's RMSNorm and silu(gate) * up (pointwise.cpp's float32
+// kernels and step.cpp's one-call step compute a row with the same code, so with the same numbers).
 #pragma once
 #include <immintrin.h>
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 namespace {
 
@@ -73,6 +76,40 @@ inline __m512 exp16(__m512 x) {
   __m512 p = _mm512_set1_ps(1.0f / 5040);
   for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
+}
+
+// v rounded to bf16 and widened again: the number a bf16 tensor holds for it.
+inline __m512 rounded(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16)); }
+
+// One row of C numbers x (float32, or bf16 as uint16_t) -> x * (1 / sqrt(mean(x^2) + eps)) * w into out, as
+// model.RMSNorm computes it in float32, rounded once to E. Each square rounded, then summed lane by lane and
+// across the lanes (sum16): PyTorch sums in another order, so a result can land a rounding step away from its.
+template <typename E>
+inline void rms_norm_row(const E* x, const E* w, int64_t C, float eps, E* out) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t c = 0; c < C; c += 16) {
+    const __m512 v = load16(x + c, first(C - c));
+    ss = _mm512_add_ps(ss, _mm512_mul_ps(v, v));
+  }
+  const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(sum16(ss) / C + eps));
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 m = first(C - c);
+    store16(out + c, _mm512_mul_ps(_mm512_mul_ps(load16(x + c, m), inv), load16(w + c, m)), m);
+  }
+}
+
+// n numbers of gate g and up u -> silu(g) * u into out, silu(g) = g / (1 + e^-g) (exp16). In bf16 silu(g) is
+// rounded before the product, as F.silu(gate) * up rounds it; in float32 neither rounds.
+template <typename E>
+inline void swiglu_row(const E* g, const E* u, int64_t n, E* out) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = first(n - i);
+    const __m512 x = load16(g + i, m);
+    __m512 silu = _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+    if constexpr (std::is_same_v<E, uint16_t>) silu = rounded(silu);
+    store16(out + i, _mm512_mul_ps(silu, load16(u + i, m)), m);
+  }
 }
 
 }  // namespace
