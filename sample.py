@@ -66,8 +66,8 @@ def make_parser() -> Parser:
                    help="run one-token decode steps (and the draft's, amateur's) through torch.compile, compiled "
                         "before the prompt is read (20-70 s for SmolLM2 on 2 CPU cores); pays only for long runs: "
                         "see README, 'When --compile pays'. A LLaMA-family model on our kernels (CPUs with AVX-512 "
-                        "VNNI; int4, bf16 or float32) compiles nothing: its steps run as one C++ call through every "
-                        "block (speed.OneCallStep)")
+                        "VNNI; int4, bf16 or float32 layers) compiles nothing: its steps run as one C++ call through "
+                        "every block (speed.OneCallStep)")
     p.add_argument("--reference", action="store_true",
                    help="run model.py as written, without the speed layer (minillm/speed.py; same numbers)")
     add_batch_invariant(p)

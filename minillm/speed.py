@@ -59,9 +59,10 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
   A LLaMA-family model on our kernels in int4, bf16 or float32 (what speed_up makes of SmolLM2's and
   Qwen's checkpoints on a CPU with AVX-512 VNNI) needs no graph: OneCallStep runs all its blocks for
   one token in one C++ call (kernels/step.cpp), the eager step's operations and roundings (in float32
-  its numbers bit for bit), ~1.4-1.9x the graph's or the eager step's speed on SmolLM2 (bench/README.md,
-  "Every block in one call", "One call for float models too"); a verification of up to 16 tokens too,
-  each token's numbers those of its one-token step (greedy speculative output = plain greedy output).
+  its numbers bit for bit): on SmolLM2 1.3-1.5x the graph's speed, 1.6-3.6x the eager step's
+  (bench/README.md, "Every block in one call", "One call for float models too"); a verification of up to
+  16 tokens too, each token's numbers those of its one-token step (greedy speculative output = plain
+  greedy output). Others (GPT-2, int8 or float16 layers, head_dim not a multiple of 16) compile a graph.
 """
 
 from __future__ import annotations
@@ -178,16 +179,16 @@ class StackedLinear:
         """Whether the stack multiplies `layers` (the module's now) as they are: the stacked ones, plain
         FewRowLinear (not the exact mode's, not prepacked: their own copies for oneDNN serve few rows
         better than the stack's W as it is), still holding their views (else stale for good)."""
-        if not (self.valid and all(a is b for a, b in zip(self.parts, layers))):
+        if self.linear is None:
+            return False
+        if not all(a is b for a, b in zip(self.parts, layers)) or self.pointers() != self.views:
             self.linear = None  # stale: the layers run one by one from now on
             return False
         return all(map(self.plain, self.parts))
 
-    @property
-    def valid(self) -> bool:
-        """Whether each layer still holds its view of the stack (CompiledStep.state asks before each step:
-        OneCallStep multiplies the stack)."""
-        return self.linear is not None and self.pointers() == self.views
+    def tensors(self) -> list[torch.Tensor]:
+        """The layers' weights and biases, whose addresses (pointers) say whether each still holds its view."""
+        return [t for p in self.parts for t in (p.weight, p.bias) if t is not None]
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (..., K) -> each layer's output (..., its out_features), views of one product."""
@@ -366,7 +367,8 @@ class CompiledStep:
     shape), 1.3 ms of a 7.4 ms int4 step (bench/README.md, "The compiled step's own check"). What can
     change in a loaded model between two steps is checked here instead, in ~0.1 ms a step (`state`): each
     module's type (speed_up, batch_invariant, a swapped-in layer), train/eval mode and hooks (the
-    inspector's), the config's values, whether each stack still holds its layers' numbers, and a
+    inspector's), the config's values, whether each int4 stack still holds its layers' codes and each
+    float stack's layers their views of it (their tensors' addresses: a `.data =` moves one), and a
     count on each module of the parameters, buffers and modules assigned to it (PyTorch's registration
     hooks); a `.to()` of the model drops its graphs. A call whose state differs takes the graph compiled
     for that state before, if any (a hook added and removed again), else compiles again from a copy of
@@ -376,12 +378,13 @@ class CompiledStep:
     moved off the eager step's (tests/test_speed.py, test_compiled_decode_gives_the_eager_greedy_tokens).
     Not seen: a tensor of one layer swapped in place for one of another dtype or shape
     (`layer.weight.data = ...`, `layer.half()`): call compile_decode again after such a change (OneCallStep's
-    C++ call refuses to run on a final norm or an embedding changed so)."""
+    C++ call refuses to run on any tensor of its changed so)."""
 
     def __init__(self, model: Transformer, one_call: bool = True):
         self.model, self.step, self.seen, self.steps, self.one_call = model, None, None, [], None
         self.one_call_route = one_call  # OneCallStep for the models it takes
         self.modules = self.dicts = self.holders = self.view = self.hooked = None  # state()'s view, as last seen
+        self.stacks = self.stacked = None
         _count_assignments()
 
     def _view(self) -> tuple[list, list]:
@@ -393,6 +396,7 @@ class CompiledStep:
         # two steps the weights' reads push these objects out of the CPU's caches, and Python loops over
         # SmolLM2's 396 modules took 0.26 ms of a 4 ms step, 0.12 now (bench/README.md, "Python around the call").
         if self.modules is None or self._view() != self.view:
+            self.stacks = None
             self.modules = list(self.model.modules())
             self.dicts = [m.__dict__ for m in self.modules]
             self.holders = ([m.__dict__ for m in self.modules if isinstance(m, GQADecodeAttention)],
@@ -401,9 +405,11 @@ class CompiledStep:
             self.hooked = None
         hooks = torch.nn.modules.module
         stacks = [*map(_QKV_STACK, self.holders[0]), *map(_GATE_UP, self.holders[1])]
+        if stacks != self.stacks:  # float stacks' layers: a `.data =` moves one off its view of the stack
+            self.stacks, self.stacked = stacks, [t for s in stacks if isinstance(s, StackedLinear) for t in s.tensors()]
         return (self.view, tuple(vars(self.model.config).values()), list(map(_TRAINING, self.dicts)),
                 self._hooked() or bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks),
-                stacks, [getattr(s, "valid", None) for s in stacks])
+                stacks, [getattr(s, "valid", None) for s in stacks], list(map(_DATA_PTR, self.stacked)))
 
     def _hooked(self) -> bool:
         """Whether any module has a forward hook or pre-hook. PyTorch's register_forward(_pre)_hook gives each
@@ -520,11 +526,12 @@ class OneCallStep:
         group 0, the bias left to the caller); None where it is neither."""
         if parts is not None:  # a stack: the layers' own, still valid
             if isinstance(layer, StackedInt4) and layer.takes(None, parts):
-                return layer.packed, layer.scale_zero, layer.group_size
+                return (layer.packed, layer.scale_zero, layer.group_size) if dtype == torch.bfloat16 else None
             if not (isinstance(layer, StackedLinear) and layer.holds(parts)):
                 return None
             layer = layer.linear
-        if type(layer) is VNNIInt4Linear and layer.packed.dim() == 1:
+        if type(layer) is VNNIInt4Linear and layer.packed.dim() == 1 \
+                and dtype == layer.scale_zero.dtype == torch.bfloat16:  # an int4 model's activations
             return layer.packed, layer.scale_zero, layer.group_size
         if StackedLinear.plain(layer) and layer.weight.dtype == dtype and layer.weight.is_contiguous() \
                 and layer.weight.device.type == "cpu" and ours_for(dtype):
@@ -534,8 +541,9 @@ class OneCallStep:
     @staticmethod
     def _takes_norm(norm: nn.Module, cfg, dtype: torch.dtype) -> bool:
         """Whether step.cpp's RMSNorm computes this norm: an RMSNorm with a weight of the step's dtype and the
-        model's eps."""
-        return type(norm) in (RMSNorm, FusedRMSNorm) and norm.weight.dtype == dtype \
+        model's eps; in float32 a FusedRMSNorm (the eager step's then runs step.cpp's own row function)."""
+        return (type(norm) is FusedRMSNorm or type(norm) is RMSNorm and dtype == torch.bfloat16) \
+            and norm.weight.dtype == dtype \
             and norm.weight.is_contiguous() and norm.eps == cfg.norm_eps
 
     @staticmethod
@@ -579,6 +587,7 @@ _ASSIGNED_COUNT = operator.methodcaller("get", ASSIGNED, 0)
 _QKV_STACK, _GATE_UP = operator.methodcaller("get", "qkv_stack"), operator.methodcaller("get", "gate_up")
 _TRAINING = operator.methodcaller("get", "training")  # None for a scripted module, which keeps it elsewhere
 _FORWARD_HOOKS, _PRE_HOOKS = operator.itemgetter("_forward_hooks"), operator.itemgetter("_forward_pre_hooks")
+_DATA_PTR = operator.methodcaller("data_ptr")
 
 
 @functools.cache
@@ -705,8 +714,8 @@ def prepack(model: Transformer) -> int:
 
 def compile_decode(model: Transformer, one_call: bool = True) -> Transformer:
     """From now on run one-token cached calls without grad through torch.compile, in place (see above),
-    or, for a LLaMA-family model on our kernels (unless one_call is False), through OneCallStep's one C++
-    call. The compile itself happens at the first call that needs it: warm_up(model)
+    or, for a LLaMA-family model on our kernels (int4, bf16 or float32 layers; OneCallStep.of says which),
+    unless one_call is False, through OneCallStep's one C++ call. The compile itself happens at the first call that needs it: warm_up(model)
     makes that call now."""
     model.compiled_step = CompiledStep(model, one_call)
     model.__class__ = CompiledDecode

@@ -13,12 +13,12 @@ from minillm.checkpoint import load_model
 from minillm.generate import stream_tokens
 from minillm.methods import Method
 from minillm.kv_cache import KVCache
-from minillm.model import Transformer
+from minillm.model import RMSNorm, Transformer
 from minillm.quantize import quantize_model
 from minillm.quantized import QuantEmbedding
 from minillm.sampling import SamplingParams
 from minillm.kernels import VNNIInt4Linear
-from minillm.speed import FewRowLinear, OneCallStep, batch_invariant, compile_decode, speed_up
+from minillm.speed import FewRowLinear, FusedRMSNorm, OneCallStep, batch_invariant, compile_decode, speed_up
 from test_speed import needs_our_kernel
 
 pytestmark = needs_our_kernel
@@ -148,6 +148,11 @@ def test_one_call_step_leaves_other_models_and_calls_to_the_other_route(smollm2_
             step(torch.tensor([[1]]), cache, 8)
         assert cache.length == 8
     assert OneCallStep.of(speed_up(load_model(smollm2_converted).model.half())) is None  # float16
+    fp32 = speed_up(load_model(smollm2_converted).model)
+    fp32.blocks[3].attn_norm.__class__ = RMSNorm  # PyTorch's RMSNorm in the eager float32 step: not step.cpp's numbers
+    assert OneCallStep.of(fp32) is None
+    fp32.blocks[3].attn_norm.__class__ = FusedRMSNorm
+    assert OneCallStep.of(fp32) is not None
     other = copy.deepcopy(model)
     attn = other.blocks[5].attn
     attn.o_proj = FewRowLinear.wrap(torch.zeros(attn.o_proj.out_features, attn.o_proj.in_features)).eval()

@@ -6,6 +6,7 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 namespace {
@@ -82,14 +83,15 @@ inline __m512 exp16(__m512 x) {
 inline __m512 rounded(__m512 v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16)); }
 
 // One row of C numbers x (float32, or bf16 as uint16_t) -> x * (1 / sqrt(mean(x^2) + eps)) * w into out, as
-// model.RMSNorm computes it in float32, rounded once to E. Each square rounded, then summed lane by lane and
-// across the lanes (sum16): PyTorch sums in another order, so a result can land a rounding step away from its.
+// model.RMSNorm computes it in float32, rounded once to E. The squares summed lane by lane by fused
+// multiply-adds, then across the lanes (sum16): PyTorch sums in another order, so a result can land a
+// rounding step away from its.
 template <typename E>
 inline void rms_norm_row(const E* x, const E* w, int64_t C, float eps, E* out) {
   __m512 ss = _mm512_setzero_ps();
   for (int64_t c = 0; c < C; c += 16) {
     const __m512 v = load16(x + c, first(C - c));
-    ss = _mm512_add_ps(ss, _mm512_mul_ps(v, v));
+    ss = _mm512_fmadd_ps(v, v, ss);
   }
   const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(sum16(ss) / C + eps));
   for (int64_t c = 0; c < C; c += 16) {

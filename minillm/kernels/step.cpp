@@ -59,10 +59,11 @@ struct Matrix {
   int64_t outputs() const { return int4() ? scale_zero.size(0) * TILE : weight.size(0); }
   // Where the second of two stacked layers of n outputs each starts (gate|up's up).
   int64_t second(int64_t n) const { return int4() ? (n + TILE - 1) / TILE * TILE : n; }
-  // Whether it takes rows of `inputs` numbers of this dtype (the int4 kernel checks its own at each call).
+  // Whether it takes rows of `inputs` numbers of this dtype: int4 codes bf16 rows (an int4 model's; the kernel
+  // checks the shapes at each call), a float W rows of its own dtype.
   bool takes(int64_t inputs, c10::ScalarType dtype) const {
-    return int4() || (weight.scalar_type() == dtype && weight.dim() == 2 && weight.size(1) == inputs &&
-                      weight.is_contiguous() && weight.device().is_cpu());
+    return int4() ? dtype == torch::kBFloat16 : weight.scalar_type() == dtype && weight.dim() == 2 &&
+                    weight.size(1) == inputs && weight.is_contiguous() && weight.device().is_cpu();
   }
 };
 
@@ -88,6 +89,18 @@ struct DecodeStep {
   bool ends_held() const {
     return held(final_norm, dtype) && (scales.defined() ? held(embedding, torch::kChar) &&
            held(scales, torch::kBFloat16) : held(embedding, dtype));
+  }
+
+  // Whether a block's tensors fit its heads and widths and are held as the step takes them (its dtype, contiguous,
+  // on the CPU): checked when the step is made and at each call (a layer's .float() changes them in place).
+  bool fits(const Block& b) const {
+    const int64_t C = final_norm.numel(), nq = n_head * head_dim, nkv = n_kv_head * head_dim;
+    const auto of = [&](const torch::Tensor& t, int64_t n) { return held(t, dtype) && t.numel() == n; };
+    return of(b.attn_norm, C) && of(b.mlp_norm, C) && b.qkv.outputs() >= nq + 2 * nkv && b.o.outputs() >= C &&
+           b.gate_up.outputs() >= b.gate_up.second(hidden) + hidden && b.down.outputs() >= C &&
+           b.qkv.takes(C, dtype) && b.o.takes(nq, dtype) && b.gate_up.takes(C, dtype) &&
+           b.down.takes(hidden, dtype) &&
+           (!b.bias[0].defined() || (of(b.bias[0], nq) && of(b.bias[1], nkv) && of(b.bias[2], nkv)));
   }
 
   // Per block, in order: norms (attention's, MLP's; the final norm's last), matrices (q|k|v, o, gate|up, down:
@@ -120,14 +133,8 @@ struct DecodeStep {
       Matrix* m[4] = {&b.qkv, &b.o, &b.gate_up, &b.down};
       for (int i = 0; i < 4; ++i)
         *m[i] = {weights[4 * l + i], scale_zero[4 * l + i].value_or(torch::Tensor()), groups[4 * l + i]};
-      const int64_t nq = n_head * head_dim, nkv = n_kv_head * head_dim;
-      const auto of = [&](const torch::Tensor& t, int64_t n) { return held(t, dtype) && t.numel() == n; };
-      TORCH_CHECK(of(b.attn_norm, C) && of(b.mlp_norm, C) && b.qkv.outputs() >= nq + 2 * nkv &&
-                  b.o.outputs() >= C && b.gate_up.outputs() >= b.gate_up.second(hidden) + hidden &&
-                  b.down.outputs() >= C && b.qkv.takes(C, dtype) && b.o.takes(nq, dtype) &&
-                  b.gate_up.takes(C, dtype) && b.down.takes(hidden, dtype) &&
-                  (!b.bias[0].defined() || (of(b.bias[0], nq) && of(b.bias[1], nkv) && of(b.bias[2], nkv))),
-                  "DecodeStep: block ", l, "'s norms, matrices or biases do not fit its heads and widths");
+      TORCH_CHECK(fits(b), "DecodeStep: block ", l, "'s norms, matrices or biases do not fit its heads and widths, "
+                  "or not its dtype");
       blocks.push_back(b);
     }
   }
@@ -177,13 +184,16 @@ struct DecodeStep {
                 "cache per block");
     TORCH_CHECK(ends_held(), "DecodeStep: the final norm's weight or the embedding changed dtype, layout or device "
                 "since the step was made (call compile_decode again)");
-    for (size_t l = 0; l < blocks.size(); ++l)
+    for (size_t l = 0; l < blocks.size(); ++l) {
+      TORCH_CHECK(fits(blocks[l]), "DecodeStep: block ", l, "'s norms, matrices or biases changed dtype, layout "
+                  "or device since the step was made (call compile_decode again)");
       TORCH_CHECK(k_cache[l].scalar_type() == dtype && k_cache[l].device().is_cpu() &&
                   v_cache[l].device().is_cpu() && k_cache[l].dim() == 4 && k_cache[l].size(0) == 1 &&
                   k_cache[l].size(1) == n_kv_head && k_cache[l].size(2) >= pos + T && k_cache[l].size(3) == hd &&
                   k_cache[l].is_contiguous() && v_cache[l].sizes() == k_cache[l].sizes() &&
                   v_cache[l].scalar_type() == dtype && v_cache[l].is_contiguous(),
                   "DecodeStep: caches (1, n_kv_head, max_len >= pos + T, head_dim) in the step's dtype, contiguous");
+    }
     return dtype == torch::kFloat ? run<float>(tokens, pos, cos, sin, k_cache, v_cache, last_only)
                                   : run<uint16_t>(tokens, pos, cos, sin, k_cache, v_cache, last_only);
   }
