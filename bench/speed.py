@@ -17,10 +17,9 @@ get) on the model as sample.py runs it: speed.speed_up after loading, and speed.
 the "-compiled" configs (an int4, bf16 or float32 LLaMA-family model: speed.OneCallStep, every block in one
 C++ call; ours-int4-compiled-graph, ours-bf16-compiled-graph, ours-fp32-compiled-graph: torch.compile's graph
 instead, as before OneCallStep took such models; ours-int4-compiled-cpp: that graph with inductor's wrapper
-in C++, as TORCHINDUCTOR_CPP_WRAPPER=1 sets it); transformers runs its
-best case, a bare loop of model(token,
-past_key_values) + argmax with a DynamicCache and logits for the last position only (generate()
-adds nothing measurable to it).
+in C++, as TORCHINDUCTOR_CPP_WRAPPER=1 sets it); transformers runs its best case, a bare loop of
+model(token, past_key_values) + argmax with a DynamicCache and logits for the last position only
+(generate() adds nothing measurable to it).
 Prefill: one forward over the first 512 tokens of tinyshakespeare into an empty cache. speed_up also
 keeps freed memory for reuse in our workers (host_memory.reuse_freed_memory: no fresh pages for every
 big activation); the "-reuse" configs give transformers' worker the same setting, for a like-for-like

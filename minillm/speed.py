@@ -165,8 +165,8 @@ class StackedLinear:
         """A FewRowLinear of the default route: not the exact mode's BlockedLinear, not oneDNN-prepacked."""
         return type(layer) is FewRowLinear and layer.packed is None
 
-    def pointers(self) -> list[tuple[int, int]]:
-        return [(p.weight.data_ptr(), 0 if p.bias is None else p.bias.data_ptr()) for p in self.parts]
+    def pointers(self) -> list[int]:
+        return [t.data_ptr() for t in self.tensors()]
 
     def takes(self, x: torch.Tensor, layers: list[nn.Module]) -> bool:
         """Whether this call goes through the stack: eager (not being compiled), no grad, x as the weights'
@@ -525,14 +525,13 @@ class OneCallStep:
         group size): our int4 kernel's codes, or a W of the step's dtype on our few-row route (no scale_zero,
         group 0, the bias left to the caller); None where it is neither."""
         if parts is not None:  # a stack: the layers' own, still valid
-            if isinstance(layer, StackedInt4) and layer.takes(None, parts):
-                return (layer.packed, layer.scale_zero, layer.group_size) if dtype == torch.bfloat16 else None
-            if not (isinstance(layer, StackedLinear) and layer.holds(parts)):
+            if isinstance(layer, StackedLinear) and layer.holds(parts):
+                layer = layer.linear
+            elif not (isinstance(layer, StackedInt4) and layer.takes(None, parts)):
                 return None
-            layer = layer.linear
-        if type(layer) is VNNIInt4Linear and layer.packed.dim() == 1 \
-                and dtype == layer.scale_zero.dtype == torch.bfloat16:  # an int4 model's activations
-            return layer.packed, layer.scale_zero, layer.group_size
+        if isinstance(layer, StackedInt4) or type(layer) is VNNIInt4Linear and layer.packed.dim() == 1:
+            int4 = layer.packed, layer.scale_zero, layer.group_size
+            return int4 if dtype == layer.scale_zero.dtype == torch.bfloat16 else None  # an int4 model's activations
         if StackedLinear.plain(layer) and layer.weight.dtype == dtype and layer.weight.is_contiguous() \
                 and layer.weight.device.type == "cpu" and ours_for(dtype):
             return layer.weight, None, 0
@@ -715,8 +714,8 @@ def prepack(model: Transformer) -> int:
 def compile_decode(model: Transformer, one_call: bool = True) -> Transformer:
     """From now on run one-token cached calls without grad through torch.compile, in place (see above),
     or, for a LLaMA-family model on our kernels (int4, bf16 or float32 layers; OneCallStep.of says which),
-    unless one_call is False, through OneCallStep's one C++ call. The compile itself happens at the first call that needs it: warm_up(model)
-    makes that call now."""
+    unless one_call is False, through OneCallStep's one C++ call. The compile itself happens at the first
+    call that needs it: warm_up(model) makes that call now."""
     model.compiled_step = CompiledStep(model, one_call)
     model.__class__ = CompiledDecode
     return model

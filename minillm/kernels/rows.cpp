@@ -205,15 +205,16 @@ void amx_rows(const uint16_t* w, const uint16_t* x, uint16_t* y, int64_t M, int6
 
 // Whether this CPU has AMX-BF16 and Linux lets this process use the tiles (asked once).
 bool amx_bf16() {
-#ifndef MINILLM_AMX
-  return false;
-#endif
+#ifdef MINILLM_AMX
   static const bool ok = [] {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return false;
     return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
   }();
   return ok;
+#else
+  return false;
+#endif
 }
 
 // x (M, K) and w (N, K), both float32 or both bf16, M <= 16 -> (M, N) in their dtype.

@@ -173,7 +173,7 @@ struct DecodeStep {
   // few-query attention, the row-wise pointwise work): a token's numbers do not depend on T.
   torch::Tensor operator()(torch::Tensor tokens, int64_t pos, torch::Tensor cos, torch::Tensor sin,
                            std::vector<torch::Tensor> k_cache, std::vector<torch::Tensor> v_cache, bool last_only) {
-    const int64_t T = tokens.size(-1), C = final_norm.numel(), hd = head_dim, nq = n_head * hd, nkv = n_kv_head * hd;
+    const int64_t T = tokens.size(-1), hd = head_dim;
     TORCH_CHECK(tokens.scalar_type() == torch::kLong && tokens.device().is_cpu() && tokens.dim() == 2 &&
                 tokens.size(0) == 1 && T >= 1 && T <= 16 && pos >= 0 && !blocks.empty() &&
                 cos.scalar_type() == torch::kFloat && cos.dim() == 2 && cos.size(0) >= pos + T &&
