@@ -36,7 +36,7 @@ from minillm.device import pick_device
 from minillm.flags import Parser, add_input, add_threads, integer
 from minillm.generate import StopScanner, decode_stream, make_generator
 from minillm.methods import load_partner, stream
-from minillm.speed import batch_invariant, compile_decode, speed_up, warm_up
+from minillm.speed import batch_invariant, compile_decode, speed_layer, warm_up
 
 DEFAULT_NEW_TOKENS = 500
 DEFAULT_MODEL = "weights/shakespeare-char.safetensors"  # what `python train.py` writes
@@ -65,9 +65,9 @@ def make_parser() -> Parser:
     p.add_argument("--compile", action="store_true",
                    help="run one-token decode steps (and the draft's, amateur's) through torch.compile, compiled "
                         "before the prompt is read (20-70 s for SmolLM2 on 2 CPU cores); pays only for long runs: "
-                        "see README, 'When --compile pays'. A LLaMA-family model on our kernels (CPUs with AVX-512 "
-                        "VNNI; int4, bf16 or float32 layers) compiles nothing: its steps run as one C++ call through "
-                        "every block (speed.OneCallStep)")
+                        "see README, 'One call a step, and when --compile pays'. Without it too, a LLaMA-family "
+                        "model on our kernels (CPUs with AVX-512 VNNI; int4, bf16 or float32 layers) runs its steps "
+                        "as one C++ call through every block (speed.OneCallStep): --compile compiles nothing for it")
     p.add_argument("--reference", action="store_true",
                    help="run model.py as written, without the speed layer (minillm/speed.py; same numbers)")
     add_batch_invariant(p)
@@ -97,11 +97,15 @@ def load(args, method, device):
     loaded = load_model(args.model, device, dtype)
     partner = load_partner(partner_path(args), method.partner, loaded, device, dtype) if method.partner else None
     for path, m in ((args.model, loaded), (partner_path(args), partner)):
-        if m is not None and not args.reference:
-            speed_up(m.model)
-        if m is not None and args.compile:
+        if m is None:
+            continue
+        if not args.reference:
+            speed_layer(m.model, graph=args.compile)
+        elif args.compile:
+            compile_decode(m.model)
+        if args.compile:
             print(f"compiling the one-token step of {path} (torch.compile)...", end="", file=sys.stderr, flush=True)
-            print(f" {warm_up(compile_decode(m.model)):.1f} s", file=sys.stderr)
+            print(f" {warm_up(m.model):.1f} s", file=sys.stderr)
     if args.batch_invariant:  # the target's (check_args refuses it with --compile and --reference)
         batch_invariant(loaded.model, args.batch_invariant)
     return loaded, partner

@@ -13,11 +13,13 @@ each round. Reported: medians over rounds, and ratios to transformers at fp32 / 
 One decode measurement: greedy, the prompt "Once upon a time" (4 tokens), 128 new tokens, end-of-text
 ignored. Time to first token = prefill of the prompt + choosing the first token; decode tok/s =
 127 / (time of token 128 - time of token 1). Ours runs through generate.stream_tokens (the loop users
-get) on the model as sample.py runs it: speed.speed_up after loading, and speed.compile_decode for
-the "-compiled" configs (an int4, bf16 or float32 LLaMA-family model: speed.OneCallStep, every block in one
-C++ call; ours-int4-compiled-graph, ours-bf16-compiled-graph, ours-fp32-compiled-graph: torch.compile's graph
-instead, as before OneCallStep took such models; ours-int4-compiled-cpp: that graph with inductor's wrapper
-in C++, as TORCHINDUCTOR_CPP_WRAPPER=1 sets it); transformers runs its best case, a bare loop of
+get) on the model as sample.py runs it: speed.speed_layer after loading (an int4, bf16 or float32
+LLaMA-family model: speed.OneCallStep, every block in one C++ call; others eager), with torch.compile's
+graph for the rest in the "-compiled" configs (sample.py --compile); ours-int4-compiled-graph,
+ours-bf16-compiled-graph, ours-fp32-compiled-graph: torch.compile's graph even where OneCallStep would run;
+ours-int4-compiled-cpp: that graph with inductor's wrapper in C++, as TORCHINDUCTOR_CPP_WRAPPER=1 sets it;
+ours-X-eager: speed.speed_up alone, the eager step (what ours-X was before the commands took OneCallStep
+by default). transformers runs its best case, a bare loop of
 model(token, past_key_values) + argmax with a DynamicCache and logits for the last position only
 (generate() adds nothing measurable to it).
 Prefill: one forward over the first 512 tokens of tinyshakespeare into an empty cache. speed_up also
@@ -55,7 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ["hf-fp32", "hf-bf16", "ours-fp32", "ours-bf16", "ours-int8", "ours-int4"]
 CONFIGS = DEFAULT + ["ours-fp32-compiled", "ours-bf16-compiled", "ours-int8-compiled", "ours-int4-compiled",
                      "ours-int4-compiled-cpp", "ours-int4-compiled-graph", "ours-bf16-compiled-graph",
-                     "ours-fp32-compiled-graph", "llamacpp-q4_1",
+                     "ours-fp32-compiled-graph", "ours-fp32-eager", "ours-bf16-eager", "ours-int8-eager",
+                     "ours-int4-eager", "llamacpp-q4_1",
                      "llamacpp-q4_1-no-repack", "llamacpp-q4_1-one-token-calls", "hf-fp32-reuse", "hf-bf16-reuse"]
 if importlib.util.find_spec("llama_cpp"):  # llama-cpp-python installed: llama.cpp joins the default run
     DEFAULT.append("llamacpp-q4_1")
@@ -81,7 +84,8 @@ def load(config: str, model_path: str, hf_dir: str):
         torch._inductor.config.cpp_wrapper = True
     if kind == "ours":
         graph = bool({"graph", "cpp"} & set(extra))  # torch.compile's graph even where OneCallStep would run
-        return load_ours(loaded.model, dtype, "compiled" in extra, not graph, prompt, text_ids, model_path)
+        route = "eager" if "eager" in extra else "graph" if graph else "compiled" if "compiled" in extra else "default"
+        return load_ours(loaded.model, dtype, route, prompt, text_ids, model_path)
     del loaded  # transformers loads the exported copy
     if "reuse" in extra:  # the allocator setting speed_up makes for ours, given to transformers too
         from minillm.host_memory import reuse_freed_memory
@@ -89,10 +93,10 @@ def load(config: str, model_path: str, hf_dir: str):
     return load_hf(hf_dir, dtype, prompt, text_ids)
 
 
-def load_ours(model, dtype: str, compiled: bool, one_call: bool, prompt: list[int], text_ids: list[int],
-              model_path: str):
-    """Ours as sample.py runs it: the speed layer on (speed.speed_up), compile_decode for "-compiled"
-    (with one_call False: torch.compile's graph even where OneCallStep would take the model)."""
+def load_ours(model, dtype: str, route: str, prompt: list[int], text_ids: list[int], model_path: str):
+    """Ours as sample.py runs it, by route: "default" the speed layer (speed.speed_layer: OneCallStep where
+    it takes the model, else eager), "compiled" with --compile (torch.compile's graph where it does not),
+    "graph" torch.compile's graph even where OneCallStep would take the model, "eager" speed_up alone."""
     import torch
     from minillm.generate import next_logits, stream_tokens
     from minillm.kv_cache import KVCache
@@ -103,8 +107,8 @@ def load_ours(model, dtype: str, compiled: bool, one_call: bool, prompt: list[in
     elif dtype in ("int8", "int4"):  # the parent quantized the file already (see main)
         assert getattr(model, "quantization", None), f"{model_path} is not quantized"
     speed_up(model)
-    if compiled:  # compiles during the worker's warm-up decode, before any timing
-        compile_decode(model, one_call=one_call)
+    if route != "eager":  # a graph compiles during the worker's warm-up decode, before any timing
+        compile_decode(model, one_call=route != "graph", graph=route != "default")
     greedy = SamplingParams(temperature=0.0)
 
     def decode():

@@ -1,8 +1,9 @@
 """The speed layer: faster ways to compute exactly what model.py computes, opted into by the caller.
 
 model.py is the reference a reader learns from and never mentions this file. A command line (or a
-user) calls `speed_up(model)` after loading, and optionally `compile_decode(model)` and
-`prepack(model)`; they change the model in place by giving some of its modules a subclass whose
+user) calls `speed_layer(model)` after loading (`speed_up` and the one-call decode step, below), or the
+parts alone, and optionally `prepack(model)`; they change the model in place by giving it and some of its
+modules a subclass whose
 overridden methods take a faster route to the same numbers (tests/test_speed.py holds each against
 the reference; the int4 kernel, which rounds x differently, tests/test_int4_kernel.py):
 
@@ -63,10 +64,15 @@ the reference; the int4 kernel, which rounds x differently, tests/test_int4_kern
   (bench/README.md, "Every block in one call", "One call for float models too"); a verification of up to
   16 tokens too, each token's numbers those of its one-token step (greedy speculative output = plain
   greedy output). Others (GPT-2, int8 or float16 layers, head_dim not a multiple of 16) compile a graph.
+* speed_layer, what the commands run: speed_up, then, for a model OneCallStep takes, compile_decode
+  without the graph: its call where it takes the call, eager where not (a hook, the exact mode, batch 2);
+  nothing compiles. A model it does not take (GPT-2, CUDA) stays speed_up's. sample.py's --compile adds
+  the graph for the one-token steps it does not take.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import operator
@@ -189,6 +195,16 @@ class StackedLinear:
     def tensors(self) -> list[torch.Tensor]:
         """The layers' weights and biases, whose addresses (pointers) say whether each still holds its view."""
         return [t for p in self.parts for t in (p.weight, p.bias) if t is not None]
+
+    def __deepcopy__(self, memo) -> StackedLinear:
+        """A deep copy of the model stacks its copies of the layers afresh: deepcopy clones each Parameter, so
+        they would hold copies of their own, off the copied stack (stale from the start, and twice the memory)."""
+        parts = copy.deepcopy(self.parts, memo)
+        if self.linear is not None:
+            return StackedLinear(parts)
+        stale = object.__new__(StackedLinear)
+        stale.parts, stale.sizes, stale.linear, stale.views = parts, self.sizes, None, []
+        return stale
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (..., K) -> each layer's output (..., its out_features), views of one product."""
@@ -344,14 +360,14 @@ class CompiledDecode(Transformer):
     compiled_step: CompiledStep
 
     def forward(self, tokens, cache=None, start_pos=0, last_only=False):
-        if cache is not None and not torch.is_grad_enabled():
-            if tokens.shape[1] == 1:
-                return self.compiled_step(tokens, cache, start_pos, last_only)
-            if tokens.shape[1] <= ROWS_MAX:  # a verification: OneCallStep's where it takes the model, else eager
-                logits = self.compiled_step.one_call_logits(tokens, cache, start_pos, last_only)
-                if logits is not None:
-                    return logits
-        return super().forward(tokens, cache, start_pos, last_only)
+        if cache is not None and not torch.is_grad_enabled() and tokens.shape[1] <= ROWS_MAX:
+            step = self.compiled_step
+            if tokens.shape[1] == 1 and step.graph:  # OneCallStep's where it takes the model, else the graph
+                return step(tokens, cache, start_pos, last_only)
+            logits = step.one_call_logits(tokens, cache, start_pos, last_only)  # a verification, or no graphs
+            if logits is not None:
+                return logits
+        return super().forward(tokens, cache, start_pos, last_only)  # eager
 
     def _apply(self, fn, recurse=True):  # .to(), .float(), .cpu(), ...: the tensors' dtype or device may change
         self.compiled_step.forget()
@@ -380,12 +396,17 @@ class CompiledStep:
     (`layer.weight.data = ...`, `layer.half()`): call compile_decode again after such a change (OneCallStep's
     C++ call refuses to run on any tensor of its changed so)."""
 
-    def __init__(self, model: Transformer, one_call: bool = True):
+    def __init__(self, model: Transformer, one_call: bool = True, graph: bool = True):
         self.model, self.step, self.seen, self.steps, self.one_call = model, None, None, [], None
         self.one_call_route = one_call  # OneCallStep for the models it takes
+        self.graph = graph  # torch.compile's graph for the one-token steps OneCallStep does not take (else eager)
         self.modules = self.dicts = self.holders = self.view = self.hooked = None  # state()'s view, as last seen
         self.stacks = self.stacked = None
         _count_assignments()
+
+    def __deepcopy__(self, memo) -> CompiledStep:
+        """A deep copy of the model starts afresh: its own modules, no graph and no C++ step copied."""
+        return CompiledStep(copy.deepcopy(self.model, memo), self.one_call_route, self.graph)
 
     def _view(self) -> tuple[list, list]:
         """Each listed module's type and assignment count: when they move, the module tree may have too."""
@@ -639,7 +660,7 @@ def batch_invariant(model: Transformer, rows: int | None) -> Transformer:
     CPUs: steady_block) gets the next block size that does not. rows=None turns the mode off."""
     if rows is not None and rows < 1:
         raise ValueError(f"batch_invariant rows must be >= 1, got {rows}")
-    if rows is not None and isinstance(model, CompiledDecode):
+    if rows is not None and isinstance(model, CompiledDecode) and model.compiled_step.graph:
         raise ValueError("batch_invariant: the model's one-token step is compiled (compile_decode), and a compiled "
                          "step rounds differently from the eager verification; use one or the other")
     speed_up(model)
@@ -711,13 +732,26 @@ def prepack(model: Transformer) -> int:
     return added
 
 
-def compile_decode(model: Transformer, one_call: bool = True) -> Transformer:
+def compile_decode(model: Transformer, one_call: bool = True, graph: bool = True) -> Transformer:
     """From now on run one-token cached calls without grad through torch.compile, in place (see above),
     or, for a LLaMA-family model on our kernels (int4, bf16 or float32 layers; OneCallStep.of says which),
-    unless one_call is False, through OneCallStep's one C++ call. The compile itself happens at the first
-    call that needs it: warm_up(model) makes that call now."""
-    model.compiled_step = CompiledStep(model, one_call)
+    unless one_call is False, through OneCallStep's one C++ call (verifications of up to 16 tokens too).
+    With graph False nothing is compiled: what OneCallStep does not take runs eager (speed_layer). The
+    compile itself happens at the first call that needs it: warm_up(model) makes that call now."""
+    model.compiled_step = CompiledStep(model, one_call, graph)
     model.__class__ = CompiledDecode
+    return model
+
+
+def speed_layer(model: Transformer, graph: bool = False) -> Transformer:
+    """The speed layer as the commands run it (sample.py, the eval and the server, unless --reference), in
+    place: speed_up, and, where OneCallStep takes the model as it is now, decode steps and verifications
+    through its one call (nothing to compile: 0.0-0.2 s), the calls it does not take eager; with graph
+    (sample.py's --compile) the one-token steps it does not take through torch.compile's graph. A model it
+    does not take stays as speed_up leaves it (no check of its state at each step: 2-7% of a small GPT-2's)."""
+    speed_up(model)
+    if graph or OneCallStep.of(model) is not None:
+        compile_decode(model, graph=graph)
     return model
 
 

@@ -10,6 +10,7 @@ import torch
 
 from bench.prompts import OUR_PROMPTS
 from minillm.checkpoint import load_model
+from minillm.config import preset
 from minillm.generate import stream_tokens
 from minillm.methods import Method
 from minillm.kv_cache import KVCache
@@ -18,7 +19,8 @@ from minillm.quantize import quantize_model
 from minillm.quantized import QuantEmbedding
 from minillm.sampling import SamplingParams
 from minillm.kernels import VNNIInt4Linear
-from minillm.speed import FewRowLinear, FusedRMSNorm, OneCallStep, batch_invariant, compile_decode, speed_up
+from minillm.speed import (FewRowLinear, FusedRMSNorm, OneCallStep, StackedLinear, batch_invariant, compile_decode,
+                           speed_layer, speed_up)
 from test_speed import needs_our_kernel
 
 pytestmark = needs_our_kernel
@@ -108,6 +110,17 @@ def test_one_call_step_is_the_eager_step_on_qwen_with_biases(qwen05_ours, fmt):
     assert fmt != "fp32" or same == 15
 
 
+def hooked_run(model, prompt: list[int], n: int) -> tuple[list[int], list[int]]:
+    """n greedy tokens with a forward hook on block 3 (as the inspector hooks a model), removed after
+    -> (the tokens, one entry per call the hook saw)."""
+    seen = []
+    hook = model.blocks[3].register_forward_hook(lambda m, i, o: seen.append(1))
+    try:
+        return list(stream_tokens(model, prompt, n, GREEDY)), seen
+    finally:
+        hook.remove()  # the fixture's blocks are shared
+
+
 def test_compile_decode_runs_one_call_steps_and_compiles_nothing(smollm2_fast, monkeypatch):
     """compile_decode takes OneCallStep for such a model: the greedy tokens are the eager ones, and no graph was
     compiled (torch.compile, replaced here, is never called); a hook (the inspector's) sends the steps to
@@ -120,15 +133,44 @@ def test_compile_decode_runs_one_call_steps_and_compiles_nothing(smollm2_fast, m
     model = compile_decode(copy.copy(model))  # a shallow copy: the fixture's model keeps its class
     assert list(stream_tokens(model, prompt, 16, GREEDY)) == eager and compiled == []
     assert model.compiled_step.one_call is not None
-    seen = []
-    hook = model.blocks[3].register_forward_hook(lambda m, i, o: seen.append(1))
-    try:
-        assert list(stream_tokens(model, prompt, 4, GREEDY)) == eager[:4]
-    finally:
-        hook.remove()  # the fixture's blocks are shared
-    assert len(compiled) == 1 and len(seen) == 4 and model.compiled_step.one_call is None  # prefill + 3 steps
+    tokens, seen = hooked_run(model, prompt, 4)
+    assert tokens == eager[:4] and len(compiled) == 1 and len(seen) == 4  # prefill + 3 steps
+    assert model.compiled_step.one_call is None
     assert list(stream_tokens(model, prompt, 4, GREEDY)) == eager[:4] and len(seen) == 4
     assert model.compiled_step.one_call is not None
+
+
+def test_speed_layer_runs_one_call_steps_and_eager_ones_where_it_does_not_take_them(smollm2_fast, monkeypatch):
+    """What the commands run (speed_layer): OneCallStep's steps, compile_decode's tokens, and nothing compiled
+    whatever the call; a hook (the inspector's) sends the steps to the eager route, which runs the hook; the
+    exact mode takes the model (no refusal: there is no graph to round otherwise) and runs eager; both undone,
+    OneCallStep again."""
+    model, tokenizer = smollm2_fast
+    prompt = tokenizer.encode(PROMPT)
+    want = list(stream_tokens(compile_decode(copy.copy(model)), prompt, 16, GREEDY))  # OneCallStep's tokens
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: pytest.fail("a graph was compiled"))
+    calls, call = [], OneCallStep.__call__
+    monkeypatch.setattr(OneCallStep, "__call__", lambda self, *a: calls.append(1) or call(self, *a))
+    model = speed_layer(copy.copy(model))  # a shallow copy: the fixture's model keeps its class
+    assert list(stream_tokens(model, prompt, 16, GREEDY)) == want and len(calls) == 16  # the prompt's, 15 steps'
+    tokens, seen = hooked_run(model, prompt, 4)
+    assert tokens == want[:4] and len(seen) == 4 and len(calls) == 16  # prefill + 3 eager steps
+    assert model.compiled_step.one_call is None
+    assert list(stream_tokens(model, prompt, 4, GREEDY)) == want[:4] and model.compiled_step.one_call is not None
+    exact = copy.deepcopy(model)  # a fresh step of its own; a float stack's copied layers views of its copy again
+    attn = exact.blocks[0].attn
+    assert OneCallStep.of(exact) is not None and attn.qkv_stack is not model.blocks[0].attn.qkv_stack
+    if isinstance(attn.qkv_stack, StackedLinear):
+        assert attn.qkv_stack.holds([attn.q_proj, attn.k_proj, attn.v_proj])
+    batch_invariant(exact, 5)
+    n = len(calls)
+    tokens = list(stream_tokens(exact, prompt, 4, GREEDY))
+    assert len(calls) == n and exact.compiled_step.one_call is None  # the mode's steps ran eager
+    assert tokens == want[:4] or model.norm.weight.dtype != torch.float32
+    batch_invariant(exact, None)
+    assert list(stream_tokens(exact, prompt, 4, GREEDY)) == want[:4] and len(calls) == n + 4
+    gpt2 = Transformer(preset("baby", vocab_size=65)).eval()  # a model it does not take: speed_up's, unchecked
+    assert type(speed_layer(gpt2)) is Transformer and type(speed_layer(gpt2, graph=True)) is not Transformer
 
 
 def test_one_call_step_leaves_other_models_and_calls_to_the_other_route(smollm2_int4, smollm2_converted):
@@ -247,7 +289,7 @@ def test_a_bf16_layer_given_a_tensor_of_its_own_sends_the_steps_off_the_stack(sm
     _, tokenizer = smollm2_bf16
     prompt = tokenizer.encode(PROMPT)
     before = list(stream_tokens(smollm2_bf16[0], prompt, 8, GREEDY))
-    # two fresh models (a deep copy's stacks are stale from the start: their views moved)
+    # two fresh models
     plain, model = (speed_up(load_model(smollm2_converted).model.to(torch.bfloat16)) for _ in range(2))
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     compile_decode(model)
@@ -258,3 +300,19 @@ def test_a_bf16_layer_given_a_tensor_of_its_own_sends_the_steps_off_the_stack(sm
     want = list(stream_tokens(plain, prompt, 8, GREEDY))
     assert want != before  # the change matters
     assert list(stream_tokens(model, prompt, 8, GREEDY)) == want and model.compiled_step.one_call is None
+
+
+def test_sample_py_runs_its_steps_through_one_call_by_default(smollm2_fp32, smollm2_converted, capsys, monkeypatch):
+    """sample.py without --compile (speed_layer): SmolLM2's float32 steps through OneCallStep's call, nothing
+    compiled, the text the eager speed layer gives (float32: its numbers bit for bit); --reference: none."""
+    from cli_runner import run, script
+    model, tokenizer = smollm2_fp32
+    want = tokenizer.decode(list(stream_tokens(model, tokenizer.encode(PROMPT), 12, GREEDY)))  # speed_up's eager step
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: pytest.fail("a graph was compiled"))
+    calls, call = [], OneCallStep.__call__
+    monkeypatch.setattr(OneCallStep, "__call__", lambda self, *a: calls.append(1) or call(self, *a))
+    args = ["--model", smollm2_converted, "--prompt", PROMPT, "--method", "greedy", "--max-new-tokens", 12]
+    code, out, err = run(capsys, script("sample").main, *args)
+    assert code == 0 and out == PROMPT + want + "\n" and len(calls) == 12, (out, err)  # the prompt's call, 11 steps
+    code, out, err = run(capsys, script("sample").main, *args, "--reference")
+    assert code == 0 and len(calls) == 12

@@ -32,7 +32,7 @@ from ..device import pick_device
 from ..flags import Parser, add_input, add_output, add_threads, fail, integer, progress_bar
 from ..methods import load_partner
 from ..sampling import SamplingParams
-from ..speed import batch_invariant, speed_up
+from ..speed import batch_invariant, speed_layer
 from . import humaneval as he
 from .generation import read_tasks, run_tasks, shakespeare_tasks, write_tasks
 from .perplexity import eval_text, perplexity, window_spans
@@ -113,7 +113,7 @@ def _load(path: str, args, device):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     loaded = load_model(path, device, dtype)
     if not getattr(args, "reference", True):
-        speed_up(loaded.model)
+        speed_layer(loaded.model)
     return loaded
 
 
@@ -129,7 +129,7 @@ def _load_pair(path: str, args, method, device):
     partner = load_partner(partner_path(args), method.partner, loaded, device,
                            getattr(torch, args.dtype) if args.dtype else None)
     if not args.reference:
-        speed_up(partner.model)
+        speed_layer(partner.model)
     return loaded, partner
 
 

@@ -24,7 +24,7 @@ from ..checkpoint import load_model
 from ..device import pick_device
 from ..flags import Parser, add_input, add_threads, fail, integer, real
 from ..methods import load_partner
-from ..speed import speed_up
+from ..speed import speed_layer
 from .state import Limits, Served
 
 LOOPBACK = "127.0.0.1"
@@ -61,7 +61,7 @@ def load_served(args):
     amateur = load_partner(args.amateur, "amateur", model, device) if args.amateur else None
     for m in (model, draft, amateur):
         if m is not None:
-            speed_up(m.model)
+            speed_layer(m.model)
     limits = Limits(args.max_prompt_tokens, args.max_tokens, args.max_sessions, args.session_seconds)
     return Served(model, draft, amateur, limits, model_path=args.model)
 
